@@ -1,0 +1,183 @@
+"""Routing tables and the balancers that pick a node from them. Pure: no I/O.
+
+A `RoutingTable` is immutable. The registry watcher builds a new one whenever the
+live nodes change and swaps it in with one attribute assignment, so a call reads a
+consistent table without a lock.
+"""
+
+import random
+import threading
+import time
+from bisect import bisect_right
+from itertools import accumulate
+from typing import NamedTuple
+
+from .errors import NoAvailableNode, ProbeError
+
+BALANCERS = ("weighted_random", "round_robin", "least_inflight")
+
+
+class Node(NamedTuple):
+    name: str          # znode name, e.g. DemoService_10.0.0.5_8081
+    host: str
+    port: int
+    weight: int        # the configured weight
+    valid: int         # 1 = enabled
+    registered_at: float = 0.0  # epoch seconds the znode was created (for warm-up)
+
+    @property
+    def address(self):
+        return (self.host, self.port)
+
+
+def warmed_weight(weight, age, warmup):
+    """Dubbo-style warm-up: ramp from 1 to `weight` over `warmup` seconds of age."""
+    if warmup <= 0 or age >= warmup or weight <= 1:
+        return weight
+    return max(1, min(weight, int(weight * max(age, 0.0) / warmup)))
+
+
+class RoutingTable(object):
+    """The nodes of one service and the weights a pick uses. Never mutated."""
+
+    __slots__ = ("all_nodes", "nodes", "weights", "cumulative", "total", "index",
+                 "refresh_at", "describe")
+
+    def __init__(self, nodes=(), now=None, warmup=0.0, describe="service"):
+        self.describe = describe
+        self.all_nodes = tuple(sorted(nodes, key=lambda n: n.name))
+        eligible = [n for n in self.all_nodes if n.valid == 1 and n.weight > 0]
+        now = time.time() if now is None else now
+        weights = [warmed_weight(n.weight, now - n.registered_at, warmup) for n in eligible]
+        self.nodes = tuple(eligible)
+        self.weights = tuple(weights)
+        self.cumulative = tuple(accumulate(weights))
+        self.total = self.cumulative[-1] if weights else 0
+        self.index = {n.name: i for i, n in enumerate(eligible)}
+        # While a node is warming up the effective weights change with time, so the
+        # owner rebuilds the table once `refresh_at` has passed.
+        warming = any(w < n.weight for n, w in zip(eligible, weights))
+        self.refresh_at = now + min(1.0, warmup / 20.0) if warming else None
+
+    def __len__(self):
+        return len(self.nodes)
+
+    def __repr__(self):
+        return "RoutingTable(%s)" % ", ".join("%s:%d" % (n.name, w) for n, w in zip(self.nodes, self.weights))
+
+    def no_node_error(self):
+        if self.all_nodes:
+            return NoAvailableNode(
+                "no available node for %s: %d registered, none enabled with weight > 0 "
+                "(enable one with `probe node enable` or raise a weight)"
+                % (self.describe, len(self.all_nodes)))
+        return NoAvailableNode("no available node for %s: none registered in ZooKeeper "
+                               "(is a provider running and registered?)" % self.describe)
+
+
+class WeightedRandom(object):
+    """Pick with probability weight / total, by binary search: O(log n)."""
+
+    name = "weighted_random"
+
+    def __init__(self, rng=None):
+        self._random = (rng or random.Random()).random
+
+    def pick(self, table, exclude=()):
+        total = table.total
+        if not total:
+            raise table.no_node_error()
+        node = table.nodes[bisect_right(table.cumulative, self._random() * total)]
+        if not exclude or node.name not in exclude:
+            return node
+        remaining = [(n, w) for n, w in zip(table.nodes, table.weights) if n.name not in exclude]
+        if not remaining:
+            raise table.no_node_error()
+        point = self._random() * sum(w for _, w in remaining)
+        for candidate, weight in remaining:
+            point -= weight
+            if point < 0:
+                return candidate
+        return remaining[-1][0]
+
+
+class SmoothRoundRobin(object):
+    """nginx's smooth weighted round robin: over every `total` picks each node gets
+    exactly its weight, spread out (weights 5,1,1 give a a b a c a a)."""
+
+    name = "round_robin"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._table = None
+        self._current = []
+
+    def pick(self, table, exclude=()):
+        if not table.total:
+            raise table.no_node_error()
+        with self._lock:
+            if self._table is not table:
+                self._carry_over(table)
+            current = self._current
+            best = -1
+            best_value = None
+            total = 0
+            for i, weight in enumerate(table.weights):
+                if exclude and table.nodes[i].name in exclude:
+                    continue
+                current[i] += weight
+                total += weight
+                if best_value is None or current[i] > best_value:
+                    best, best_value = i, current[i]
+            if best < 0:
+                raise table.no_node_error()
+            current[best] -= total
+            return table.nodes[best]
+
+    def _carry_over(self, table):
+        # Keep each surviving node's position in the cycle when the table changes.
+        old = {}
+        if self._table is not None:
+            old = {n.name: c for n, c in zip(self._table.nodes, self._current)}
+        self._current = [old.get(n.name, 0) for n in table.nodes]
+        self._table = table
+
+
+class LeastInFlight(object):
+    """Power of two choices: draw two nodes by weight and take the one with fewer
+    calls in flight per unit of weight. `inflight(node)` reports the count."""
+
+    name = "least_inflight"
+
+    def __init__(self, inflight, rng=None):
+        self._inflight = inflight
+        self._weighted = WeightedRandom(rng)
+
+    def pick(self, table, exclude=()):
+        first = self._weighted.pick(table, exclude)
+        if len(table.nodes) < 2:
+            return first
+        second = self._weighted.pick(table, exclude)
+        if second.name == first.name:
+            try:
+                second = self._weighted.pick(table, set(exclude or ()) | {first.name})
+            except NoAvailableNode:
+                return first  # every other node is excluded
+        weights = table.weights
+        index = table.index
+        first_load = (self._inflight(first) + 1) / weights[index[first.name]]
+        second_load = (self._inflight(second) + 1) / weights[index[second.name]]
+        return second if second_load < first_load else first
+
+
+def make_balancer(name, inflight=None, rng=None):
+    """The balancer called `name` (one of BALANCERS)."""
+    if name in (None, "weighted_random", "random"):
+        return WeightedRandom(rng)
+    if name in ("round_robin", "smooth_round_robin"):
+        return SmoothRoundRobin()
+    if name in ("least_inflight", "p2c"):
+        if inflight is None:
+            raise ProbeError("least_inflight needs an in-flight counter")
+        return LeastInFlight(inflight, rng)
+    raise ProbeError("unknown balancer %r: choose one of %s" % (name, ", ".join(BALANCERS)))

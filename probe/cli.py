@@ -1,0 +1,213 @@
+"""The `probe` command: a thin shell over probe.admin and probe.devstack."""
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import ProbeError
+
+
+def _print_table(rows, columns):
+    if not rows:
+        print("(none)")
+        return
+    widths = [max(len(str(title)), *(len(str(row.get(key, ""))) for row in rows)) for key, title in columns]
+    print("  ".join(str(title).ljust(width) for (key, title), width in zip(columns, widths)).rstrip())
+    for row in rows:
+        print("  ".join(str("" if row.get(key) is None else row.get(key)).ljust(width)
+                        for (key, _), width in zip(columns, widths)).rstrip())
+
+
+def _admin(args):
+    from .admin import Admin
+    return Admin(config_path=args.config, env=args.env)
+
+
+def cmd_appkey(args):
+    with _admin(args) as admin:
+        if args.action == "add":
+            added = admin.add_appkey(args.appkey, args.description)
+            print("appkey %s %s" % (args.appkey, "added" if added else "already registered"))
+        elif args.action == "remove":
+            removed = admin.remove_appkey(args.appkey)
+            print("appkey %s %s" % (args.appkey, "removed" if removed else "was not registered"))
+            return 0 if removed else 1
+        else:
+            rows = admin.list_appkeys()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                _print_table(rows, [("appkey", "APPKEY"), ("description", "DESCRIPTION"),
+                                    ("created_at", "CREATED")])
+    return 0
+
+
+def cmd_nodes(args):
+    with _admin(args) as admin:
+        rows = admin.nodes(args.appkey, args.service)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        row["live"] = "up" if row["live"] else "down"
+        row["valid"] = {1: "enabled", 0: "disabled"}.get(row["valid"], row["valid"])
+    print("env %s, appkey %s" % (admin.env, args.appkey))
+    _print_table(rows, [("service", "SERVICE"), ("address", "ADDRESS"), ("live", "STATE"),
+                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("problem", "NOTE")])
+    return 0
+
+
+def cmd_node(args):
+    with _admin(args) as admin:
+        if args.action == "weight":
+            change = admin.set_weight(args.appkey, args.service, args.address, args.weight,
+                                      create=args.create, by=args.by)
+        elif args.action == "disable":
+            change = admin.disable(args.appkey, args.service, args.address, create=args.create, by=args.by)
+        else:
+            change = admin.enable(args.appkey, args.service, args.address, create=args.create, by=args.by)
+    print("%s %s %s: %s %s -> %s (%s)" % (
+        change["appkey"], change["service"], change["address"], change["key"], change["old"],
+        change["new"], "applied to the live node" if change["live"]
+        else "stored in Redis; applies when the node registers"))
+    return 0
+
+
+def cmd_audit(args):
+    with _admin(args) as admin:
+        rows = admin.audit(args.appkey, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    _print_table(rows, [("changed_at", "WHEN"), ("changed_by", "WHO"), ("appkey", "APPKEY"),
+                        ("service", "SERVICE"), ("node", "NODE"), ("action", "WHAT"),
+                        ("old", "OLD"), ("new", "NEW")])
+    return 0
+
+
+def cmd_stats(args):
+    from .stats import read_stats
+    with _admin(args) as admin:
+        rows = read_stats(admin.nodestore.redis, admin.env, args.appkey, args.service,
+                          minutes=args.minutes, side=args.side)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("env %s, appkey %s, last %g min, %s side" % (admin.env, args.appkey, args.minutes, args.side))
+    _print_table(rows, [("service", "SERVICE"), ("method", "METHOD"), ("node", "NODE"),
+                        ("calls", "CALLS"), ("errors", "ERRORS"), ("p50_ms", "P50_MS"),
+                        ("p99_ms", "P99_MS"), ("statuses", "STATUSES")])
+    return 0
+
+
+def cmd_stack(args):
+    from . import devstack
+    stack = devstack.Stack(state_dir=args.dir or devstack.DEFAULT_STATE_DIR,
+                           ports="free" if args.free_ports else "dev")
+    if args.action == "up":
+        status = stack.up()
+        _print_stack(status)
+        print("config: %s" % stack.config_path)
+        print("use it: export PROBE_CONFIG=%s" % stack.config_path)
+    elif args.action == "down":
+        stack.down(wipe=args.wipe)
+        print("stack in %s stopped%s" % (stack.state_dir, " and wiped" if args.wipe else ""))
+    else:
+        status = stack.status()
+        _print_stack(status)
+        return 0 if all(c["running"] for c in status.values()) else 3
+    return 0
+
+
+def _print_stack(status):
+    rows = [{"component": name, "state": "running" if c["running"] else "stopped",
+             "address": c.get("address") or "", "pid": c.get("pid") or ""}
+            for name, c in sorted(status.items())]
+    _print_table(rows, [("component", "COMPONENT"), ("state", "STATE"), ("address", "ADDRESS"),
+                        ("pid", "PID")])
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="probe", description="probe: thrift service governance")
+    parser.add_argument("--config", help="config YAML (default: PROBE_CONFIG or the packaged one)")
+    parser.add_argument("--env", help="env name (default: PROBE_ENV or hostname rules)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what probe does")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    appkey = sub.add_parser("appkey", help="add, list or remove appkeys (MySQL serviceapp)")
+    appkey_sub = appkey.add_subparsers(dest="action", metavar="ACTION")
+    appkey_sub.required = True
+    add = appkey_sub.add_parser("add", help="register an appkey (creates the schema if missing)")
+    add.add_argument("appkey")
+    add.add_argument("--description", default="")
+    remove = appkey_sub.add_parser("remove", help="unregister an appkey")
+    remove.add_argument("appkey")
+    listing = appkey_sub.add_parser("list", help="list appkeys")
+    listing.add_argument("--json", action="store_true")
+    appkey.set_defaults(func=cmd_appkey)
+
+    nodes = sub.add_parser("nodes", help="live nodes joined with their Redis settings")
+    nodes.add_argument("appkey")
+    nodes.add_argument("service", nargs="?")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
+
+    node = sub.add_parser("node", help="change a node's weight or switch it off/on")
+    node_sub = node.add_subparsers(dest="action", metavar="ACTION")
+    node_sub.required = True
+    for action, text in (("weight", "set the weight (0..1000)"), ("disable", "switch off (valid=0)"),
+                         ("enable", "switch on (valid=1)")):
+        one = node_sub.add_parser(action, help=text)
+        one.add_argument("appkey")
+        one.add_argument("service")
+        one.add_argument("address", help="ip:port as registered")
+        if action == "weight":
+            one.add_argument("weight", help="whole number 0..1000")
+        one.add_argument("--create", action="store_true",
+                         help="store settings for a node that is not registered yet")
+        one.add_argument("--by", help="who makes the change (default: the OS user)")
+    node.set_defaults(func=cmd_node)
+
+    audit = sub.add_parser("audit", help="list governance changes")
+    audit.add_argument("appkey", nargs="?")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=cmd_audit)
+
+    stats = sub.add_parser("stats", help="calls, errors and latency per method and node")
+    stats.add_argument("appkey")
+    stats.add_argument("service", nargs="?")
+    stats.add_argument("--minutes", type=float, default=5)
+    stats.add_argument("--side", choices=("server", "client"), default="server")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=cmd_stats)
+
+    stack = sub.add_parser("stack", help="the local ZooKeeper, Redis and MariaDB")
+    stack.add_argument("action", choices=("up", "down", "status"))
+    stack.add_argument("--dir", help="state folder (default: PROBE_STACK_DIR or ~/.probe/stack)")
+    stack.add_argument("--free-ports", action="store_true", help="pick free ports, not the dev ones")
+    stack.add_argument("--wipe", action="store_true", help="with down: delete the data too")
+    stack.set_defaults(func=cmd_stack)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("probe")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except ProbeError as exc:
+        print("probe: %s: %s" % (exc.__class__.__name__, exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

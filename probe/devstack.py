@@ -1,0 +1,1003 @@
+"""Real ZooKeeper, Redis and MariaDB server processes for development and tests.
+
+`Stack` runs one of each on loopback ports from a state folder (data, logs,
+`stack.json` with pids and ports, and a `config.yml` in probe's format that points
+at them). `probe stack up|down|status` is a thin shell over it, and tests use it
+with ``ports="free"`` and a temporary folder. `ZooKeeperEnsemble` runs a
+three-member ZooKeeper for the fault tests.
+
+The servers are started in their own session and are never waited for, so they
+outlive the Python process that started them; any later `Stack` on the same
+folder finds them again through `stack.json`. Nothing here ever uses the ports of
+a system ZooKeeper, MySQL or Redis (2181, 3306, 6379).
+
+Threading: an instance is not thread-safe. Processes sharing a state folder are
+serialised by a file lock around every operation that starts or stops servers.
+"""
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+try:
+    from probe.errors import ProbeError as _BaseError
+except ImportError:  # errors.py is optional for this module
+    _BaseError = Exception  # type: ignore[misc,assignment]
+
+logger = logging.getLogger("probe.devstack")
+
+COMPONENTS = ("zookeeper", "redis", "mysql")
+DEV_PORTS = {"zookeeper": 22181, "redis": 26379, "mysql": 23306}
+# The well-known ports of system servers that may share the machine: never ours.
+SYSTEM_PORTS = frozenset((2181, 3306, 6379))
+LOOPBACK = "127.0.0.1"
+
+MYSQL_DATABASE = "probe"
+MYSQL_USER = "probe"
+MYSQL_PASSWORD = "probe"
+
+ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
+ZOOKEEPER_CONF_DIR = "/etc/zookeeper/conf"
+# Optional: without an slf4j binding ZooKeeper logs nothing at all.
+SLF4J_SIMPLE_JAR = "/usr/share/java/slf4j-simple.jar"
+# Executable names to look for, first found wins.
+SERVER_BINARIES = {
+    "java": ("java",),
+    "redis-server": ("redis-server",),
+    "mariadbd": ("mariadbd", "mysqld"),
+    "mariadb-install-db": ("mariadb-install-db", "mysql_install_db"),
+}
+# Debian keeps server binaries in sbin, which is often not on a user's PATH.
+_EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+# Unix socket paths longer than this do not fit in sockaddr_un (108 bytes).
+_MAX_SOCKET_PATH = 100
+_KILL_WAIT = 5.0
+_POLL_INTERVAL = 0.1
+
+
+def default_state_dir() -> str:
+    """`PROBE_STACK_DIR`, else ``~/.probe/stack``, read now."""
+    return os.environ.get("PROBE_STACK_DIR") or os.path.join(
+        os.path.expanduser("~"), ".probe", "stack")
+
+
+DEFAULT_STATE_DIR = default_state_dir()
+
+
+class StackError(_BaseError):
+    """A development server could not be installed, started, reached or stopped."""
+
+
+# --------------------------------------------------------------------------- ports
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on right now."""
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int, avoid: Sequence[int] = ()) -> List[int]:
+    """`count` distinct free loopback ports, none of them a system or dev port."""
+    unwanted = set(avoid) | SYSTEM_PORTS | set(DEV_PORTS.values())
+    held = []  # keep every probe socket bound until the end so no port repeats
+    ports = []  # type: List[int]
+    try:
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+            if port not in unwanted and port not in ports:
+                ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
+
+
+def _port_in_use(port: int) -> bool:
+    """True if something listens on 127.0.0.1:port.
+
+    A connect, not a trial bind: after a server is killed, its port keeps
+    TIME_WAIT sockets that fail a test bind but do not stop the server's own.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            result = sock.connect_ex((LOOPBACK, port))
+        except socket.timeout:
+            return True  # something is there, just slow to accept
+    return result != errno.ECONNREFUSED
+
+
+def _exchange(port: int, request: bytes, enough, timeout: float = 1.0) -> bytes:
+    """Send `request` to 127.0.0.1:port and read until `enough(reply)` or EOF.
+
+    Returns b"" when nothing answers, so callers can treat it as "not up".
+    """
+    reply = b""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+            if request:
+                sock.sendall(request)
+            while not enough(reply):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        pass
+    return reply
+
+
+def _four_letter_word(port: int, word: str) -> str:
+    """ZooKeeper's answer to a four-letter command ("ruok", "srvr", ...)."""
+    return _exchange(port, word.encode("ascii"), lambda reply: False).decode(
+        "utf-8", "replace")
+
+
+def _zookeeper_mode(port: int) -> Optional[str]:
+    """"leader", "follower" or "standalone" if the server serves requests, else None."""
+    for line in _four_letter_word(port, "srvr").splitlines():
+        if line.startswith("Mode:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+# ----------------------------------------------------------------------- processes
+
+# Popen objects of the servers this Python process started, by pid. Polling them
+# reaps exited children, which would otherwise linger as zombies and look alive.
+_CHILDREN = {}  # type: Dict[int, subprocess.Popen]
+
+
+def _process_state(pid: int) -> Optional[Tuple[str, int]]:
+    """(state letter, start time in clock ticks) of `pid`, or None if it does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        if os.path.isdir("/proc/self"):
+            return None
+        try:  # no procfs (not Linux): existence is all we can learn
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ("R", 0)
+    # The command name is in parentheses and may itself contain spaces or ")".
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0].decode("ascii"), int(fields[19])
+
+
+def _is_alive(pid: Optional[int], start_time: Optional[int]) -> bool:
+    """True if `pid` runs, is not a zombie, and is the process started at `start_time`."""
+    if pid is None:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        del _CHILDREN[pid]
+        return False
+    state = _process_state(pid)
+    if state is None or state[0] in ("Z", "X"):
+        return False
+    return start_time is None or start_time in (0, state[1])
+
+
+def _find_binary(names: Sequence[str]) -> Optional[str]:
+    search_path = os.pathsep.join(
+        [os.environ.get("PATH", os.defpath)] + list(_EXTRA_BIN_DIRS))
+    for name in names:
+        found = shutil.which(name, path=search_path)
+        if found:
+            return found
+    return None
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 8192))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _write_file(path: str, text: str) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise StackError("%s is not valid JSON (%s); remove it and stop the servers "
+                         "it listed by hand" % (path, exc))
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (one `probe stack` command at a time)."""
+    os.makedirs(directory, exist_ok=True)
+    # Popen closes inherited descriptors, so servers never hold this lock.
+    with open(os.path.join(directory, ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _Server:
+    """One server process: its files, how to start it, how to tell it answers.
+
+    `pid` and `start_time` identify the running process; the start time guards
+    against a recycled pid being taken for ours.
+    """
+
+    name = "server"
+    grace = 5.0  # seconds between SIGTERM and SIGKILL
+
+    def __init__(self, home: str, port: int) -> None:
+        self.home = home
+        self.port = port
+        self.pid = None  # type: Optional[int]
+        self.start_time = None  # type: Optional[int]
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.home, "data")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.home, self.name + ".log")
+
+    def ports(self) -> List[int]:
+        """Every port this server binds."""
+        return [self.port]
+
+    def check_installed(self) -> None:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Create the files the server needs before it can start."""
+        os.makedirs(self.data_dir, exist_ok=True)
+
+    def command(self) -> List[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    # -- record kept in the owner's JSON file
+
+    def record(self) -> dict:
+        return {"port": self.port, "pid": self.pid, "start_time": self.start_time}
+
+    def restore(self, record: dict) -> None:
+        self.pid = record.get("pid")
+        self.start_time = record.get("start_time")
+
+    # -- process control
+
+    def is_alive(self) -> bool:
+        return _is_alive(self.pid, self.start_time)
+
+    def is_running(self) -> bool:
+        return self.is_alive() and self.answers()
+
+    def spawn(self) -> None:
+        self.prepare()
+        argv = self.command()
+        logger.info("starting %s on %s:%d: %s", self.name, LOOPBACK, self.port,
+                    " ".join(argv))
+        with open(self.log_path, "ab") as log:
+            # A new session: the server survives the CLI that started it and
+            # gets no SIGHUP/SIGINT from its terminal.
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=self.home,
+                                     start_new_session=True, close_fds=True)
+        _CHILDREN[child.pid] = child
+        state = _process_state(child.pid)
+        self.pid = child.pid
+        self.start_time = state[1] if state else None
+
+    def signal(self, signum: int) -> None:
+        if self.is_alive():
+            try:
+                os.kill(self.pid, signum)  # type: ignore[arg-type]
+            except ProcessLookupError:
+                pass
+
+    def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.is_alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_INTERVAL)
+        return True
+
+    def wait_answering(self, deadline: float) -> None:
+        while True:
+            if not self.is_alive():
+                raise StackError(
+                    "%s on port %d is not running (it exited or was never started); "
+                    "see %s:\n%s" % (self.name, self.port, self.log_path,
+                                     _log_tail(self.log_path)))
+            if self.answers():
+                return
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    "%s (pid %s) did not answer on %s:%d in time; see %s:\n%s" % (
+                        self.name, self.pid, LOOPBACK, self.port, self.log_path,
+                        _log_tail(self.log_path)))
+            time.sleep(_POLL_INTERVAL)
+
+
+class _ZooKeeperServer(_Server):
+    """A ZooKeeper server; standalone, or a member of an ensemble when given peers."""
+
+    name = "zookeeper"
+
+    def __init__(self, home: str, port: int, myid: Optional[int] = None,
+                 peers: Sequence[Tuple[int, int, int]] = ()) -> None:
+        super().__init__(home, port)
+        self.myid = myid
+        self.peers = list(peers)  # (myid, quorum port, election port) of every member
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.home, "zoo.cfg")
+
+    def ports(self) -> List[int]:
+        own = [(quorum, election) for myid, quorum, election in self.peers
+               if myid == self.myid]
+        return [self.port] + [port for pair in own for port in pair]
+
+    def check_installed(self) -> None:
+        if _find_binary(SERVER_BINARIES["java"]) is None:
+            raise StackError("ZooKeeper needs Java, and `java` is not on PATH: "
+                             "apt-get install default-jre-headless zookeeper")
+        if not os.path.isfile(ZOOKEEPER_JAR):
+            raise StackError("ZooKeeper is not installed (%s is missing): "
+                             "apt-get install zookeeper (it also needs Java)"
+                             % ZOOKEEPER_JAR)
+
+    def prepare(self) -> None:
+        super().prepare()
+        lines = [
+            "# Written by probe.devstack; rewritten on every start.",
+            "tickTime=500",
+            "initLimit=10",
+            "syncLimit=5",
+            "dataDir=%s" % self.data_dir,
+            "clientPort=%d" % self.port,
+            "clientPortAddress=%s" % LOOPBACK,
+            "admin.enableServer=false",
+            "minSessionTimeout=1000",
+            "maxSessionTimeout=60000",
+            # Tests open many sessions from 127.0.0.1; the default cap is 60.
+            "maxClientCnxns=0",
+            "4lw.commands.whitelist=ruok,srvr,stat,mntr,cons,dump,wchs,conf",
+        ]
+        for myid, quorum, election in self.peers:
+            lines.append("server.%d=%s:%d:%d" % (myid, LOOPBACK, quorum, election))
+        _write_file(self.config_path, "\n".join(lines) + "\n")
+        if self.myid is not None:
+            _write_file(os.path.join(self.data_dir, "myid"), "%d\n" % self.myid)
+
+    def command(self) -> List[str]:
+        classpath = [ZOOKEEPER_JAR]
+        if os.path.isfile(SLF4J_SIMPLE_JAR):
+            classpath.append(SLF4J_SIMPLE_JAR)
+        if os.path.isdir(ZOOKEEPER_CONF_DIR):
+            classpath.append(ZOOKEEPER_CONF_DIR)
+        return [
+            _find_binary(SERVER_BINARIES["java"]) or "java",
+            "-Xmx256m",
+            "-XX:+UseSerialGC",  # fewer threads and less memory for a tiny server
+            "-Djava.net.preferIPv4Stack=true",
+            "-Dzookeeper.log.dir=%s" % self.home,
+            "-cp", os.pathsep.join(classpath),
+            "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+            self.config_path,
+        ]
+
+    def answers(self) -> bool:
+        if self.peers:
+            # An ensemble member answers `ruok` even without a quorum.
+            return self.mode() in ("leader", "follower", "standalone")
+        return _four_letter_word(self.port, "ruok") == "imok"
+
+    def mode(self) -> Optional[str]:
+        return _zookeeper_mode(self.port)
+
+
+class _RedisServer(_Server):
+    name = "redis"
+
+    def check_installed(self) -> None:
+        if _find_binary(SERVER_BINARIES["redis-server"]) is None:
+            raise StackError("redis-server is not installed (not on PATH): "
+                             "apt-get install redis-server")
+
+    def command(self) -> List[str]:
+        return [
+            _find_binary(SERVER_BINARIES["redis-server"]) or "redis-server",
+            "--port", str(self.port),
+            "--bind", LOOPBACK,
+            "--protected-mode", "no",
+            "--save", "",  # a dev/test cache: no snapshots, no AOF
+            "--appendonly", "no",
+            "--dir", self.data_dir,
+            "--daemonize", "no",
+            "--logfile", "",  # stdout, which goes to our log file
+        ]
+
+    def answers(self) -> bool:
+        reply = _exchange(self.port, b"PING\r\n", lambda data: b"\r\n" in data)
+        return reply.startswith(b"+PONG")
+
+
+class _MariaDBServer(_Server):
+    name = "mysql"
+    grace = 15.0  # InnoDB flushes on a clean shutdown
+
+    _INNODB_LOG_SIZE = "--innodb-log-file-size=16M"  # default 96M: wasted disk
+
+    def __init__(self, home: str, port: int, socket_path: str) -> None:
+        super().__init__(home, port)
+        self.socket_path = socket_path
+
+    def check_installed(self) -> None:
+        if (_find_binary(SERVER_BINARIES["mariadbd"]) is None
+                or _find_binary(SERVER_BINARIES["mariadb-install-db"]) is None):
+            raise StackError("MariaDB is not installed (mariadbd / mariadb-install-db "
+                             "not found): apt-get install mariadb-server")
+
+    @staticmethod
+    def _user() -> str:
+        return pwd.getpwuid(os.geteuid()).pw_name
+
+    def prepare(self) -> None:
+        os.makedirs(self.home, exist_ok=True)
+        if os.path.isdir(os.path.join(self.data_dir, "mysql")):
+            return
+        # A data dir without the system schema is a failed install: start over.
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        argv = [
+            _find_binary(SERVER_BINARIES["mariadb-install-db"]) or "mariadb-install-db",
+            "--no-defaults",
+            "--datadir=%s" % self.data_dir,
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+            "--user=%s" % self._user(),
+            self._INNODB_LOG_SIZE,
+        ]
+        logger.info("initialising MariaDB data in %s", self.data_dir)
+        with open(self.log_path, "ab") as log:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=self.home)
+        if result.returncode != 0:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise StackError("mariadb-install-db failed (exit %d); see %s:\n%s" % (
+                result.returncode, self.log_path, _log_tail(self.log_path)))
+
+    def command(self) -> List[str]:
+        return [
+            _find_binary(SERVER_BINARIES["mariadbd"]) or "mariadbd",
+            "--no-defaults",
+            "--datadir=%s" % self.data_dir,
+            "--port=%d" % self.port,
+            "--bind-address=%s" % LOOPBACK,
+            "--socket=%s" % self.socket_path,
+            "--pid-file=%s" % os.path.join(self.home, "mariadbd.pid"),
+            "--user=%s" % self._user(),
+            "--skip-name-resolve",
+            "--innodb-buffer-pool-size=32M",
+            self._INNODB_LOG_SIZE,
+            "--max-connections=500",
+            "--log-error=%s" % self.log_path,
+        ]
+
+    def answers(self) -> bool:
+        # The server speaks first: a packet whose payload starts with protocol 10.
+        greeting = _exchange(self.port, b"", lambda data: len(data) >= 5)
+        return len(greeting) >= 5 and greeting[4] == 10
+
+    def wipe(self) -> None:
+        super().wipe()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+
+def _start_servers(servers: Sequence[_Server], timeout: float, owner: str) -> None:
+    """Start those of `servers` that are not alive and wait until all answer.
+
+    On failure, stops the ones this call started, so a failed start leaves things
+    as they were.
+    """
+    to_start = [server for server in servers if not server.is_alive()]
+    for server in to_start:
+        server.pid = server.start_time = None  # a dead pid from an earlier run
+        server.check_installed()
+    for server in to_start:
+        for port in server.ports():
+            if port in SYSTEM_PORTS:
+                raise StackError("port %d (%s) belongs to a system server; probe's "
+                                 "dev servers never use it: choose another port"
+                                 % (port, server.name))
+            if _port_in_use(port):
+                raise StackError(
+                    "port %d (%s) on %s is already in use by a process that is not "
+                    "part of %s; stop that process or choose another port"
+                    % (port, server.name, LOOPBACK, owner))
+    started = []  # type: List[_Server]
+    try:
+        for server in to_start:
+            server.spawn()
+            started.append(server)
+        deadline = time.monotonic() + timeout
+        for server in servers:
+            server.wait_answering(deadline)
+    except BaseException:
+        _stop_servers(started)
+        raise
+
+
+def _stop_servers(servers: Sequence[_Server], force: bool = False) -> None:
+    """Stop the live ones among `servers`: SIGTERM (or SIGKILL), then SIGKILL."""
+    alive = [server for server in servers if server.is_alive()]
+    for server in alive:
+        logger.info("%s %s (pid %d)", "killing" if force else "stopping",
+                    server.name, server.pid)
+        server.signal(signal.SIGKILL if force else signal.SIGTERM)
+    for server in alive:
+        if server.wait_exit(_KILL_WAIT if force else server.grace):
+            continue
+        if not force:
+            logger.warning("%s (pid %d) did not stop within %.0f s; killing it",
+                           server.name, server.pid, server.grace)
+            server.signal(signal.SIGKILL)
+            if server.wait_exit(_KILL_WAIT):
+                continue
+        raise StackError("%s (pid %d) survived SIGKILL; check it with `ps -p %d`"
+                         % (server.name, server.pid, server.pid))
+    for server in servers:
+        if not server.is_alive():
+            server.pid = server.start_time = None
+
+
+# --------------------------------------------------------------------------- stack
+
+class Stack:
+    """One ZooKeeper, one Redis and one MariaDB on loopback ports, for one env.
+
+    ``ports`` is "dev" (`DEV_PORTS`), "free" (unused loopback ports, for tests) or a
+    dict overriding some of `DEV_PORTS`. Ports recorded in an existing
+    ``stack.json`` win over "dev" and "free", so a component keeps its port for
+    the life of the state folder.
+    """
+
+    def __init__(self, state_dir: Optional[str] = None, ports="dev",
+                 env: str = "dev") -> None:
+        if not env or not isinstance(env, str):
+            raise StackError("env must be a non-empty string such as 'dev', got %r"
+                             % (env,))
+        self.state_dir = os.path.abspath(os.path.expanduser(
+            state_dir or default_state_dir()))
+        self.env = env
+        self.config_path = os.path.join(self.state_dir, "config.yml")
+        self._record_path = os.path.join(self.state_dir, "stack.json")
+        record = _read_json(self._record_path)
+        stored = {name: entry["port"]
+                  for name, entry in record.get("components", {}).items()
+                  if name in COMPONENTS and entry.get("port")}
+        chosen = self._choose_ports(ports, stored)
+        self._servers = {
+            "zookeeper": _ZooKeeperServer(self._home("zookeeper"), chosen["zookeeper"]),
+            "redis": _RedisServer(self._home("redis"), chosen["redis"]),
+            "mysql": _MariaDBServer(self._home("mysql"), chosen["mysql"],
+                                    record.get("mysql_socket") or self._socket_path()),
+        }  # type: Dict[str, _Server]
+        for name, entry in record.get("components", {}).items():
+            moved = name in chosen and entry.get("port") != chosen[name]
+            if moved and _is_alive(entry.get("pid"), entry.get("start_time")):
+                raise StackError(
+                    "%s is running on port %d (pid %d) in %s; run `probe stack down` "
+                    "before moving it to port %d" % (name, entry["port"], entry["pid"],
+                                                     self.state_dir, chosen[name]))
+        self._restore(record)
+
+    def __repr__(self) -> str:
+        return "Stack(%r, ports=%r, env=%r)" % (self.state_dir, self.ports, self.env)
+
+    def __enter__(self) -> "Stack":
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.down()
+
+    @property
+    def ports(self) -> Dict[str, int]:
+        return {name: server.port for name, server in self._servers.items()}
+
+    # -- lifecycle
+
+    def up(self, timeout: float = 60) -> dict:
+        """Start whatever is not running, wait until all answer; idempotent."""
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _start_servers(list(self._servers.values()), timeout,
+                               "the stack in %s" % self.state_dir)
+            finally:
+                self._save()
+            self._create_probe_database()
+            self._write_config()
+        return self.status()
+
+    def down(self, wipe: bool = False) -> None:
+        """Stop every server; with ``wipe=True`` also delete data, logs and state."""
+        if not os.path.isdir(self.state_dir):
+            return
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _stop_servers(list(self._servers.values()))
+            finally:
+                self._save()
+            if wipe:
+                for server in self._servers.values():
+                    server.wipe()
+                    shutil.rmtree(server.home, ignore_errors=True)
+                for path in (self._record_path, self.config_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        if wipe:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.state_dir, ".lock"))
+                os.rmdir(self.state_dir)
+
+    def status(self) -> dict:
+        """Per component: running (alive and answering), pid, port, address, log."""
+        self._restore(_read_json(self._record_path))
+        result = {}
+        for name, server in self._servers.items():
+            alive = server.is_alive()
+            result[name] = {
+                "running": alive and server.answers(),
+                "pid": server.pid if alive else None,
+                "port": server.port,
+                "address": "%s:%d" % (LOOPBACK, server.port),
+                "log": server.log_path,
+            }
+        return result
+
+    def config(self) -> dict:
+        """The probe configuration (as written to `config_path`) for these servers."""
+        ports = self.ports
+        return {
+            "mysql": {self.env: {
+                "host": LOOPBACK, "port": ports["mysql"], "username": MYSQL_USER,
+                "password": MYSQL_PASSWORD, "database": MYSQL_DATABASE}},
+            "redis": {self.env: {
+                "host": LOOPBACK, "port": ports["redis"], "password": None,
+                "cluster": 0}},
+            "zkserver": {self.env: {"host": LOOPBACK, "port": ports["zookeeper"]}},
+        }
+
+    # -- fault control
+
+    def stop(self, component: str) -> None:
+        """Stop one component gracefully (SIGTERM, SIGKILL if it lingers)."""
+        self._control(component, force=False)
+
+    def kill(self, component: str) -> None:
+        """SIGKILL one component, as a crash would."""
+        self._control(component, force=True)
+
+    def start(self, component: str, wipe: bool = False, timeout: float = 60) -> None:
+        """Start one component again on its port; ``wipe`` empties its data first."""
+        server = self._server(component)
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                if wipe:
+                    _stop_servers([server])
+                    server.wipe()
+                _start_servers([server], timeout, "the stack in %s" % self.state_dir)
+            finally:
+                self._save()
+            if component == "mysql":
+                self._create_probe_database()
+            self._write_config()
+
+    # -- internals
+
+    def _control(self, component: str, force: bool) -> None:
+        server = self._server(component)
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _stop_servers([server], force=force)
+            finally:
+                self._save()
+
+    def _server(self, component: str) -> _Server:
+        try:
+            return self._servers[component]
+        except KeyError:
+            raise StackError("unknown component %r; choose one of %s"
+                             % (component, ", ".join(COMPONENTS))) from None
+
+    def _home(self, component: str) -> str:
+        return os.path.join(self.state_dir, component)
+
+    def _socket_path(self) -> str:
+        path = os.path.join(self._home("mysql"), "mysqld.sock")
+        if len(path) <= _MAX_SOCKET_PATH:
+            return path
+        digest = hashlib.sha1(self.state_dir.encode("utf-8")).hexdigest()[:12]
+        return "/tmp/probe-mysql-%s.sock" % digest
+
+    @staticmethod
+    def _choose_ports(ports, stored: Dict[str, int]) -> Dict[str, int]:
+        if ports == "dev":
+            chosen = dict(DEV_PORTS, **stored)
+        elif ports == "free":
+            missing = [name for name in COMPONENTS if name not in stored]
+            fresh = _free_ports(len(missing), avoid=list(stored.values()))
+            chosen = dict(stored, **dict(zip(missing, fresh)))
+        elif isinstance(ports, dict):
+            unknown = sorted(set(ports) - set(COMPONENTS))
+            if unknown:
+                raise StackError("unknown component(s) %s in ports; use %s"
+                                 % (", ".join(unknown), ", ".join(COMPONENTS)))
+            chosen = dict(DEV_PORTS, **stored)
+            chosen.update((name, int(port)) for name, port in ports.items())
+        else:
+            raise StackError("ports must be 'dev', 'free' or a dict such as "
+                             "{'redis': 26380}, got %r" % (ports,))
+        for name, port in chosen.items():
+            if port in SYSTEM_PORTS or not 0 < port < 65536:
+                raise StackError("port %d for %s is not allowed: it must be 1-65535 "
+                                 "and not a system server's port (%s)" % (
+                                     port, name, ", ".join(map(str, sorted(SYSTEM_PORTS)))))
+        if len(set(chosen.values())) != len(chosen):
+            raise StackError("components must have distinct ports, got %r" % (chosen,))
+        return chosen
+
+    def _restore(self, record: dict) -> None:
+        entries = record.get("components", {})
+        for name, server in self._servers.items():
+            entry = entries.get(name)
+            if entry and entry.get("port") == server.port:
+                server.restore(entry)
+            else:
+                server.pid = server.start_time = None
+
+    def _save(self) -> None:
+        os.makedirs(self.state_dir, exist_ok=True)
+        mysql = self._servers["mysql"]
+        record = {
+            "env": self.env,
+            "components": {name: server.record()
+                           for name, server in self._servers.items()},
+            "mysql_socket": mysql.socket_path,  # type: ignore[attr-defined]
+        }
+        _write_file(self._record_path, json.dumps(record, indent=2) + "\n")
+
+    def _create_probe_database(self) -> None:
+        """Create the `probe` database and user; safe to repeat."""
+        import pymysql  # only needed once MariaDB is up
+
+        try:
+            connection = pymysql.connect(host=LOOPBACK, port=self.ports["mysql"],
+                                         user="root", password="", connect_timeout=5,
+                                         autocommit=True)
+        except pymysql.MySQLError as exc:
+            raise StackError("cannot log in to MariaDB on %s:%d as root with an "
+                             "empty password (%s); `probe stack down --wipe` starts "
+                             "over" % (LOOPBACK, self.ports["mysql"], exc)) from exc
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("CREATE DATABASE IF NOT EXISTS `%s`" % MYSQL_DATABASE)
+                for host in ("%", "127.0.0.1", "localhost"):
+                    cursor.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s",
+                                   (MYSQL_USER, host, MYSQL_PASSWORD))
+                    cursor.execute("GRANT ALL PRIVILEGES ON `%s`.* TO %%s@%%s"
+                                   % MYSQL_DATABASE, (MYSQL_USER, host))
+        finally:
+            connection.close()
+
+    def _write_config(self) -> None:
+        import yaml  # a dependency of probe; imported late to keep status() light
+
+        header = ("# Written by `probe stack up` for the servers in %s.\n"
+                  "# Point PROBE_CONFIG here to use them; rewritten on every up.\n"
+                  % self.state_dir)
+        body = yaml.safe_dump(self.config(), sort_keys=False, default_flow_style=None)
+        _write_file(self.config_path, header + body)
+
+
+# ------------------------------------------------------------------------ ensemble
+
+class ZooKeeperEnsemble:
+    """`size` ZooKeeper servers forming one ensemble on free loopback ports.
+
+    Members are indexed from 0 (their ZooKeeper myid is index + 1). Ports are kept
+    in ``ensemble.json`` in `state_dir`, so a killed member restarts on its own.
+    """
+
+    def __init__(self, state_dir: str, size: int = 3) -> None:
+        if size < 1:
+            raise StackError("an ensemble needs at least one member, got size=%r"
+                             % (size,))
+        self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
+        self._record_path = os.path.join(self.state_dir, "ensemble.json")
+        record = _read_json(self._record_path)
+        members = record.get("members", [])
+        if len(members) == size:
+            layout = [(entry["port"], entry["quorum_port"], entry["election_port"])
+                      for entry in members]
+        else:
+            ports = _free_ports(3 * size)
+            layout = [tuple(ports[3 * i:3 * i + 3]) for i in range(size)]
+        peers = [(index + 1, quorum, election)
+                 for index, (_, quorum, election) in enumerate(layout)]
+        self._members = [
+            _ZooKeeperServer(os.path.join(self.state_dir, "zk%d" % (index + 1)),
+                             client, myid=index + 1, peers=peers)
+            for index, (client, _, _) in enumerate(layout)]
+        self._restore(record)
+
+    def __repr__(self) -> str:
+        return "ZooKeeperEnsemble(%r, hosts=%r)" % (self.state_dir, self.hosts)
+
+    def __enter__(self) -> "ZooKeeperEnsemble":
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.down()
+
+    @property
+    def hosts(self) -> str:
+        """The kazoo/ZooKeeper connect string: "127.0.0.1:p1,127.0.0.1:p2,..."."""
+        return ",".join("%s:%d" % (LOOPBACK, member.port) for member in self._members)
+
+    @property
+    def size(self) -> int:
+        return len(self._members)
+
+    def up(self, timeout: float = 60) -> None:
+        """Start the members that are not running; wait until all serve requests."""
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _start_servers(self._members, timeout,
+                               "the ensemble in %s" % self.state_dir)
+            finally:
+                self._save()
+
+    def down(self, wipe: bool = False) -> None:
+        if not os.path.isdir(self.state_dir):
+            return
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _stop_servers(self._members)
+            finally:
+                self._save()
+            if wipe:
+                for member in self._members:
+                    shutil.rmtree(member.home, ignore_errors=True)
+
+    def status(self) -> List[dict]:
+        self._restore(_read_json(self._record_path))
+        result = []
+        for member in self._members:
+            alive = member.is_alive()
+            result.append({
+                "running": alive and member.answers(),
+                "pid": member.pid if alive else None,
+                "port": member.port,
+                "address": "%s:%d" % (LOOPBACK, member.port),
+                "mode": member.mode() if alive else None,
+            })
+        return result
+
+    def leader(self, timeout: float = 10) -> int:
+        """Index of the current leader, waiting up to `timeout` s for an election."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, member in enumerate(self._members):
+                if member.mode() in ("leader", "standalone"):
+                    return index
+            if time.monotonic() >= deadline:
+                raise StackError("no ZooKeeper leader among %s after %.0f s; see the "
+                                 "logs under %s" % (self.hosts, timeout, self.state_dir))
+            time.sleep(_POLL_INTERVAL)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member, as a crash would."""
+        self._control(index, force=True)
+
+    def stop(self, index: int) -> None:
+        self._control(index, force=False)
+
+    def start(self, index: int, timeout: float = 60) -> None:
+        """Start one member again on its ports and wait until it has rejoined."""
+        member = self._member(index)
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _start_servers([member], timeout, "the ensemble in %s" % self.state_dir)
+            finally:
+                self._save()
+
+    def _control(self, index: int, force: bool) -> None:
+        member = self._member(index)
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                _stop_servers([member], force=force)
+            finally:
+                self._save()
+
+    def _member(self, index: int) -> _ZooKeeperServer:
+        if not 0 <= index < len(self._members):
+            raise StackError("no ensemble member %r; indexes run from 0 to %d"
+                             % (index, len(self._members) - 1))
+        return self._members[index]
+
+    def _restore(self, record: dict) -> None:
+        entries = record.get("members", [])
+        for index, member in enumerate(self._members):
+            entry = entries[index] if index < len(entries) else None
+            if entry and entry.get("port") == member.port:
+                member.restore(entry)
+            else:
+                member.pid = member.start_time = None
+
+    def _save(self) -> None:
+        members = []
+        for member in self._members:
+            entry = member.record()
+            entry["quorum_port"], entry["election_port"] = member.ports()[1:3]
+            members.append(entry)
+        _write_file(self._record_path, json.dumps({"members": members}, indent=2) + "\n")

@@ -1,0 +1,54 @@
+"""The named errors probe raises. Every message says what was wrong, with which
+value, and what to do about it."""
+
+
+class ProbeError(Exception):
+    """Base class of every error probe raises on purpose."""
+
+
+class ConfigError(ProbeError):
+    """The configuration file is missing, unreadable or lacks a required key."""
+
+
+class InvalidServiceName(ProbeError):
+    """A service name is not made of letters, digits and underscores."""
+
+
+class InvalidAppkey(ProbeError):
+    """An appkey is empty or holds characters that cannot go into a znode path."""
+
+
+class ThriftFileError(ProbeError):
+    """A thrift IDL file is missing, does not parse, or lacks the service."""
+
+
+class UnknownAppkey(ProbeError):
+    """The appkey is not registered in the MySQL table `serviceapp`."""
+
+
+class ComponentUnavailable(ProbeError):
+    """MySQL, Redis or ZooKeeper could not be reached."""
+
+
+class NoAvailableNode(ProbeError):
+    """No live, enabled node with a positive weight serves the service."""
+
+
+class NodeUnreachable(ProbeError):
+    """A chosen node refused or timed out the connection (and no retry was left)."""
+
+
+class InvalidNodeAddress(ProbeError):
+    """An `ip:port` argument does not parse."""
+
+
+class InvalidWeight(ProbeError):
+    """A weight is not an integer within the allowed range."""
+
+
+class UnknownNode(ProbeError):
+    """No such node is registered or stored for the appkey and service."""
+
+
+class NodeSettingsConflict(ProbeError):
+    """A node's live data kept changing under an admin edit."""

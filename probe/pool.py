@@ -1,0 +1,107 @@
+"""Per-node pools of persistent thrift connections.
+
+A connection is used by one call at a time: taken from the pool, used, and put
+back only if the call completed cleanly. Any error or timeout discards it, because
+thriftpy2 never checks sequence ids and a late reply would otherwise be read by
+the next call (thriftpy2#130). A pooled connection the server has closed in the
+meantime (thriftpy2's own server drops idle ones after 3 s) is noticed before use
+with a zero-timeout poll and replaced, so the call never sees it.
+"""
+
+import select
+import socket
+from collections import deque
+
+from thriftpy2.protocol import TBinaryProtocolFactory
+from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
+
+_PROTOCOLS = TBinaryProtocolFactory()
+_TRANSPORTS = TBufferedTransportFactory()
+
+
+class ConnectFailed(Exception):
+    """Could not open a connection: nothing was sent, any call may go elsewhere."""
+
+
+class Connection(object):
+    __slots__ = ("transport", "protocol", "sock", "poller", "seqid")
+
+    def __init__(self, host, port, timeout_ms, connect_timeout_ms, proto_factory=None, trans_factory=None):
+        raw = TSocket(host, port, socket_timeout=timeout_ms, connect_timeout=connect_timeout_ms)
+        try:
+            raw.open()
+        except (TTransportException, OSError) as exc:
+            raise ConnectFailed("cannot connect to %s:%d: %s" % (host, port, exc))
+        self.sock = raw.sock
+        self.transport = (trans_factory or _TRANSPORTS).get_transport(raw)
+        self.protocol = (proto_factory or _PROTOCOLS).get_protocol(self.transport)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        self.seqid = 0
+
+    def is_stale(self):
+        # An idle connection has nothing to read; readable means EOF, a reset or a
+        # stray late reply: either way it cannot carry a new call.
+        try:
+            return bool(self.poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def close(self):
+        try:
+            self.transport.close()
+        except (OSError, TTransportException, AttributeError):
+            pass
+
+
+class NodePool(object):
+    """Idle connections to one node. Thread-safe: deque append/pop are atomic."""
+
+    def __init__(self, host, port, timeout_ms=500, connect_timeout_ms=None, max_idle=64,
+                 proto_factory=None, trans_factory=None):
+        self.host = host
+        self.port = port
+        self.timeout_ms = timeout_ms
+        self.connect_timeout_ms = connect_timeout_ms or timeout_ms
+        self.max_idle = max_idle
+        self.proto_factory = proto_factory
+        self.trans_factory = trans_factory
+        self.idle = deque()
+        self.closed = False
+        self.created = 0
+
+    def acquire(self):
+        """An open connection: a pooled one that is still sound, else a new one.
+        Raises ConnectFailed when a new one cannot be opened."""
+        idle = self.idle
+        while idle:
+            try:
+                conn = idle.pop()
+            except IndexError:
+                break
+            if conn.is_stale():
+                conn.close()
+                continue
+            return conn
+        self.created += 1
+        return Connection(self.host, self.port, self.timeout_ms, self.connect_timeout_ms,
+                          self.proto_factory, self.trans_factory)
+
+    def release(self, conn):
+        if self.closed or len(self.idle) >= self.max_idle:
+            conn.close()
+        else:
+            self.idle.append(conn)
+
+    def close(self):
+        self.closed = True
+        while self.idle:
+            try:
+                self.idle.pop().close()
+            except IndexError:
+                break
+
+
+def is_timeout(exc):
+    return isinstance(exc, socket.timeout) or (
+        isinstance(exc, TTransportException) and exc.type == TTransportException.TIMED_OUT)

@@ -1,0 +1,475 @@
+"""ZooKeeper: one session per process, provider registrations that survive session
+loss, and consumer watchers that keep a service's routing table current.
+
+Threading: kazoo runs state listeners on its connection thread and watch callbacks
+on its event thread. Neither may block on ZooKeeper from a state listener (it
+deadlocks, kazoo#355/#405), so every piece of recovery work (re-register, resync)
+is queued to the session's own worker thread.
+"""
+
+import json
+import logging
+import os
+import queue
+import random
+import tempfile
+import threading
+import time
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (BadVersionError, NoNodeError, NodeExistsError,
+                              ZookeeperError, KazooException)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
+
+from . import naming
+from .balancer import Node, RoutingTable
+from .errors import ComponentUnavailable
+from .naming import NodeSettings
+
+log = logging.getLogger("probe.registry")
+
+
+class ZooKeeper(object):
+    """A kazoo session that heals itself.
+
+    - On LOST followed by CONNECTED (a new session), every callback registered with
+      `on_new_session` runs on the worker thread, after a little jitter, so that
+      registrations are re-created and watchers resync.
+    - A client that stays SUSPENDED for longer than twice the session timeout is
+      restarted with a fresh session. This covers a ZooKeeper rebuilt from scratch:
+      it refuses clients that have seen a higher zxid, so kazoo alone would stay
+      SUSPENDED for ever and never report LOST.
+    """
+
+    def __init__(self, hosts, session_timeout=6.0):
+        self.hosts = hosts
+        self.session_timeout = float(session_timeout)
+        self.client = KazooClient(
+            hosts=hosts, timeout=self.session_timeout,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_delay=1.0),
+            command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
+            logger=logging.getLogger("probe.registry.kazoo"))
+        self._callbacks = []
+        self._callbacks_lock = threading.Lock()
+        self._work = queue.Queue()
+        self._need_resync = True
+        self._suspended_since = None
+        self._stopped = threading.Event()
+        self._worker = None
+        self.sessions = 0          # new sessions seen, for tests and logs
+        self.restarts = 0          # forced restarts after a long suspension
+        self.client.add_listener(self._on_state)
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, timeout=3.0, keep_trying=False):
+        """Connect within `timeout` seconds or raise ComponentUnavailable. With
+        `keep_trying`, a failed start leaves the client connecting in the background."""
+        self._ensure_worker()
+        event = self.client.start_async()
+        event.wait(timeout)
+        if self.client.connected:
+            return True
+        if keep_trying:
+            self._suspended_since = time.monotonic()
+            return False
+        self.stop()
+        raise ComponentUnavailable(
+            "ZooKeeper at %s did not answer within %.1f s: start it (`probe stack up` for "
+            "the local stack) or fix zkserver in the config" % (self.hosts, timeout))
+
+    def stop(self):
+        self._stopped.set()
+        self._work.put(None)
+        try:
+            self.client.stop()
+            self.client.close()
+        except Exception:  # closing a half-open client must not mask the real error
+            log.debug("error while closing ZooKeeper client", exc_info=True)
+
+    @property
+    def connected(self):
+        return self.client.connected
+
+    @property
+    def session_id(self):
+        client_id = self.client.client_id
+        return client_id[0] if client_id else None
+
+    def on_new_session(self, callback):
+        with self._callbacks_lock:
+            self._callbacks.append(callback)
+
+    def remove_callback(self, callback):
+        with self._callbacks_lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+    def submit(self, task):
+        """Run `task()` on the worker thread (never on a kazoo thread)."""
+        self._work.put(task)
+
+    # -- internals ---------------------------------------------------------
+    def _on_state(self, state):
+        # kazoo's connection thread: record and hand off, never call ZooKeeper here.
+        if state == KazooState.CONNECTED:
+            self._suspended_since = None
+            if self._need_resync:
+                self._need_resync = False
+                self._work.put(self._run_session_callbacks)
+        elif state == KazooState.SUSPENDED:
+            if self._suspended_since is None:
+                self._suspended_since = time.monotonic()
+        elif state == KazooState.LOST:
+            self._need_resync = True
+            if self._suspended_since is None:
+                self._suspended_since = time.monotonic()
+
+    def _run_session_callbacks(self):
+        self.sessions += 1
+        # Jitter spreads a fleet's resync after an outage (kazoo#664).
+        time.sleep(random.uniform(0, min(0.2, self.session_timeout / 20.0)))
+        with self._callbacks_lock:
+            callbacks = list(self._callbacks)
+        log.info("ZooKeeper session %s at %s: re-registering and resyncing %d watcher(s)",
+                 hex(self.session_id or 0), self.hosts, len(callbacks))
+        for callback in callbacks:
+            self._run(callback)
+
+    def _run(self, task):
+        try:
+            task()
+        except Exception:
+            log.exception("ZooKeeper task %r failed; it will run again on the next session", task)
+
+    def _ensure_worker(self):
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work_loop, name="probe-zookeeper",
+                                            daemon=True)
+            self._worker.start()
+
+    def _work_loop(self):
+        while not self._stopped.is_set():
+            try:
+                task = self._work.get(timeout=0.25)
+            except queue.Empty:
+                task = False
+            if task is None:
+                return
+            if task:
+                self._run(task)
+            self._check_stuck()
+
+    def _check_stuck(self):
+        since = self._suspended_since
+        if since is None or self._stopped.is_set():
+            return
+        if time.monotonic() - since > 2 * self.session_timeout:
+            log.warning("ZooKeeper at %s unreachable for %.1f s (longer than twice the "
+                        "session timeout); starting a fresh session",
+                        self.hosts, time.monotonic() - since)
+            self._suspended_since = time.monotonic()
+            self._need_resync = True
+            self.restarts += 1
+            try:
+                self.client.stop()
+                self.client.start_async()
+            except Exception:
+                log.exception("restarting the ZooKeeper client failed; will try again")
+
+
+_shared = {}
+_shared_lock = threading.Lock()
+
+
+def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
+    """The process's one ZooKeeper session for these hosts, started on first use.
+    Pair every call with `release_zookeeper`."""
+    key = zk_settings.hosts
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is not None and not keep_trying and not entry[0].connected:
+            # Shared with a consumer that started during an outage: a provider must
+            # not register on a session that is not there.
+            if not entry[0].client._live.wait(timeout):
+                raise ComponentUnavailable("ZooKeeper at %s did not answer within %.1f s"
+                                           % (key, timeout))
+        if entry is None:
+            zk = ZooKeeper(zk_settings.hosts, zk_settings.session_timeout)
+            zk.start(timeout, keep_trying=keep_trying)
+            entry = _shared[key] = [zk, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_zookeeper(zk):
+    with _shared_lock:
+        entry = _shared.get(zk.hosts)
+        if entry is None or entry[0] is not zk:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _shared[zk.hosts]
+    zk.stop()
+
+
+class Registration(object):
+    """A provider's ephemeral znode, kept in place for as long as it is open.
+
+    Re-created on every new session, when someone deletes it, and when a dead
+    session of ours still owns it (apache/dubbo#5125): then the stale node is
+    deleted first. `reload()` returns the node's durable settings (from Redis) or
+    None when they cannot be read; the last known data is used then.
+    """
+
+    def __init__(self, zk, path, data, reload=None):
+        self.zk = zk
+        self.path = path
+        self.data = data
+        self._reload = reload
+        self._lock = threading.Lock()
+        self._closed = False
+        self.recreated = 0
+
+    def register(self):
+        self._create()
+        self.zk.on_new_session(self._recreate)
+        self.zk.client.DataWatch(self.path, self._on_own_data)
+
+    def close(self):
+        """Delete the znode (only if this session owns it) and stop keeping it."""
+        with self._lock:
+            self._closed = True
+        self.zk.remove_callback(self._recreate)
+        try:
+            _, stat = self.zk.client.get(self.path)
+            if stat.ephemeralOwner == self.zk.session_id:
+                self.zk.client.delete(self.path, version=-1)
+        except (NoNodeError, KazooException, ZookeeperError) as exc:
+            log.info("deregistering %s: %s", self.path, exc.__class__.__name__)
+
+    def _recreate(self):
+        if self._reload is not None:
+            fresh = self._reload()
+            if fresh is not None:
+                self.data = fresh
+        self._create()
+        self.recreated += 1
+
+    def _create(self):
+        client = self.zk.client
+        with self._lock:
+            for _ in range(5):
+                if self._closed:
+                    return
+                try:
+                    client.create(self.path, self.data.to_bytes(), ephemeral=True, makepath=True)
+                    log.info("registered %s %s", self.path, self.data.to_json())
+                    return
+                except NodeExistsError:
+                    try:
+                        _, stat = client.get(self.path)
+                    except NoNodeError:
+                        continue
+                    if stat.ephemeralOwner == self.zk.session_id:
+                        return
+                    log.warning("%s is held by session %s (a dead one of ours, or another "
+                                "process on the same address): replacing it",
+                                self.path, hex(stat.ephemeralOwner))
+                    try:
+                        client.delete(self.path, version=stat.version)
+                    except (NoNodeError, BadVersionError):
+                        pass
+            raise ComponentUnavailable("could not create %s in ZooKeeper at %s after 5 tries"
+                                       % (self.path, self.zk.hosts))
+
+    def _on_own_data(self, data, stat, event=None):
+        if self._closed:
+            return False
+        if data is None:
+            if self.zk.connected:
+                log.warning("%s disappeared while serving: re-creating it", self.path)
+                self.zk.submit(self._recreate)
+            return None
+        try:
+            # Track operator edits so a re-created node keeps them even without Redis.
+            self.data = NodeSettings.from_json(data)
+        except ValueError:
+            pass
+        return None
+
+
+class ServiceWatcher(object):
+    """Keeps `table`, an immutable RoutingTable of one service's nodes, current.
+
+    A kazoo ChildrenWatch on /services/<env>/<appkey> plus a DataWatch per node of
+    the service. Watches are re-established on every new session (a wiped ZooKeeper
+    loses the parent path, which silently ends a ChildrenWatch). While ZooKeeper is
+    unreachable the last table stays in use. Every change is also written to a
+    snapshot file so a consumer that starts during an outage can still route.
+    """
+
+    def __init__(self, zk, env, appkey, service, warmup=0.0, snapshot_dir=None, on_change=None):
+        self.zk = zk
+        self.env = env
+        self.appkey = appkey
+        self.service = service
+        self.parent = naming.appkey_path(env, appkey)
+        self.describe = "env=%s appkey=%s service=%s" % (env, appkey, service)
+        self.warmup = float(warmup or 0.0)
+        self.snapshot_path = snapshot_file(snapshot_dir, env, appkey, service)
+        self.on_change = on_change
+        self.table = RoutingTable(describe=self.describe)
+        self.stale = False
+        self.updates = 0
+        self._nodes = {}
+        self._watched = set()
+        self._generation = 0
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def start(self):
+        """Watch now if connected; else route on the snapshot until ZooKeeper answers."""
+        self.zk.on_new_session(self._establish)
+        if self.zk.connected:
+            self._establish()
+        else:
+            self._load_snapshot()
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._generation += 1
+        self.zk.remove_callback(self._establish)
+
+    def refresh(self):
+        """Rebuild the table from the nodes already known (warm-up progress)."""
+        with self._lock:
+            self._publish(write_snapshot=False)
+
+    # -- watching ----------------------------------------------------------
+    def _establish(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._generation += 1
+            generation = self._generation
+            self._watched = set()
+        self.zk.client.ensure_path(self.parent)
+        self.zk.client.ChildrenWatch(self.parent, lambda children: self._on_children(generation, children))
+
+    def _on_children(self, generation, children):
+        with self._lock:
+            if generation != self._generation:
+                return False
+            mine = set(c for c in children if naming.is_node_of(c, self.service))
+            gone = [name for name in self._nodes if name not in mine]
+            for name in gone:
+                del self._nodes[name]
+            self._watched &= mine
+            new = mine - self._watched
+            self._watched |= new
+            self.stale = False
+            if gone or not new:
+                self._publish()
+        for name in sorted(new):
+            self.zk.client.DataWatch(
+                self.parent + "/" + name,
+                lambda data, stat, event=None, name=name: self._on_data(generation, name, data, stat))
+        return None
+
+    def _on_data(self, generation, name, data, stat):
+        with self._lock:
+            if generation != self._generation:
+                return False
+            if data is None:
+                # Deleted: the ChildrenWatch sees a re-creation and watches it anew.
+                self._watched.discard(name)
+                if self._nodes.pop(name, None) is not None:
+                    self._publish()
+                return False
+            try:
+                settings = NodeSettings.from_json(data)
+            except ValueError as exc:
+                log.warning("skipping node %s/%s: malformed data %r (%s)",
+                            self.parent, name, data[:200], exc)
+                if self._nodes.pop(name, None) is not None:
+                    self._publish()
+                return None
+            self._nodes[name] = Node(name, settings.host, settings.port, settings.weight,
+                                     settings.valid, stat.ctime / 1000.0)
+            self._publish()
+            return None
+
+    def _publish(self, write_snapshot=True):
+        self.table = RoutingTable(self._nodes.values(), warmup=self.warmup, describe=self.describe)
+        self.updates += 1
+        if self.on_change is not None:
+            self.on_change(self.table)
+        if write_snapshot and self.snapshot_path:
+            self._write_snapshot()
+
+    # -- snapshot ----------------------------------------------------------
+    def _write_snapshot(self):
+        nodes = [node._asdict() for node in self.table.all_nodes]
+        try:
+            directory = os.path.dirname(self.snapshot_path)
+            os.makedirs(directory, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-")
+            with os.fdopen(handle, "w") as out:
+                json.dump({"written_at": time.time(), "nodes": nodes}, out)
+            os.replace(tmp, self.snapshot_path)
+        except OSError as exc:
+            log.warning("cannot write routing snapshot %s: %s", self.snapshot_path, exc)
+
+    def _load_snapshot(self):
+        if not self.snapshot_path:
+            return
+        try:
+            with open(self.snapshot_path) as handle:
+                saved = json.load(handle)
+            nodes = {n["name"]: Node(**n) for n in saved["nodes"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ZooKeeper unreachable and no usable routing snapshot for %s (%s)",
+                        self.describe, exc)
+            return
+        with self._lock:
+            if self._nodes:
+                return
+            self._nodes = nodes
+            self.stale = True
+            self._publish(write_snapshot=False)
+        log.warning("ZooKeeper unreachable: routing %s on a STALE snapshot of %d node(s) "
+                    "written %.0f s ago (%s)", self.describe, len(nodes),
+                    time.time() - saved.get("written_at", 0), self.snapshot_path)
+
+
+def default_snapshot_dir():
+    return os.environ.get("PROBE_SNAPSHOT_DIR") or os.path.join(
+        os.path.expanduser("~"), ".probe", "snapshots")
+
+
+def snapshot_file(snapshot_dir, env, appkey, service):
+    if snapshot_dir is False:
+        return None
+    return os.path.join(snapshot_dir or default_snapshot_dir(), env, appkey, service + ".json")
+
+
+def read_children_with_data(zk, parent):
+    """{name: (raw bytes, stat)} for every child of `parent` (admin views)."""
+    result = {}
+    try:
+        children = zk.client.get_children(parent)
+    except NoNodeError:
+        return result
+    for name in children:
+        try:
+            result[name] = zk.client.get(parent + "/" + name)
+        except NoNodeError:
+            continue
+    return result
+
+
+__all__ = ["ZooKeeper", "shared_zookeeper", "release_zookeeper", "Registration",
+           "ServiceWatcher", "KazooTimeoutError"]

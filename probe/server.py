@@ -1,0 +1,215 @@
+"""`start_service`: turn a thrift handler into a registered, weighted, switchable node.
+
+Order of a start (each step refuses cleanly before the next one touches anything):
+validate arguments → load settings → MySQL appkey check → Redis node settings →
+bind the port → create the ephemeral znode → serve.
+
+Order of a stop (SIGTERM, SIGINT or `stop()`): deregister → wait `shutdown_grace`
+so consumers drop the node → stop accepting → drain calls in flight (bounded by
+`drain_timeout`) → close (dubbo#2514, #2952, #10694).
+"""
+
+import logging
+import os
+import signal
+import threading
+
+from . import naming
+from .appkeys import AppkeyStore
+from .errors import ComponentUnavailable, ProbeError
+from .idl import load_service
+from .naming import NodeSettings
+from .nodestore import NodeStore
+from .registry import Registration, release_zookeeper, shared_zookeeper
+from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings, outbound_ip
+from .thriftserver import ThriftServer
+
+log = logging.getLogger("probe.server")
+
+
+class Provider(object):
+    """One governed thrift service in this process. `start()` returns once the node is
+    registered and serving; `stop()` shuts it down gracefully; `wait()` blocks."""
+
+    def __init__(self, thrift_path, appkey, service_name, handler, port=8081,
+                 bind_host="0.0.0.0", advertise_host=None, config_path=None, env=None,
+                 shutdown_grace=1.0, drain_timeout=10.0, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+                 session_timeout=None, observe=None, metrics_port=None):
+        naming.check_service_name(service_name)
+        naming.check_appkey(appkey)
+        if handler is None:
+            raise ProbeError("handler is None: pass an object implementing %s's methods" % service_name)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+            raise ProbeError("bad port %r: give an integer 0-65535 (0 picks a free port)" % (port,))
+        self.service = load_service(thrift_path, service_name)
+        self.thrift_path = thrift_path
+        self.appkey = appkey
+        self.service_name = service_name
+        self.handler = handler
+        self.requested_port = port
+        self.bind_host = bind_host
+        self.settings = load_settings(config_path, env)
+        self.env = self.settings.env
+        self.advertise_host = advertise_host
+        self.shutdown_grace = float(shutdown_grace)
+        self.drain_timeout = float(drain_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.session_timeout = session_timeout
+        self.observe = observe
+        self.metrics_port = metrics_port
+        self.host = None
+        self.port = None
+        self.node_settings = None
+        self.server = None
+        self.zk = None
+        self.registration = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._started = False
+
+    @property
+    def describe(self):
+        return "appkey=%s service=%s env=%s" % (self.appkey, self.service_name, self.env)
+
+    @property
+    def address(self):
+        return "%s:%s" % (self.host, self.port)
+
+    @property
+    def field(self):
+        return naming.settings_field(self.appkey, self.env, self.service_name, self.host, self.port)
+
+    @property
+    def path(self):
+        return naming.node_path(self.env, self.appkey, self.service_name, self.host, self.port)
+
+    def start(self):
+        settings = self.settings
+        zk_settings = settings.zookeeper
+        if self.session_timeout:
+            zk_settings = zk_settings._replace(session_timeout=float(self.session_timeout))
+        AppkeyStore(settings.mysql, self.connect_timeout).require(self.appkey)
+        store = NodeStore(settings.redis, self.env, self.connect_timeout)
+        store.ping()
+        self.host = (self.advertise_host or settings.advertise_host
+                     or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
+        self.server = ThriftServer(self.service, self.handler, self.bind_host, self.requested_port,
+                                   observe=self.observe)
+        try:
+            self.server.bind()
+        except OSError as exc:
+            raise ProbeError("cannot bind %s:%s for %s: %s (is another process on that port?)"
+                             % (self.bind_host, self.requested_port, self.describe, exc))
+        self.port = self.server.port
+        try:
+            # ZooKeeper before the Redis default: a refused start writes nothing.
+            self.zk = shared_zookeeper(zk_settings, timeout=self.connect_timeout)
+            self.node_settings = store.get_or_create(self.field, NodeSettings(self.host, self.port))
+            field = self.field
+
+            def reload_settings():
+                try:
+                    return store.get(field)
+                except (ProbeError, ValueError) as exc:
+                    log.warning("cannot re-read %s from Redis (%s): keeping the last known "
+                                "settings", field, exc)
+                    return None
+
+            self.registration = Registration(self.zk, self.path, self.node_settings, reload_settings)
+            self.registration.register()
+        except BaseException:
+            self.server.close()
+            if self.zk is not None:
+                release_zookeeper(self.zk)
+                self.zk = None
+            raise
+        self.server.start()
+        self._started = True
+        log.info("serving %s on %s (bound %s:%d), settings %s", self.describe, self.address,
+                 self.bind_host, self.port, self.node_settings.to_json())
+        return self
+
+    def stop(self, grace=None):
+        """Deregister, let consumers move away, drain, close. Safe to call twice."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            grace = self.shutdown_grace if grace is None else grace
+            log.info("stopping %s on %s: deregistering, then draining", self.describe, self.address)
+            if self.registration is not None:
+                self.registration.close()
+            if self._started and grace > 0:
+                self._stopped.wait(grace)
+            if self.server is not None:
+                self.server.stop_accepting()
+                left = self.server.drain(self.drain_timeout)
+                if left:
+                    log.warning("%d call(s) still running after %.1f s of draining; closing anyway",
+                                left, self.drain_timeout)
+                self.server.close()
+            if self.zk is not None:
+                release_zookeeper(self.zk)
+                self.zk = None
+            self._stopped.set()
+            log.info("stopped %s on %s", self.describe, self.address)
+
+    def wait(self, timeout=None):
+        return self._stopped.wait(timeout)
+
+    @property
+    def stopped(self):
+        return self._stopped.is_set()
+
+
+def _setup_file_log(settings, appkey, service_name):
+    """In envs with a configured log dir (prod by default), also log to a file.
+    Attached to the 'probe' logger only: a library never touches the root logger."""
+    directory = settings.log_dir
+    if not directory:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(directory, "%s_%s_server.log" % (appkey, service_name)))
+    except OSError as exc:
+        log.warning("cannot open a log file in %s: %s", directory, exc)
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("probe")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+def start_service(thrift_path, appkey, service_name, handler, port=8081, block=True, **options):
+    """Register `handler` as a node of `service_name` under `appkey` and serve it.
+
+    Blocks until SIGTERM/SIGINT (then stops gracefully) unless `block=False`, in
+    which case the started `Provider` is returned; call its `stop()`.
+    Options: bind_host, advertise_host, config_path, env, shutdown_grace (s),
+    drain_timeout (s), connect_timeout (s), session_timeout (s), metrics_port.
+    """
+    provider = Provider(thrift_path, appkey, service_name, handler, port=port, **options)
+    if block:
+        _setup_file_log(provider.settings, appkey, service_name)
+    provider.start()
+    if not block:
+        return provider
+    stop_requested = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, frame):
+            log.info("received signal %d", signum)
+            stop_requested.set()
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    else:
+        previous = {}
+    try:
+        while not stop_requested.wait(0.5) and not provider.stopped:
+            pass
+    finally:
+        provider.stop()
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+    return provider
+
+
+__all__ = ["start_service", "Provider", "ComponentUnavailable"]

@@ -1,0 +1,243 @@
+"""Load and validate probe's YAML configuration and pick the environment.
+
+The file is read once per process (per path and env) and handed around as a
+`Settings` object; nothing re-reads it on the call path. Errors name the file and
+the key that is wrong.
+"""
+
+import os
+import re
+import socket
+import threading
+from typing import NamedTuple, Optional, Tuple
+
+import yaml
+
+from .errors import ConfigError
+from .naming import check_env
+
+PACKAGED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "config.yml")
+DEFAULT_ENV_RULES = ((r"^prod\d+$", "prod"),)
+DEFAULT_ENV = "dev"
+DEFAULT_SESSION_TIMEOUT = 6.0  # seconds: a crashed provider leaves the registry this fast
+DEFAULT_CONNECT_TIMEOUT = 3.0  # seconds, for MySQL, Redis and ZooKeeper at start
+
+
+class MysqlSettings(NamedTuple):
+    host: str
+    port: int
+    username: str
+    password: str
+    database: str
+
+
+class RedisSettings(NamedTuple):
+    host: str
+    port: int
+    password: Optional[str]
+    cluster: bool
+    startup_nodes: Tuple[Tuple[str, int], ...]
+
+    @property
+    def address(self):
+        if self.cluster:
+            return ",".join("%s:%d" % node for node in self.startup_nodes)
+        return "%s:%d" % (self.host, self.port)
+
+
+class ZooKeeperSettings(NamedTuple):
+    hosts: str
+    session_timeout: float
+
+
+class Settings(object):
+    """One environment's view of a config file. Sections are validated on first use,
+    so a consumer that needs only ZooKeeper is not refused for a missing MySQL."""
+
+    def __init__(self, raw, env, path, env_source):
+        self.raw = raw
+        self.env = env
+        self.path = path
+        self.env_source = env_source
+
+    def __repr__(self):
+        return "Settings(env=%r, path=%r)" % (self.env, self.path)
+
+    def _section(self, name):
+        top = self.raw.get(name)
+        if not isinstance(top, dict) or not isinstance(top.get(self.env), dict):
+            raise ConfigError(
+                "config %s has no '%s.%s' section (env %r chosen by %s): add it, "
+                "point PROBE_CONFIG at a file that has it, or set PROBE_ENV"
+                % (self.path, name, self.env, self.env, self.env_source))
+        return top[self.env]
+
+    def _require(self, name, section, key, kind):
+        value = section.get(key)
+        if kind is int and isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if value is None or (kind is int and (isinstance(value, bool) or not isinstance(value, int))) \
+                or (kind is str and not isinstance(value, str)):
+            raise ConfigError("config %s: '%s.%s.%s' must be a%s %s, got %r"
+                              % (self.path, name, self.env, key,
+                                 "n" if kind is int else "", "integer" if kind is int else "string",
+                                 value))
+        return value
+
+    @property
+    def mysql(self):
+        section = self._section("mysql")
+        password = section.get("password")
+        return MysqlSettings(
+            host=self._require("mysql", section, "host", str),
+            port=self._require("mysql", section, "port", int),
+            username=self._require("mysql", section, "username", str),
+            password="" if password is None else str(password),
+            database=self._require("mysql", section, "database", str))
+
+    @property
+    def redis(self):
+        section = self._section("redis")
+        cluster = section.get("cluster", 0) in (1, True, "1")
+        password = section.get("password")
+        password = None if password in (None, "") else str(password)
+        if cluster:
+            nodes = section.get("startup_nodes")
+            if not nodes and section.get("host"):
+                nodes = [{"host": section["host"], "port": section.get("port")}]
+            if not isinstance(nodes, list) or not nodes:
+                raise ConfigError("config %s: 'redis.%s.startup_nodes' must list {host, port} "
+                                  "entries when cluster is 1" % (self.path, self.env))
+            startup = []
+            for index, node in enumerate(nodes):
+                if not isinstance(node, dict):
+                    raise ConfigError("config %s: 'redis.%s.startup_nodes[%d]' must be {host, port}"
+                                      % (self.path, self.env, index))
+                startup.append((self._require("redis", node, "host", str),
+                                self._require("redis", node, "port", int)))
+            return RedisSettings(startup[0][0], startup[0][1], password, True, tuple(startup))
+        return RedisSettings(self._require("redis", section, "host", str),
+                             self._require("redis", section, "port", int), password, False, ())
+
+    @property
+    def zookeeper(self):
+        section = self._section("zkserver")
+        hosts = section.get("hosts")
+        if hosts:
+            if isinstance(hosts, list):
+                hosts = ",".join(str(h) for h in hosts)
+            if not isinstance(hosts, str) or not re.match(r"^[\w.\-\[\]:]+(,[\w.\-\[\]:]+)*(/[\w/\-]*)?$", hosts):
+                raise ConfigError("config %s: 'zkserver.%s.hosts' must look like "
+                                  "'h1:2181,h2:2181', got %r" % (self.path, self.env, hosts))
+        else:
+            hosts = "%s:%d" % (self._require("zkserver", section, "host", str),
+                               self._require("zkserver", section, "port", int))
+        timeout = section.get("session_timeout", DEFAULT_SESSION_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigError("config %s: 'zkserver.%s.session_timeout' must be seconds > 0, got %r"
+                              % (self.path, self.env, timeout))
+        return ZooKeeperSettings(hosts, float(timeout))
+
+    @property
+    def advertise_host(self):
+        """PROBE_ADVERTISE_HOST, else the config's `advertise_host`, else None."""
+        return os.environ.get("PROBE_ADVERTISE_HOST") or self.raw.get("advertise_host") or None
+
+    @property
+    def log_dir(self):
+        """Where a prod provider writes its file log; None in other envs by default."""
+        logging_section = self.raw.get("logging") or {}
+        dirs = logging_section.get("dir") or {}
+        if isinstance(dirs, dict):
+            return dirs.get(self.env)
+        return dirs or None
+
+
+def _read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config file %s does not exist (PROBE_CONFIG=%r)"
+                          % (path, os.environ.get("PROBE_CONFIG")))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError("config file %s cannot be read as YAML: %s" % (path, exc))
+    if not isinstance(raw, dict):
+        raise ConfigError("config file %s must hold a YAML mapping with sections "
+                          "mysql, redis and zkserver" % path)
+    return raw
+
+
+def choose_env(raw, path, hostname=None):
+    """(env, why): PROBE_ENV wins; else the first hostname rule that matches."""
+    forced = os.environ.get("PROBE_ENV")
+    if forced:
+        return check_env(forced), "PROBE_ENV"
+    hostname = hostname if hostname is not None else socket.gethostname()
+    rules = raw.get("env_rules")
+    if rules is None:
+        rules = [{"pattern": p, "env": e} for p, e in DEFAULT_ENV_RULES]
+    if not isinstance(rules, list):
+        raise ConfigError("config %s: 'env_rules' must be a list of {pattern, env}" % path)
+    for rule in rules:
+        try:
+            if re.match(rule["pattern"], hostname):
+                return check_env(rule["env"]), "hostname rule %r" % rule["pattern"]
+        except (KeyError, TypeError, re.error) as exc:
+            raise ConfigError("config %s: bad env rule %r: %s" % (path, rule, exc))
+    return check_env(raw.get("default_env") or DEFAULT_ENV), "default env for hostname %r" % hostname
+
+
+_cache = {}
+_cache_lock = threading.Lock()
+
+
+def load_settings(config_path=None, env=None):
+    """Settings for `env` (default: PROBE_ENV or hostname rules) from `config_path`
+    (default: PROBE_CONFIG or the packaged file). Cached per process."""
+    path = os.path.abspath(config_path or os.environ.get("PROBE_CONFIG") or PACKAGED_CONFIG)
+    key = (path, env, os.environ.get("PROBE_ENV"))
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    raw = _read_yaml(path)
+    if env:
+        chosen, why = check_env(env), "the env argument"
+    else:
+        chosen, why = choose_env(raw, path)
+    settings = Settings(raw, chosen, path, why)
+    with _cache_lock:
+        _cache[key] = settings
+    return settings
+
+
+def clear_cache():
+    """Forget loaded settings (tests switch PROBE_CONFIG between stacks)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def outbound_ip(towards=None):
+    """The address this host uses to reach `towards` (a host), or its default route.
+
+    A UDP connect() only asks the kernel for a route; it sends no packet. Avoids
+    gethostbyname(hostname), which gives 127.0.1.1 on Debian.
+    """
+    targets = []
+    if towards:
+        targets.append(towards)
+    targets.append("203.0.113.1")  # TEST-NET-3: picks the default route, never contacted
+    for target in targets:
+        try:
+            probe_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                probe_socket.connect((target, 9))
+                ip = probe_socket.getsockname()[0]
+            finally:
+                probe_socket.close()
+        except OSError:
+            continue
+        if ip and not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    return "127.0.0.1"

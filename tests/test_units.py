@@ -1,0 +1,209 @@
+"""Fast tests of the pure parts: naming, settings, balancers."""
+
+import os
+import random
+from collections import Counter
+
+import pytest
+
+from probe import naming
+from probe.balancer import (LeastInFlight, Node, RoutingTable, SmoothRoundRobin, WeightedRandom,
+                            make_balancer, warmed_weight)
+from probe.errors import (ConfigError, InvalidAppkey, InvalidNodeAddress, InvalidServiceName,
+                          InvalidWeight, NoAvailableNode, ProbeError)
+from probe.naming import NodeSettings
+from probe.settings import choose_env, load_settings, clear_cache
+
+
+def node(name, weight=10, valid=1, registered_at=0.0):
+    return Node(name, "10.0.0.1", 9000 + len(name), weight, valid, registered_at)
+
+
+# -- naming -----------------------------------------------------------------
+def test_paths_fields_and_names():
+    assert naming.appkey_path("dev", "hello_www") == "/services/dev/hello_www"
+    assert naming.node_path("dev", "hello_www", "DemoService", "10.0.0.5", 8081) == \
+        "/services/dev/hello_www/DemoService_10.0.0.5_8081"
+    assert naming.settings_hash("prod") == "thriftprobe_prod"
+    assert naming.settings_field("hello_www", "dev", "DemoService", "10.0.0.5", 8081) == \
+        "hello_www|dev|DemoService|10.0.0.5|8081"
+    assert naming.parse_node_name("Demo_Service_10.0.0.5_8081") == ("Demo_Service", "10.0.0.5", 8081)
+    assert naming.is_node_of("DemoService_10.0.0.5_8081", "DemoService")
+    assert not naming.is_node_of("DemoService2_10.0.0.5_8081", "DemoService")
+    assert naming.parse_node_name("garbage") is None
+    assert naming.parse_settings_field("a|dev|S|1.2.3.4|80") == ("a", "dev", "S", "1.2.3.4", 80)
+
+
+@pytest.mark.parametrize("bad", ["", "a-b", "a b", "ä", None, 5])
+def test_bad_service_names(bad):
+    with pytest.raises(InvalidServiceName):
+        naming.check_service_name(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a|b", "..", None, "x" * 129])
+def test_bad_appkeys(bad):
+    with pytest.raises(InvalidAppkey):
+        naming.check_appkey(bad)
+
+
+@pytest.mark.parametrize("bad", [-1, 1001, 1.5, "ten", True, None, "1e3"])
+def test_bad_weights(bad):
+    with pytest.raises(InvalidWeight):
+        naming.check_weight(bad)
+
+
+def test_good_weights():
+    assert naming.check_weight("30") == 30 and naming.check_weight(0) == 0
+    assert naming.check_weight(1000) == 1000
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.1", "10.0.0.1:", ":80", "10.0.0.1:0", "10.0.0.1:70000", "a:b"])
+def test_bad_addresses(bad):
+    with pytest.raises(InvalidNodeAddress):
+        naming.parse_address(bad)
+
+
+def test_node_settings_json_round_trip_and_rejects():
+    settings = NodeSettings("10.0.0.1", 8081)
+    assert NodeSettings.from_json(settings.to_json()) == NodeSettings("10.0.0.1", 8081, 10, 1)
+    for raw in (b"not json", b"[]", b'{"host": "h"}', b'{"host": "h", "port": "80"}',
+                b'{"host": "h", "port": 80, "weight": -1}', b'{"host": 1, "port": 80}'):
+        with pytest.raises(ValueError):
+            NodeSettings.from_json(raw)
+
+
+# -- settings --------------------------------------------------------------------
+def write(tmp_path, text):
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_env_from_probe_env_then_hostname(monkeypatch, tmp_path):
+    monkeypatch.delenv("PROBE_ENV", raising=False)
+    assert choose_env({}, "x", hostname="prod12")[0] == "prod"
+    assert choose_env({}, "x", hostname="prodx")[0] == "dev"
+    assert choose_env({"env_rules": [{"pattern": "^stg", "env": "staging"}]}, "x", hostname="stg1")[0] == "staging"
+    monkeypatch.setenv("PROBE_ENV", "qa")
+    assert choose_env({}, "x", hostname="prod12")[0] == "qa"
+
+
+def test_missing_section_names_file_and_key(monkeypatch, tmp_path):
+    clear_cache()
+    monkeypatch.setenv("PROBE_ENV", "prod")
+    path = write(tmp_path, "zkserver:\n  dev: {host: h, port: 1}\n")
+    settings = load_settings(path)
+    with pytest.raises(ConfigError) as error:
+        settings.zookeeper
+    assert path in str(error.value) and "zkserver.prod" in str(error.value)
+
+
+def test_zookeeper_ensemble_and_redis_cluster(monkeypatch, tmp_path):
+    clear_cache()
+    monkeypatch.setenv("PROBE_ENV", "dev")
+    path = write(tmp_path, """
+zkserver:
+  dev: {hosts: "a:2181,b:2181,c:2181"}
+redis:
+  dev: {password: s, cluster: 1, startup_nodes: [{host: r1, port: 7000}, {host: r2, port: 7001}]}
+mysql:
+  dev: {host: m, port: "3306", username: u, password: p, database: d}
+""")
+    settings = load_settings(path)
+    assert settings.zookeeper.hosts == "a:2181,b:2181,c:2181"
+    assert settings.redis.cluster and settings.redis.startup_nodes == (("r1", 7000), ("r2", 7001))
+    assert settings.mysql.port == 3306
+
+
+def test_bad_values_are_named(monkeypatch, tmp_path):
+    clear_cache()
+    monkeypatch.setenv("PROBE_ENV", "dev")
+    settings = load_settings(write(tmp_path, "mysql:\n  dev: {host: m, port: abc}\n"))
+    with pytest.raises(ConfigError) as error:
+        settings.mysql
+    assert "mysql.dev.port" in str(error.value)
+    with pytest.raises(ConfigError):
+        load_settings(str(tmp_path / "missing.yml"))
+
+
+def test_packaged_config_targets_the_dev_stack(monkeypatch):
+    clear_cache()
+    monkeypatch.delenv("PROBE_CONFIG", raising=False)
+    monkeypatch.setenv("PROBE_ENV", "dev")
+    settings = load_settings()
+    assert settings.zookeeper.hosts == "127.0.0.1:22181"
+    assert settings.redis.port == 26379 and settings.mysql.port == 23306
+    clear_cache()
+
+
+# -- balancers -------------------------------------------------------------------
+def test_table_skips_disabled_and_zero_weight():
+    table = RoutingTable([node("a"), node("b", valid=0), node("c", weight=0)])
+    assert [n.name for n in table.nodes] == ["a"]
+    with pytest.raises(NoAvailableNode) as error:
+        WeightedRandom().pick(RoutingTable([node("b", valid=0)], describe="env=dev appkey=k service=S"))
+    assert "appkey=k" in str(error.value) and "none enabled" in str(error.value)
+    with pytest.raises(NoAvailableNode):
+        WeightedRandom().pick(RoutingTable([]))
+
+
+def test_weighted_random_follows_weights():
+    table = RoutingTable([node("a", 10), node("b", 30)])
+    balancer = WeightedRandom(random.Random(7))
+    counts = Counter(balancer.pick(table).name for _ in range(40000))
+    # Binomial(40000, .25): sd 86.6; +-6 sd.
+    assert 9480 <= counts["a"] <= 10520
+
+
+def test_weighted_random_exclude():
+    table = RoutingTable([node("a"), node("b"), node("c")])
+    picks = {WeightedRandom().pick(table, {"a", "b"}).name for _ in range(200)}
+    assert picks == {"c"}
+
+
+def test_smooth_round_robin_is_nginx_sequence():
+    table = RoutingTable([node("a", 5), node("b", 1), node("c", 1)])
+    balancer = SmoothRoundRobin()
+    sequence = [balancer.pick(table).name for _ in range(14)]
+    assert sequence == list("aabacaa") * 2
+
+
+def test_smooth_round_robin_exact_counts_per_cycle():
+    weights = {"a": 3, "b": 7, "c": 10}
+    table = RoutingTable([node(n, w) for n, w in weights.items()])
+    balancer = SmoothRoundRobin()
+    counts = Counter(balancer.pick(table).name for _ in range(20 * 5))
+    assert counts == {n: w * 5 for n, w in weights.items()}
+
+
+def test_least_inflight_prefers_idle_nodes():
+    table = RoutingTable([node("busy"), node("idle")])
+    load = {"busy": 50, "idle": 0}
+    balancer = LeastInFlight(lambda n: load[n.name], random.Random(3))
+    counts = Counter(balancer.pick(table).name for _ in range(1000))
+    assert counts["idle"] == 1000
+
+
+def test_least_inflight_weighted_when_equal_load():
+    table = RoutingTable([node("a", 10), node("b", 30)])
+    balancer = LeastInFlight(lambda n: 0, random.Random(5))
+    counts = Counter(balancer.pick(table).name for _ in range(8000))
+    # Equal load: (in_flight + 1) / weight favours the heavier node whenever both
+    # are drawn, so the light one only wins when drawn alone... which never
+    # happens with two distinct draws: the heavier node takes every call.
+    assert counts == {"b": 8000}
+
+
+def test_warmup_ramps_from_one_to_weight():
+    assert warmed_weight(100, 0, 60) == 1
+    assert warmed_weight(100, 30, 60) == 50
+    assert warmed_weight(100, 60, 60) == 100
+    assert warmed_weight(100, 5, 0) == 100
+    table = RoutingTable([node("new", 100, registered_at=1000.0), node("old", 100, registered_at=0.0)],
+                         now=1015.0, warmup=60)
+    assert table.weights == (25, 100) and table.refresh_at is not None
+
+
+def test_unknown_balancer_is_refused():
+    with pytest.raises(ProbeError):
+        make_balancer("fastest")
