@@ -95,10 +95,20 @@ def cmd_stats(args):
         print(json.dumps(rows, indent=2))
         return 0
     print("env %s, appkey %s, last %g min, %s side" % (admin.env, args.appkey, args.minutes, args.side))
+    for row in rows:
+        for key in ("p50_ms", "p99_ms", "mean_ms"):
+            row[key] = _format_ms(row.get(key))
     _print_table(rows, [("service", "SERVICE"), ("method", "METHOD"), ("node", "NODE"),
                         ("calls", "CALLS"), ("errors", "ERRORS"), ("p50_ms", "P50_MS"),
-                        ("p99_ms", "P99_MS"), ("statuses", "STATUSES")])
+                        ("p99_ms", "P99_MS"), ("mean_ms", "MEAN_MS"), ("statuses", "STATUSES")])
     return 0
+
+
+def _format_ms(value):
+    """Three significant digits or so: percentiles come from buckets anyway."""
+    if value is None:
+        return "-"
+    return "%.3f" % value if value < 1 else "%.1f" % value if value < 100 else "%.0f" % value
 
 
 def cmd_stack(args):

@@ -17,6 +17,7 @@ import time
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
 
+from . import metrics as call_metrics
 from . import naming
 from .balancer import make_balancer
 from .errors import NoAvailableNode, NodeUnreachable, ProbeError
@@ -67,7 +68,7 @@ class ProbeClient(TClient):
 
     def __init__(self, service, appkey, service_name, env, watcher, zk, socket_timeout=500,
                  connect_timeout=None, balancer="weighted_random", retries=2, idempotent=False,
-                 eject_after=3, eject_backoff=1.0, max_idle=64, observe=None):
+                 eject_after=3, eject_backoff=1.0, max_idle=64, observe=None, recorder=None):
         # TClient state, kept for code that inspects it; there is no single transport.
         self._service = service
         self._iprot = self._oprot = None
@@ -84,6 +85,8 @@ class ProbeClient(TClient):
         self.eject_backoff = float(eject_backoff)
         self.max_idle = max_idle
         self.observe = observe
+        self.recorder = recorder  # probe.metrics.Recorder, None with metrics=False
+        self.metrics_endpoint = None
         self._pools = {}
         self._pools_lock = threading.Lock()
         self._inflight = {}
@@ -153,6 +156,9 @@ class ProbeClient(TClient):
             started = time.perf_counter()
             if self._track_inflight:
                 self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.enter(node.name)
             try:
                 return self._exchange(pool, method, payload, node, started)
             except _Retryable as failure:
@@ -167,6 +173,8 @@ class ProbeClient(TClient):
             finally:
                 if self._track_inflight:
                     self._inflight[node.name] -= 1
+                if recorder is not None:
+                    recorder.leave()
 
     def _exchange(self, pool, method, payload, node, started):
         try:
@@ -240,8 +248,14 @@ class ProbeClient(TClient):
                                     "%s returned no result" % method.name)
 
     def _observe(self, method, node, status, started):
-        if self.observe is not None:
-            self.observe(method.name, node.name, status, time.perf_counter() - started)
+        recorder, observe = self.recorder, self.observe
+        if recorder is None and observe is None:
+            return
+        seconds = time.perf_counter() - started
+        if recorder is not None:
+            recorder.observe(method.name, node.name, status, seconds)
+        if observe is not None:
+            observe(method.name, node.name, status, seconds)
 
     # -- pools, health, routing-table changes --------------------------------------
     def _pool_for(self, node):
@@ -302,6 +316,8 @@ class ProbeClient(TClient):
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         if self._zk is not None:
             release_zookeeper(self._zk)
             self._zk = None
@@ -336,6 +352,9 @@ def build_client(thrift_path, appkey, service_name, socket_timeout=500, **option
     ('weighted_random', 'round_robin', 'least_inflight'), warmup (s), retries (2),
     idempotent (True or method names), eject_after (3), eject_backoff (s),
     config_path, env, snapshot_dir (False to disable), zk_timeout (s), observe.
+    Call metrics (probe.metrics): metrics (True; False records nothing), metrics_port
+    (serve /metrics), metrics_addr, stats_interval (s, <= 10; flushed to the config's
+    Redis if it has a redis section), stats_ttl (s), slow_call_ms (1000).
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
@@ -349,17 +368,31 @@ def build_client(thrift_path, appkey, service_name, socket_timeout=500, **option
     zk_timeout = options.pop("zk_timeout", DEFAULT_CONNECT_TIMEOUT)
     balancer = options.get("balancer", "weighted_random")
     make_balancer(balancer, inflight=lambda node: 0)  # refuse a bad name before connecting
+    chosen = call_metrics.pop_options(options)
     settings = load_settings(config_path, env)
+    recorder = None
+    if chosen.enabled:
+        recorder = call_metrics.get_recorder("client", appkey, service_name,
+                                             slow_call_ms=chosen.slow_call_ms)
     zk = shared_zookeeper(settings.zookeeper, timeout=zk_timeout, keep_trying=True)
     try:
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
         client = ProbeClient(service, appkey, service_name, settings.env, watcher, zk,
-                             socket_timeout=socket_timeout, **options)
+                             socket_timeout=socket_timeout, recorder=recorder, **options)
         watcher.start()
     except BaseException:
         release_zookeeper(zk)
         raise
+    if chosen.port is not None:
+        try:
+            client.metrics_endpoint = call_metrics.serve(chosen.port, chosen.addr)
+        except BaseException:
+            client.close()
+            raise
+    if recorder is not None:
+        call_metrics.attach(recorder, call_metrics.redis_settings_or_none(settings), settings.env,
+                            chosen.stats_interval, chosen.stats_ttl)
     return client
 
 

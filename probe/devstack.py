@@ -118,6 +118,8 @@ def _port_in_use(port: int) -> bool:
             result = sock.connect_ex((LOOPBACK, port))
         except socket.timeout:
             return True  # something is there, just slow to accept
+        if result == 0 and sock.getsockname()[1] == port:
+            return False  # TCP self-connect: the kernel picked `port` as our source
     return result != errno.ECONNREFUSED
 
 
@@ -162,38 +164,68 @@ def _zookeeper_mode(port: int) -> Optional[str]:
 _CHILDREN = {}  # type: Dict[int, subprocess.Popen]
 
 
-def _process_state(pid: int) -> Optional[Tuple[str, int]]:
-    """(state letter, start time in clock ticks) of `pid`, or None if it does not exist."""
+def _read_stat(path: str) -> Optional[Tuple[str, int]]:
+    """(state letter, start time in clock ticks) from a /proc stat file, or None."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
+        with open(path, "rb") as handle:
             data = handle.read()
     except OSError:
-        if os.path.isdir("/proc/self"):
-            return None
-        try:  # no procfs (not Linux): existence is all we can learn
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return ("R", 0)
+        return None
     # The command name is in parentheses and may itself contain spaces or ")".
     fields = data[data.rindex(b")") + 2:].split()
     return fields[0].decode("ascii"), int(fields[19])
 
 
+def _process_state(pid: int) -> Optional[Tuple[str, int]]:
+    """(state letter, start time in clock ticks) of `pid`, or None if it does not exist."""
+    if os.path.isdir("/proc/self"):
+        return _read_stat("/proc/%d/stat" % pid)
+    try:  # no procfs (not Linux): existence is all we can learn
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ("R", 0)
+
+
+def _threads_still_exiting(pid: int) -> bool:
+    """True if some thread of `pid` has not finished exiting.
+
+    The main thread of a killed multi-threaded server (a JVM, mariadbd) turns
+    zombie first; its sockets stay open until the last thread is gone.
+    """
+    try:
+        threads = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return False
+    for thread in threads:
+        state = _read_stat("/proc/%d/task/%s/stat" % (pid, thread))
+        if state is not None and state[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _is_alive(pid: Optional[int], start_time: Optional[int]) -> bool:
-    """True if `pid` runs, is not a zombie, and is the process started at `start_time`."""
+    """True if process `pid`, started at `start_time`, has not completely exited."""
     if pid is None:
         return False
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None:
+        # waitpid reports our child only once every thread is gone, and until we
+        # reap it the pid cannot be recycled.
+        if child.poll() is None:
+            return True
         del _CHILDREN[pid]
         return False
     state = _process_state(pid)
-    if state is None or state[0] in ("Z", "X"):
+    if state is None:
         return False
-    return start_time is None or start_time in (0, state[1])
+    if start_time not in (None, 0) and state[1] != start_time:
+        return False  # the pid now belongs to another process
+    if state[0] not in ("Z", "X"):
+        return True
+    return _threads_still_exiting(pid)
 
 
 def _find_binary(names: Sequence[str]) -> Optional[str]:
@@ -827,8 +859,9 @@ class Stack:
                                          autocommit=True)
         except pymysql.MySQLError as exc:
             raise StackError("cannot log in to MariaDB on %s:%d as root with an "
-                             "empty password (%s); `probe stack down --wipe` starts "
-                             "over" % (LOOPBACK, self.ports["mysql"], exc)) from exc
+                             "empty password (%s); to start over with fresh data use "
+                             "Stack.start('mysql', wipe=True)"
+                             % (LOOPBACK, self.ports["mysql"], exc)) from exc
         try:
             with connection.cursor() as cursor:
                 cursor.execute("CREATE DATABASE IF NOT EXISTS `%s`" % MYSQL_DATABASE)
@@ -867,6 +900,10 @@ class ZooKeeperEnsemble:
         self._record_path = os.path.join(self.state_dir, "ensemble.json")
         record = _read_json(self._record_path)
         members = record.get("members", [])
+        if len(members) != size and any(
+                _is_alive(entry.get("pid"), entry.get("start_time")) for entry in members):
+            raise StackError("%s runs an ensemble of %d members, not %d; call down() "
+                             "on it first" % (self.state_dir, len(members), size))
         if len(members) == size:
             layout = [(entry["port"], entry["quorum_port"], entry["election_port"])
                       for entry in members]

@@ -17,8 +17,8 @@ import threading
 import time
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, NoNodeError, NodeExistsError,
-                              ZookeeperError, KazooException)
+from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NoNodeError,
+                              NodeExistsError, ZookeeperError)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
@@ -144,20 +144,23 @@ class ZooKeeper(object):
 
     def _ensure_worker(self):
         if self._worker is None:
+            # Two threads: recovery tasks may block on ZooKeeper, so the watchdog that
+            # notices a stuck session must not wait behind them.
             self._worker = threading.Thread(target=self._work_loop, name="probe-zookeeper",
                                             daemon=True)
             self._worker.start()
+            threading.Thread(target=self._watchdog_loop, name="probe-zookeeper-watchdog",
+                             daemon=True).start()
 
     def _work_loop(self):
         while not self._stopped.is_set():
-            try:
-                task = self._work.get(timeout=0.25)
-            except queue.Empty:
-                task = False
+            task = self._work.get()
             if task is None:
                 return
-            if task:
-                self._run(task)
+            self._run(task)
+
+    def _watchdog_loop(self):
+        while not self._stopped.wait(0.25):
             self._check_stuck()
 
     def _check_stuck(self):
@@ -172,10 +175,24 @@ class ZooKeeper(object):
             self._need_resync = True
             self.restarts += 1
             try:
+                self._fail_queued_requests()
                 self.client.stop()
                 self.client.start_async()
             except Exception:
                 log.exception("restarting the ZooKeeper client failed; will try again")
+
+
+    def _fail_queued_requests(self):
+        # kazoo drops requests still queued for a connection when it resets, without
+        # waking whoever waits on them; fail them so recovery tasks do not hang.
+        queued = list(getattr(self.client, "_queue", ()))
+        for item in queued:
+            async_result = item[1] if isinstance(item, tuple) and len(item) > 1 else None
+            if async_result is not None and hasattr(async_result, "set_exception"):
+                try:
+                    async_result.set_exception(ConnectionLoss("ZooKeeper session restarted"))
+                except Exception:
+                    pass
 
 
 _shared = {}
@@ -326,6 +343,8 @@ class ServiceWatcher(object):
         self._nodes = {}
         self._watched = set()
         self._generation = 0
+        self._protect_until = 0.0
+        self.empty_protection = 2 * zk.session_timeout + 5.0
         self._lock = threading.RLock()
         self._closed = False
 
@@ -356,14 +375,37 @@ class ServiceWatcher(object):
             self._generation += 1
             generation = self._generation
             self._watched = set()
-        self.zk.client.ensure_path(self.parent)
-        self.zk.client.ChildrenWatch(self.parent, lambda children: self._on_children(generation, children))
+            # A fresh session may meet a registry that is still empty (ZooKeeper
+            # rebuilt, providers not yet re-registered): an empty first listing
+            # must not empty a table that was routing fine (Dubbo's empty protection).
+            self._protect_until = time.monotonic() + self.empty_protection if self._nodes else 0.0
+        try:
+            self.zk.client.ensure_path(self.parent)
+            self.zk.client.ChildrenWatch(self.parent,
+                                         lambda children: self._on_children(generation, children))
+        except (KazooException, ZookeeperError) as exc:
+            log.warning("watching %s failed (%s): retrying", self.parent, exc.__class__.__name__)
+            self._retry_later(self._establish)
+
+    def _retry_later(self, task, delay=0.5):
+        timer = threading.Timer(delay, lambda: None if self._closed else self.zk.submit(task))
+        timer.daemon = True
+        timer.start()
 
     def _on_children(self, generation, children):
         with self._lock:
             if generation != self._generation:
                 return False
             mine = set(c for c in children if naming.is_node_of(c, self.service))
+            if not mine and self._nodes and time.monotonic() < self._protect_until:
+                log.warning("%s lists no node of %s right after a new ZooKeeper session: keeping "
+                            "the last %d node(s) for up to %.0f s while providers re-register",
+                            self.parent, self.service, len(self._nodes), self.empty_protection)
+                self.stale = True
+                remaining = self._protect_until - time.monotonic()
+                self._retry_later(lambda: self._end_protection(generation), max(remaining, 0.05))
+                return None
+            self._protect_until = 0.0
             gone = [name for name in self._nodes if name not in mine]
             for name in gone:
                 del self._nodes[name]
@@ -378,6 +420,19 @@ class ServiceWatcher(object):
                 self.parent + "/" + name,
                 lambda data, stat, event=None, name=name: self._on_data(generation, name, data, stat))
         return None
+
+    def _end_protection(self, generation):
+        """The protection window is over: believe the registry, whatever it lists."""
+        with self._lock:
+            if generation != self._generation or self._closed or not self.stale:
+                return
+            self._protect_until = 0.0
+        try:
+            children = self.zk.client.get_children(self.parent)
+        except (KazooException, ZookeeperError):
+            self._retry_later(lambda: self._end_protection(generation))
+            return
+        self._on_children(generation, children)
 
     def _on_data(self, generation, name, data, stat):
         with self._lock:

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 
+from . import metrics as call_metrics
 from . import naming
 from .appkeys import AppkeyStore
 from .errors import ComponentUnavailable, ProbeError
@@ -34,7 +35,10 @@ class Provider(object):
     def __init__(self, thrift_path, appkey, service_name, handler, port=8081,
                  bind_host="0.0.0.0", advertise_host=None, config_path=None, env=None,
                  shutdown_grace=1.0, drain_timeout=10.0, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 session_timeout=None, observe=None, metrics_port=None):
+                 session_timeout=None, observe=None, metrics_port=None, metrics=True,
+                 metrics_addr=call_metrics.DEFAULT_METRICS_ADDR,
+                 stats_interval=call_metrics.DEFAULT_STATS_INTERVAL,
+                 stats_ttl=call_metrics.DEFAULT_TTL, slow_call_ms=call_metrics.DEFAULT_SLOW_CALL_MS):
         naming.check_service_name(service_name)
         naming.check_appkey(appkey)
         if handler is None:
@@ -56,7 +60,12 @@ class Provider(object):
         self.connect_timeout = float(connect_timeout)
         self.session_timeout = session_timeout
         self.observe = observe
-        self.metrics_port = metrics_port
+        self.metrics = call_metrics.metrics_options(metrics, metrics_port, metrics_addr,
+                                                    stats_interval, stats_ttl, slow_call_ms,
+                                                    port_from_env=True)
+        self.metrics_port = self.metrics.port
+        self.recorder = None
+        self.metrics_endpoint = None
         self.host = None
         self.port = None
         self.node_settings = None
@@ -101,7 +110,15 @@ class Provider(object):
             raise ProbeError("cannot bind %s:%s for %s: %s (is another process on that port?)"
                              % (self.bind_host, self.requested_port, self.describe, exc))
         self.port = self.server.port
+        if self.metrics.enabled:
+            # Labelled with this node's host:port, known once bound; nothing is served yet.
+            self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
+                                                      self.address, self.metrics.slow_call_ms)
+            self.recorder.inflight = lambda server=self.server: server.inflight
+            self.server.observe = call_metrics.server_hook(self.recorder, self.observe)
         try:
+            if self.metrics.port is not None:
+                self.metrics_endpoint = call_metrics.serve(self.metrics.port, self.metrics.addr)
             # ZooKeeper before the Redis default: a refused start writes nothing.
             self.zk = shared_zookeeper(zk_settings, timeout=self.connect_timeout)
             self.node_settings = store.get_or_create(self.field, NodeSettings(self.host, self.port))
@@ -119,11 +136,17 @@ class Provider(object):
             self.registration.register()
         except BaseException:
             self.server.close()
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
+                self.metrics_endpoint = None
             if self.zk is not None:
                 release_zookeeper(self.zk)
                 self.zk = None
             raise
         self.server.start()
+        if self.recorder is not None:
+            call_metrics.attach(self.recorder, settings.redis, self.env,
+                                self.metrics.stats_interval, self.metrics.stats_ttl)
         self._started = True
         log.info("serving %s on %s (bound %s:%d), settings %s", self.describe, self.address,
                  self.bind_host, self.port, self.node_settings.to_json())
@@ -150,6 +173,8 @@ class Provider(object):
             if self.zk is not None:
                 release_zookeeper(self.zk)
                 self.zk = None
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
             self._stopped.set()
             log.info("stopped %s on %s", self.describe, self.address)
 
@@ -186,7 +211,11 @@ def start_service(thrift_path, appkey, service_name, handler, port=8081, block=T
     Blocks until SIGTERM/SIGINT (then stops gracefully) unless `block=False`, in
     which case the started `Provider` is returned; call its `stop()`.
     Options: bind_host, advertise_host, config_path, env, shutdown_grace (s),
-    drain_timeout (s), connect_timeout (s), session_timeout (s), metrics_port.
+    drain_timeout (s), connect_timeout (s), session_timeout (s), observe, and for
+    call metrics (probe.metrics): metrics (True; False records nothing), metrics_port
+    (default PROBE_METRICS_PORT; serves /metrics), metrics_addr, stats_interval (s, <= 10,
+    Redis flush of per-slot stats), stats_ttl (s), slow_call_ms (1000; slower calls are
+    logged on 'probe.metrics').
     """
     provider = Provider(thrift_path, appkey, service_name, handler, port=port, **options)
     if block:

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDL = os.path.join(ROOT, "idl", "demo.thrift")
+SESSION_TIMEOUT = 3
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
@@ -21,7 +22,15 @@ def stack(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
     local = devstack.Stack(state_dir=str(state), ports="free")
     local.up()
-    os.environ["PROBE_CONFIG"] = local.config_path
+    # A short session timeout keeps the fault tests quick: a dead provider leaves
+    # the registry within 3 s.
+    import yaml
+    config = yaml.safe_load(open(local.config_path))
+    config["zkserver"]["dev"]["session_timeout"] = SESSION_TIMEOUT
+    test_config = os.path.join(str(state), "config-test.yml")
+    with open(test_config, "w") as out:
+        yaml.safe_dump(config, out)
+    os.environ["PROBE_CONFIG"] = test_config
     os.environ["PROBE_ENV"] = "dev"
     os.environ["PROBE_SNAPSHOT_DIR"] = str(tmp_path_factory.mktemp("snapshots"))
     settings.clear_cache()
@@ -95,3 +104,14 @@ def run_probe(*args, env=None, check=True):
         raise AssertionError("probe %s failed (%d): %s %s" % (" ".join(args), done.returncode,
                                                              done.stdout, done.stderr))
     return done
+
+
+def pytest_terminal_summary(terminalreporter):
+    try:
+        from faults import RESULTS
+    except ImportError:
+        return
+    if RESULTS:
+        terminalreporter.write_sep("-", "fault suite: calls attempted / failed")
+        for scenario, attempted, failed in RESULTS:
+            terminalreporter.write_line("%-58s %7d attempted %4d failed" % (scenario, attempted, failed))

@@ -243,6 +243,15 @@ def test_dev_ports_and_overrides(tmp_path):
         DEV_PORTS, redis=26380)
 
 
+def test_mysql_socket_moves_to_tmp_when_the_state_dir_is_too_deep(tmp_path):
+    shallow = Stack(str(tmp_path / "s"))
+    assert shallow.status()["mysql"]["running"] is False
+    assert shallow._servers["mysql"].socket_path.startswith(str(tmp_path))
+    deep = Stack(str(tmp_path / ("d" * 120)))
+    socket_path = deep._servers["mysql"].socket_path
+    assert socket_path.startswith("/tmp/probe-mysql-") and len(socket_path) < 100
+
+
 def test_free_port_can_be_bound():
     port = free_port()
     assert port not in SYSTEM_PORTS

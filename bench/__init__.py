@@ -1,0 +1,1 @@
+"""probe's benchmark suite: `python bench/run.py [--smoke]` (or `make bench`)."""

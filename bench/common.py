@@ -1,0 +1,323 @@
+"""Helpers shared by the benchmark driver and its worker processes: statistics,
+child-process management (nothing outlives the run), and the stack watchdog."""
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDL = os.path.join(ROOT, "idl", "demo.thrift")
+EXAMPLES = os.path.join(ROOT, "examples")
+SERVICE = "DemoService"
+
+# spawn, never fork: the driver holds kazoo threads, and a forked kazoo is broken.
+CTX = multiprocessing.get_context("spawn")
+
+
+class BenchError(Exception):
+    """A real failure of the benchmark (not a missed performance target)."""
+
+
+# -- statistics ----------------------------------------------------------------
+
+def percentile(values, q):
+    """Nearest-rank percentile of `values` (q in 0..100); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+
+
+def latency_summary(samples):
+    """p50/p99/mean in microseconds of per-call latencies given in seconds."""
+    if not samples:
+        return {"p50_us": None, "p99_us": None, "mean_us": None, "n": 0}
+    ordered = sorted(samples)
+    return {"p50_us": percentile(ordered, 50) * 1e6, "p99_us": percentile(ordered, 99) * 1e6,
+            "mean_us": sum(ordered) / len(ordered) * 1e6, "n": len(ordered)}
+
+
+def ratio(value, anchor):
+    if value is None or anchor in (None, 0):
+        return None
+    return value / float(anchor)
+
+
+# -- worker processes --------------------------------------------------------------
+
+def _die_with_parent():
+    """Linux: get SIGKILL when the parent dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(0)
+
+
+def child_entry(conn, module, function, kwargs):
+    """Runs in every worker process: set up signals, run `module.function(conn, **kwargs)`,
+    report an exception to the parent as {"error": traceback}."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the driver's to handle
+    signal.signal(signal.SIGTERM, _sigterm)
+    if os.getppid() == 1:
+        os._exit(1)
+    try:
+        import importlib
+        target = getattr(importlib.import_module(module), function)
+        target(conn, **kwargs)
+    except SystemExit:
+        pass
+    except BaseException:
+        try:
+            conn.send({"error": traceback.format_exc()})
+        except Exception:
+            pass
+        os._exit(1)
+    finally:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+class Worker(object):
+    """One worker process and the parent's end of its pipe."""
+
+    def __init__(self, name, process, conn):
+        self.name = name
+        self.process = process
+        self.conn = conn
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def send(self, message):
+        self.conn.send(message)
+
+    def recv(self, timeout=60.0):
+        if not self.conn.poll(timeout):
+            raise BenchError("worker %s (pid %s) did not answer within %.0f s"
+                             % (self.name, self.pid, timeout))
+        try:
+            message = self.conn.recv()
+        except EOFError:
+            self.process.join(1.0)
+            raise BenchError("worker %s (pid %s) died (exit code %s)"
+                             % (self.name, self.pid, self.process.exitcode))
+        check_message(self.name, message)
+        return message
+
+    def ask(self, message, timeout=120.0):
+        self.send(message)
+        return self.recv(timeout)
+
+
+def check_message(name, message):
+    if isinstance(message, dict) and "error" in message:
+        raise BenchError("worker %s failed:\n%s" % (name, message["error"]))
+
+
+class Workers(object):
+    """Every worker process the driver starts; `stop_all()` leaves none behind."""
+
+    def __init__(self, watchdog=None):
+        self.workers = []
+        self.watchdog = watchdog
+
+    def start(self, name, module, function, **kwargs):
+        parent_conn, child_conn = CTX.Pipe()
+        process = CTX.Process(target=child_entry, args=(child_conn, module, function, kwargs),
+                              name="bench-" + name)
+        process.start()
+        child_conn.close()
+        worker = Worker(name, process, parent_conn)
+        self.workers.append(worker)
+        if self.watchdog is not None:
+            self.watchdog.track(process.pid)
+        return worker
+
+    def stop(self, worker, timeout=5.0):
+        """Ask politely (None on the pipe), then SIGTERM, then SIGKILL, children too."""
+        descendants = _descendants(worker.pid)
+        try:
+            worker.conn.send(None)
+        except (OSError, ValueError, BrokenPipeError):
+            pass
+        worker.process.join(timeout)
+        if worker.process.is_alive():
+            worker.process.terminate()
+            worker.process.join(2.0)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(2.0)
+        _kill_all(descendants)
+        try:
+            worker.conn.close()
+        except Exception:
+            pass
+        if worker in self.workers:
+            self.workers.remove(worker)
+
+    def stop_many(self, workers, timeout=10.0):
+        """Stop a batch in parallel: a polite None to all, one shared deadline."""
+        descendants = []
+        for worker in workers:
+            descendants.extend(_descendants(worker.pid))
+            try:
+                worker.conn.send(None)
+            except (OSError, ValueError, BrokenPipeError):
+                pass
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in workers:
+            worker.process.join(2.0)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(2.0)
+            try:
+                worker.conn.close()
+            except Exception:
+                pass
+            if worker in self.workers:
+                self.workers.remove(worker)
+        _kill_all(descendants)
+
+    def stop_all(self):
+        self.stop_many(list(self.workers), timeout=5.0)
+
+
+def _descendants(pid):
+    try:
+        import psutil
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:
+        return []
+
+
+def _kill_all(processes):
+    for proc in processes:
+        try:
+            if proc.is_running():
+                proc.kill()
+        except Exception:
+            pass
+
+
+# -- the watchdog ------------------------------------------------------------------------
+
+_WATCHDOG = r"""
+import os, shutil, signal, sys
+state_dir, scratch = sys.argv[1], sys.argv[2]
+pids = []
+for line in sys.stdin:              # EOF: the driver is gone (or done)
+    try:
+        pids.append(tuple(float(x) for x in line.split()))
+    except ValueError:
+        pass
+try:
+    import psutil
+    for pid, created in pids:
+        try:
+            proc = psutil.Process(int(pid))
+            if abs(proc.create_time() - created) < 1.0:
+                for child in proc.children(recursive=True):
+                    child.kill()
+                proc.kill()
+        except Exception:
+            pass
+except ImportError:
+    pass
+try:
+    from probe.devstack import Stack
+    Stack(state_dir=state_dir, ports="free").down(wipe=True)
+finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+"""
+
+
+class Watchdog(object):
+    """A process in its own session that outlives the driver by a moment: when the
+    driver's pipe closes (normal end, exception, Ctrl-C, even SIGKILL) it kills the
+    tracked workers, stops the stack and deletes the scratch folder."""
+
+    def __init__(self, state_dir, scratch):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, state_dir, scratch], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
+
+    def track(self, pid):
+        try:
+            import psutil
+            created = psutil.Process(pid).create_time()
+        except Exception:
+            created = 0.0
+        try:
+            self.process.stdin.write(("%d %f\n" % (pid, created)).encode())
+            self.process.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    def finish(self, timeout=60.0):
+        """Close the pipe and wait for the cleanup to complete."""
+        try:
+            self.process.stdin.close()
+        except (OSError, ValueError):
+            pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# -- CPU placement -----------------------------------------------------------------------
+
+def set_affinity(pid, cpus):
+    """Pin every thread of `pid` and of its child processes to `cpus` (None: all CPUs).
+    Threads created later inherit it from their creator. False when unsupported."""
+    if not hasattr(os, "sched_setaffinity"):
+        return False
+    cpus = set(range(os.cpu_count() or 1)) if cpus is None else set(cpus)
+    pids = [pid]
+    try:
+        import psutil
+        pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        pass
+    done = False
+    for proc in pids:
+        try:
+            tids = [int(t) for t in os.listdir("/proc/%d/task" % proc)]
+        except OSError:
+            tids = [proc]
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+                done = True
+            except OSError:
+                pass
+    return done

@@ -1,0 +1,875 @@
+"""probe's benchmark: every figure next to its anchor from the same run.
+
+    python bench/run.py            # full run (a few minutes), writes bench/results.json
+    python bench/run.py --smoke    # tiny counts for CI: must not crash, never judges speed
+
+It starts its own local stack (ZooKeeper, Redis, MariaDB on free ports in a temp
+folder) and tears it down, with every worker process, however the run ends (a
+watchdog process cleans up even after SIGKILL). Servers and clients run in
+separate processes so no measurement shares a GIL with what it measures.
+
+Sections:
+  1. single-thread say(): bare thriftpy2 make_client (anchor), the seed article's
+     client (the "before"), probe's build_client (with metrics off too, if supported)
+  2. 8 threads: one shared probe client vs 8 bare clients
+  3. server: probe provider vs bare make_server under 4 load processes; workers=1 vs 2
+  4. balancer pick cost and table rebuild for 1..1000 nodes; consumer memory for 1000
+  5. build_client to first successful call
+  6. live governance: admin set_weight to N consumer processes routing by it
+
+Ratios are value / anchor; for throughput higher is better, for latency, CPU and
+time lower is better; the target column says which way. Throughput ratios are the
+median of paired, alternating rounds.
+"""
+
+import argparse
+import inspect
+import json
+import multiprocessing.connection
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+if sys.path[0] == HERE:  # `python bench/run.py` puts bench/ first; `bench.x` is what we import
+    sys.path.pop(0)
+
+from bench.common import (BenchError, IDL, SERVICE, Watchdog, Workers, check_message,  # noqa: E402
+                          latency_summary, median, percentile, ratio, set_affinity)
+
+FULL = dict(rounds=9, seconds=1.5, warmup=0.2, seed_rounds=3, seed_seconds=2.0,
+            same_core_rounds=5, same_core_seconds=1.0,
+            thread_rounds=7, thread_seconds=2.0, threads=8,
+            server_rounds=7, server_seconds=2.0, load_procs=4, worker_rounds=5,
+            sizes=(1, 10, 100, 1000), balancer_budget=0.04,
+            mem_nodes=1000, mem_snapshot_off=True, first_repeats=5,
+            prop_ns=(1, 10, 50), prop_changes=20)
+SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3,
+             same_core_rounds=1, same_core_seconds=0.3,
+             thread_rounds=1, thread_seconds=0.3, threads=8,
+             server_rounds=1, server_seconds=0.3, load_procs=4, worker_rounds=1,
+             sizes=(1, 10, 100, 1000), balancer_budget=0.002,
+             mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
+             prop_ns=(1, 3), prop_changes=2)
+SECTIONS = ("client", "first_call", "propagation", "server", "balancer", "memory")
+
+TARGETS = {
+    "client_single": 1.0,      # probe >= 1.0x bare, single thread
+    "client_threads": 0.9,     # shared probe client >= 0.9x 8 bare clients
+    "server": 1.0,             # probe provider >= 1.0x bare make_server (and <= 1.0x CPU/call)
+    "pick_flat": 1.5,          # pick(1000 nodes) <= 1.5x pick(1 node)
+    "propagation_p99_ms": 50.0,
+}
+
+
+# -- rows of the report --------------------------------------------------------------
+
+class Report(object):
+    def __init__(self):
+        self.rows = []
+        self.raw = {}
+        self.errors = []
+        self.features = {}
+
+    def add(self, section, name, value, unit, anchor=None, anchor_value=None, ratio_value=None,
+            target=None, note=None):
+        """target: None, ("ratio>=", x), ("ratio<=", x) or ("value<", x)."""
+        if ratio_value is None and anchor_value is not None:
+            ratio_value = ratio(value, anchor_value)
+        met = None
+        if target is not None:
+            kind, limit = target
+            if kind == "ratio>=" and ratio_value is not None:
+                met = ratio_value >= limit
+            elif kind == "ratio<=" and ratio_value is not None:
+                met = ratio_value <= limit
+            elif kind == "value<" and value is not None:
+                met = value < limit
+        self.rows.append({"section": section, "name": name, "value": value, "unit": unit,
+                          "anchor": anchor, "anchor_value": anchor_value, "ratio": ratio_value,
+                          "target": _target_text(target), "met": met, "note": note})
+
+    def na(self, section, name, why):
+        self.rows.append({"section": section, "name": name, "value": None, "unit": "n/a",
+                          "anchor": None, "anchor_value": None, "ratio": None, "target": None,
+                          "met": None, "note": why})
+
+
+def _target_text(target):
+    if target is None:
+        return None
+    kind, limit = target
+    return {"ratio>=": ">= %.2fx", "ratio<=": "<= %.2fx", "value<": "< %g"}[kind] % limit
+
+
+def _fmt(value, unit):
+    if value is None:
+        return "n/a"
+    if unit == "calls/s":
+        return "{:,.0f}/s".format(value)
+    if unit == "us":
+        return "%.1f us" % value
+    if unit == "ms":
+        return "%.2f ms" % value if value < 100 else "%.0f ms" % value
+    if unit == "ns":
+        return "%.0f ns" % value if value < 10000 else "%.1f us" % (value / 1000.0)
+    if unit == "MB":
+        return "%.1f MB" % value
+    if unit == "KB":
+        return "%.1f KB" % value
+    if unit == "s":
+        return "%.2f s" % value
+    return "%s %s" % (value, unit)
+
+
+def print_table(report, out=sys.stdout):
+    headers = ("measure", "value", "anchor", "anchor value", "ratio", "target", "met")
+    lines = []
+    section = None
+    for row in report.rows:
+        if row["section"] != section:
+            section = row["section"]
+            lines.append(("## " + section,) + ("",) * 6)
+        met = {True: "yes", False: "NO", None: ""}[row["met"]]
+        lines.append(("  " + row["name"], _fmt(row["value"], row["unit"]) if row["unit"] != "n/a"
+                      else "n/a", row["anchor"] or "",
+                      _fmt(row["anchor_value"], row["unit"]) if row["anchor_value"] is not None else "",
+                      "%.2fx" % row["ratio"] if row["ratio"] is not None else "",
+                      row["target"] or "", met))
+    widths = [max(len(h), *(len(l[i]) for l in lines if not l[0].startswith("## ")))
+              for i, h in enumerate(headers)]
+    rule = "-+-".join("-" * w for w in widths)
+    out.write(" | ".join(h.ljust(w) for h, w in zip(headers, widths)) + "\n" + rule + "\n")
+    for line in lines:
+        if line[0].startswith("## "):
+            out.write(line[0] + "\n")
+        else:
+            out.write(" | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() + "\n")
+    notes = [(r["name"], r["note"]) for r in report.rows if r["note"]]
+    if notes:
+        out.write("\nnotes:\n")
+        for name, note in notes:
+            out.write("  - %s: %s\n" % (name.strip(), note))
+    out.flush()
+
+
+# -- the run -------------------------------------------------------------------------------
+
+class Bench(object):
+    def __init__(self, cfg, smoke, scratch, workers, report, pin=True):
+        self.pin = pin
+        self.cfg = cfg
+        self.smoke = smoke
+        self.scratch = scratch
+        self.workers = workers
+        self.report = report
+        self.run_id = uuid.uuid4().hex[:6]
+        self.appkey = "bench_%s" % self.run_id
+        self.provider = None
+        self.provider_info = None
+        self._admin = None
+
+    @property
+    def admin(self):
+        if self._admin is None:
+            from probe.admin import Admin
+            self._admin = Admin()
+        return self._admin
+
+    def close(self):
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
+    def log(self, message):
+        sys.stderr.write("[bench %s] %s\n" % (time.strftime("%H:%M:%S"), message))
+        sys.stderr.flush()
+
+    def start_provider(self, name, kind, appkey=None, workers=None, timeout=60):
+        options = {"kind": kind, "appkey": appkey}
+        if workers is not None:
+            options["workers"] = workers
+        worker = self.workers.start(name, "bench.workers", "provider", **options)
+        info = worker.recv(timeout)
+        return worker, info
+
+    def ensure_provider(self):
+        if self.provider is None:
+            self.admin.add_appkey(self.appkey, "benchmark")
+            self.provider, self.provider_info = self.start_provider("provider", "probe", self.appkey)
+            self.log("probe provider on %s:%d (pid %d)" % (self.provider_info["host"],
+                     self.provider_info["port"], self.provider_info["pid"]))
+        return self.provider_info
+
+    # -- 1 + 2: the client ---------------------------------------------------------------
+    def placement(self):
+        """(client CPUs, server CPUs) for the client measurements, or (None, None)."""
+        if self.pin and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
+            return {0}, {1}
+        return None, None
+
+    def section_client(self):
+        cfg, report = self.cfg, self.report
+        info = self.ensure_provider()
+        from probe.settings import load_settings
+        settings = load_settings()
+        client_cpus, server_cpus = self.placement()
+        report.features["placement"] = ("client on CPU %s, server on CPU %s" % (
+            sorted(client_cpus), sorted(server_cpus)) if client_cpus else "unpinned")
+
+        def start_client(name):
+            worker = self.workers.start(name, "bench.workers", "client", appkey=self.appkey,
+                                        host=info["host"], port=info["port"],
+                                        config_path=settings.path, env=settings.env)
+            if client_cpus:
+                set_affinity(worker.pid, client_cpus)
+            return worker
+
+        if server_cpus:
+            set_affinity(self.provider.pid, server_cpus)
+        client = start_client("client")
+        try:
+            features = client.ask({"op": "features"}, timeout=60)
+            report.features["client_metrics_option"] = features["metrics_option"]
+            if not features["metrics_option"]:
+                report.features["client_metrics_option_error"] = features.get("metrics_error")
+            kinds = ["bare", "probe"] + (["probe_nometrics"] if features["metrics_option"] else [])
+            self.log("single-thread say(): %d alternating rounds of %s, %.1f s each"
+                     % (cfg["rounds"], "/".join(kinds), cfg["seconds"]))
+            rounds = self._single_rounds(client, kinds, cfg["rounds"], cfg["seconds"])
+            self.log("seed-style client: %d rounds of %.1f s, each in a throwaway process"
+                     % (cfg["seed_rounds"], cfg["seed_seconds"]))
+            for kind in ("seed", "seed_closing"):
+                rounds[kind] = []
+                for _ in range(cfg["seed_rounds"]):
+                    # It leaks a ZooKeeper session per call, as the article's did.
+                    seed = start_client("seed-client")
+                    try:
+                        rounds[kind].append(seed.ask({"op": "single", "kind": kind,
+                                                      "seconds": cfg["seed_seconds"], "warmup": 0.0},
+                                                     timeout=120))
+                    finally:
+                        self.workers.stop(seed)
+            self.report.raw["single_thread"] = rounds
+            self._report_single(rounds, kinds)
+
+            self.log("%d threads: %d alternating rounds of %.1f s" % (cfg["threads"], cfg["thread_rounds"],
+                                                                       cfg["thread_seconds"]))
+            threads = {"bare": [], "probe": []}
+            for _ in range(cfg["thread_rounds"]):
+                for kind in ("bare", "probe"):
+                    threads[kind].append(client.ask({"op": "threads", "kind": kind,
+                                                     "threads": cfg["threads"],
+                                                     "seconds": cfg["thread_seconds"],
+                                                     "warmup": cfg["warmup"]}))
+            self.report.raw["threads"] = threads
+            self._report_threads(threads)
+
+            if client_cpus:
+                # Client and server on one core: no cross-core wake-ups, so calls/s is
+                # bounded by client CPU + server CPU per call. Shows CPU overhead plainly.
+                set_affinity(self.provider.pid, client_cpus)
+                self.log("same core: %d alternating rounds of %.1f s"
+                         % (cfg["same_core_rounds"], cfg["same_core_seconds"]))
+                same = self._single_rounds(client, kinds, cfg["same_core_rounds"],
+                                           cfg["same_core_seconds"])
+                self.report.raw["single_thread_same_core"] = same
+                self._report_single(same, kinds, same_core=True)
+        finally:
+            self.workers.stop(client)
+            set_affinity(self.provider.pid, None)
+
+    def _single_rounds(self, client, kinds, count, seconds):
+        rounds = {kind: [] for kind in kinds}
+        for _ in range(count):
+            for kind in kinds:
+                rounds[kind].append(client.ask({"op": "single", "kind": kind, "seconds": seconds,
+                                                "warmup": self.cfg["warmup"]}))
+        return rounds
+
+    def _report_single(self, rounds, kinds, same_core=False):
+        s = "1. single-thread say(), one provider"
+        if same_core:
+            s = "1b. single-thread say(), client and server on ONE core (CPU-bound)"
+        elif self.placement()[0]:
+            s += ", client and server on separate cores"
+        add = self.report.add
+        bare = rounds["bare"]
+        bare_cps = median([r["cps"] for r in bare])
+        anchor = "bare make_client"
+        add(s, "bare make_client calls/s", bare_cps, "calls/s", anchor, bare_cps)
+        labels = {"probe": "probe build_client", "probe_nometrics": "probe metrics=False"}
+        if same_core:
+            for kind in kinds[1:]:
+                paired = median([p["cps"] / b["cps"] for p, b in zip(rounds[kind], bare)])
+                add(s, labels[kind] + " calls/s", median([r["cps"] for r in rounds[kind]]), "calls/s",
+                    anchor, bare_cps, ratio_value=paired, target=("ratio>=", TARGETS["client_single"]))
+            bare_cpu = median([r["client_cpu_us_per_call"] for r in bare])
+            add(s, "bare client CPU per call", bare_cpu, "us", anchor, bare_cpu)
+            for kind in kinds[1:]:
+                add(s, "%s client CPU per call" % labels[kind],
+                    median([r["client_cpu_us_per_call"] for r in rounds[kind]]), "us", anchor, bare_cpu,
+                    target=("ratio<=", 1.0))
+            return
+        seed = rounds["seed"]
+        add(s, "seed client (before) calls/s", median([r["cps"] for r in seed]), "calls/s",
+            anchor, bare_cps,
+            note="re-created: per call YAML read, new ZooKeeper session (leaked, as in the "
+                 "article), children+data reads, new TCP connection")
+        add(s, "seed client, closing its sessions", median([r["cps"] for r in rounds["seed_closing"]]),
+            "calls/s", anchor, bare_cps, note="the same plus zk.stop()/close() per call")
+        for kind in kinds[1:]:
+            paired = median([p["cps"] / b["cps"] for p, b in zip(rounds[kind], bare)])
+            add(s, labels[kind] + " calls/s", median([r["cps"] for r in rounds[kind]]), "calls/s",
+                anchor, bare_cps, ratio_value=paired, target=("ratio>=", TARGETS["client_single"]))
+        for stat, title in (("p50_us", "p50"), ("p99_us", "p99")):
+            bare_value = median([r[stat] for r in bare])
+            add(s, "bare %s latency" % title, bare_value, "us", anchor, bare_value)
+            add(s, "seed client %s latency" % title, median([r[stat] for r in seed]), "us",
+                anchor, bare_value)
+            for kind in kinds[1:]:
+                add(s, "%s %s latency" % (labels[kind], title), median([r[stat] for r in rounds[kind]]),
+                    "us", anchor, bare_value, target=("ratio<=", 1.0))
+        bare_cpu = median([r["client_cpu_us_per_call"] for r in bare])
+        add(s, "bare client CPU per call", bare_cpu, "us", anchor, bare_cpu)
+        for kind in kinds[1:]:
+            add(s, "%s client CPU per call" % labels[kind],
+                median([r["client_cpu_us_per_call"] for r in rounds[kind]]), "us", anchor, bare_cpu,
+                target=("ratio<=", 1.0))
+        if "probe_nometrics" not in kinds:
+            self.report.na(s, "probe metrics=False", "build_client has no metrics= option yet (%s)"
+                           % self.report.features.get("client_metrics_option_error"))
+
+    def _report_threads(self, threads):
+        s = "2. %d threads, one provider" % self.cfg["threads"]
+        add = self.report.add
+        anchor = "%d bare clients" % self.cfg["threads"]
+        bare = threads["bare"]
+        bare_cps = median([r["cps"] for r in bare])
+        add(s, "%d bare clients (1 each) calls/s" % self.cfg["threads"], bare_cps, "calls/s", anchor, bare_cps)
+        paired = median([p["cps"] / b["cps"] for p, b in zip(threads["probe"], bare)])
+        add(s, "1 shared probe client calls/s", median([r["cps"] for r in threads["probe"]]), "calls/s",
+            anchor, bare_cps, ratio_value=paired, target=("ratio>=", TARGETS["client_threads"]))
+        for stat, title in (("p50_us", "p50"), ("p99_us", "p99")):
+            bare_value = median([r[stat] for r in bare])
+            add(s, "bare %s latency" % title, bare_value, "us", anchor, bare_value)
+            add(s, "shared probe %s latency" % title, median([r[stat] for r in threads["probe"]]), "us",
+                anchor, bare_value)
+        bare_cpu = median([r["client_cpu_us_per_call"] for r in bare])
+        add(s, "bare client CPU per call", bare_cpu, "us", anchor, bare_cpu)
+        add(s, "shared probe client CPU per call",
+            median([r["client_cpu_us_per_call"] for r in threads["probe"]]), "us", anchor, bare_cpu,
+            target=("ratio<=", 1.0))
+
+    # -- 3: the server ---------------------------------------------------------------------
+    def section_server(self):
+        cfg = self.cfg
+        info = self.ensure_provider()
+        bare_worker, bare_info = self.start_provider("bare-server", "bare")
+        loads = [self.workers.start("load%d" % i, "bench.workers", "load")
+                 for i in range(cfg["load_procs"])]
+        try:
+            targets = {"bare": bare_info, "probe": info}
+            self.log("server: %d alternating rounds of %.1f s, %d load processes"
+                     % (cfg["server_rounds"], cfg["server_seconds"], len(loads)))
+            rounds = {"bare": [], "probe": []}
+            for _ in range(cfg["server_rounds"]):
+                for kind in ("bare", "probe"):
+                    rounds[kind].append(self._load_round(loads, targets[kind], cfg["server_seconds"]))
+            self.report.raw["server"] = {k: [_strip(r) for r in v] for k, v in rounds.items()}
+            self._report_server(rounds)
+        finally:
+            self.workers.stop(bare_worker)
+        try:
+            self._workers_option(loads)
+        finally:
+            self.workers.stop_many(loads)
+
+    def _load_round(self, loads, target, seconds):
+        start_at = time.time() + 0.4  # time to connect and warm up
+        for load in loads:
+            load.send({"host": "127.0.0.1", "port": target["port"], "start_at": start_at,
+                       "seconds": seconds})
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = _cpu_seconds(target["pid"])
+        time.sleep(max(0.0, start_at + seconds - time.time()))
+        cpu1 = _cpu_seconds(target["pid"])
+        replies = [load.recv(seconds + 60) for load in loads]
+        samples = [s for reply in replies for s in reply["samples"]]
+        calls = sum(reply["calls"] for reply in replies)
+        result = {"calls": calls, "cps": calls / seconds, "server_cpu_s": cpu1 - cpu0,
+                  "server_cpu_us_per_call": (cpu1 - cpu0) / max(1, calls) * 1e6,
+                  "per_process_calls": [reply["calls"] for reply in replies]}
+        result.update(latency_summary(samples))
+        return result
+
+    def _report_server(self, rounds):
+        s = "3. server, %d load processes (bare clients)" % self.cfg["load_procs"]
+        add = self.report.add
+        anchor = "bare make_server"
+        bare = rounds["bare"]
+        bare_cps = median([r["cps"] for r in bare])
+        add(s, "bare make_server calls/s", bare_cps, "calls/s", anchor, bare_cps)
+        paired = median([p["cps"] / b["cps"] for p, b in zip(rounds["probe"], bare)])
+        add(s, "probe provider calls/s", median([r["cps"] for r in rounds["probe"]]), "calls/s",
+            anchor, bare_cps, ratio_value=paired, target=("ratio>=", TARGETS["server"]))
+        bare_cpu = median([r["server_cpu_us_per_call"] for r in bare])
+        add(s, "bare server CPU per call", bare_cpu, "us", anchor, bare_cpu)
+        add(s, "probe server CPU per call", median([r["server_cpu_us_per_call"] for r in rounds["probe"]]),
+            "us", anchor, bare_cpu, target=("ratio<=", TARGETS["server"]))
+        for stat, title in (("p50_us", "p50"), ("p99_us", "p99")):
+            bare_value = median([r[stat] for r in bare])
+            add(s, "bare server %s latency" % title, bare_value, "us", anchor, bare_value)
+            add(s, "probe server %s latency" % title, median([r[stat] for r in rounds["probe"]]), "us",
+                anchor, bare_value)
+
+    def _workers_option(self, loads):
+        s = "3b. provider workers=N (multi-process)"
+        from probe.server import Provider
+        try:
+            params = inspect.signature(Provider.__init__).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self.report.features["provider_workers_option"] = "workers" in params
+        if "workers" not in params:
+            self.report.na(s, "workers=2 vs workers=1", "probe.server.Provider has no workers= option yet")
+            return
+        appkey = "bench_%s_wk" % self.run_id
+        self.admin.add_appkey(appkey, "benchmark workers=N")
+        started = {}
+        try:
+            for n in (1, 2):
+                started[n] = self.start_provider("provider-w%d" % n, "probe", appkey, workers=n)
+            self.log("workers=1 vs 2: %d alternating rounds" % self.cfg["worker_rounds"])
+            rounds = {1: [], 2: []}
+            for _ in range(self.cfg["worker_rounds"]):
+                for n in (1, 2):
+                    rounds[n].append(self._load_round(loads, started[n][1], self.cfg["server_seconds"]))
+        finally:
+            for worker, _ in started.values():
+                self.workers.stop(worker)
+        self.report.raw["workers"] = {str(k): [_strip(r) for r in v] for k, v in rounds.items()}
+        add = self.report.add
+        anchor = "workers=1"
+        one = median([r["cps"] for r in rounds[1]])
+        add(s, "workers=1 calls/s", one, "calls/s", anchor, one)
+        add(s, "workers=2 calls/s", median([r["cps"] for r in rounds[2]]), "calls/s", anchor, one,
+            ratio_value=median([b["cps"] / a["cps"] for a, b in zip(rounds[1], rounds[2])]),
+            note="2 cores shared with the 4 load processes: 2x is out of reach here")
+        cpu_one = median([r["server_cpu_us_per_call"] for r in rounds[1]])
+        add(s, "workers=1 server CPU per call", cpu_one, "us", anchor, cpu_one)
+        add(s, "workers=2 server CPU per call", median([r["server_cpu_us_per_call"] for r in rounds[2]]),
+            "us", anchor, cpu_one)
+        for stat, title in (("p50_us", "p50"), ("p99_us", "p99")):
+            base = median([r[stat] for r in rounds[1]])
+            add(s, "workers=1 %s latency" % title, base, "us", anchor, base)
+            add(s, "workers=2 %s latency" % title, median([r[stat] for r in rounds[2]]), "us", anchor, base)
+
+    # -- 4: balancer and memory -------------------------------------------------------------
+    def section_balancer(self):
+        s = "4. balancer (pure, in one process)"
+        self.log("balancer: pick and rebuild for %s nodes" % (self.cfg["sizes"],))
+        worker = self.workers.start("balancer", "bench.workers", "balancer",
+                                    sizes=list(self.cfg["sizes"]), budget=self.cfg["balancer_budget"])
+        try:
+            out = worker.recv(600)
+        finally:
+            self.workers.stop(worker)
+        self.report.raw["balancer"] = {str(k): v for k, v in out.items()}
+        add = self.report.add
+        first = min(out)
+        bare_call_ns = None
+        single = self.report.raw.get("single_thread", {}).get("bare")
+        if single:
+            bare_call_ns = median([r["mean_us"] for r in single]) * 1e3
+        for name in ("weighted_random", "round_robin", "least_inflight"):
+            base = out[first][name + "_ns"]
+            for n in sorted(out):
+                value = out[n][name + "_ns"]
+                note = None
+                if n == max(out) and bare_call_ns:
+                    note = "%s pick at %d nodes = %.1f%% of a bare call (%.0f us)" % (
+                        name, n, 100.0 * value / bare_call_ns, bare_call_ns / 1e3)
+                add(s, "%s pick, %d nodes" % (name, n), value, "ns", "same, %d node" % first, base,
+                    target=("ratio<=", TARGETS["pick_flat"]) if n > first else None, note=note)
+        base = out[first]["rebuild_us"]
+        for n in sorted(out):
+            add(s, "RoutingTable rebuild, %d nodes" % n, out[n]["rebuild_us"], "us",
+                "same, %d node" % first, base)
+
+    def section_memory(self):
+        s = "4b. consumer watching many nodes"
+        from kazoo.client import KazooClient
+        from probe import naming
+        from probe.naming import NodeSettings
+        from probe.settings import load_settings
+        settings = load_settings()
+        many = self.cfg["mem_nodes"]
+        appkeys = {1: "bench_%s_mem1" % self.run_id, many: "bench_%s_mem" % self.run_id}
+        zk = KazooClient(hosts=settings.zookeeper.hosts)
+        zk.start(10)
+        try:
+            self.log("memory: registering %d fake nodes" % many)
+            for count, appkey in appkeys.items():
+                zk.ensure_path(naming.appkey_path(settings.env, appkey))
+                pending = []
+                for i in range(count):
+                    ip = "10.9.%d.%d" % (i // 250, i % 250 + 1)
+                    path = naming.node_path(settings.env, appkey, SERVICE, ip, 9090)
+                    pending.append(zk.create_async(path, NodeSettings(ip, 9090).to_bytes(), ephemeral=True))
+                for result in pending:
+                    result.get(timeout=30)
+            runs = {}
+            variants = [(1, None), (many, None)]
+            if self.cfg["mem_snapshot_off"]:
+                variants.append((many, False))
+            for count, snapshot in variants:
+                key = "%d%s" % (count, "" if snapshot is None else "_nosnapshot")
+                snapshot_dir = None if snapshot is None else False
+                self.log("memory: consumer watching %d nodes%s" % (
+                    count, "" if snapshot is None else " (snapshot_dir=False)"))
+                worker = self.workers.start("memory-%s" % key, "bench.workers", "memory",
+                                            appkey=appkeys[count], expect=count,
+                                            snapshot_dir=snapshot_dir)
+                try:
+                    runs[key] = worker.recv(320)
+                finally:
+                    self.workers.stop(worker)
+        finally:
+            zk.stop()
+            zk.close()
+        self.report.raw["memory"] = runs
+        add = self.report.add
+        mb = 1024.0 * 1024.0
+        one, big = runs["1"], runs[str(many)]
+        d1 = (one["rss_after"] - one["rss_before"]) / mb
+        dn = (big["rss_after"] - big["rss_before"]) / mb
+        anchor = "consumer of 1 node"
+        add(s, "RSS growth of build_client, 1 node", d1, "MB", anchor, d1)
+        add(s, "RSS growth of build_client, %d nodes" % many, dn, "MB", anchor, d1,
+            note="%.1f KB per extra node; process RSS %.1f MB" % (
+                (dn - d1) * 1024.0 / max(1, many - 1), big["rss_after"] / mb))
+        add(s, "table build, 1 node", one["table_full_s"] * 1e3, "ms", anchor, one["table_full_s"] * 1e3)
+        add(s, "table build, %d nodes" % many, big["table_full_s"] * 1e3, "ms", anchor,
+            one["table_full_s"] * 1e3,
+            note="build_client->len(table)==%d; %d table publishes" % (many, big["table_publishes"]))
+        off = runs.get("%d_nosnapshot" % many)
+        if off:
+            add(s, "table build, %d nodes, snapshot_dir=False" % many, off["table_full_s"] * 1e3, "ms",
+                "same with snapshots", big["table_full_s"] * 1e3)
+
+    # -- 5: first call ------------------------------------------------------------------------
+    def section_first_call(self):
+        s = "5. build_client -> first successful call"
+        info = self.ensure_provider()
+        from probe.settings import load_settings
+        settings = load_settings()
+        results = {}
+        for kind in ("bare", "probe", "seed"):
+            self.log("first call: %s (%d tries)" % (kind, self.cfg["first_repeats"]))
+            worker = self.workers.start("first-%s" % kind, "bench.workers", "first_call", kind=kind,
+                                        appkey=self.appkey, host=info["host"], port=info["port"],
+                                        config_path=settings.path, env=settings.env,
+                                        repeats=self.cfg["first_repeats"])
+            try:
+                results[kind] = worker.recv(120)
+            finally:
+                self.workers.stop(worker)
+        self.report.raw["first_call"] = results
+        add = self.report.add
+        anchor = "bare make_client+call"
+        for stat, title in (("cold_ms", "cold process, incl. IDL parse"), ("warm_ms", "warm, median")):
+            base = results["bare"][stat]
+            add(s, "bare, %s" % title, base, "ms", anchor, base)
+            add(s, "probe build_client, %s" % title, results["probe"][stat], "ms", anchor, base)
+            add(s, "seed client, %s" % title, results["seed"][stat], "ms", anchor, base)
+
+    # -- 6: propagation ----------------------------------------------------------------------
+    def section_propagation(self):
+        s = "6. admin set_weight -> N consumer processes routing by it"
+        info = self.ensure_provider()
+        address = "%s:%d" % (info["host"], info["port"])
+        admin = self.admin
+        kazoo = admin.zk.client
+        # When the znode write itself returned (set_weight also writes Redis before it
+        # and a MySQL audit row after it).
+        written = []
+        original_set = kazoo.set
+
+        def timed_set(*args, **kwargs):
+            result = original_set(*args, **kwargs)
+            written.append(time.time())
+            return result
+        weight = 100
+        per_n = {}
+        kazoo.set = timed_set
+        try:
+            for n in self.cfg["prop_ns"]:
+                per_n[n], weight = self._propagate(n, address, weight, written)
+        finally:
+            kazoo.set = original_set
+        self.report.raw["propagation"] = {str(k): v for k, v in per_n.items()}
+        add = self.report.add
+        first = min(per_n)
+        anchor = "N=%d" % first
+        limit = TARGETS["propagation_p99_ms"]
+        for key, title, note in (
+                ("from_return_ms", "from set_weight() return",
+                 "time until the LAST of N consumers has the new table; negative = it had it "
+                 "before set_weight() returned"),
+                ("from_write_ms", "from the znode write", "same, counted from the znode set() returning"),
+                ("from_call_ms", "from set_weight() call", None)):
+            for stat, q in (("p50", 50), ("p99", 99)):
+                base = percentile(per_n[first][key], q)
+                for n in sorted(per_n):
+                    add(s, "N=%d, all consumers, %s, %s" % (n, title, stat), percentile(per_n[n][key], q),
+                        "ms", anchor, base,
+                        target=("value<", limit) if stat == "p99" and key != "from_call_ms" else None,
+                        note=note if (n == first and stat == "p50") else None)
+        for n in sorted(per_n):
+            add(s, "N=%d, each consumer, from the znode write, p99" % n,
+                percentile(per_n[n]["each_from_write_ms"], 99), "ms")
+        base = median(per_n[first]["admin_call_ms"])
+        for n in sorted(per_n):
+            add(s, "N=%d, set_weight() call duration, median" % n, median(per_n[n]["admin_call_ms"]),
+                "ms", anchor, base)
+
+    def _propagate(self, n, address, weight, written):
+        self.log("propagation: starting %d consumer processes" % n)
+        consumers = [self.workers.start("consumer%d" % i, "bench.workers", "consumer",
+                                        appkey=self.appkey,
+                                        snapshot_dir=os.path.join(self.scratch, "snap", str(i)))
+                     for i in range(n)]
+        out = {"from_return_ms": [], "from_write_ms": [], "from_call_ms": [],
+               "each_from_write_ms": [], "admin_call_ms": []}
+        try:
+            started = time.monotonic()
+            for consumer in consumers:
+                message = consumer.recv(max(5.0, 240 - (time.monotonic() - started)))
+                if message[0] != "ready":
+                    raise BenchError("consumer sent %r before ready" % (message,))
+            self.log("propagation: %d consumers ready in %.1f s; %d weight changes"
+                     % (n, time.monotonic() - started, self.cfg["prop_changes"]))
+            for _ in range(self.cfg["prop_changes"]):
+                weight += 1
+                del written[:]
+                t_call = time.time()
+                self.admin.set_weight(self.appkey, SERVICE, address, weight)
+                t_return = time.time()
+                seen = _collect(consumers, weight, timeout=15.0)
+                t_write = written[-1] if written else t_return
+                last = max(seen)
+                out["from_return_ms"].append((last - t_return) * 1e3)
+                out["from_write_ms"].append((last - t_write) * 1e3)
+                out["from_call_ms"].append((last - t_call) * 1e3)
+                out["each_from_write_ms"].extend((t - t_write) * 1e3 for t in seen)
+                out["admin_call_ms"].append((t_return - t_call) * 1e3)
+                time.sleep(0.05)
+        finally:
+            self.workers.stop_many(consumers)
+        return out, weight
+
+
+def _collect(consumers, weight, timeout):
+    """Wait until every consumer reports a table with `weight`; their wall-clock times."""
+    by_conn = {consumer.conn: i for i, consumer in enumerate(consumers)}
+    seen = [None] * len(consumers)
+    waiting = set(by_conn)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError("%d of %d consumers did not see weight %d within %.0f s"
+                             % (len(waiting), len(consumers), weight, timeout))
+        for conn in multiprocessing.connection.wait(list(waiting), left):
+            try:
+                message = conn.recv()
+            except EOFError:
+                raise BenchError("consumer %d died" % by_conn[conn])
+            check_message("consumer%d" % by_conn[conn], message)
+            if message[0] == "table" and weight in message[2]:
+                seen[by_conn[conn]] = message[1]
+                waiting.discard(conn)
+    return seen
+
+
+def _cpu_seconds(pid):
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        times = proc.cpu_times()
+        total = times.user + times.system
+        for child in proc.children(recursive=True):
+            try:
+                t = child.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def _machine_cpu():
+    """(busy CPU-seconds of the machine, steal, own CPU-seconds incl. reaped children)."""
+    try:
+        import resource
+        import psutil
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+        steal = getattr(t, "steal", 0.0)
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            own += usage.ru_utime + usage.ru_stime
+        return busy, steal, own
+    except Exception:
+        return None
+
+
+def _machine_report(before, after, seconds):
+    """How much of the machine other processes used while we measured."""
+    if not before or not after or seconds <= 0:
+        return None
+    capacity = seconds * (os.cpu_count() or 1) / 100.0
+    busy = after[0] - before[0]
+    own = after[2] - before[2]
+    return {"seconds": round(seconds, 1), "own_percent": round(own / capacity, 1),
+            "other_percent": round(max(0.0, busy - own) / capacity, 1),
+            "steal_percent": round((after[1] - before[1]) / capacity, 1),
+            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _strip(result):
+    return {k: v for k, v in result.items() if k != "samples"}
+
+
+def _summary(report):
+    judged = [r for r in report.rows if r["met"] is not None]
+    missed = ["%s: %s" % (r["section"], r["name"]) for r in judged if not r["met"]]
+    return {"judged": len(judged), "met": len(judged) - len(missed), "missed": missed,
+            "all_met": not missed}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny counts; only crashes fail")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated sections: %s" % ",".join(SECTIONS))
+    parser.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin client and server of sections 1-2 to separate cores")
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error("unknown section(s): %s" % ", ".join(sorted(unknown)))
+    cfg = SMOKE if args.smoke else FULL
+
+    # SIGTERM (e.g. from CI) unwinds like Ctrl-C, through the cleanup below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    report = Report()
+    scratch = tempfile.mkdtemp(prefix="probe-bench-")
+    state_dir = os.path.join(scratch, "stack")
+    watchdog = Watchdog(state_dir, scratch)
+    workers = Workers(watchdog)
+    bench = Bench(cfg, args.smoke, scratch, workers, report, pin=not args.no_pin)
+    started = time.time()
+    machine_before = _machine_cpu()
+    rc = 0
+    stack = None
+    try:
+        from probe import settings as probe_settings
+        from probe.devstack import Stack
+        bench.log("starting the local stack in %s" % state_dir)
+        stack = Stack(state_dir=state_dir, ports="free")
+        stack.up()
+        os.environ["PROBE_CONFIG"] = stack.config_path
+        os.environ["PROBE_ENV"] = "dev"
+        os.environ["PROBE_SNAPSHOT_DIR"] = os.path.join(scratch, "snapshots")
+        os.environ["PROBE_ADVERTISE_HOST"] = "127.0.0.1"
+        probe_settings.clear_cache()
+        for name in SECTIONS:
+            if name not in only:
+                continue
+            try:
+                getattr(bench, "section_" + name)()
+            except KeyboardInterrupt:
+                raise
+            except Exception:
+                text = traceback.format_exc()
+                report.errors.append({"section": name, "error": text})
+                bench.log("section %s FAILED:\n%s" % (name, text))
+                rc = 1
+    except KeyboardInterrupt:
+        report.errors.append({"section": None, "error": "interrupted"})
+        bench.log("interrupted: cleaning up")
+        rc = 130
+    except Exception:
+        text = traceback.format_exc()
+        report.errors.append({"section": None, "error": text})
+        bench.log("FAILED:\n%s" % text)
+        rc = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            bench.close()
+            workers.stop_all()
+            if stack is not None:
+                stack.down(wipe=True)
+        except Exception:
+            bench.log("cleanup: %s" % traceback.format_exc())
+        watchdog.finish()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    machine = _machine_report(machine_before, _machine_cpu(), time.time() - started)
+    results = {
+        "meta": {"mode": "smoke" if args.smoke else "full", "sections": only, "machine": machine,
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                 "duration_s": round(time.time() - started, 1), "python": sys.version.split()[0],
+                 "platform": platform.platform(), "cpus": os.cpu_count(), "config": cfg,
+                 "idl": os.path.relpath(IDL, ROOT), "targets": TARGETS},
+        "features": report.features,
+        "summary": _summary(report),
+        "rows": report.rows,
+        "raw": report.raw,
+        "errors": report.errors,
+    }
+    with open(args.out + ".tmp", "w") as handle:
+        json.dump(results, handle, indent=1, default=str)
+    os.replace(args.out + ".tmp", args.out)
+    print()
+    print("probe benchmark (%s mode, %.0f s, %d CPUs)" % (results["meta"]["mode"],
+                                                          results["meta"]["duration_s"], os.cpu_count()))
+    print_table(report)
+    if machine:
+        print("\nmachine during the run: this benchmark used %.0f%% of %d CPUs, other processes "
+              "%.0f%% (steal %.0f%%)%s" % (machine["own_percent"], os.cpu_count(),
+                                            machine["other_percent"], machine["steal_percent"],
+                                            "  <- NOISY: figures are less reliable"
+                                            if machine["other_percent"] > 10 else ""))
+    summary = results["summary"]
+    print("\ntargets met: %d of %d%s" % (summary["met"], summary["judged"],
+                                        "" if args.smoke else
+                                        "".join("\n  missed: %s" % m for m in summary["missed"])))
+    if args.smoke:
+        print("(smoke mode: counts too small to judge speed; only errors fail the run)")
+    if report.errors:
+        print("\nERRORS in: %s" % ", ".join(str(e["section"]) for e in report.errors))
+    print("results: %s" % os.path.relpath(args.out, os.getcwd()))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

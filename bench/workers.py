@@ -1,0 +1,417 @@
+"""Worker processes of the benchmark. Each function runs in its own spawned process
+(see common.child_entry), talks to the driver over `conn`, and returns when the
+driver sends None (or closes the pipe)."""
+
+import gc
+import os
+import socket
+import sys
+import threading
+import time
+
+from bench.common import EXAMPLES, IDL, SERVICE, latency_summary, median
+
+BARE_TIMEOUT_MS = 5000
+
+
+def _bare_service():
+    import thriftpy2
+    return thriftpy2.load(IDL, module_name="demo_thrift").DemoService
+
+
+def _handler(name="bench"):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    from demo_server import DemoServiceHandler
+    return DemoServiceHandler(name)
+
+
+def _wait_for_stop(conn):
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        conn.send({"error": "unexpected message %r" % (message,)})
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- servers -------------------------------------------------------------------------
+
+def provider(conn, kind, appkey=None, workers=None):
+    """kind 'probe': probe's start_service; kind 'bare': thriftpy2's make_server."""
+    handler = _handler()
+    if kind == "probe":
+        from probe.server import start_service
+        options = {"shutdown_grace": 0}
+        if workers is not None:
+            options["workers"] = workers
+        served = start_service(IDL, appkey, SERVICE, handler, port=0, block=False, **options)
+        conn.send({"host": served.host, "port": served.port, "pid": os.getpid()})
+        try:
+            _wait_for_stop(conn)
+        finally:
+            served.stop(grace=0)
+    elif kind == "bare":
+        from thriftpy2.rpc import make_server
+        port = _free_port()
+        server = make_server(_bare_service(), handler, "127.0.0.1", port)
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        conn.send({"host": "127.0.0.1", "port": port, "pid": os.getpid()})
+        _wait_for_stop(conn)
+        server.close()
+    else:
+        raise ValueError("unknown provider kind %r" % kind)
+
+
+# -- the client under test ------------------------------------------------------------
+
+def _timed_single(call, seconds, warmup):
+    perf = time.perf_counter
+    warm_end = perf() + warmup
+    while perf() < warm_end:
+        call()
+    samples = []
+    append = samples.append
+    cpu0 = time.process_time()
+    start = t1 = perf()
+    end = start + seconds
+    while t1 < end:
+        t0 = perf()
+        call()
+        t1 = perf()
+        append(t1 - t0)
+    cpu = time.process_time() - cpu0
+    elapsed = t1 - start
+    result = {"calls": len(samples), "seconds": elapsed, "cps": len(samples) / elapsed,
+              "client_cpu_us_per_call": cpu / len(samples) * 1e6}
+    result.update(latency_summary(samples))
+    return result
+
+
+def _timed_threads(calls, seconds, warmup):
+    """One thread per callable; counts calls that start inside [mark, mark+seconds]."""
+    perf = time.perf_counter
+    ready = threading.Barrier(len(calls) + 1)
+    samples = [[] for _ in calls]
+    errors = []
+    window = {}
+
+    def run(index, call):
+        try:
+            append = samples[index].append
+            ready.wait()
+            mark, end = window["mark"], window["end"]
+            while True:
+                t0 = perf()
+                if t0 >= end:
+                    return
+                call()
+                if t0 >= mark:
+                    append(perf() - t0)
+        except BaseException as exc:  # surfaced to the driver below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    window["mark"] = perf() + warmup
+    window["end"] = window["mark"] + seconds
+    ready.wait()
+    while perf() < window["mark"]:
+        time.sleep(0.001)
+    cpu0 = time.process_time()
+    for thread in threads:
+        thread.join()
+    cpu = time.process_time() - cpu0
+    if errors:
+        raise RuntimeError("calls failed in threads: %s" % errors[:3])
+    merged = [s for per_thread in samples for s in per_thread]
+    result = {"calls": len(merged), "seconds": seconds, "cps": len(merged) / seconds,
+              "client_cpu_us_per_call": cpu / max(1, len(merged)) * 1e6,
+              "per_thread_calls": [len(s) for s in samples]}
+    result.update(latency_summary(merged))
+    return result
+
+
+def client(conn, appkey, host, port, config_path, env):
+    """Runs the client-side measurements the driver asks for, one at a time."""
+    from thriftpy2.rpc import make_client
+    from probe.client import build_client
+    from bench.seedclient import SeedStyleClient
+
+    bare_service = _bare_service()
+    probe_clients = {}
+
+    def probe_client(kind):
+        if kind not in probe_clients:
+            options = {"metrics": False} if kind == "probe_nometrics" else {}
+            probe_clients[kind] = build_client(IDL, appkey, SERVICE, **options)
+        return probe_clients[kind]
+
+    def bare_client():
+        return make_client(bare_service, host, port, timeout=BARE_TIMEOUT_MS)
+
+    try:
+        while True:
+            try:
+                command = conn.recv()
+            except EOFError:
+                return
+            if command is None:
+                return
+            op = command["op"]
+            if op == "features":
+                features = {"metrics_option": False}
+                try:
+                    probe_client("probe_nometrics")
+                    features["metrics_option"] = True
+                except TypeError as exc:
+                    features["metrics_error"] = str(exc)
+                except Exception as exc:  # a ProbeError naming the unknown option
+                    features["metrics_error"] = "%s: %s" % (exc.__class__.__name__, exc)
+                conn.send(features)
+            elif op == "single":
+                kind = command["kind"]
+                closer = None
+                if kind == "bare":
+                    target = bare_client()
+                    closer = target.close
+                elif kind in ("seed", "seed_closing"):
+                    target = SeedStyleClient(bare_service, appkey, SERVICE, env, config_path,
+                                             socket_timeout=BARE_TIMEOUT_MS,
+                                             close_sessions=kind == "seed_closing")
+                else:
+                    target = probe_client(kind)
+                try:
+                    assert target.say() == "hello world"
+                    result = _timed_single(target.say, command["seconds"], command["warmup"])
+                finally:
+                    if closer:
+                        closer()
+                result["kind"] = kind
+                conn.send(result)
+            elif op == "threads":
+                kind, count = command["kind"], command["threads"]
+                if kind == "bare":
+                    bares = [bare_client() for _ in range(count)]
+                    calls = [b.say for b in bares]
+                else:
+                    shared = probe_client("probe")
+                    calls = [shared.say] * count
+                    bares = []
+                try:
+                    result = _timed_threads(calls, command["seconds"], command["warmup"])
+                finally:
+                    for b in bares:
+                        b.close()
+                result["kind"] = kind
+                if kind != "bare":
+                    pools = probe_clients["probe"]._pools
+                    result["pool_connections"] = sum(p.created for p in pools.values())
+                conn.send(result)
+            else:
+                conn.send({"error": "unknown op %r" % op})
+    finally:
+        for c in probe_clients.values():
+            c.close()
+
+
+def load(conn):
+    """A load generator for the server comparison: one bare client per round."""
+    from thriftpy2.rpc import make_client
+    service = _bare_service()
+    while True:
+        try:
+            command = conn.recv()
+        except EOFError:
+            return
+        if command is None:
+            return
+        c = make_client(service, command["host"], command["port"], timeout=BARE_TIMEOUT_MS)
+        try:
+            say = c.say
+            say()
+            # Shared wall clock: every load process measures the same window.
+            perf = time.perf_counter
+            offset = time.time() - perf()
+            mark = command["start_at"] - offset
+            end = mark + command["seconds"]
+            while perf() < mark:
+                say()
+            samples = []
+            append = samples.append
+            t1 = perf()
+            while t1 < end:
+                t0 = perf()
+                say()
+                t1 = perf()
+                append(t1 - t0)
+        finally:
+            c.close()
+        conn.send({"calls": len(samples), "samples": samples})
+
+
+# -- governance measurements ---------------------------------------------------------------
+
+def consumer(conn, appkey, snapshot_dir):
+    """Holds a build_client and reports every routing-table change with its time."""
+    from probe.client import build_client
+    c = build_client(IDL, appkey, SERVICE, snapshot_dir=snapshot_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while not c.watcher.table.all_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no node in the routing table after 60 s")
+            time.sleep(0.005)
+        assert c.say() == "hello world"
+        watcher = c.watcher
+        original = watcher.on_change
+        send_lock = threading.Lock()
+
+        def hooked(table):
+            if original is not None:
+                original(table)
+            seen = time.time()
+            with send_lock:
+                conn.send(("table", seen, [n.weight for n in table.all_nodes]))
+        watcher.on_change = hooked
+        with send_lock:
+            conn.send(("ready", time.time(), [n.weight for n in watcher.table.all_nodes]))
+        _wait_for_stop(conn)
+    finally:
+        c.close()
+
+
+def memory(conn, appkey, expect, snapshot_dir):
+    """RSS of a consumer before/after build_client watching `expect` nodes, and the
+    time until its routing table holds all of them."""
+    import psutil
+    from probe.client import build_client
+    from probe.idl import load_service
+    load_service(IDL, SERVICE)  # the IDL is not the nodes' memory
+    me = psutil.Process()
+    gc.collect()
+    time.sleep(0.05)
+    rss0 = me.memory_info().rss
+    t0 = time.perf_counter()
+    c = build_client(IDL, appkey, SERVICE, snapshot_dir=snapshot_dir)
+    built = time.perf_counter() - t0
+    deadline = time.monotonic() + 300
+    while len(c.watcher.table.all_nodes) < expect:
+        if time.monotonic() > deadline:
+            raise RuntimeError("only %d of %d nodes after 300 s" % (len(c.watcher.table.all_nodes), expect))
+        time.sleep(0.0005)
+    full = time.perf_counter() - t0
+    updates = c.watcher.updates
+    gc.collect()
+    time.sleep(0.2)
+    rss1 = me.memory_info().rss
+    conn.send({"rss_before": rss0, "rss_after": rss1, "build_client_s": built,
+               "table_full_s": full, "nodes": len(c.watcher.table.all_nodes),
+               "table_publishes": updates})
+    try:
+        _wait_for_stop(conn)
+    finally:
+        c.close()
+
+
+def first_call(conn, kind, appkey, host, port, config_path, env, repeats):
+    """Seconds from making a client to its first successful say(); the first try
+    includes parsing the IDL (a cold process), the others do not."""
+    import thriftpy2
+    from thriftpy2.rpc import make_client
+    from probe.client import build_client
+    from probe.errors import NoAvailableNode
+    from bench.seedclient import SeedStyleClient
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if kind == "bare":
+            service = thriftpy2.load(IDL, module_name="demo_thrift").DemoService
+            c = make_client(service, host, port, timeout=BARE_TIMEOUT_MS)
+            assert c.say() == "hello world"
+        elif kind == "probe":
+            c = build_client(IDL, appkey, SERVICE)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert c.say() == "hello world"
+                    break
+                except NoAvailableNode:
+                    if time.monotonic() > deadline:
+                        raise
+        elif kind == "seed":
+            service = thriftpy2.load(IDL, module_name="demo_thrift").DemoService
+            c = SeedStyleClient(service, appkey, SERVICE, env, config_path,
+                                socket_timeout=BARE_TIMEOUT_MS)
+            assert c.say() == "hello world"
+        else:
+            raise ValueError(kind)
+        times.append(time.perf_counter() - t0)
+        c.close()
+    conn.send({"cold_ms": times[0] * 1e3,
+               "warm_ms": median(times[1:]) * 1e3 if len(times) > 1 else None,
+               "all_ms": [t * 1e3 for t in times]})
+    _wait_for_stop(conn)
+
+
+def balancer(conn, sizes, budget):
+    """ns per pick for each balancer and µs per RoutingTable build, per table size."""
+    import random
+    from probe.balancer import LeastInFlight, Node, RoutingTable, SmoothRoundRobin, WeightedRandom
+
+    def per_op(fn, arg, repeats=7):
+        # Calibrate the loop count to ~`budget` s per repeat; the fastest repeat is the
+        # one least disturbed by other processes (timeit's rule).
+        loops = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(loops):
+                fn(arg)
+            took = time.perf_counter() - t0
+            if took >= budget / 4 or loops >= 1 << 22:
+                break
+            loops *= 4
+        loops = max(1, int(loops * budget / max(took, 1e-9)))
+        results = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(loops):
+                fn(arg)
+            results.append((time.perf_counter() - t0) / loops)
+        return min(results)
+
+    rng = random.Random(7)
+    out = {}
+    for n in sizes:
+        nodes = [Node("%s_10.9.%d.%d_9090" % (SERVICE, i // 250, i % 250 + 1),
+                      "10.9.%d.%d" % (i // 250, i % 250 + 1), 9090, rng.randint(1, 100), 1, 0.0)
+                 for i in range(n)]
+        table = RoutingTable(nodes)
+        row = {"rebuild_us": per_op(RoutingTable, nodes) * 1e6}
+        for name, chooser in (("weighted_random", WeightedRandom()),
+                              ("round_robin", SmoothRoundRobin()),
+                              ("least_inflight", LeastInFlight(lambda node: 0))):
+            row[name + "_ns"] = per_op(chooser.pick, table) * 1e9
+        out[n] = row
+    conn.send(out)
+    _wait_for_stop(conn)
