@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["probe", "probe.*"]),
-    package_data={"probe": ["config/*.yml", "config/*.sql", "console/static/*"]},
+    package_data={"probe.config": ["*.yml", "*.sql"]},
     include_package_data=True,
     python_requires=">=3.8",
     install_requires=[
