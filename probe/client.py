@@ -206,9 +206,12 @@ class ProbeClient(TClient):
         try:
             _, message_type, reply_seqid = protocol.read_message_begin()
             if reply_seqid != seqid:
-                raise TApplicationException(TApplicationException.BAD_SEQUENCE_ID,
-                                            "reply seqid %d does not match call %d on %s"
-                                            % (reply_seqid, seqid, node.name))
+                # A stray late reply: this connection can no longer be trusted.
+                conn.close()
+                self._observe(method, node, CONNECTION_ERROR, started)
+                raise _Retryable(False, TApplicationException(
+                    TApplicationException.BAD_SEQUENCE_ID, "reply seqid %d does not match call "
+                    "%d on %s" % (reply_seqid, seqid, node.name)))
             if message_type == TMessageType.EXCEPTION:
                 error = TApplicationException()
                 error.read(protocol)
@@ -219,7 +222,7 @@ class ProbeClient(TClient):
             result = method.result_cls()
             result.read(protocol)
             protocol.read_message_end()
-        except TApplicationException:
+        except (TApplicationException, _Retryable):
             raise
         except _TRANSPORT_ERRORS as exc:
             conn.close()

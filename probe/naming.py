@@ -13,6 +13,7 @@ from .errors import InvalidAppkey, InvalidNodeAddress, InvalidServiceName, Inval
 
 SERVICES_ROOT = "/services"
 SETTINGS_HASH_PREFIX = "thriftprobe_"
+STATS_KEY_PREFIX = "thriftprobe_stats_"
 FIELD_SEPARATOR = "|"
 
 DEFAULT_WEIGHT = 10
@@ -162,3 +163,25 @@ class NodeSettings(NamedTuple):
         if weight < 0:
             raise ValueError("node data weight is negative: %r" % weight)
         return cls(host, port, weight, 1 if valid == 1 else 0)
+
+
+# -- call statistics in Redis (written by probe.metrics, read by probe.stats) --
+def stats_key(env, appkey, side, slot):
+    return "%s%s:%s:%s:%d" % (STATS_KEY_PREFIX, env, appkey, side, slot)
+
+
+def stats_pattern(env, appkey):
+    """A SCAN pattern for every stats key of an appkey (tests, cleanup tools)."""
+    return "%s%s:%s:*" % (STATS_KEY_PREFIX, env, appkey)
+
+
+def stats_field(service, method, node, status, writer):
+    return "|".join((service, method, node, status, writer))
+
+
+def parse_stats_field(field):
+    """-> (service, method, node, status, writer), or None when malformed."""
+    if isinstance(field, bytes):
+        field = field.decode("utf-8", "replace")
+    parts = field.split("|")
+    return tuple(parts) if len(parts) == 5 else None

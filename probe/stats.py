@@ -23,9 +23,9 @@ import time
 import redis
 
 from .errors import ComponentUnavailable
+from .naming import parse_stats_field, stats_field, stats_key, stats_pattern  # noqa: F401
 from .thriftserver import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
-STATS_KEY_PREFIX = "thriftprobe_stats_"
 SLOT_SECONDS = 10
 DEFAULT_TTL = 3600  # seconds a slot is kept once its last write is done
 
@@ -41,27 +41,6 @@ SIDES = ("server", "client")
 
 def slot_of(epoch):
     return int(epoch // SLOT_SECONDS) * SLOT_SECONDS
-
-
-def stats_key(env, appkey, side, slot):
-    return "%s%s:%s:%s:%d" % (STATS_KEY_PREFIX, env, appkey, side, slot)
-
-
-def stats_pattern(env, appkey):
-    """A SCAN pattern for every stats key of an appkey (tests, cleanup tools)."""
-    return "%s%s:%s:*" % (STATS_KEY_PREFIX, env, appkey)
-
-
-def stats_field(service, method, node, status, writer):
-    return "|".join((service, method, node, status, writer))
-
-
-def parse_stats_field(field):
-    """-> (service, method, node, status, writer), or None when malformed."""
-    if isinstance(field, bytes):
-        field = field.decode("utf-8", "replace")
-    parts = field.split("|")
-    return tuple(parts) if len(parts) == 5 else None
 
 
 def write_slot(redis_client, env, slot, deltas, writer, ttl=DEFAULT_TTL, ttls=None):
