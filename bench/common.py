@@ -58,6 +58,70 @@ def ratio(value, anchor):
     return value / float(anchor)
 
 
+# -- /proc (Linux; no psutil needed) ------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid):
+    """Fields of /proc/<pid>/stat after the command name (index 0 = state), or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()
+
+
+def start_ticks(pid):
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def descendants(pid):
+    """Pids of every live descendant of `pid`."""
+    children = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pid, with_descendants=True):
+    """User+system CPU seconds of `pid` (and its live descendants)."""
+    total = 0.0
+    for one in [pid] + (descendants(pid) if with_descendants else []):
+        fields = _stat(one)
+        if fields:
+            total += (int(fields[11]) + int(fields[12])) / float(_TICKS)
+    return total
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine_cpu_seconds():
+    """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    values += [0] * (8 - len(values))
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    return (user + nice + system + irq + softirq) / float(_TICKS), steal / float(_TICKS)
+
+
 # -- worker processes --------------------------------------------------------------
 
 def _die_with_parent():
@@ -212,20 +276,16 @@ class Workers(object):
 
 
 def _descendants(pid):
-    try:
-        import psutil
-        return psutil.Process(pid).children(recursive=True)
-    except Exception:
-        return []
+    return [(child, start_ticks(child)) for child in descendants(pid)]
 
 
 def _kill_all(processes):
-    for proc in processes:
-        try:
-            if proc.is_running():
-                proc.kill()
-        except Exception:
-            pass
+    for pid, started in processes:
+        if started is not None and start_ticks(pid) == started:  # not a recycled pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 # -- the watchdog ------------------------------------------------------------------------
@@ -233,24 +293,47 @@ def _kill_all(processes):
 _WATCHDOG = r"""
 import os, shutil, signal, sys
 state_dir, scratch = sys.argv[1], sys.argv[2]
+def started(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+def children_of():
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as handle:
+                    data = handle.read()
+                table.setdefault(int(data[data.rindex(b")") + 2:].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return table
 pids = []
 for line in sys.stdin:              # EOF: the driver is gone (or done)
     try:
-        pids.append(tuple(float(x) for x in line.split()))
+        pid, ticks = line.split()
+        pids.append((int(pid), int(ticks)))
     except ValueError:
         pass
 try:
-    import psutil
-    for pid, created in pids:
+    table = children_of()
+    doomed = []
+    for pid, ticks in pids:
+        if started(pid) == ticks:
+            todo = [pid]
+            while todo:
+                one = todo.pop()
+                doomed.append(one)
+                todo.extend(table.get(one, ()))
+    for pid in doomed:
         try:
-            proc = psutil.Process(int(pid))
-            if abs(proc.create_time() - created) < 1.0:
-                for child in proc.children(recursive=True):
-                    child.kill()
-                proc.kill()
-        except Exception:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass
-except ImportError:
+except OSError:
     pass
 try:
     from probe.devstack import Stack
@@ -271,13 +354,11 @@ class Watchdog(object):
             stdout=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
 
     def track(self, pid):
+        ticks = start_ticks(pid)
+        if ticks is None:
+            return
         try:
-            import psutil
-            created = psutil.Process(pid).create_time()
-        except Exception:
-            created = 0.0
-        try:
-            self.process.stdin.write(("%d %f\n" % (pid, created)).encode())
+            self.process.stdin.write(("%d %d\n" % (pid, ticks)).encode())
             self.process.stdin.flush()
         except (OSError, ValueError):
             pass
@@ -302,12 +383,7 @@ def set_affinity(pid, cpus):
     if not hasattr(os, "sched_setaffinity"):
         return False
     cpus = set(range(os.cpu_count() or 1)) if cpus is None else set(cpus)
-    pids = [pid]
-    try:
-        import psutil
-        pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except Exception:
-        pass
+    pids = [pid] + descendants(pid)
     done = False
     for proc in pids:
         try:

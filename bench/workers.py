@@ -295,7 +295,18 @@ def consumer(conn, appkey, snapshot_dir):
         watcher.on_change = hooked
         with send_lock:
             conn.send(("ready", time.time(), [n.weight for n in watcher.table.all_nodes]))
-        _wait_for_stop(conn)
+        cpu_ready = time.process_time()
+        updates_ready = watcher.updates
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            if message is None:
+                return
+            if message == "cpu":  # CPU this consumer spent since it was ready
+                with send_lock:
+                    conn.send(("cpu", time.process_time() - cpu_ready, watcher.updates - updates_ready))
     finally:
         c.close()
 
@@ -303,14 +314,13 @@ def consumer(conn, appkey, snapshot_dir):
 def memory(conn, appkey, expect, snapshot_dir):
     """RSS of a consumer before/after build_client watching `expect` nodes, and the
     time until its routing table holds all of them."""
-    import psutil
+    from bench.common import rss_bytes
     from probe.client import build_client
     from probe.idl import load_service
     load_service(IDL, SERVICE)  # the IDL is not the nodes' memory
-    me = psutil.Process()
     gc.collect()
     time.sleep(0.05)
-    rss0 = me.memory_info().rss
+    rss0 = rss_bytes()
     t0 = time.perf_counter()
     c = build_client(IDL, appkey, SERVICE, snapshot_dir=snapshot_dir)
     built = time.perf_counter() - t0
@@ -323,7 +333,7 @@ def memory(conn, appkey, expect, snapshot_dir):
     updates = c.watcher.updates
     gc.collect()
     time.sleep(0.2)
-    rss1 = me.memory_info().rss
+    rss1 = rss_bytes()
     conn.send({"rss_before": rss0, "rss_after": rss1, "build_client_s": built,
                "table_full_s": full, "nodes": len(c.watcher.table.all_nodes),
                "table_publishes": updates})

@@ -5,7 +5,6 @@
 import logging
 import os
 import sys
-import threading
 import time
 
 from probe.server import start_service
@@ -36,6 +35,9 @@ class DemoServiceHandler(object):
 
     def whoami(self):
         return self.name
+
+    def pid(self):
+        return os.getpid()
 
 
 if __name__ == "__main__":

@@ -11,4 +11,5 @@ service DemoService {
     string fail(1: string message) throws (1: DemoError error);
     string slow(1: i32 millis);
     string whoami();
+    i32 pid();
 }

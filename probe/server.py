@@ -11,7 +11,9 @@ so consumers drop the node → stop accepting → drain calls in flight (bounded
 
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 
 from . import metrics as call_metrics
@@ -24,6 +26,7 @@ from .nodestore import NodeStore
 from .registry import Registration, release_zookeeper, shared_zookeeper
 from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings, outbound_ip
 from .thriftserver import ThriftServer
+from .workers import WorkerPool, wait_for_drain_order
 
 log = logging.getLogger("probe.server")
 
@@ -38,13 +41,20 @@ class Provider(object):
                  session_timeout=None, observe=None, metrics_port=None, metrics=True,
                  metrics_addr=call_metrics.DEFAULT_METRICS_ADDR,
                  stats_interval=call_metrics.DEFAULT_STATS_INTERVAL,
-                 stats_ttl=call_metrics.DEFAULT_TTL, slow_call_ms=call_metrics.DEFAULT_SLOW_CALL_MS):
+                 stats_ttl=call_metrics.DEFAULT_TTL, slow_call_ms=call_metrics.DEFAULT_SLOW_CALL_MS,
+                 workers=1):
         naming.check_service_name(service_name)
         naming.check_appkey(appkey)
         if handler is None:
             raise ProbeError("handler is None: pass an object implementing %s's methods" % service_name)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ProbeError("bad port %r: give an integer 0-65535 (0 picks a free port)" % (port,))
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ProbeError("bad workers %r: give a whole number >= 1 (processes serving "
+                             "the port)" % (workers,))
+        self.workers = workers
+        self.worker_pool = None
+        self._metrics_dir = None
         self.service = load_service(thrift_path, service_name)
         self.thrift_path = thrift_path
         self.appkey = appkey
@@ -110,12 +120,16 @@ class Provider(object):
             raise ProbeError("cannot bind %s:%s for %s: %s (is another process on that port?)"
                              % (self.bind_host, self.requested_port, self.describe, exc))
         self.port = self.server.port
-        if self.metrics.enabled:
-            # Labelled with this node's host:port, known once bound; nothing is served yet.
-            self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
-                                                      self.address, self.metrics.slow_call_ms)
-            self.recorder.inflight = lambda server=self.server: server.inflight
-            self.server.observe = call_metrics.server_hook(self.recorder, self.observe)
+        if self.workers > 1:
+            # Fork now, before this process runs any ZooKeeper or metrics thread.
+            if self.metrics.enabled:
+                self._metrics_dir = tempfile.mkdtemp(prefix="probe-metrics-%d-" % self.port)
+                call_metrics.enable_multiprocess(self._metrics_dir)
+            self.worker_pool = WorkerPool(self.workers, self._serve_in_worker,
+                                          name="%s worker" % self.service_name)
+            self.worker_pool.start()
+        elif self.metrics.enabled:
+            self._record_calls()
         try:
             if self.metrics.port is not None:
                 self.metrics_endpoint = call_metrics.serve(self.metrics.port, self.metrics.addr)
@@ -135,7 +149,9 @@ class Provider(object):
             self.registration = Registration(self.zk, self.path, self.node_settings, reload_settings)
             self.registration.register()
         except BaseException:
-            self.server.close()
+            if self.worker_pool is not None:
+                self.worker_pool.stop(timeout=5)
+            self.server.close(shutdown=self.worker_pool is None)
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
                 self.metrics_endpoint = None
@@ -143,14 +159,37 @@ class Provider(object):
                 release_zookeeper(self.zk)
                 self.zk = None
             raise
-        self.server.start()
-        if self.recorder is not None:
-            call_metrics.attach(self.recorder, settings.redis, self.env,
-                                self.metrics.stats_interval, self.metrics.stats_ttl)
+        if self.worker_pool is not None:
+            self.worker_pool.supervise()
+        else:
+            self.server.start()
         self._started = True
         log.info("serving %s on %s (bound %s:%d), settings %s", self.describe, self.address,
                  self.bind_host, self.port, self.node_settings.to_json())
         return self
+
+    def _record_calls(self):
+        """Count and time every call this process serves (labelled with host:port)."""
+        self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
+                                                  self.address, self.metrics.slow_call_ms)
+        self.recorder.inflight = lambda server=self.server: server.inflight
+        self.server.observe = call_metrics.server_hook(self.recorder, self.observe)
+        call_metrics.attach(self.recorder, self.settings.redis, self.env,
+                            self.metrics.stats_interval, self.metrics.stats_ttl)
+
+    def _serve_in_worker(self, index):
+        """A forked worker's life: serve the shared socket until the parent says drain."""
+        if self.metrics.enabled:
+            self._record_calls()
+        self.server.start()
+        wait_for_drain_order()
+        self.server.stop_accepting(shutdown=False)
+        left = self.server.drain(self.drain_timeout)
+        if left:
+            log.warning("worker %d: %d call(s) still running after %.1f s; closing anyway",
+                        index, left, self.drain_timeout)
+        self.server.close(shutdown=False)
+        call_metrics.flush_now()
 
     def stop(self, grace=None):
         """Deregister, let consumers move away, drain, close. Safe to call twice."""
@@ -163,7 +202,10 @@ class Provider(object):
                 self.registration.close()
             if self._started and grace > 0:
                 self._stopped.wait(grace)
-            if self.server is not None:
+            if self.worker_pool is not None:
+                self.worker_pool.stop(timeout=self.drain_timeout + 5)
+                self.server.close(shutdown=False)
+            elif self.server is not None:
                 self.server.stop_accepting()
                 left = self.server.drain(self.drain_timeout)
                 if left:
@@ -175,6 +217,8 @@ class Provider(object):
                 self.zk = None
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._stopped.set()
             log.info("stopped %s on %s", self.describe, self.address)
 
@@ -215,7 +259,7 @@ def start_service(thrift_path, appkey, service_name, handler, port=8081, block=T
     call metrics (probe.metrics): metrics (True; False records nothing), metrics_port
     (default PROBE_METRICS_PORT; serves /metrics), metrics_addr, stats_interval (s, <= 10,
     Redis flush of per-slot stats), stats_ttl (s), slow_call_ms (1000; slower calls are
-    logged on 'probe.metrics').
+    logged on 'probe.metrics'), workers (1; N forks N processes that share the port).
     """
     provider = Provider(thrift_path, appkey, service_name, handler, port=port, **options)
     if block:

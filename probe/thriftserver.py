@@ -97,13 +97,16 @@ class ThriftServer(object):
                                                daemon=True)
         self._accept_thread.start()
 
-    def stop_accepting(self):
+    def stop_accepting(self, shutdown=True):
+        """Close the listening socket. `shutdown=False` for a socket shared with other
+        processes: shutdown() would stop their accepts too."""
         listener, self.listener = self.listener, None
         if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if shutdown:
+                try:
+                    listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             listener.close()
 
     def drain(self, timeout=10.0):
@@ -121,8 +124,8 @@ class ThriftServer(object):
                 return inflight
             time.sleep(0.01)
 
-    def close(self):
-        self.stop_accepting()
+    def close(self, shutdown=True):
+        self.stop_accepting(shutdown)
         with self._lock:
             connections = list(self._connections)
         for conn in connections:

@@ -15,4 +15,6 @@ if __name__ == "__main__":
     appkey, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     idl = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "idl", "demo.thrift")
     start_service(idl, appkey, "DemoService", DemoServiceHandler(name), port=port,
-                  shutdown_grace=float(os.environ.get("PROBE_TEST_GRACE", "0.5")))
+                  shutdown_grace=float(os.environ.get("PROBE_TEST_GRACE", "0.5")),
+                  workers=int(os.environ.get("PROBE_TEST_WORKERS", "1")),
+                  stats_interval=float(os.environ.get("PROBE_TEST_STATS_INTERVAL", "5")))
