@@ -350,6 +350,7 @@ class ServiceWatcher(object):
 
     def start(self):
         """Watch now if connected; else route on the snapshot until ZooKeeper answers."""
+        self.zk.client.add_listener(self._on_state)
         self.zk.on_new_session(self._establish)
         if self.zk.connected:
             self._establish()
@@ -361,6 +362,19 @@ class ServiceWatcher(object):
             self._closed = True
             self._generation += 1
         self.zk.remove_callback(self._establish)
+        self.zk.client.remove_listener(self._on_state)
+
+    def _on_state(self, state):
+        # kazoo's connection thread: no ZooKeeper calls here. When the session is
+        # lost, the old watches would report every node gone as they re-fire against
+        # a server that forgot them; retire them and keep the table until the new
+        # session's watches (set up by _establish) have something to say.
+        if state == KazooState.LOST:
+            with self._lock:
+                self._generation += 1
+                if self._nodes:
+                    self._protect_until = time.monotonic() + self.empty_protection
+        return None
 
     def refresh(self):
         """Rebuild the table from the nodes already known (warm-up progress)."""
