@@ -425,3 +425,121 @@ def balancer(conn, sizes, budget):
         out[n] = row
     conn.send(out)
     _wait_for_stop(conn)
+
+
+def callpath(conn, appkey, host, port, batch, repeats):
+    """Client CPU per call with no network wait: each client talks over a socketpair
+    whose far end holds canned replies, so only the client's own work is timed
+    (encode, send syscall, recv syscall, decode, plus probe's routing, pooling and
+    metrics). probe's pooled connection is swapped for the socketpair one; this
+    relies on probe.pool internals, so a change there reports n/a, not an error."""
+    import socket
+    from thriftpy2.protocol import TBinaryProtocolFactory
+    from thriftpy2.protocol.binary import TBinaryProtocol
+    from thriftpy2.thrift import TClient, TMessageType
+    from thriftpy2.transport import TBufferedTransportFactory, TMemoryBuffer, TSocket
+    from probe import pool as probe_pool
+    from probe.client import build_client
+    from probe.idl import load_service
+
+    service = load_service(IDL, SERVICE)
+
+    def canned(seqids):
+        buf = TMemoryBuffer()
+        proto = TBinaryProtocol(buf)
+        for seqid in seqids:
+            proto.write_message_begin("say", TMessageType.REPLY, seqid)
+            service.say_result(success="hello world").write(proto)
+            proto.write_message_end()
+        return buf.getvalue()
+
+    def drain(sock):
+        sock.setblocking(False)
+        try:
+            while sock.recv(1 << 16):
+                pass
+        except BlockingIOError:
+            pass
+        finally:
+            sock.setblocking(True)
+
+    def measure(call, far, replies):
+        """ns per call: the fastest of `repeats` batches (timeit's rule)."""
+        best = None
+        for _ in range(repeats):
+            far.sendall(replies())
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                call()
+            took = time.perf_counter() - t0
+            drain(far)
+            best = took if best is None else min(best, took)
+        return best / batch * 1e9
+
+    out = {}
+    near, far = socket.socketpair()
+    bare = TClient(service, TBinaryProtocolFactory().get_protocol(
+        TBufferedTransportFactory().get_transport(TSocket(sock=near))))
+    out["bare"] = measure(bare.say, far, lambda: canned([0] * batch))
+    near.close()
+    far.close()
+
+    class CannedConnection(probe_pool.Connection):
+        __slots__ = ()
+
+        def __init__(self, sock):
+            self.sock = sock
+            self.transport = TBufferedTransportFactory().get_transport(TSocket(sock=sock))
+            self.protocol = TBinaryProtocolFactory().get_protocol(self.transport)
+            self.poller = None
+            self.seqid = 0
+
+        def is_stale(self):
+            return False  # the canned replies wait in the buffer; the poll is timed apart
+
+    for kind, options in (("probe", {}), ("probe_nometrics", {"metrics": False})):
+        try:
+            client = build_client(IDL, appkey, SERVICE, **options)
+        except TypeError:
+            continue
+        try:
+            assert client.say() == "hello world"
+            node = client.watcher.table.nodes[0]
+            pool = client._pools[node.address]
+            near, far = socket.socketpair()
+            fake = CannedConnection(near)
+            pool.idle.clear()
+            pool.idle.append(fake)
+            state = {"seqid": 0}
+
+            def replies():
+                seqids = []
+                for _ in range(batch):
+                    state["seqid"] = (state["seqid"] + 1) & 0x7FFFFFFF
+                    seqids.append(state["seqid"])
+                return canned(seqids)
+            out[kind] = measure(client.say, far, replies)
+            if pool.created != 1 or list(pool.idle) != [fake]:
+                raise RuntimeError("the canned connection was not the one used")
+            pool.idle.clear()
+            near.close()
+            far.close()
+        finally:
+            client.close()
+
+    # The pool's staleness check, timed on a real idle connection.
+    real = probe_pool.Connection(host, port, 1000, 1000)
+    try:
+        stale = real.is_stale
+        best = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                stale()
+            took = time.perf_counter() - t0
+            best = took if best is None else min(best, took)
+        out["is_stale"] = best / batch * 1e9
+    finally:
+        real.close()
+    conn.send(out)
+    _wait_for_stop(conn)

@@ -9,6 +9,7 @@ import random
 import threading
 import time
 from bisect import bisect_right
+from heapq import heapify, heappop, heappush
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -102,15 +103,25 @@ class WeightedRandom(object):
 
 
 class SmoothRoundRobin(object):
-    """nginx's smooth weighted round robin: over every `total` picks each node gets
-    exactly its weight, spread out (weights 5,1,1 give a a b a c a a)."""
+    """Smooth weighted round robin: over every `total` picks each node gets exactly
+    its weight, spread out rather than in runs.
+
+    Up to SMALL_TABLE nodes this is nginx's algorithm (weights 5,1,1 give
+    a a b a c a a), which costs O(n) a pick. Larger tables use earliest deadline
+    first (Envoy's scheduler: node i's k-th turn is due at (k + 1/2) / weight), an
+    O(log n) heap with the same exact per-cycle shares, so the pick stays flat.
+    """
 
     name = "round_robin"
+    SMALL_TABLE = 32
 
     def __init__(self):
         self._lock = threading.Lock()
         self._table = None
         self._current = []
+        self._heap = []
+        self._turns = []
+        self._picked = 0
 
     def pick(self, table, exclude=()):
         if not table.total:
@@ -118,29 +129,62 @@ class SmoothRoundRobin(object):
         with self._lock:
             if self._table is not table:
                 self._carry_over(table)
-            current = self._current
-            best = -1
-            best_value = None
-            total = 0
-            for i, weight in enumerate(table.weights):
+            if len(table.nodes) <= self.SMALL_TABLE:
+                return self._pick_nginx(table, exclude)
+            return self._pick_deadline(table, exclude)
+
+    def _pick_nginx(self, table, exclude):
+        current = self._current
+        best = -1
+        best_value = None
+        total = 0
+        for i, weight in enumerate(table.weights):
+            if exclude and table.nodes[i].name in exclude:
+                continue
+            current[i] += weight
+            total += weight
+            if best_value is None or current[i] > best_value:
+                best, best_value = i, current[i]
+        if best < 0:
+            raise table.no_node_error()
+        current[best] -= total
+        return table.nodes[best]
+
+    def _pick_deadline(self, table, exclude):
+        heap, turns, weights = self._heap, self._turns, table.weights
+        held = []
+        try:
+            while heap:
+                due, i = heappop(heap)
                 if exclude and table.nodes[i].name in exclude:
+                    held.append((due, i))
                     continue
-                current[i] += weight
-                total += weight
-                if best_value is None or current[i] > best_value:
-                    best, best_value = i, current[i]
-            if best < 0:
-                raise table.no_node_error()
-            current[best] -= total
-            return table.nodes[best]
+                turns[i] += 1
+                heappush(heap, ((turns[i] + 0.5) / weights[i], i))
+                self._picked += 1
+                if self._picked >= table.total:
+                    self._start_cycle(table)  # every share is exact again: restart the clock
+                    held = []
+                return table.nodes[i]
+            raise table.no_node_error()
+        finally:
+            for item in held:
+                heappush(heap, item)
+
+    def _start_cycle(self, table):
+        self._turns = [0] * len(table.nodes)
+        self._heap = [(0.5 / w, i) for i, w in enumerate(table.weights)]
+        heapify(self._heap)
+        self._picked = 0
 
     def _carry_over(self, table):
-        # Keep each surviving node's position in the cycle when the table changes.
+        # Keep each surviving node's position in the nginx cycle when the table changes.
         old = {}
         if self._table is not None:
             old = {n.name: c for n, c in zip(self._table.nodes, self._current)}
         self._current = [old.get(n.name, 0) for n in table.nodes]
         self._table = table
+        self._start_cycle(table)
 
 
 class LeastInFlight(object):

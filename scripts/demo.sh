@@ -42,4 +42,7 @@ echo "== stopping the provider (SIGTERM: deregister, drain, exit)"
 kill -TERM "$provider_pid"; wait "$provider_pid" || true
 provider_pid=""
 $PROBE nodes hello_www
+echo "== call statistics flushed to Redis by the provider and the client"
+$PROBE stats hello_www
+$PROBE stats hello_www --side client
 echo "== cleaning up the stack"

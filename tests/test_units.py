@@ -176,6 +176,27 @@ def test_smooth_round_robin_exact_counts_per_cycle():
     assert counts == {n: w * 5 for n, w in weights.items()}
 
 
+def test_round_robin_large_table_exact_shares_and_flat_cost():
+    weights = [1 + (i % 7) for i in range(500)]
+    table = RoutingTable([node("n%03d" % i, w) for i, w in enumerate(weights)])
+    balancer = SmoothRoundRobin()
+    total = sum(weights)
+    counts = Counter(balancer.pick(table).name for _ in range(total * 2))
+    assert counts == {"n%03d" % i: 2 * w for i, w in enumerate(weights)}
+    # Smooth: a node's turns are spread over the cycle, never bunched up.
+    sequence = [balancer.pick(table).name for _ in range(total)]
+    heavy = [i for i, name in enumerate(sequence) if name == "n006"]  # weight 7
+    gaps = [b - a for a, b in zip(heavy, heavy[1:])]
+    assert min(gaps) > total / 7 / 3
+
+
+def test_round_robin_large_table_exclude():
+    table = RoutingTable([node("n%03d" % i) for i in range(100)])
+    balancer = SmoothRoundRobin()
+    skip = {"n%03d" % i for i in range(99)}
+    assert {balancer.pick(table, skip).name for _ in range(20)} == {"n099"}
+
+
 def test_least_inflight_prefers_idle_nodes():
     table = RoutingTable([node("busy"), node("idle")])
     load = {"busy": 50, "idle": 0}
