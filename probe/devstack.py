@@ -872,6 +872,11 @@ class Stack:
                                    % MYSQL_DATABASE, (MYSQL_USER, host))
         finally:
             connection.close()
+        # The tables too, so `serviceapp` exists for anyone inserting appkeys by SQL.
+        from .appkeys import AppkeyStore
+        from .settings import MysqlSettings
+        AppkeyStore(MysqlSettings(LOOPBACK, self.ports["mysql"], MYSQL_USER, MYSQL_PASSWORD,
+                                  MYSQL_DATABASE)).ensure_schema()
 
     def _write_config(self) -> None:
         import yaml  # a dependency of probe; imported late to keep status() light

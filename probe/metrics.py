@@ -200,7 +200,8 @@ class Recorder(object):
             self._slow(method, node, status, seconds)
 
     def observe_server(self, method, status, seconds):
-        """One call of `method` served by this provider (ThriftServer's hook)."""
+        """One call of `method` served by this provider (ThriftServer's hook).
+        The body repeats observe() on purpose: one Python call less per RPC."""
         try:
             cells = self._local.state.cells
         except AttributeError:
