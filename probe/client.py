@@ -87,6 +87,7 @@ class ProbeClient(TClient):
         self.observe = observe
         self.recorder = recorder  # probe.metrics.Recorder, None with metrics=False
         self.metrics_endpoint = None
+        self.stats_target = None  # (redis settings, env) the recorder flushes to
         self._pools = {}
         self._pools_lock = threading.Lock()
         self._inflight = {}
@@ -321,6 +322,8 @@ class ProbeClient(TClient):
             pool.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
+        if self.recorder is not None and self.stats_target is not None:
+            call_metrics.detach(self.recorder, *self.stats_target)
         if self._zk is not None:
             release_zookeeper(self._zk)
             self._zk = None
@@ -394,7 +397,8 @@ def build_client(thrift_path, appkey, service_name, socket_timeout=500, **option
             client.close()
             raise
     if recorder is not None:
-        call_metrics.attach(recorder, call_metrics.redis_settings_or_none(settings), settings.env,
+        client.stats_target = (call_metrics.redis_settings_or_none(settings), settings.env)
+        call_metrics.attach(recorder, client.stats_target[0], settings.env,
                             chosen.stats_interval, chosen.stats_ttl)
     return client
 

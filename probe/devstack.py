@@ -1043,3 +1043,57 @@ class ZooKeeperEnsemble:
             entry["quorum_port"], entry["election_port"] = member.ports()[1:3]
             members.append(entry)
         _write_file(self._record_path, json.dumps({"members": members}, indent=2) + "\n")
+
+
+class _RedisClusterNode(_RedisServer):
+    name = "redis-cluster-node"
+
+    def command(self) -> List[str]:
+        return super().command() + [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", os.path.join(self.data_dir, "nodes.conf"),
+            "--cluster-node-timeout", "2000",
+        ]
+
+
+class RedisCluster:
+    """`size` Redis servers joined into one cluster (all masters) on free loopback
+    ports, for testing probe's `cluster: 1` settings store. Not kept across runs."""
+
+    def __init__(self, state_dir: str, size: int = 3) -> None:
+        self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
+        ports = _free_ports(size)
+        self._nodes = [_RedisClusterNode(os.path.join(self.state_dir, "node%d" % i), port)
+                       for i, port in enumerate(ports)]
+
+    @property
+    def startup_nodes(self) -> List[Dict[str, object]]:
+        return [{"host": LOOPBACK, "port": node.port} for node in self._nodes]
+
+    def up(self, timeout: float = 60) -> None:
+        for node in self._nodes:
+            node.prepare()
+        _start_servers(self._nodes, timeout, "the Redis cluster in %s" % self.state_dir)
+        cli = _find_binary(["redis-cli"])
+        if cli is None:
+            self.down()
+            raise StackError("redis-cli is not installed: apt-get install redis-tools")
+        addresses = ["%s:%d" % (LOOPBACK, node.port) for node in self._nodes]
+        done = subprocess.run([cli, "--cluster", "create"] + addresses +
+                              ["--cluster-replicas", "0", "--cluster-yes"],
+                              capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            self.down()
+            raise StackError("redis-cli --cluster create failed: %s" % done.stdout[-500:])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = _exchange(self._nodes[0].port, b"CLUSTER INFO\r\n",
+                             lambda data: b"cluster_state" in data and data.endswith(b"\r\n"))
+            if b"cluster_state:ok" in info:
+                return
+            time.sleep(0.1)
+        self.down()
+        raise StackError("the Redis cluster in %s did not reach cluster_state:ok" % self.state_dir)
+
+    def down(self) -> None:
+        _stop_servers(self._nodes)

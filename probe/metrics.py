@@ -43,13 +43,13 @@ import time
 from bisect import bisect_left
 from typing import NamedTuple, Optional
 
-import redis
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from .errors import ConfigError, ProbeError
 from .naming import parse_node_name
+from .nodestore import REDIS_ERRORS
 from .stats import BOUNDS, DEFAULT_TTL, SIDES, SLOT_SECONDS, slot_of, write_slot
 
 log = logging.getLogger("probe.metrics")
@@ -335,6 +335,7 @@ class _RedisSink(object):
         self.settings = redis_settings
         self.env = env
         self.recorders = []
+        self.users = {}  # recorder -> attach count
         self._reset()
 
     def _reset(self):
@@ -373,7 +374,7 @@ class _RedisSink(object):
                     deltas[key] = delta
             try:
                 write_slot(self._redis(), self.env, slot, deltas, self.writer, ttls=ttls)
-            except (redis.RedisError, OSError, ProbeError) as exc:
+            except REDIS_ERRORS + (ProbeError,) as exc:
                 self._failed(exc, now)
                 return False
             self._written = calls
@@ -453,8 +454,31 @@ def attach(recorder, redis_settings=None, env=None, stats_interval=DEFAULT_STATS
                 sink = _sinks[(redis_settings, env)] = _RedisSink(redis_settings, env)
             if recorder not in sink.recorders:
                 sink.recorders.append(recorder)
+            sink.users[recorder] = sink.users.get(recorder, 0) + 1
     _pump.want(float(stats_interval))
     return recorder
+
+
+def detach(recorder, redis_settings=None, env=None):
+    """Undo one `attach` (a client closed, a provider stopped). When a Redis has no
+    user left it gets a last flush and is forgotten, so a process does not keep
+    writing to a Redis that only a long-gone client used."""
+    if redis_settings is None:
+        return
+    with _lock:
+        sink = _sinks.get((redis_settings, env))
+        if sink is None or recorder not in sink.users:
+            return
+        sink.users[recorder] -= 1
+        if sink.users[recorder] > 0:
+            return
+    sink.flush()
+    with _lock:
+        if sink.users.get(recorder) == 0:
+            del sink.users[recorder]
+            sink.recorders.remove(recorder)
+            if not sink.recorders:
+                _sinks.pop((redis_settings, env), None)
 
 
 def flush_now():
@@ -579,6 +603,13 @@ def enable_multiprocess(directory, wipe=True):
     with _lock:
         _multiprocess_dir = directory
     _pump.ensure()
+
+
+def disable_multiprocess():
+    """Stop sharing snapshots (the pre-fork provider that enabled it has stopped)."""
+    global _multiprocess_dir
+    with _lock:
+        _multiprocess_dir = None
 
 
 def _after_fork_in_child():

@@ -14,6 +14,10 @@ from .naming import NodeSettings
 
 log = logging.getLogger("probe.nodestore")
 
+# What a Redis server or cluster raises when it is down or unreachable
+# (RedisClusterException does not derive from RedisError).
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
 
 def connect_redis(redis_settings, timeout=3.0):
     """A redis-py client for a single server or a cluster, per the config."""
@@ -23,7 +27,7 @@ def connect_redis(redis_settings, timeout=3.0):
         nodes = [ClusterNode(host, port) for host, port in redis_settings.startup_nodes]
         try:
             return RedisCluster(startup_nodes=nodes, **common)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ComponentUnavailable("Redis cluster at %s is unreachable: %s"
                                        % (redis_settings.address, exc))
     return redis.Redis(host=redis_settings.host, port=redis_settings.port, **common)
@@ -44,7 +48,7 @@ class NodeStore(object):
     def ping(self):
         try:
             self.redis.ping()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
     def get(self, field):
@@ -52,7 +56,7 @@ class NodeStore(object):
         reported as ValueError so callers decide whether to overwrite it."""
         try:
             raw = self.redis.hget(self.hash, field)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
         if raw is None:
             return None
@@ -65,7 +69,7 @@ class NodeStore(object):
                 log.info("stored default settings %s = %s", field, default.to_json())
                 return default
             raw = self.redis.hget(self.hash, field)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
         try:
             stored = NodeSettings.from_json(raw)
@@ -80,7 +84,7 @@ class NodeStore(object):
     def put(self, field, settings):
         try:
             self.redis.hset(self.hash, field, settings.to_json())
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
     def all(self, appkey=None):
@@ -89,7 +93,7 @@ class NodeStore(object):
         try:
             return {self._text(k): self._text(v)
                     for k, v in self.redis.hscan_iter(self.hash, match=pattern, count=500)}
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
     @staticmethod

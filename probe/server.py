@@ -217,7 +217,10 @@ class Provider(object):
                 self.zk = None
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
+            if self.recorder is not None:
+                call_metrics.detach(self.recorder, self.settings.redis, self.env)
             if self._metrics_dir is not None:
+                call_metrics.disable_multiprocess()
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._stopped.set()
             log.info("stopped %s on %s", self.describe, self.address)

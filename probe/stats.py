@@ -20,9 +20,8 @@ a Redis cluster.
 import json
 import time
 
-import redis
-
 from .errors import ComponentUnavailable
+from .nodestore import REDIS_ERRORS
 from .naming import parse_stats_field, stats_field, stats_key, stats_pattern  # noqa: F401
 from .thriftserver import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
@@ -110,7 +109,7 @@ def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server"
         pipe.hgetall(key)
     try:
         slots = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise ComponentUnavailable("cannot read call stats of %s from Redis: %s (is Redis up? "
                                    "`probe stack status`)" % (appkey, exc))
     merged = {}
