@@ -195,6 +195,8 @@ class ZooKeeper(object):
                     pass
 
 
+SNAPSHOT_DELAY = 0.5  # seconds between a routing change and its snapshot write
+
 _shared = {}
 _shared_lock = threading.Lock()
 
@@ -345,13 +347,16 @@ class ServiceWatcher(object):
         self._generation = 0
         self._protect_until = 0.0
         self.empty_protection = 2 * zk.session_timeout + 5.0
+        self._session = None      # the session the current watches belong to
+        self._batching = 0        # >0 while a listing's new nodes are being read
+        self._snapshot_timer = None
         self._lock = threading.RLock()
         self._closed = False
 
     def start(self):
         """Watch now if connected; else route on the snapshot until ZooKeeper answers."""
         self.zk.client.add_listener(self._on_state)
-        self.zk.on_new_session(self._establish)
+        self.zk.on_new_session(self._on_new_session)
         if self.zk.connected:
             self._establish()
         else:
@@ -361,8 +366,12 @@ class ServiceWatcher(object):
         with self._lock:
             self._closed = True
             self._generation += 1
-        self.zk.remove_callback(self._establish)
+            timer, self._snapshot_timer = self._snapshot_timer, None
+        self.zk.remove_callback(self._on_new_session)
         self.zk.client.remove_listener(self._on_state)
+        if timer is not None:
+            timer.cancel()
+            self._write_snapshot()
 
     def _on_state(self, state):
         # kazoo's connection thread: no ZooKeeper calls here. When the session is
@@ -382,10 +391,16 @@ class ServiceWatcher(object):
             self._publish(write_snapshot=False)
 
     # -- watching ----------------------------------------------------------
+    def _on_new_session(self):
+        # start() may already have watched on this very session (the first one).
+        if self.zk.session_id is None or self.zk.session_id != self._session:
+            self._establish()
+
     def _establish(self):
         with self._lock:
             if self._closed:
                 return
+            self._session = self.zk.session_id
             self._generation += 1
             generation = self._generation
             self._watched = set()
@@ -429,10 +444,19 @@ class ServiceWatcher(object):
             self.stale = False
             if gone or not new:
                 self._publish()
-        for name in sorted(new):
-            self.zk.client.DataWatch(
-                self.parent + "/" + name,
-                lambda data, stat, event=None, name=name: self._on_data(generation, name, data, stat))
+            # Each new DataWatch reads its node at once, in this thread: publish one
+            # table for the whole batch, not one per node (O(n^2) for big services).
+            self._batching += 1
+        try:
+            for name in sorted(new):
+                self.zk.client.DataWatch(
+                    self.parent + "/" + name,
+                    lambda data, stat, event=None, name=name: self._on_data(generation, name, data, stat))
+        finally:
+            with self._lock:
+                self._batching -= 1
+                if new and not self._batching and generation == self._generation:
+                    self._publish()
         return None
 
     def _end_protection(self, generation):
@@ -468,7 +492,8 @@ class ServiceWatcher(object):
                 return None
             self._nodes[name] = Node(name, settings.host, settings.port, settings.weight,
                                      settings.valid, stat.ctime / 1000.0)
-            self._publish()
+            if not self._batching:
+                self._publish()
             return None
 
     def _publish(self, write_snapshot=True):
@@ -476,12 +501,22 @@ class ServiceWatcher(object):
         self.updates += 1
         if self.on_change is not None:
             self.on_change(self.table)
-        if write_snapshot and self.snapshot_path:
-            self._write_snapshot()
+        if write_snapshot and self.snapshot_path and self._snapshot_timer is None \
+                and not self._closed:
+            # At most one snapshot write per SNAPSHOT_DELAY: the file only has to be
+            # recent, and writing it on every update costs consumers CPU.
+            self._snapshot_timer = threading.Timer(SNAPSHOT_DELAY, self._write_snapshot)
+            self._snapshot_timer.daemon = True
+            self._snapshot_timer.start()
 
     # -- snapshot ----------------------------------------------------------
     def _write_snapshot(self):
-        nodes = [node._asdict() for node in self.table.all_nodes]
+        with self._lock:
+            self._snapshot_timer = None
+            table = self.table
+        if not self.snapshot_path or self.stale:
+            return
+        nodes = [node._asdict() for node in table.all_nodes]
         try:
             directory = os.path.dirname(self.snapshot_path)
             os.makedirs(directory, exist_ok=True)

@@ -190,3 +190,25 @@ def test_cli_appkeys_and_nodes(stack, providers):
         [("DemoService", provider.address, True, 10, 1)]
     assert "removed" in run_probe("appkey", "remove", key).stdout
     assert key not in run_probe("appkey", "list").stdout
+
+
+def test_build_client_returns_with_the_table_filled(appkey, providers, clients):
+    providers(appkey)
+    for _ in range(20):
+        client = clients(appkey)
+        assert len(client.watcher.table) == 1  # no wait: the first listing is in place
+        client.close()
+
+
+def test_a_large_service_is_read_in_one_batch(appkey, clients, zk):
+    parent = "/services/dev/%s" % appkey
+    zk.ensure_path(parent)
+    transaction = zk.transaction()
+    for index in range(300):
+        port = 10000 + index
+        transaction.create("%s/DemoService_10.9.%d.%d_%d" % (parent, index // 250, index % 250, port),
+                           NodeSettings("10.9.0.1", port).to_bytes(), ephemeral=True)
+    transaction.commit()
+    client = clients(appkey, snapshot_dir=False)
+    assert len(client.watcher.table) == 300
+    assert client.watcher.updates <= 3  # one table for the whole listing, not one per node
