@@ -53,6 +53,9 @@ class Admin(object):
         return self._zk
 
     def close(self):
+        if self._appkeys is not None:
+            self._appkeys.close()
+            self._appkeys = None
         if self._zk is not None:
             release_zookeeper(self._zk)
             self._zk = None

@@ -3,6 +3,7 @@
 import getpass
 import logging
 import os
+import threading
 
 import pymysql
 
@@ -15,12 +16,18 @@ SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
 
 
 class AppkeyStore(object):
-    """Short-lived MySQL access: probe touches MySQL at provider start and from admin
-    tools only, never on the call path, so each operation opens its own connection."""
+    """MySQL access for provider start and admin tools (never the call path).
+
+    One connection per store, opened on first use and re-opened if the server
+    dropped it: PyMySQL builds a TLS context on every connect (tens of ms), and an
+    admin change needs several statements.
+    """
 
     def __init__(self, mysql_settings, connect_timeout=3.0):
         self.settings = mysql_settings
         self.connect_timeout = connect_timeout
+        self._connection = None
+        self._lock = threading.Lock()
 
     @property
     def address(self):
@@ -38,32 +45,52 @@ class AppkeyStore(object):
                 "MySQL at %s is unreachable as user %r: %s (start it with `probe stack up` "
                 "or fix the mysql section of the config)" % (self.address, s.username, exc))
 
+    def _cursor_run(self, work):
+        """Run `work(cursor)` on the store's connection, reconnecting once if the
+        kept connection turns out to be dead."""
+        with self._lock:
+            for attempt in (1, 2):
+                if self._connection is None:
+                    self._connection = self.connect()
+                try:
+                    with self._connection.cursor() as cursor:
+                        return work(cursor)
+                except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+                    self.close()
+                    if attempt == 2:
+                        raise ComponentUnavailable("MySQL at %s failed: %s" % (self.address, exc))
+
+    def close(self):
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # already broken: nothing left to release
+                pass
+
     def _run(self, sql, args=None, fetch=False):
-        connection = self.connect()
+        def work(cursor):
+            cursor.execute(sql, args)
+            return cursor.fetchall() if fetch else cursor.rowcount
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, args)
-                return cursor.fetchall() if fetch else cursor.rowcount
+            return self._cursor_run(work)
         except pymysql.err.ProgrammingError as exc:
             if exc.args and exc.args[0] == 1146:  # table doesn't exist
                 raise UnknownAppkey("MySQL at %s has no probe tables yet: run `probe appkey add "
                                     "<appkey>` (it creates the schema)" % self.address)
             raise
-        finally:
-            connection.close()
 
     def ensure_schema(self):
         with open(SCHEMA_FILE, encoding="utf-8") as handle:
             statements = [s.strip() for s in handle.read().split(";")]
-        connection = self.connect()
-        try:
-            with connection.cursor() as cursor:
-                for statement in statements:
-                    body = "\n".join(l for l in statement.splitlines() if not l.strip().startswith("--"))
-                    if body.strip():
-                        cursor.execute(body)
-        finally:
-            connection.close()
+        bodies = ["\n".join(l for l in statement.splitlines() if not l.strip().startswith("--"))
+                  for statement in statements]
+
+        def work(cursor):
+            for body in bodies:
+                if body.strip():
+                    cursor.execute(body)
+        self._cursor_run(work)
 
     def exists(self, appkey):
         rows = self._run("SELECT 1 FROM serviceapp WHERE appkey = %s", (appkey,), fetch=True)

@@ -875,8 +875,12 @@ class Stack:
         # The tables too, so `serviceapp` exists for anyone inserting appkeys by SQL.
         from .appkeys import AppkeyStore
         from .settings import MysqlSettings
-        AppkeyStore(MysqlSettings(LOOPBACK, self.ports["mysql"], MYSQL_USER, MYSQL_PASSWORD,
-                                  MYSQL_DATABASE)).ensure_schema()
+        store = AppkeyStore(MysqlSettings(LOOPBACK, self.ports["mysql"], MYSQL_USER,
+                                          MYSQL_PASSWORD, MYSQL_DATABASE))
+        try:
+            store.ensure_schema()
+        finally:
+            store.close()
 
     def _write_config(self) -> None:
         import yaml  # a dependency of probe; imported late to keep status() light

@@ -107,7 +107,11 @@ class Provider(object):
         zk_settings = settings.zookeeper
         if self.session_timeout:
             zk_settings = zk_settings._replace(session_timeout=float(self.session_timeout))
-        AppkeyStore(settings.mysql, self.connect_timeout).require(self.appkey)
+        appkeys = AppkeyStore(settings.mysql, self.connect_timeout)
+        try:
+            appkeys.require(self.appkey)
+        finally:
+            appkeys.close()
         store = NodeStore(settings.redis, self.env, self.connect_timeout)
         store.ping()
         self.host = (self.advertise_host or settings.advertise_host

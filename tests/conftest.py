@@ -46,7 +46,9 @@ def appkey(stack):
     from probe.appkeys import AppkeyStore
     from probe.settings import load_settings
     key = "t_%s" % uuid.uuid4().hex[:10]
-    AppkeyStore(load_settings().mysql).add(key)
+    store = AppkeyStore(load_settings().mysql)
+    store.add(key)
+    store.close()
     return key
 
 
