@@ -143,6 +143,7 @@ class ProbeClient(TClient):
             raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
         tried = None
         attempt = 0
+        state = self.recorder.thread_state() if self.recorder is not None else None
         while True:
             table = self.watcher.table
             if table.refresh_at is not None and time.time() >= table.refresh_at:
@@ -157,11 +158,10 @@ class ProbeClient(TClient):
             started = time.perf_counter()
             if self._track_inflight:
                 self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
-            recorder = self.recorder
-            if recorder is not None:
-                recorder.enter(node.name)
+            if state is not None:
+                state.current = node.name  # this thread is now in flight on node
             try:
-                return self._exchange(pool, method, payload, node, started)
+                return self._exchange(pool, method, payload, node, started, state)
             except _Retryable as failure:
                 attempt += 1
                 if attempt > self.retries or not (failure.before_send or method.idempotent):
@@ -174,15 +174,15 @@ class ProbeClient(TClient):
             finally:
                 if self._track_inflight:
                     self._inflight[node.name] -= 1
-                if recorder is not None:
-                    recorder.leave()
+                if state is not None:
+                    state.current = None
 
-    def _exchange(self, pool, method, payload, node, started):
+    def _exchange(self, pool, method, payload, node, started, state=None):
         try:
             conn = pool.acquire()
         except ConnectFailed as exc:
             self._connect_failed(node)
-            self._observe(method, node, CONNECTION_ERROR, started)
+            self._observe(method, node, CONNECTION_ERROR, started, state)
             raise _Retryable(True, NodeUnreachable("%s (node %s of %s/%s)" % (
                 exc, node.name, self.appkey, self.service_name)))
         if self._health:
@@ -198,18 +198,18 @@ class ProbeClient(TClient):
         except _TRANSPORT_ERRORS as exc:
             # The peer closed or reset before our bytes were taken: nothing ran.
             conn.close()
-            self._observe(method, node, CONNECTION_ERROR, started)
+            self._observe(method, node, CONNECTION_ERROR, started, state)
             raise _Retryable(True, exc)
         if method.oneway:
             pool.release(conn)
-            self._observe(method, node, OK, started)
+            self._observe(method, node, OK, started, state)
             return None
         try:
             _, message_type, reply_seqid = protocol.read_message_begin()
             if reply_seqid != seqid:
                 # A stray late reply: this connection can no longer be trusted.
                 conn.close()
-                self._observe(method, node, CONNECTION_ERROR, started)
+                self._observe(method, node, CONNECTION_ERROR, started, state)
                 raise _Retryable(False, TApplicationException(
                     TApplicationException.BAD_SEQUENCE_ID, "reply seqid %d does not match call "
                     "%d on %s" % (reply_seqid, seqid, node.name)))
@@ -218,7 +218,7 @@ class ProbeClient(TClient):
                 error.read(protocol)
                 protocol.read_message_end()
                 pool.release(conn)
-                self._observe(method, node, APPLICATION_ERROR, started)
+                self._observe(method, node, APPLICATION_ERROR, started, state)
                 raise error
             result = method.result_cls()
             result.read(protocol)
@@ -228,36 +228,36 @@ class ProbeClient(TClient):
         except _TRANSPORT_ERRORS as exc:
             conn.close()
             status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
-            self._observe(method, node, status, started)
+            self._observe(method, node, status, started, state)
             raise _Retryable(False, exc)
         except BaseException:
             conn.close()
             raise
         pool.release(conn)
         if method.has_success and result.success is not None:
-            self._observe(method, node, OK, started)
+            self._observe(method, node, OK, started, state)
             return result.success
         if method.void:
-            self._observe(method, node, OK, started)
+            self._observe(method, node, OK, started, state)
             return None
         for field, value in result.__dict__.items():
             if field != "success" and value is not None:
-                self._observe(method, node, DECLARED_EXCEPTION, started)
+                self._observe(method, node, DECLARED_EXCEPTION, started, state)
                 raise value
         if not method.has_success:
-            self._observe(method, node, OK, started)
+            self._observe(method, node, OK, started, state)
             return None
-        self._observe(method, node, APPLICATION_ERROR, started)
+        self._observe(method, node, APPLICATION_ERROR, started, state)
         raise TApplicationException(TApplicationException.MISSING_RESULT,
                                     "%s returned no result" % method.name)
 
-    def _observe(self, method, node, status, started):
-        recorder, observe = self.recorder, self.observe
-        if recorder is None and observe is None:
+    def _observe(self, method, node, status, started, state):
+        observe = self.observe
+        if state is None and observe is None:
             return
         seconds = time.perf_counter() - started
-        if recorder is not None:
-            recorder.observe(method.name, node.name, status, seconds)
+        if state is not None:
+            self.recorder.observe_in(state, method.name, node.name, status, seconds)
         if observe is not None:
             observe(method.name, node.name, status, seconds)
 

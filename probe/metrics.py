@@ -184,12 +184,20 @@ class Recorder(object):
         return state
 
     # -- the call path ----------------------------------------------------------
+    def thread_state(self):
+        """This thread's aggregates; a client looks it up once per call."""
+        try:
+            return self._local.state
+        except AttributeError:
+            return self._adopt()
+
     def observe(self, method, node, status, seconds):
         """One client attempt of `method` on the node with znode name `node`."""
-        try:
-            cells = self._local.state.cells
-        except AttributeError:
-            cells = self._adopt().cells
+        self.observe_in(self.thread_state(), method, node, status, seconds)
+
+    def observe_in(self, state, method, node, status, seconds):
+        """observe() with the thread's state already in hand (from thread_state())."""
+        cells = state.cells
         key = (method, node, status)
         cell = cells.get(key)
         if cell is None:
