@@ -505,7 +505,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
         try:
             assert client.say() == "hello world"
             node = client.watcher.table.nodes[0]
-            pool = client._pools[node.address]
+            pool = client._pools[node.name]
             near, far = socket.socketpair()
             fake = CannedConnection(near)
             pool.idle.clear()

@@ -88,7 +88,7 @@ class ProbeClient(TClient):
         self.recorder = recorder  # probe.metrics.Recorder, None with metrics=False
         self.metrics_endpoint = None
         self.stats_target = None  # (redis settings, env) the recorder flushes to
-        self._pools = {}
+        self._pools = {}  # znode name -> NodePool
         self._pools_lock = threading.Lock()
         self._inflight = {}
         self._health = {}
@@ -152,7 +152,7 @@ class ProbeClient(TClient):
             node = self.balancer.pick(table, tried)
             if self._health and node.name in self._health:
                 node = self._avoid_ejected(table, node, tried)
-            pool = self._pools.get(node.address)
+            pool = self._pools.get(node.name)
             if pool is None:
                 pool = self._pool_for(node)
             started = time.perf_counter()
@@ -264,11 +264,11 @@ class ProbeClient(TClient):
     # -- pools, health, routing-table changes --------------------------------------
     def _pool_for(self, node):
         with self._pools_lock:
-            pool = self._pools.get(node.address)
+            pool = self._pools.get(node.name)
             if pool is None:
                 pool = NodePool(node.host, node.port, self.socket_timeout, self.connect_timeout,
                                 self.max_idle)
-                self._pools[node.address] = pool
+                self._pools[node.name] = pool
             return pool
 
     def _inflight_of(self, node):
@@ -302,10 +302,13 @@ class ProbeClient(TClient):
         return self.balancer.pick(table, skip)
 
     def _on_table(self, table):
-        live = {node.address for node in table.all_nodes}
+        # Pools are keyed by znode name (cheaper than building an address tuple per
+        # call); a node that left, or whose data now names another address, loses them.
+        live = {node.name: (node.host, node.port) for node in table.all_nodes}
         with self._pools_lock:
-            for address in [a for a in self._pools if a not in live]:
-                self._pools.pop(address).close()
+            for name, pool in list(self._pools.items()):
+                if live.get(name) != (pool.host, pool.port):
+                    self._pools.pop(name).close()
         names = {node.name for node in table.all_nodes}
         for name in [n for n in self._health if n not in names]:
             self._health.pop(name, None)
