@@ -493,6 +493,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
             self.protocol = TBinaryProtocolFactory().get_protocol(self.transport)
             self.poller = None
             self.seqid = 0
+            self.released_at = 0.0
 
         def is_stale(self):
             return False  # the canned replies wait in the buffer; the poll is timed apart

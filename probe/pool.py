@@ -4,17 +4,25 @@ A connection is used by one call at a time: taken from the pool, used, and put
 back only if the call completed cleanly. Any error or timeout discards it, because
 thriftpy2 never checks sequence ids and a late reply would otherwise be read by
 the next call (thriftpy2#130). A pooled connection the server has closed in the
-meantime (thriftpy2's own server drops idle ones after 3 s) is noticed before use
-with a zero-timeout poll and replaced, so the call never sees it.
+meantime (thriftpy2's own server drops idle ones after 3 s; a killed provider's
+kernel closes them all) is noticed before use with a zero-timeout poll and
+replaced, so the call never sees it. The poll is a syscall, so it is skipped for a
+connection put back less than STALE_CHECK_AFTER ago: it answered a call an instant
+before, and a server dying inside that instant is no different from one dying
+while the call is in flight.
 """
 
 import select
 import socket
+import time
+
+STALE_CHECK_AFTER = 0.0002  # seconds idle before a pooled connection is polled
 from collections import deque
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
 
+monotonic = time.monotonic
 _PROTOCOLS = TBinaryProtocolFactory()
 _TRANSPORTS = TBufferedTransportFactory()
 
@@ -24,7 +32,7 @@ class ConnectFailed(Exception):
 
 
 class Connection(object):
-    __slots__ = ("transport", "protocol", "sock", "poller", "seqid")
+    __slots__ = ("transport", "protocol", "sock", "poller", "seqid", "released_at")
 
     def __init__(self, host, port, timeout_ms, connect_timeout_ms, proto_factory=None, trans_factory=None):
         raw = TSocket(host, port, socket_timeout=timeout_ms, connect_timeout=connect_timeout_ms)
@@ -38,6 +46,7 @@ class Connection(object):
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self.seqid = 0
+        self.released_at = 0.0
 
     def is_stale(self):
         # An idle connection has nothing to read; readable means EOF, a reset or a
@@ -79,7 +88,7 @@ class NodePool(object):
                 conn = idle.pop()
             except IndexError:
                 break
-            if conn.is_stale():
+            if monotonic() - conn.released_at > STALE_CHECK_AFTER and conn.is_stale():
                 conn.close()
                 continue
             return conn
@@ -91,6 +100,7 @@ class NodePool(object):
         if self.closed or len(self.idle) >= self.max_idle:
             conn.close()
         else:
+            conn.released_at = monotonic()
             self.idle.append(conn)
 
     def close(self):
