@@ -41,7 +41,7 @@ def warmed_weight(weight, age, warmup):
 class RoutingTable(object):
     """The nodes of one service and the weights a pick uses. Never mutated."""
 
-    __slots__ = ("all_nodes", "nodes", "weights", "cumulative", "total", "index",
+    __slots__ = ("all_nodes", "nodes", "weights", "cumulative", "total", "index", "alias",
                  "refresh_at", "describe")
 
     def __init__(self, nodes=(), now=None, warmup=0.0, describe="service"):
@@ -55,6 +55,7 @@ class RoutingTable(object):
         self.cumulative = tuple(accumulate(weights))
         self.total = self.cumulative[-1] if weights else 0
         self.index = {n.name: i for i, n in enumerate(eligible)}
+        self.alias = alias_table(weights)
         # While a node is warming up the effective weights change with time, so the
         # owner rebuilds the table once `refresh_at` has passed.
         warming = any(w < n.weight for n, w in zip(eligible, weights))
@@ -76,8 +77,29 @@ class RoutingTable(object):
                                "(is a provider running and registered?)" % self.describe)
 
 
+def alias_table(weights):
+    """Vose's alias method: ((threshold, alias), ...) such that drawing a slot i
+    uniformly, then keeping i with probability threshold[i] or else taking alias[i],
+    picks each index with probability weight / total. Built in O(n), drawn in O(1)."""
+    count = len(weights)
+    total = float(sum(weights))
+    if not count or total <= 0:
+        return ()
+    scaled = [w * count / total for w in weights]
+    threshold, alias = [1.0] * count, list(range(count))
+    small = [i for i, p in enumerate(scaled) if p < 1.0]
+    large = [i for i, p in enumerate(scaled) if p >= 1.0]
+    while small and large:
+        lesser, greater = small.pop(), large.pop()
+        threshold[lesser], alias[lesser] = scaled[lesser], greater
+        scaled[greater] -= 1.0 - scaled[lesser]
+        (small if scaled[greater] < 1.0 else large).append(greater)
+    return tuple(zip(threshold, alias))
+
+
 class WeightedRandom(object):
-    """Pick with probability weight / total, by binary search: O(log n)."""
+    """Pick with probability weight / total in O(1) (alias method), so the cost is
+    the same for 1 node or 1000."""
 
     name = "weighted_random"
 
@@ -85,10 +107,13 @@ class WeightedRandom(object):
         self._random = (rng or random.Random()).random
 
     def pick(self, table, exclude=()):
-        total = table.total
-        if not total:
+        alias = table.alias
+        if not alias:
             raise table.no_node_error()
-        node = table.nodes[bisect_right(table.cumulative, self._random() * total)]
+        draw = self._random() * len(alias)
+        slot = int(draw)
+        threshold, other = alias[slot]
+        node = table.nodes[slot if draw - slot < threshold else other]
         if not exclude or node.name not in exclude:
             return node
         remaining = [(n, w) for n, w in zip(table.nodes, table.weights) if n.name not in exclude]
@@ -202,6 +227,10 @@ class LeastInFlight(object):
         if len(table.nodes) < 2:
             return first
         second = self._weighted.pick(table, exclude)
+        for _ in range(3):  # redraw a collision: cheaper than building an exclusion
+            if second.name != first.name:
+                break
+            second = self._weighted.pick(table, exclude)
         if second.name == first.name:
             try:
                 second = self._weighted.pick(table, set(exclude or ()) | {first.name})

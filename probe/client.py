@@ -90,7 +90,8 @@ class ProbeClient(TClient):
         self.stats_target = None  # (redis settings, env) the recorder flushes to
         self._pools = {}  # znode name -> NodePool
         self._pools_lock = threading.Lock()
-        self._inflight = {}
+        self._inflight = {}  # node name -> calls in flight (least_inflight only)
+        self._inflight_lock = threading.Lock()
         self._health = {}
         self._closed = False
         self.balancer = make_balancer(balancer, inflight=self._inflight_of)
@@ -157,7 +158,8 @@ class ProbeClient(TClient):
                 pool = self._pool_for(node)
             started = time.perf_counter()
             if self._track_inflight:
-                self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
+                with self._inflight_lock:  # += on a dict entry is not atomic
+                    self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
             if state is not None:
                 state.current = node.name  # this thread is now in flight on node
             try:
@@ -173,7 +175,8 @@ class ProbeClient(TClient):
                          method.name, node.name, failure.error, attempt, self.retries)
             finally:
                 if self._track_inflight:
-                    self._inflight[node.name] -= 1
+                    with self._inflight_lock:
+                        self._inflight[node.name] -= 1
                 if state is not None:
                     state.current = None
 

@@ -155,6 +155,19 @@ def test_weighted_random_follows_weights():
     assert 9480 <= counts["a"] <= 10520
 
 
+@pytest.mark.parametrize("weights", [[1], [10, 30], [3, 0, 7, 1, 9], [1] * 50 + [1000], list(range(1, 200))])
+def test_alias_table_gives_exact_probabilities(weights):
+    from probe.balancer import alias_table
+    table = alias_table(weights)
+    share = [0.0] * len(weights)
+    for slot, (threshold, other) in enumerate(table):
+        share[slot] += threshold
+        share[other] += 1.0 - threshold
+    total = float(sum(weights))
+    for index, weight in enumerate(weights):
+        assert abs(share[index] / len(weights) - weight / total) < 1e-9
+
+
 def test_weighted_random_exclude():
     table = RoutingTable([node("a"), node("b"), node("c")])
     picks = {WeightedRandom().pick(table, {"a", "b"}).name for _ in range(200)}
