@@ -626,7 +626,34 @@ def _stop_servers(servers: Sequence[_Server], force: bool = False) -> None:
 
 # --------------------------------------------------------------------------- stack
 
-class Stack:
+class _Recorded:
+    """A group of servers whose pids and ports live in a JSON record in state_dir.
+    Subclasses provide state_dir, _record_path, _restore(record), _save(), up() and
+    down(); `with group:` runs up() and always down()."""
+
+    def __enter__(self):
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.down()
+
+    @contextlib.contextmanager
+    def _recorded(self) -> Iterator[None]:
+        """Hold the folder's lock with the record loaded; save it however we leave."""
+        with _locked(self.state_dir):
+            self._restore(_read_json(self._record_path))
+            try:
+                yield
+            finally:
+                self._save()
+
+
+class Stack(_Recorded):
     """One ZooKeeper, one Redis and one MariaDB on loopback ports, for one env.
 
     ``ports`` is "dev" (`DEV_PORTS`), "free" (unused loopback ports, for tests) or a
@@ -668,17 +695,6 @@ class Stack:
     def __repr__(self) -> str:
         return "Stack(%r, ports=%r, env=%r)" % (self.state_dir, self.ports, self.env)
 
-    def __enter__(self) -> "Stack":
-        try:
-            self.up()
-        except BaseException:
-            self.down()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.down()
-
     @property
     def ports(self) -> Dict[str, int]:
         return {name: server.port for name, server in self._servers.items()}
@@ -687,13 +703,9 @@ class Stack:
 
     def up(self, timeout: float = 60) -> dict:
         """Start whatever is not running, wait until all answer; idempotent."""
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _start_servers(list(self._servers.values()), timeout,
-                               "the stack in %s" % self.state_dir)
-            finally:
-                self._save()
+        with self._recorded():
+            _start_servers(list(self._servers.values()), timeout,
+                           "the stack in %s" % self.state_dir)
             self._create_probe_database()
             self._write_config()
         return self.status()
@@ -702,20 +714,17 @@ class Stack:
         """Stop every server; with ``wipe=True`` also delete data, logs and state."""
         if not os.path.isdir(self.state_dir):
             return
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _stop_servers(list(self._servers.values()))
-            finally:
-                self._save()
-            if wipe:
+        with self._recorded():
+            _stop_servers(list(self._servers.values()))
+        if wipe:
+            # After the record is saved, so nothing writes it back into the folder.
+            with _locked(self.state_dir):
                 for server in self._servers.values():
                     server.wipe()
                     shutil.rmtree(server.home, ignore_errors=True)
                 for path in (self._record_path, self.config_path):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-        if wipe:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.state_dir, ".lock"))
                 os.rmdir(self.state_dir)
@@ -761,15 +770,11 @@ class Stack:
     def start(self, component: str, wipe: bool = False, timeout: float = 60) -> None:
         """Start one component again on its port; ``wipe`` empties its data first."""
         server = self._server(component)
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                if wipe:
-                    _stop_servers([server])
-                    server.wipe()
-                _start_servers([server], timeout, "the stack in %s" % self.state_dir)
-            finally:
-                self._save()
+        with self._recorded():
+            if wipe:
+                _stop_servers([server])
+                server.wipe()
+            _start_servers([server], timeout, "the stack in %s" % self.state_dir)
             if component == "mysql":
                 self._create_probe_database()
             self._write_config()
@@ -778,12 +783,8 @@ class Stack:
 
     def _control(self, component: str, force: bool) -> None:
         server = self._server(component)
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _stop_servers([server], force=force)
-            finally:
-                self._save()
+        with self._recorded():
+            _stop_servers([server], force=force)
 
     def _server(self, component: str) -> _Server:
         try:
@@ -894,7 +895,7 @@ class Stack:
 
 # ------------------------------------------------------------------------ ensemble
 
-class ZooKeeperEnsemble:
+class ZooKeeperEnsemble(_Recorded):
     """`size` ZooKeeper servers forming one ensemble on free loopback ports.
 
     Members are indexed from 0 (their ZooKeeper myid is index + 1). Ports are kept
@@ -930,17 +931,6 @@ class ZooKeeperEnsemble:
     def __repr__(self) -> str:
         return "ZooKeeperEnsemble(%r, hosts=%r)" % (self.state_dir, self.hosts)
 
-    def __enter__(self) -> "ZooKeeperEnsemble":
-        try:
-            self.up()
-        except BaseException:
-            self.down()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.down()
-
     @property
     def hosts(self) -> str:
         """The kazoo/ZooKeeper connect string: "127.0.0.1:p1,127.0.0.1:p2,..."."""
@@ -952,24 +942,17 @@ class ZooKeeperEnsemble:
 
     def up(self, timeout: float = 60) -> None:
         """Start the members that are not running; wait until all serve requests."""
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _start_servers(self._members, timeout,
-                               "the ensemble in %s" % self.state_dir)
-            finally:
-                self._save()
+        with self._recorded():
+            _start_servers(self._members, timeout,
+                           "the ensemble in %s" % self.state_dir)
 
     def down(self, wipe: bool = False) -> None:
         if not os.path.isdir(self.state_dir):
             return
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _stop_servers(self._members)
-            finally:
-                self._save()
-            if wipe:
+        with self._recorded():
+            _stop_servers(self._members)
+        if wipe:
+            with _locked(self.state_dir):
                 for member in self._members:
                     shutil.rmtree(member.home, ignore_errors=True)
 
@@ -1009,21 +992,13 @@ class ZooKeeperEnsemble:
     def start(self, index: int, timeout: float = 60) -> None:
         """Start one member again on its ports and wait until it has rejoined."""
         member = self._member(index)
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _start_servers([member], timeout, "the ensemble in %s" % self.state_dir)
-            finally:
-                self._save()
+        with self._recorded():
+            _start_servers([member], timeout, "the ensemble in %s" % self.state_dir)
 
     def _control(self, index: int, force: bool) -> None:
         member = self._member(index)
-        with _locked(self.state_dir):
-            self._restore(_read_json(self._record_path))
-            try:
-                _stop_servers([member], force=force)
-            finally:
-                self._save()
+        with self._recorded():
+            _stop_servers([member], force=force)
 
     def _member(self, index: int) -> _ZooKeeperServer:
         if not 0 <= index < len(self._members):
