@@ -261,11 +261,17 @@ class Registration(object):
         with self._lock:
             self._closed = True
         self.zk.remove_callback(self._recreate)
+        if not self.zk.connected:
+            # Nothing to wait for: the node goes when the session ends or expires.
+            log.warning("ZooKeeper at %s is unreachable: %s will vanish when the session "
+                        "expires", self.zk.hosts, self.path)
+            return
+        timeout = self.zk.session_timeout
         try:
-            _, stat = self.zk.client.get(self.path)
+            _, stat = self.zk.client.get_async(self.path).get(timeout=timeout)
             if stat.ephemeralOwner == self.zk.session_id:
-                self.zk.client.delete(self.path, version=-1)
-        except (NoNodeError, KazooException, ZookeeperError) as exc:
+                self.zk.client.delete_async(self.path, version=-1).get(timeout=timeout)
+        except (NoNodeError, KazooException, ZookeeperError, KazooTimeoutError) as exc:
             log.info("deregistering %s: %s", self.path, exc.__class__.__name__)
 
     def _recreate(self):

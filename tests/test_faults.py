@@ -268,3 +268,24 @@ def test_ensemble_leader_killed_under_load(appkey, clients, tmp_path, monkeypatc
             provider.cleanup()
         ensemble.down()
         settings_module.clear_cache()
+
+
+def test_sigterm_while_zookeeper_is_down(pair, clients, stack):
+    """The provider cannot deregister: it must still stop promptly, and consumers,
+    which still list it, fail over when it refuses connections. Idempotent calls:
+    consumers that never heard of the stop may send into a connection the draining
+    provider is closing, which a non-idempotent call may not retry."""
+    appkey, a, b, _ = pair
+    client = consumer(clients, appkey, idempotent=True)
+    try:
+        with Load(client) as load:
+            load.wait_seen(["a", "b"])
+            stack.kill("zookeeper")
+            time.sleep(0.5)
+            assert a.terminate() == 0  # returns: no hang on the unreachable registry
+            load.reset_seen()
+            time.sleep(1.0)
+            assert set(load.seen) == {"b"}
+    finally:
+        stack.start("zookeeper")
+    load.report("SIGTERM while ZooKeeper is down (idempotent)")
