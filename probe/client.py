@@ -357,6 +357,13 @@ def _idempotent_names(idempotent, names):
     return chosen
 
 
+# Options build_client hands to ProbeClient, and those it consumes itself.
+_CLIENT_OPTIONS = frozenset(("connect_timeout", "balancer", "retries", "idempotent", "eject_after",
+                             "eject_backoff", "max_idle", "observe"))
+_BUILD_OPTIONS = frozenset(("config_path", "env", "warmup", "snapshot_dir", "zk_timeout")
+                           + tuple(call_metrics.OPTION_NAMES))
+
+
 def build_client(thrift_path, appkey, service_name, socket_timeout=500, **options):
     """A thread-safe TClient for `service_name` of `appkey`, routed by probe.
 
@@ -381,6 +388,10 @@ def build_client(thrift_path, appkey, service_name, socket_timeout=500, **option
     balancer = options.get("balancer", "weighted_random")
     make_balancer(balancer, inflight=lambda node: 0)  # refuse a bad name before connecting
     chosen = call_metrics.pop_options(options)
+    unknown = sorted(set(options) - _CLIENT_OPTIONS)
+    if unknown:
+        raise ProbeError("build_client got unknown option(s) %s; it takes %s" % (
+            ", ".join(unknown), ", ".join(sorted(_CLIENT_OPTIONS | _BUILD_OPTIONS))))
     settings = load_settings(config_path, env)
     recorder = None
     if chosen.enabled:

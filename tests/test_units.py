@@ -241,3 +241,11 @@ def test_warmup_ramps_from_one_to_weight():
 def test_unknown_balancer_is_refused():
     with pytest.raises(ProbeError):
         make_balancer("fastest")
+
+
+def test_unknown_client_option_is_named(monkeypatch):
+    from probe.client import build_client
+    from conftest import IDL
+    with pytest.raises(ProbeError) as error:
+        build_client(IDL, "hello_www", "DemoService", retires=3)
+    assert "retires" in str(error.value) and "retries" in str(error.value)
