@@ -139,3 +139,24 @@ def test_redis_outage_does_not_stop_serving(appkey, providers, clients, stack):
         assert [client.say() for _ in range(100)] == ["hello world"] * 100
     finally:
         stack.start("redis")
+
+
+def test_configured_log_dir_gets_the_provider_log(appkey, tmp_path, monkeypatch):
+    from faults import ProviderProcess
+    from test_faults import fresh_zk
+    log_dir = tmp_path / "logs"
+    config = yaml.safe_load(open(load_settings().path))
+    config["logging"] = {"dir": {"dev": str(log_dir)}}
+    path = tmp_path / "with-logs.yml"
+    yaml.safe_dump(config, open(str(path), "w"))
+    monkeypatch.setenv("PROBE_CONFIG", str(path))
+    inspector = fresh_zk()
+    provider = ProviderProcess(appkey, "logged", free_port(), str(tmp_path))
+    try:
+        provider.start(inspector)
+        assert provider.terminate() == 0
+    finally:
+        provider.cleanup()
+        inspector.stop()
+    text = (log_dir / ("%s_DemoService_server.log" % appkey)).read_text()
+    assert "serving appkey=%s" % appkey in text and "stopped appkey=%s" % appkey in text
