@@ -212,3 +212,12 @@ def test_a_large_service_is_read_in_one_batch(appkey, clients, zk):
     client = clients(appkey, snapshot_dir=False)
     assert len(client.watcher.table) == 300
     assert client.watcher.updates <= 3  # one table for the whole listing, not one per node
+
+
+def test_consumer_started_before_any_provider_finds_it(appkey, providers, clients):
+    client = clients(appkey)
+    with pytest.raises(NoAvailableNode):
+        client.say()
+    providers(appkey, name="late")
+    wait_for(lambda: len(client.watcher.table) == 1, message="the late provider")
+    assert client.whoami() == "late"
