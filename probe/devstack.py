@@ -1024,8 +1024,28 @@ class ZooKeeperEnsemble(_Recorded):
         _write_file(self._record_path, json.dumps({"members": members}, indent=2) + "\n")
 
 
+CLUSTER_BUS_OFFSET = 10000  # Redis listens for its cluster bus on port + 10000
+
+
+def _free_cluster_ports(count: int) -> List[int]:
+    """Free ports p with p + CLUSTER_BUS_OFFSET free too (and below 65536)."""
+    ports = []  # type: List[int]
+    for _ in range(200):
+        for port in _free_ports(count * 4, avoid=ports):
+            bus = port + CLUSTER_BUS_OFFSET
+            if bus < 65536 and not _port_in_use(bus) and len(ports) < count:
+                ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise StackError("found no %d free port pairs (p, p+%d) for a Redis cluster"
+                     % (count, CLUSTER_BUS_OFFSET))
+
+
 class _RedisClusterNode(_RedisServer):
     name = "redis-cluster-node"
+
+    def ports(self) -> List[int]:
+        return [self.port, self.port + CLUSTER_BUS_OFFSET]
 
     def command(self) -> List[str]:
         return super().command() + [
@@ -1041,7 +1061,7 @@ class RedisCluster:
 
     def __init__(self, state_dir: str, size: int = 3) -> None:
         self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
-        ports = _free_ports(size)
+        ports = _free_cluster_ports(size)
         self._nodes = [_RedisClusterNode(os.path.join(self.state_dir, "node%d" % i), port)
                        for i, port in enumerate(ports)]
 
