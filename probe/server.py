@@ -200,11 +200,14 @@ class Provider(object):
         with self._stop_lock:
             if self._stopped.is_set():
                 return
+            if not self._started:
+                self._stopped.set()  # a refused start already released what it took
+                return
             grace = self.shutdown_grace if grace is None else grace
             log.info("stopping %s on %s: deregistering, then draining", self.describe, self.address)
             if self.registration is not None:
                 self.registration.close()
-            if self._started and grace > 0:
+            if grace > 0:
                 self._stopped.wait(grace)
             if self.worker_pool is not None:
                 self.worker_pool.stop(timeout=self.drain_timeout + 5)
@@ -269,20 +272,20 @@ def start_service(thrift_path, appkey, service_name, handler, port=8081, block=T
     logged on 'probe.metrics'), workers (1; N forks N processes that share the port).
     """
     provider = Provider(thrift_path, appkey, service_name, handler, port=port, **options)
-    if block:
-        _setup_file_log(provider.settings, appkey, service_name)
-    provider.start()
     if not block:
-        return provider
+        return provider.start()
+    _setup_file_log(provider.settings, appkey, service_name)
     stop_requested = threading.Event()
+    previous = {}
     if threading.current_thread() is threading.main_thread():
+        # Before start(): a SIGTERM arriving just after registration must still
+        # deregister, not kill the process with its znode left behind.
         def on_signal(signum, frame):
             log.info("received signal %d", signum)
             stop_requested.set()
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    else:
-        previous = {}
     try:
+        provider.start()
         while not stop_requested.wait(0.5) and not provider.stopped:
             pass
     finally:

@@ -160,3 +160,20 @@ def test_configured_log_dir_gets_the_provider_log(appkey, tmp_path, monkeypatch)
         inspector.stop()
     text = (log_dir / ("%s_DemoService_server.log" % appkey)).read_text()
     assert "serving appkey=%s" % appkey in text and "stopped appkey=%s" % appkey in text
+
+
+def test_sigterm_right_after_registration_still_deregisters(appkey, tmp_path):
+    from faults import ProviderProcess
+    from test_faults import fresh_zk
+    inspector = fresh_zk()
+    try:
+        for attempt in range(3):
+            provider = ProviderProcess(appkey, "quick%d" % attempt, free_port(), str(tmp_path))
+            try:
+                provider.start(inspector)  # returns the moment the znode exists
+                assert provider.terminate() == 0
+                assert inspector.exists(provider.path(outbound_ip())) is None
+            finally:
+                provider.cleanup()
+    finally:
+        inspector.stop()
