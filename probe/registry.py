@@ -51,7 +51,9 @@ class ZooKeeper(object):
             command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
             logger=logging.getLogger("probe.registry.kazoo"))
         self._callbacks = []
+        self._reconnect_callbacks = []
         self._callbacks_lock = threading.Lock()
+        self._was_suspended = False
         self._work = queue.Queue()
         self._need_resync = True
         self._suspended_since = None
@@ -100,10 +102,18 @@ class ZooKeeper(object):
         with self._callbacks_lock:
             self._callbacks.append(callback)
 
+    def on_reconnect(self, callback):
+        """`callback()` runs (on the worker, after jitter) when a suspended session
+        reconnects: watches survived, but a full re-read costs little and catches
+        anything a recipe missed."""
+        with self._callbacks_lock:
+            self._reconnect_callbacks.append(callback)
+
     def remove_callback(self, callback):
         with self._callbacks_lock:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
+            for callbacks in (self._callbacks, self._reconnect_callbacks):
+                if callback in callbacks:
+                    callbacks.remove(callback)
 
     def submit(self, task):
         """Run `task()` on the worker thread (never on a kazoo thread)."""
@@ -117,7 +127,11 @@ class ZooKeeper(object):
             if self._need_resync:
                 self._need_resync = False
                 self._work.put(self._run_session_callbacks)
+            elif self._was_suspended:
+                self._work.put(self._run_reconnect_callbacks)
+            self._was_suspended = False
         elif state == KazooState.SUSPENDED:
+            self._was_suspended = True
             if self._suspended_since is None:
                 self._suspended_since = time.monotonic()
         elif state == KazooState.LOST:
@@ -127,14 +141,24 @@ class ZooKeeper(object):
 
     def _run_session_callbacks(self):
         self.sessions += 1
-        # Jitter spreads a fleet's resync after an outage (kazoo#664).
-        time.sleep(random.uniform(0, min(0.2, self.session_timeout / 20.0)))
+        self._jitter()
         with self._callbacks_lock:
             callbacks = list(self._callbacks)
-        log.info("ZooKeeper session %s at %s: re-registering and resyncing %d watcher(s)",
+        log.info("ZooKeeper session %s at %s: (re)registering and resyncing %d watcher(s)",
                  hex(self.session_id or 0), self.hosts, len(callbacks))
         for callback in callbacks:
             self._run(callback)
+
+    def _run_reconnect_callbacks(self):
+        self._jitter()
+        with self._callbacks_lock:
+            callbacks = list(self._reconnect_callbacks)
+        for callback in callbacks:
+            self._run(callback)
+
+    def _jitter(self):
+        # Spreads a fleet's resync after an outage instead of a storm (kazoo#664).
+        time.sleep(random.uniform(0, min(0.2, self.session_timeout / 20.0)))
 
     def _run(self, task):
         try:
@@ -348,6 +372,7 @@ class ServiceWatcher(object):
         self.table = RoutingTable(describe=self.describe)
         self.stale = False
         self.updates = 0
+        self.resyncs = 0
         self._nodes = {}
         self._watched = set()
         self._generation = 0
@@ -363,6 +388,7 @@ class ServiceWatcher(object):
         """Watch now if connected; else route on the snapshot until ZooKeeper answers."""
         self.zk.client.add_listener(self._on_state)
         self.zk.on_new_session(self._on_new_session)
+        self.zk.on_reconnect(self.resync)
         if self.zk.connected:
             self._establish()
         else:
@@ -374,6 +400,7 @@ class ServiceWatcher(object):
             self._generation += 1
             timer, self._snapshot_timer = self._snapshot_timer, None
         self.zk.remove_callback(self._on_new_session)
+        self.zk.remove_callback(self.resync)
         self.zk.client.remove_listener(self._on_state)
         if timer is not None:
             timer.cancel()
@@ -421,6 +448,37 @@ class ServiceWatcher(object):
         except (KazooException, ZookeeperError) as exc:
             log.warning("watching %s failed (%s): retrying", self.parent, exc.__class__.__name__)
             self._retry_later(self._establish)
+
+    def resync(self):
+        """Re-read the whole service (children and every node's data) and rebuild
+        the table from that alone. The watches stay as they are."""
+        with self._lock:
+            if self._closed:
+                return
+            generation = self._generation
+        fresh = {}
+        try:
+            for name in self.zk.client.get_children(self.parent):
+                if not naming.is_node_of(name, self.service):
+                    continue
+                try:
+                    data, stat = self.zk.client.get(self.parent + "/" + name)
+                    settings = NodeSettings.from_json(data)
+                except (NoNodeError, ValueError):
+                    continue  # gone meanwhile, or malformed (the DataWatch says so)
+                fresh[name] = Node(name, settings.host, settings.port, settings.weight,
+                                   settings.valid, stat.ctime / 1000.0)
+        except (KazooException, ZookeeperError) as exc:
+            log.info("resync of %s failed (%s); the watches still hold", self.parent,
+                     exc.__class__.__name__)
+            return
+        with self._lock:
+            if generation != self._generation or self._closed:
+                return  # a new session took over meanwhile
+            self.resyncs += 1
+            if fresh != self._nodes:
+                self._nodes = fresh
+                self._publish()
 
     def _retry_later(self, task, delay=0.5):
         timer = threading.Timer(delay, lambda: None if self._closed else self.zk.submit(task))
