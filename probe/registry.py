@@ -466,8 +466,7 @@ class ServiceWatcher(object):
                     settings = NodeSettings.from_json(data)
                 except (NoNodeError, ValueError):
                     continue  # gone meanwhile, or malformed (the DataWatch says so)
-                fresh[name] = Node(name, settings.host, settings.port, settings.weight,
-                                   settings.valid, stat.ctime / 1000.0)
+                fresh[name] = _node(name, settings, stat)
         except (KazooException, ZookeeperError) as exc:
             log.info("resync of %s failed (%s); the watches still hold", self.parent,
                      exc.__class__.__name__)
@@ -554,8 +553,7 @@ class ServiceWatcher(object):
                 if self._nodes.pop(name, None) is not None:
                     self._publish()
                 return None
-            self._nodes[name] = Node(name, settings.host, settings.port, settings.weight,
-                                     settings.valid, stat.ctime / 1000.0)
+            self._nodes[name] = _node(name, settings, stat)
             if not self._batching:
                 self._publish()
             return None
@@ -611,6 +609,13 @@ class ServiceWatcher(object):
         log.warning("ZooKeeper unreachable: routing %s on a STALE snapshot of %d node(s) "
                     "written %.0f s ago (%s)", self.describe, len(nodes),
                     time.time() - saved.get("written_at", 0), self.snapshot_path)
+
+
+def _node(name, settings, stat):
+    """The routing-table entry for znode `name` holding `settings` (warm-up counts
+    from the znode's creation time)."""
+    return Node(name, settings.host, settings.port, settings.weight, settings.valid,
+                stat.ctime / 1000.0)
 
 
 def default_snapshot_dir():
