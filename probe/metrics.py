@@ -122,7 +122,9 @@ class _ThreadState(object):
 
     def __init__(self):
         self.cells = {}
-        self.current = None  # client: name of the node this thread is calling
+        # client: the node this thread is calling now, set by the call path; a thread
+        # calls one node at a time, so in flight = threads whose current node it is
+        self.current = None
         self.thread = threading.current_thread()
 
 
@@ -142,8 +144,8 @@ class Recorder(object):
     callable returning the calls in flight) once bound; client recorders get the
     node per call as its znode name and label it "host:port" when read.
 
-    Threading: `observe`, `observe_server`, `enter`, `leave` run on the call path
-    of any thread and touch only that thread's state; `snapshot_into` may run on
+    Threading: `thread_state`, `observe`, `observe_in` and `observe_server` run on
+    the call path of any thread and touch only that thread's state; `snapshot_into` may run on
     any thread and takes the recorder's lock (never taken on the call path, except
     once per new thread).
     """
@@ -210,17 +212,6 @@ class Recorder(object):
     def observe_server(self, method, status, seconds):
         """One call of `method` served by this provider (ThriftServer's hook)."""
         self.observe_in(self.thread_state(), method, None, status, seconds)
-
-    def enter(self, node):
-        """A client thread starts an attempt on `node`: a thread calls one node at a
-        time, so in flight = threads whose current node it is."""
-        try:
-            self._local.state.current = node
-        except AttributeError:
-            self._adopt().current = node
-
-    def leave(self):
-        self._local.state.current = None
 
     def _slow(self, method, node, status, seconds):
         log.warning("slow call: %s side, appkey %s, %s.%s on node %s took %.1f ms (status %s)",

@@ -59,8 +59,6 @@ class ZooKeeper(object):
         self._suspended_since = None
         self._stopped = threading.Event()
         self._worker = None
-        self.sessions = 0          # new sessions seen, for tests and logs
-        self.restarts = 0          # forced restarts after a long suspension
         self.client.add_listener(self._on_state)
 
     # -- lifecycle ---------------------------------------------------------
@@ -140,7 +138,6 @@ class ZooKeeper(object):
                 self._suspended_since = time.monotonic()
 
     def _run_session_callbacks(self):
-        self.sessions += 1
         self._jitter()
         with self._callbacks_lock:
             callbacks = list(self._callbacks)
@@ -197,7 +194,6 @@ class ZooKeeper(object):
                         self.hosts, time.monotonic() - since)
             self._suspended_since = time.monotonic()
             self._need_resync = True
-            self.restarts += 1
             try:
                 self._fail_queued_requests()
                 self.client.stop()
@@ -273,7 +269,6 @@ class Registration(object):
         self._reload = reload
         self._lock = threading.Lock()
         self._closed = False
-        self.recreated = 0
 
     def register(self):
         self._create()
@@ -304,7 +299,6 @@ class Registration(object):
             if fresh is not None:
                 self.data = fresh
         self._create()
-        self.recreated += 1
 
     def _create(self):
         client = self.zk.client
@@ -645,4 +639,4 @@ def read_children_with_data(zk, parent):
 
 
 __all__ = ["ZooKeeper", "shared_zookeeper", "release_zookeeper", "Registration",
-           "ServiceWatcher", "KazooTimeoutError"]
+           "ServiceWatcher"]

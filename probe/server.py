@@ -73,7 +73,6 @@ class Provider(object):
         self.metrics = call_metrics.metrics_options(metrics, metrics_port, metrics_addr,
                                                     stats_interval, stats_ttl, slow_call_ms,
                                                     port_from_env=True)
-        self.metrics_port = self.metrics.port
         self.recorder = None
         self.metrics_endpoint = None
         self.host = None
