@@ -1,0 +1,145 @@
+"""Prometheus exposition: a collector that turns a snapshot into metric families at
+scrape time, and /metrics HTTP servers shared by the providers and clients of a
+process.
+
+    probe_{server,client}_requests_total{appkey,service,method,node,status}
+    probe_{server,client}_request_seconds{appkey,service,method,node}  (histogram)
+    probe_{server,client}_inflight{appkey,service,node}                (gauge)
+"""
+
+import logging
+import threading
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from ..errors import ProbeError
+from ..stats import BOUNDS, SIDES
+from .options import METRICS_ADDR_ENV, METRICS_PORT_ENV
+from .recorder import add_cell
+
+log = logging.getLogger("probe.metrics")
+
+_LE = [floatToGoString(bound) for bound in BOUNDS] + ["+Inf"]
+
+
+class ProbeCollector(object):
+    """A prometheus_client collector over `snapshot()`, called at each scrape.
+
+    :param snapshot: returns the snapshot to expose (probe.metrics.snapshots).
+    """
+
+    def __init__(self, snapshot):
+        self._snapshot = snapshot
+
+    def describe(self):
+        return self.families({"calls": {}, "inflight": {}})
+
+    def collect(self):
+        return self.families(self._snapshot())
+
+    @staticmethod
+    def families(snap):
+        result = []
+        for side in SIDES:
+            requests = CounterMetricFamily(
+                "probe_%s_requests" % side, "Calls %s by probe, by outcome" % (
+                    "served" if side == "server" else "made"),
+                labels=("appkey", "service", "method", "node", "status"))
+            seconds = HistogramMetricFamily(
+                "probe_%s_request_seconds" % side, "Call latency on the %s side" % side,
+                labels=("appkey", "service", "method", "node"))
+            inflight = GaugeMetricFamily(
+                "probe_%s_inflight" % side, "Calls in flight on the %s side" % side,
+                labels=("appkey", "service", "node"))
+            histograms = {}
+            for key, cell in sorted(snap["calls"].items()):
+                if key[0] == side:
+                    requests.add_metric(key[1:], sum(cell[:-1]))
+                    add_cell(histograms, key[1:5], cell)
+            for labels, cell in sorted(histograms.items()):
+                seconds.add_metric(labels, _cumulative(cell), cell[-1])
+            for key, count in sorted(snap["inflight"].items()):
+                if key[0] == side:
+                    inflight.add_metric(key[1:], count)
+            result.extend((requests, seconds, inflight))
+        return result
+
+
+def _cumulative(cell):
+    """Prometheus histogram points [(le, count of calls <= le)] from a cell."""
+    total, points = 0, []
+    for le, count in zip(_LE, cell[:-1]):
+        total += count
+        points.append((le, total))
+    return points
+
+
+class MetricsEndpoint(object):
+    """One user's share of a /metrics HTTP server; the server stops with its last user."""
+
+    def __init__(self, servers, key, httpd):
+        self._servers = servers
+        self._key = key
+        self.httpd = httpd
+        self.port = httpd.server_port
+        self.addr = key[0]
+        self._closed = False
+
+    def __repr__(self):
+        return "<MetricsEndpoint %s:%d>" % (self.addr, self.port)
+
+    def close(self):
+        if self._servers.release(self):
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+class HttpServers(object):
+    """The /metrics servers of a process, by (addr, port): a provider and a client
+    asking for the same port share one server."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._servers = {}  # (addr, port) -> [httpd, users]
+
+    def serve(self, port, addr):
+        """An endpoint serving prometheus_client's default REGISTRY on addr:port (0: a
+        free port)."""
+        with self._lock:
+            entry = self._servers.get((addr, port)) if port else None
+            if entry is not None:
+                entry[1] += 1
+                return MetricsEndpoint(self, (addr, port), entry[0])
+            try:
+                httpd, _ = start_http_server(port, addr)
+            except OSError as exc:
+                raise ProbeError("cannot serve /metrics on %s:%s: %s (is another process using "
+                                 "the port, or is the address not this host's? pick another "
+                                 "metrics_port / %s or metrics_addr / %s)"
+                                 % (addr, port, exc, METRICS_PORT_ENV, METRICS_ADDR_ENV))
+            key = (addr, httpd.server_port)
+            self._servers[key] = [httpd, 1]
+        log.info("serving /metrics on %s:%d", addr, httpd.server_port)
+        return MetricsEndpoint(self, key, httpd)
+
+    def release(self, endpoint):
+        """Count one endpoint closed (once); True when its server has no user left."""
+        with self._lock:
+            if endpoint._closed:
+                return False
+            endpoint._closed = True
+            entry = self._servers.get(endpoint._key)
+            if entry is None or entry[0] is not endpoint.httpd:
+                return True  # a server of another state (before a fork or a reset)
+            entry[1] -= 1
+            if entry[1] > 0:
+                return False
+            del self._servers[endpoint._key]
+            return True
+
+    def forget(self):
+        """Drop every server without stopping it (a forked child does not own them)."""
+        self._lock = threading.Lock()
+        self._servers = {}

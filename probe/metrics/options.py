@@ -1,0 +1,87 @@
+"""The metrics options of a provider or a client, checked before anything starts."""
+
+import ipaddress
+import os
+import re
+from typing import NamedTuple, Optional
+
+from ..errors import ProbeError
+from ..stats import DEFAULT_TTL, SLOT_SECONDS
+
+DEFAULT_STATS_INTERVAL = 5.0
+MAX_STATS_INTERVAL = float(SLOT_SECONDS)  # at least one write per 10 s slot
+DEFAULT_SLOW_CALL_MS = 1000.0
+# None: PROBE_METRICS_ADDR if set, else LOCAL_METRICS_ADDR. /metrics names every
+# appkey, service and node, so it stays on loopback unless someone widens it.
+DEFAULT_METRICS_ADDR = None
+LOCAL_METRICS_ADDR = "127.0.0.1"
+METRICS_PORT_ENV = "PROBE_METRICS_PORT"
+METRICS_ADDR_ENV = "PROBE_METRICS_ADDR"
+
+OPTION_NAMES = ("metrics", "metrics_port", "metrics_addr", "stats_interval", "stats_ttl",
+                "slow_call_ms")
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+
+
+class MetricsOptions(NamedTuple):
+    enabled: bool = True
+    port: Optional[int] = None
+    addr: str = LOCAL_METRICS_ADDR
+    stats_interval: float = DEFAULT_STATS_INTERVAL
+    stats_ttl: int = DEFAULT_TTL
+    slow_call_ms: float = DEFAULT_SLOW_CALL_MS
+
+
+def metrics_options(metrics=True, metrics_port=None, metrics_addr=DEFAULT_METRICS_ADDR,
+                    stats_interval=DEFAULT_STATS_INTERVAL, stats_ttl=DEFAULT_TTL,
+                    slow_call_ms=DEFAULT_SLOW_CALL_MS, port_from_env=False):
+    """Check the metrics options of a provider or a client.
+
+    :param metrics_port: serve /metrics on this port (0: a free one); None: none,
+        or with `port_from_env` the PROBE_METRICS_PORT environment variable.
+    :param metrics_addr: the address /metrics binds; None: PROBE_METRICS_ADDR, else
+        127.0.0.1.
+    :param stats_interval: seconds between two writes of the call stats (<= 10).
+    :param stats_ttl: seconds a Redis stats slot is kept.
+    :param slow_call_ms: calls at least this long are logged.
+    :raises ProbeError: naming the bad option, its value and what to give.
+    """
+    if metrics_port is None and port_from_env:
+        metrics_port = os.environ.get(METRICS_PORT_ENV) or None
+    if metrics_port is not None:
+        text = str(metrics_port).strip()
+        if isinstance(metrics_port, bool) or not text.isdigit() or not 0 <= int(text) < 65536:
+            raise ProbeError("bad metrics_port %r (option or %s): give a port 0-65535"
+                             % (metrics_port, METRICS_PORT_ENV))
+        metrics_port = int(text)
+    for name, value, high in (("stats_interval", stats_interval, MAX_STATS_INTERVAL),
+                              ("stats_ttl", stats_ttl, None), ("slow_call_ms", slow_call_ms, None)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+                or (high is not None and value > high):
+            raise ProbeError("bad %s %r: give a number > 0%s" % (
+                name, value, " and <= %g (seconds)" % high if high else ""))
+    return MetricsOptions(bool(metrics), metrics_port, bind_address(metrics_addr),
+                          float(stats_interval), int(stats_ttl), float(slow_call_ms))
+
+
+def bind_address(metrics_addr):
+    """The address /metrics binds: the option, else the environment, else loopback."""
+    if metrics_addr is None:
+        metrics_addr = os.environ.get(METRICS_ADDR_ENV) or LOCAL_METRICS_ADDR
+    text = metrics_addr.strip() if isinstance(metrics_addr, str) else None
+    if text:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            if len(text) <= 253 and all(_HOST_LABEL.match(label)
+                                        for label in text.rstrip(".").split(".")):
+                return text
+    raise ProbeError("bad metrics_addr %r (option or %s): give an IP address or host name to "
+                     "bind /metrics to, e.g. 127.0.0.1 (the default) or 0.0.0.0 for every "
+                     "interface" % (metrics_addr, METRICS_ADDR_ENV))
+
+
+def pop_options(options):
+    """Take the metrics options out of a **options dict (build_client) and check them."""
+    return metrics_options(**{name: options.pop(name) for name in OPTION_NAMES if name in options})
