@@ -86,6 +86,15 @@ def clients(stack):
         client.close()
 
 
+@pytest.fixture
+def fresh_metrics():
+    """An empty metrics state for the test (probe.metrics.fresh_state), so what it
+    asserts counts only its own calls; another empty one is put in after it."""
+    from probe import metrics
+    yield metrics.fresh_state()
+    metrics.fresh_state()
+
+
 def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

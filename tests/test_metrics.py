@@ -1,14 +1,14 @@
 """Call monitoring against the real stack: the provider's /metrics, the consumer's
 registry and `probe stats` agree on exact counts and statuses; Redis outages do not
-touch calls; stats keys expire. The collectors are process-global, so every
-assertion filters on the test's own appkey."""
+touch calls; stats keys expire; /metrics stays on loopback unless widened. Tests
+that read the process's metrics take `fresh_metrics`, so they see only their own
+calls and can compare whole tables."""
 
 import json
 import logging
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -25,24 +25,42 @@ from probe.settings import load_settings
 DemoError = load_module(IDL).DemoError
 
 
-def scrape(port, appkey):
-    """{(sample name, frozen labels): value} of one appkey from a /metrics endpoint."""
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as reply:
-        text = reply.read().decode("utf-8")
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("appkey") == appkey:
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
+def probe_samples(families, side):
+    """{(sample name, frozen labels): value} of the probe_<side>_* samples."""
+    prefix = "probe_%s_" % side
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in families if family.name.startswith(prefix)
+            for sample in family.samples}
+
+
+def fetch(port, host="127.0.0.1"):
+    with urllib.request.urlopen("http://%s:%d/metrics" % (host, port), timeout=5) as reply:
+        return reply.read().decode("utf-8")
+
+
+def scrape(port, side="server"):
+    """The probe_<side>_* samples a /metrics endpoint serves."""
+    return probe_samples(text_string_to_metric_families(fetch(port)), side)
+
+
+def in_process(side="client"):
+    """The probe_<side>_* samples of this process's default registry."""
+    return probe_samples(REGISTRY.collect(), side)
+
+
+def requests(samples, side):
+    """{(appkey, service, node, method, status): count} from probe_<side>_requests_total."""
+    counts = {}
+    for (name, labels), count in samples.items():
+        if name == "probe_%s_requests_total" % side:
+            labels = dict(labels)
+            counts[tuple(labels[k] for k in ("appkey", "service", "node", "method",
+                                             "status"))] = count
+    return counts
 
 
 def value(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())))
-
-
-def registry_value(name, **labels):
-    return REGISTRY.get_sample_value(name, labels)
 
 
 def stats_rows(appkey, *extra):
@@ -58,7 +76,8 @@ def redis_client(stack):
     client.close()
 
 
-def test_every_call_is_counted_per_status_on_both_sides(appkey, providers, clients, caplog):
+def test_every_call_is_counted_per_status_on_both_sides(fresh_metrics, appkey, providers, clients,
+                                                         caplog):
     caplog.set_level(logging.WARNING, logger="probe.metrics")
     port = free_port()
     provider = providers(appkey, metrics_port=port, slow_call_ms=500)
@@ -77,29 +96,26 @@ def test_every_call_is_counted_per_status_on_both_sides(appkey, providers, clien
     base = dict(appkey=appkey, service="DemoService", node=node)
 
     # The provider finishes the timed-out calls later, and counts them as ok.
-    wait_for(lambda: value(scrape(port, appkey), "probe_server_requests_total", method="slow",
+    wait_for(lambda: value(scrape(port), "probe_server_requests_total", method="slow",
                            status="ok", **base) == 2, message="the server to finish slow()")
-    served = scrape(port, appkey)
-    expected_server = {("say", "ok"): 7, ("fail", "exception"): 3, ("slow", "ok"): 2}
-    counted = {(dict(labels)["method"], dict(labels)["status"]): count
-               for (name, labels), count in served.items() if name == "probe_server_requests_total"}
-    assert counted == expected_server
+    served = scrape(port)
+    labels = (appkey, "DemoService", node)
+    assert requests(served, "server") == {labels + ("say", "ok"): 7,
+                                          labels + ("fail", "exception"): 3,
+                                          labels + ("slow", "ok"): 2}
     assert value(served, "probe_server_request_seconds_count", method="say", **base) == 7
     assert value(served, "probe_server_request_seconds_bucket", method="slow", le="0.5", **base) == 0
     assert value(served, "probe_server_request_seconds_bucket", method="slow", le="1.0", **base) == 2
     assert value(served, "probe_server_request_seconds_sum", method="slow", **base) >= 1.6
     assert value(served, "probe_server_inflight", **base) == 0
 
-    # The consumer's view lives in this process's default registry.
-    for method, status, count in (("say", "ok", 7), ("fail", "exception", 3),
-                                  ("slow", "timeout", 2)):
-        assert registry_value("probe_client_requests_total", method=method, status=status,
-                              **base) == count, (method, status)
-    for method, status in (("say", "exception"), ("slow", "ok"), ("fail", "ok")):
-        assert registry_value("probe_client_requests_total", method=method, status=status,
-                              **base) is None
-    assert registry_value("probe_client_request_seconds_count", method="fail", **base) == 3
-    assert registry_value("probe_client_inflight", **base) == 0
+    # The consumer's view lives in this process's default registry: these calls, no other.
+    made = in_process("client")
+    assert requests(made, "client") == {labels + ("say", "ok"): 7,
+                                        labels + ("fail", "exception"): 3,
+                                        labels + ("slow", "timeout"): 2}
+    assert value(made, "probe_client_request_seconds_count", method="fail", **base) == 3
+    assert value(made, "probe_client_inflight", **base) == 0
 
     # The fleet view: both sides flushed to Redis and read back by the CLI.
     assert metrics.flush_now() is True
@@ -126,7 +142,8 @@ def test_every_call_is_counted_per_status_on_both_sides(appkey, providers, clien
     assert not any(".say " in line for line in slow_lines)
 
 
-def test_a_redis_outage_does_not_fail_calls(stack, appkey, providers, clients, caplog):
+def test_a_redis_outage_does_not_fail_calls(fresh_metrics, stack, appkey, providers, clients,
+                                            caplog):
     caplog.set_level(logging.WARNING, logger="probe.metrics")
     provider = providers(appkey)
     client = clients(appkey)
@@ -139,7 +156,7 @@ def test_a_redis_outage_does_not_fail_calls(stack, appkey, providers, clients, c
         assert metrics.flush_now() is False  # reported, not raised
         assert metrics.flush_now() is False
         warnings = [r for r in caplog.records if "cannot write call stats" in r.getMessage()]
-        assert len(warnings) <= 1  # at most once a minute
+        assert len(warnings) == 1  # one Redis, one sink: logged once, not once a flush
     finally:
         stack.start("redis")
     # The counts of the outage are kept and written by the next flush that works.
@@ -149,7 +166,7 @@ def test_a_redis_outage_does_not_fail_calls(stack, appkey, providers, clients, c
     assert stats_rows(appkey, "--side", "client")["say"]["by_status"] == {"ok": 10}
 
 
-def test_stats_keys_expire(appkey, providers, clients, redis_client):
+def test_stats_keys_expire(fresh_metrics, appkey, providers, clients, redis_client):
     providers(appkey, stats_ttl=120)
     client = clients(appkey)
     wait_for(lambda: len(client.watcher.table) == 1, message="node in routing table")
@@ -164,16 +181,15 @@ def test_stats_keys_expire(appkey, providers, clients, redis_client):
         assert 0 < ttl <= (120 if b":server:" in key else stats.DEFAULT_TTL), (key, ttl)
 
 
-def test_metrics_false_records_nothing(appkey, providers, clients):
+def test_metrics_false_records_nothing(fresh_metrics, appkey, providers, clients):
     port = free_port()
     provider = providers(appkey, metrics=False, metrics_port=port)
     client = clients(appkey, metrics=False)
     wait_for(lambda: len(client.watcher.table) == 1, message="node in routing table")
     assert client.say() == "hello world"
     assert provider.recorder is None and client.recorder is None
-    assert scrape(port, appkey) == {}
-    assert registry_value("probe_client_requests_total", appkey=appkey, service="DemoService",
-                          method="say", node=provider.address, status="ok") is None
+    assert "probe_server_requests_total" in fetch(port)  # the families, without a sample
+    assert scrape(port, "server") == {} and scrape(port, "client") == {}
 
 
 def test_metrics_port_from_the_environment(appkey, providers, monkeypatch):
@@ -188,15 +204,43 @@ def test_metrics_port_from_the_environment(appkey, providers, monkeypatch):
         providers(appkey)
 
 
+def test_metrics_listens_on_loopback_unless_widened(fresh_metrics, appkey, providers,
+                                                    monkeypatch):
+    port = free_port()
+    provider = providers(appkey, metrics_port=port)
+    assert provider.metrics_endpoint.addr == "127.0.0.1"
+    assert "probe_server_requests" in fetch(port)
+    with pytest.raises(OSError):  # bound to 127.0.0.1 only: another address is refused
+        fetch(port, host="127.0.0.2")
+    # PROBE_METRICS_ADDR widens it (a host's real address, or 0.0.0.0 for every
+    # interface); 127.0.0.2 shows the move without listening beyond loopback.
+    monkeypatch.setenv("PROBE_METRICS_ADDR", "127.0.0.2")
+    other = free_port()
+    assert providers(appkey, metrics_port=other).metrics_endpoint.addr == "127.0.0.2"
+    assert "probe_server_requests" in fetch(other, host="127.0.0.2")
+    with pytest.raises(OSError):
+        fetch(other)
+    # The option wins over the environment.
+    third = free_port()
+    assert providers(appkey, metrics_port=third, metrics_addr="127.0.0.1").metrics_endpoint \
+        .addr == "127.0.0.1"
+    assert "probe_server_requests" in fetch(third)
+    monkeypatch.setenv("PROBE_METRICS_ADDR", "every interface")
+    with pytest.raises(ProbeError, match="PROBE_METRICS_ADDR"):
+        providers(appkey, metrics_port=free_port())
+
+
 @pytest.mark.parametrize("option", [{"stats_interval": 11}, {"stats_interval": 0},
-                                    {"slow_call_ms": -1}, {"metrics_port": 70000}])
+                                    {"slow_call_ms": -1}, {"metrics_port": 70000},
+                                    {"metrics_addr": ""}, {"metrics_addr": "a b"},
+                                    {"metrics_addr": 8080}])
 def test_bad_metrics_options_are_refused(option):
     with pytest.raises(ProbeError):
         metrics.metrics_options(**option)
 
 
 # -- units: exact under threads, mergeable across processes, percentiles ------------
-def test_recording_is_exact_across_threads_even_after_they_end():
+def test_recording_is_exact_across_threads_even_after_they_end(fresh_metrics):
     recorder = metrics.Recorder("client", "unit_threads", "Svc")
     metrics.attach(recorder)
 
@@ -212,12 +256,52 @@ def test_recording_is_exact_across_threads_even_after_they_end():
         thread.join()
     labels = dict(appkey="unit_threads", service="Svc", method="m", node="10.0.0.1:81")
     for _ in range(2):  # the second read comes from the retired totals of dead threads
-        assert registry_value("probe_client_requests_total", status="ok", **labels) == 32000
-        assert registry_value("probe_client_requests_total", status="timeout", **labels) == 8000
-        assert registry_value("probe_client_request_seconds_bucket", le="0.0005", **labels) == 40000
-        assert registry_value("probe_client_request_seconds_bucket", le="0.0002", **labels) == 0
+        made = in_process("client")
+        row = ("unit_threads", "Svc", "10.0.0.1:81", "m")
+        assert requests(made, "client") == {row + ("ok",): 32000, row + ("timeout",): 8000}
+        assert value(made, "probe_client_request_seconds_bucket", le="0.0005", **labels) == 40000
+        assert value(made, "probe_client_request_seconds_bucket", le="0.0002", **labels) == 0
     key = ("client", "unit_threads", "Svc", "m", "10.0.0.1:81", "ok")
     assert sum(mid.get(key, [0, 0])[:-1]) <= 32000
+
+
+NO_IMPORT_HOOKS = r"""
+import atexit
+import probe.client, probe.server, probe.metrics as metrics
+hooks = atexit._ncallbacks()
+assert metrics.state._state is None, "importing probe created the metrics state"
+metrics.get_recorder("client", "unit_hooks", "Svc")  # first use
+assert atexit._ncallbacks() == hooks + 1, "first use registers one exit hook"
+first = metrics.process_state()
+assert metrics.fresh_state() is not first and metrics.process_state() is not first
+assert atexit._ncallbacks() == hooks + 1, "a fresh state adds no hook"
+print("ok")
+"""
+
+
+def test_importing_probe_creates_no_state_and_installs_no_hook():
+    done = subprocess.run([sys.executable, "-c", NO_IMPORT_HOOKS], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_fresh_state_forgets_the_old_one(fresh_metrics, tmp_path):
+    assert metrics.process_state() is fresh_metrics
+    recorder = metrics.get_recorder("client", "unit_fresh", "Svc")
+    metrics.attach(recorder)
+    recorder.observe("m", "Svc_10.0.0.1_81", "ok", 0.001)
+    metrics.enable_multiprocess(str(tmp_path))  # starts the background thread
+    assert requests(in_process(), "client") == {("unit_fresh", "Svc", "10.0.0.1:81", "m", "ok"): 1}
+    pump = fresh_metrics.pump.thread
+    assert pump is not None and pump.is_alive()
+
+    new = metrics.fresh_state()
+    assert new is not fresh_metrics and metrics.process_state() is new
+    assert in_process() == {}  # the old collector left the registry
+    assert metrics.snapshot(other_processes=True) == {"calls": {}, "inflight": {}}
+    assert metrics.get_recorder("client", "unit_fresh", "Svc") is not recorder
+    wait_for(lambda: not pump.is_alive(), message="the old state's thread to end")
+    assert new.pump.thread is None  # nothing to write yet: no thread
 
 
 def test_snapshots_of_processes_merge(tmp_path):
@@ -280,8 +364,8 @@ def test_a_failed_flush_is_merged_into_the_next(monkeypatch):
         written.append((slot, {k[3]: sum(v[:-1]) for k, v in deltas.items()}))
 
     fail = [False]
-    monkeypatch.setattr(metrics, "write_slot", fake_write)
-    sink = metrics._RedisSink(load_settings_stub(), "dev")
+    monkeypatch.setattr(metrics.sink, "write_slot", fake_write)
+    sink = metrics.RedisSink(load_settings_stub(), "dev")
     sink._client = object()
     recorder = metrics.Recorder("client", "unit_sink", "Svc")
     sink.recorders.append(recorder)
