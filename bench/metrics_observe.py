@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/metrics_observe.py [--calls N] [--rounds R]
 
-Prints ns per call, best of R rounds in thread CPU time, for what the client does on every call:
-`Recorder.thread_state()` once, then `observe_in(...)`; and for `observe(...)`
-(both in one). The cost of the bare loop is measured the same way and subtracted.
+Prints ns per call, best of R rounds in thread CPU time, for what the client does
+on every call: `Recorder.thread_state()` once, then `observe_in(...)`; and for
+`observe(...)` (both in one). The cost of the bare loop is measured the same way and subtracted.
 No network, no Redis: only the in-process recording.
 """
 
@@ -62,7 +62,7 @@ def main(argv=None):
                        ("observe_in() (state in hand)", in_hand),
                        ("observe()", one_call)):
         print("%-32s %6.1f ns per call" % (name, best_ns(body, args.calls, args.rounds) - loop))
-    calls, _ = {}, None
+    calls = {}
     recorder.snapshot_into(calls)
     counted = sum(sum(cell[:-1]) for cell in calls.values())
     expected = 3 * args.calls * args.rounds

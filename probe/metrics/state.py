@@ -181,7 +181,7 @@ class MetricsState(object):
     def after_fork_in_child(self):
         """A forked worker starts from zero: the parent's counts stay the parent's."""
         self._lock = threading.RLock()
-        for recorder in self._recorders:
+        for recorder in self._recorders + list(self._shared.values()):  # attached or not yet
             recorder.start_over()
         for sink in self._sinks.values():
             sink.start_over()
