@@ -573,9 +573,10 @@ class _MariaDBServer(_Server):
         ]
 
     def answers(self) -> bool:
-        # The server speaks first: a packet whose payload starts with protocol 10.
+        # The server speaks first: a packet whose payload starts with protocol 10,
+        # or an error packet (0xff) when no account may log in from our address yet.
         greeting = _exchange(self.port, b"", lambda data: len(data) >= 5, host=self.host)
-        return len(greeting) >= 5 and greeting[4] == 10
+        return len(greeting) >= 5 and greeting[4] in (10, 0xFF)
 
     def wipe(self) -> None:
         super().wipe()
