@@ -283,3 +283,37 @@ def test_readme_provider_and_consumer_run_from_the_install(installed, tmp_path):
                 provider.kill()
                 provider.wait()
         _run([python, "-c", stack_code, "down", state])
+
+
+def test_docker_compose_matches_the_packaged_config():
+    """docker-compose.yml runs what the packaged `dev` env expects, on loopback only
+    (checked here on every machine; `make compose-check` adds `docker compose
+    config` where Docker Compose exists)."""
+    import yaml
+    from probe.devstack import DEV_PORTS
+    from probe.settings import PACKAGED_CONFIG
+
+    compose = yaml.safe_load(open(os.path.join(ROOT, "docker-compose.yml")))
+    config = yaml.safe_load(open(PACKAGED_CONFIG))
+    services = compose["services"]
+    assert set(services) == {"zookeeper", "redis", "mariadb"}
+    published = {}
+    for name, service in services.items():
+        for mapping in service.get("ports", []):
+            host, port, _ = mapping.split(":")
+            assert host == "127.0.0.1", "%s publishes %s beyond loopback" % (name, mapping)
+            published[name] = int(port)
+    assert published == {"zookeeper": config["zkserver"]["dev"]["port"],
+                         "redis": config["redis"]["dev"]["port"],
+                         "mariadb": config["mysql"]["dev"]["port"]}
+    assert published == {"zookeeper": DEV_PORTS["zookeeper"], "redis": DEV_PORTS["redis"],
+                         "mariadb": DEV_PORTS["mysql"]}
+    mysql = config["mysql"]["dev"]
+    environment = services["mariadb"]["environment"]
+    assert (environment["MARIADB_DATABASE"], environment["MARIADB_USER"],
+            environment["MARIADB_PASSWORD"]) == (mysql["database"], mysql["username"],
+                                                 mysql["password"])
+    for volume in services["mariadb"].get("volumes", []):
+        source = volume.split(":")[0]
+        assert os.path.exists(os.path.join(ROOT, source)), "%s mounts a missing %s" % (
+            "mariadb", source)
