@@ -317,3 +317,13 @@ def test_docker_compose_matches_the_packaged_config():
         source = volume.split(":")[0]
         assert os.path.exists(os.path.join(ROOT, source)), "%s mounts a missing %s" % (
             "mariadb", source)
+
+
+def test_readme_links_resolve():
+    """The README is the door: every relative link in it leads to a file."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    targets = {link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", text)
+               if "://" not in link and not link.startswith("#")}
+    assert "docs/index.md" in targets
+    missing = sorted(t for t in targets if not os.path.exists(os.path.join(ROOT, t)))
+    assert not missing, "README.md links to missing files: %s" % missing

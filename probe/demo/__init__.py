@@ -152,7 +152,3 @@ def main(argv=None):
         print("probe demo: %s: %s" % (exc.__class__.__name__, exc), file=sys.stderr)
         return 2
     return 0 if answer == "hello world" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
