@@ -146,6 +146,15 @@ def remote_stack(hosts, tmp_path):
         devstack.Stack(state, host=hosts.address("srv")).down(wipe=True)
 
 
+def test_stack_refuses_a_host_it_cannot_bind_alone():
+    """Stack(host=) takes one IPv4 address; a wildcard or a name is refused before
+    anything starts."""
+    from probe.devstack import Stack, StackError
+    for bad in ("0.0.0.0", "example.com", "198.18.0.300", "", None):
+        with pytest.raises(StackError, match="host must be one IPv4 address"):
+            Stack("/nonexistent/probe-stack", ports="free", host=bad)
+
+
 def _env(**extra):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PROBE_")}
     env["PYTHONPATH"] = ROOT
@@ -195,6 +204,10 @@ def test_providers_on_separate_hosts(hosts, remote_stack, tmp_path):
         listed = nodes()
         # `probe nodes` shows each provider at its own host's address, nothing else.
         assert sorted(listed) == sorted([p1_address, p2_address]), listed
+        table = cli("nodes", appkey)
+        for address in (p1_address, p2_address):
+            assert any(address in line and " up " in line for line in table.splitlines()), table
+        assert "127.0.0.1" not in table and "127.0.1.1" not in table, table
 
         script = tmp_path / "consumer.py"
         script.write_text(CONSUMER)
@@ -216,6 +229,7 @@ def test_providers_on_separate_hosts(hosts, remote_stack, tmp_path):
         cli("node", "weight", appkey, "DemoService", p2_address, "0")
         wait_for(lambda: calls(100) == {"p1": 100}, timeout=20, interval=0.1,
                  message="weight 0 on p2 reaching the consumer")
+        assert nodes()[p2_address]["weight"] == 0
         cli("node", "weight", appkey, "DemoService", p2_address, "10")
         cli("node", "weight", appkey, "DemoService", p1_address, "1")
         # p1 at 1 against p2 at 10: p2 gets most calls (11:1 expected).
