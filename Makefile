@@ -5,15 +5,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_STACK := .demo-stack
 BENCH_ARGS ?=
 
-.PHONY: demo test bench bench-smoke deps venv stack-up stack-down clean
+.PHONY: demo test docs compose-check dist bench bench-smoke deps venv stack-up stack-down clean
 
 deps:
 	@bash scripts/install-deps.sh
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'
@@ -21,11 +20,23 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
+# `probe demo`: private stack on free loopback ports, provider, say(), clean-up.
 demo: deps venv
-	@PY=$(PY) DEMO_STACK=$(DEMO_STACK) bash scripts/demo.sh
+	@bash scripts/demo.sh $(VENV)/bin/probe
 
-test: deps venv
+# The docs and the compose file first, so pytest's summary closes the log.
+test: deps venv docs compose-check
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+compose-check:
+	@bash scripts/compose-check.sh
+
+dist: venv
+	rm -rf dist
+	$(PY) -m build --outdir dist .
 
 bench: deps venv
 	$(PY) bench/run.py $(BENCH_ARGS)
@@ -40,5 +51,4 @@ stack-down: venv
 	$(VENV)/bin/probe stack down
 
 clean:
-	-$(VENV)/bin/probe stack down --dir $(DEMO_STACK) --wipe 2>/dev/null
-	rm -rf $(VENV) $(DEMO_STACK) *.egg-info
+	rm -rf $(VENV) dist build *.egg-info

@@ -1,14 +1,45 @@
+"""Packaging for thriftprobe. The version lives in one place: probe/__init__.py."""
+
+import os
+import re
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(*parts):
+    with open(os.path.join(HERE, *parts), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def version():
+    found = re.search(r'^__version__ = "([^"]+)"', read("probe", "__init__.py"), re.M)
+    if not found:
+        raise RuntimeError("probe/__init__.py has no __version__ = \"...\" line")
+    return found.group(1)
+
+
+# Tools the docs build needs (`mkdocs build --strict`, API pages from docstrings).
+DOCS = ["mkdocs>=1.5", "mkdocstrings[python]>=0.24"]
+# `make test` runs the whole suite, the private-index install and the docs build.
+TEST = ["pytest>=7", "build>=1.0", "twine>=4", "pypiserver>=2.0", "passlib>=1.7",
+        "virtualenv>=20"] + DOCS
 
 setup(
     name="thriftprobe",
-    version="0.1.0",
+    version=version(),
     description="Service governance for thrift RPC: registry, weights, switches, monitoring",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=read("README.md"),
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["probe", "probe.*"]),
-    package_data={"probe.config": ["*.yml", "*.sql"]},
+    # Everything `probe stack` and `probe demo` need at run time, inside the wheel.
+    package_data={
+        "probe": ["py.typed"],
+        "probe.config": ["*.yml", "*.sql"],
+        "probe.demo": ["*.thrift"],
+    },
     include_package_data=True,
     python_requires=">=3.8",
     install_requires=[
@@ -19,7 +50,7 @@ setup(
         "PyYAML>=5.1",
         "prometheus_client>=0.16",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": TEST, "docs": DOCS},
     entry_points={"console_scripts": ["probe = probe.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

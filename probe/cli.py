@@ -200,6 +200,10 @@ def build_parser():
     stack.add_argument("--free-ports", action="store_true", help="pick free ports, not the dev ones")
     stack.add_argument("--wipe", action="store_true", help="with down: delete the data too")
     stack.set_defaults(func=cmd_stack)
+
+    demo = sub.add_parser("demo", help="hello world end to end on a private stack, then clean up")
+    from .demo import main as demo_main  # stdlib imports only; the parts load when it runs
+    demo.set_defaults(func=lambda args: demo_main())
     return parser
 
 

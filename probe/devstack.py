@@ -80,6 +80,19 @@ class StackError(_BaseError):
     """A development server could not be installed, started, reached or stopped."""
 
 
+def _check_bind_host(host: str) -> str:
+    """`host` if it is one IPv4 address a server can bind (not 0.0.0.0)."""
+    import ipaddress
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        address = None
+    if address is None or address.is_unspecified or address.is_multicast:
+        raise StackError("host must be one IPv4 address to bind, such as 127.0.0.1, "
+                         "got %r" % (host,))
+    return str(address)
+
+
 # --------------------------------------------------------------------------- ports
 
 def free_port() -> int:
@@ -106,8 +119,8 @@ def _free_ports(count: int, avoid: Sequence[int] = ()) -> List[int]:
     return ports
 
 
-def _port_in_use(port: int) -> bool:
-    """True if something listens on 127.0.0.1:port.
+def _port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    """True if something listens on host:port (default 127.0.0.1).
 
     A connect, not a trial bind: after a server is killed, its port keeps
     TIME_WAIT sockets that fail a test bind but do not stop the server's own.
@@ -115,7 +128,7 @@ def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
-            result = sock.connect_ex((LOOPBACK, port))
+            result = sock.connect_ex((host, port))
         except socket.timeout:
             return True  # something is there, just slow to accept
         if result == 0 and sock.getsockname()[1] == port:
@@ -123,14 +136,15 @@ def _port_in_use(port: int) -> bool:
     return result != errno.ECONNREFUSED
 
 
-def _exchange(port: int, request: bytes, enough, timeout: float = 1.0) -> bytes:
-    """Send `request` to 127.0.0.1:port and read until `enough(reply)` or EOF.
+def _exchange(port: int, request: bytes, enough, timeout: float = 1.0,
+              host: str = LOOPBACK) -> bytes:
+    """Send `request` to host:port and read until `enough(reply)` or EOF.
 
     Returns b"" when nothing answers, so callers can treat it as "not up".
     """
     reply = b""
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
             if request:
                 sock.sendall(request)
             while not enough(reply):
@@ -143,15 +157,15 @@ def _exchange(port: int, request: bytes, enough, timeout: float = 1.0) -> bytes:
     return reply
 
 
-def _four_letter_word(port: int, word: str) -> str:
+def _four_letter_word(port: int, word: str, host: str = LOOPBACK) -> str:
     """ZooKeeper's answer to a four-letter command ("ruok", "srvr", ...)."""
-    return _exchange(port, word.encode("ascii"), lambda reply: False).decode(
+    return _exchange(port, word.encode("ascii"), lambda reply: False, host=host).decode(
         "utf-8", "replace")
 
 
-def _zookeeper_mode(port: int) -> Optional[str]:
+def _zookeeper_mode(port: int, host: str = LOOPBACK) -> Optional[str]:
     """"leader", "follower" or "standalone" if the server serves requests, else None."""
-    for line in _four_letter_word(port, "srvr").splitlines():
+    for line in _four_letter_word(port, "srvr", host).splitlines():
         if line.startswith("Mode:"):
             return line.split(":", 1)[1].strip()
     return None
@@ -290,6 +304,7 @@ class _Server:
 
     name = "server"
     grace = 5.0  # seconds between SIGTERM and SIGKILL
+    host = LOOPBACK  # the address it binds; Stack(host=...) sets another
 
     def __init__(self, home: str, port: int) -> None:
         self.home = home
@@ -345,7 +360,7 @@ class _Server:
     def spawn(self) -> None:
         self.prepare()
         argv = self.command()
-        logger.info("starting %s on %s:%d: %s", self.name, LOOPBACK, self.port,
+        logger.info("starting %s on %s:%d: %s", self.name, self.host, self.port,
                     " ".join(argv))
         with open(self.log_path, "ab") as log:
             # A new session: the server survives the CLI that started it and
@@ -385,7 +400,7 @@ class _Server:
             if time.monotonic() >= deadline:
                 raise StackError(
                     "%s (pid %s) did not answer on %s:%d in time; see %s:\n%s" % (
-                        self.name, self.pid, LOOPBACK, self.port, self.log_path,
+                        self.name, self.pid, self.host, self.port, self.log_path,
                         _log_tail(self.log_path)))
             time.sleep(_POLL_INTERVAL)
 
@@ -428,7 +443,7 @@ class _ZooKeeperServer(_Server):
             "syncLimit=5",
             "dataDir=%s" % self.data_dir,
             "clientPort=%d" % self.port,
-            "clientPortAddress=%s" % LOOPBACK,
+            "clientPortAddress=%s" % self.host,
             "admin.enableServer=false",
             "minSessionTimeout=1000",
             "maxSessionTimeout=60000",
@@ -463,10 +478,10 @@ class _ZooKeeperServer(_Server):
         if self.peers:
             # An ensemble member answers `ruok` even without a quorum.
             return self.mode() in ("leader", "follower", "standalone")
-        return _four_letter_word(self.port, "ruok") == "imok"
+        return _four_letter_word(self.port, "ruok", self.host) == "imok"
 
     def mode(self) -> Optional[str]:
-        return _zookeeper_mode(self.port)
+        return _zookeeper_mode(self.port, self.host)
 
 
 class _RedisServer(_Server):
@@ -481,7 +496,7 @@ class _RedisServer(_Server):
         return [
             _find_binary(SERVER_BINARIES["redis-server"]) or "redis-server",
             "--port", str(self.port),
-            "--bind", LOOPBACK,
+            "--bind", self.host,
             "--protected-mode", "no",
             "--save", "",  # a dev/test cache: no snapshots, no AOF
             "--appendonly", "no",
@@ -491,7 +506,8 @@ class _RedisServer(_Server):
         ]
 
     def answers(self) -> bool:
-        reply = _exchange(self.port, b"PING\r\n", lambda data: b"\r\n" in data)
+        reply = _exchange(self.port, b"PING\r\n", lambda data: b"\r\n" in data,
+                          host=self.host)
         return reply.startswith(b"+PONG")
 
 
@@ -545,7 +561,7 @@ class _MariaDBServer(_Server):
             "--no-defaults",
             "--datadir=%s" % self.data_dir,
             "--port=%d" % self.port,
-            "--bind-address=%s" % LOOPBACK,
+            "--bind-address=%s" % self.host,
             "--socket=%s" % self.socket_path,
             "--pid-file=%s" % os.path.join(self.home, "mariadbd.pid"),
             "--user=%s" % self._user(),
@@ -557,9 +573,10 @@ class _MariaDBServer(_Server):
         ]
 
     def answers(self) -> bool:
-        # The server speaks first: a packet whose payload starts with protocol 10.
-        greeting = _exchange(self.port, b"", lambda data: len(data) >= 5)
-        return len(greeting) >= 5 and greeting[4] == 10
+        # The server speaks first: a packet whose payload starts with protocol 10,
+        # or an error packet (0xff) when no account may log in from our address yet.
+        greeting = _exchange(self.port, b"", lambda data: len(data) >= 5, host=self.host)
+        return len(greeting) >= 5 and greeting[4] in (10, 0xFF)
 
     def wipe(self) -> None:
         super().wipe()
@@ -583,11 +600,11 @@ def _start_servers(servers: Sequence[_Server], timeout: float, owner: str) -> No
                 raise StackError("port %d (%s) belongs to a system server; probe's "
                                  "dev servers never use it: choose another port"
                                  % (port, server.name))
-            if _port_in_use(port):
+            if _port_in_use(port, server.host):
                 raise StackError(
                     "port %d (%s) on %s is already in use by a process that is not "
                     "part of %s; stop that process or choose another port"
-                    % (port, server.name, LOOPBACK, owner))
+                    % (port, server.name, server.host, owner))
     started = []  # type: List[_Server]
     try:
         for server in to_start:
@@ -659,17 +676,20 @@ class Stack(_Recorded):
     ``ports`` is "dev" (`DEV_PORTS`), "free" (unused loopback ports, for tests) or a
     dict overriding some of `DEV_PORTS`. Ports recorded in an existing
     ``stack.json`` win over "dev" and "free", so a component keeps its port for
-    the life of the state folder.
+    the life of the state folder. ``host`` is the one IPv4 address all three bind
+    (default 127.0.0.1); another one only makes sense inside a network namespace
+    of a test (tests/test_multihost.py), never a public interface.
     """
 
     def __init__(self, state_dir: Optional[str] = None, ports="dev",
-                 env: str = "dev") -> None:
+                 env: str = "dev", host: str = LOOPBACK) -> None:
         if not env or not isinstance(env, str):
             raise StackError("env must be a non-empty string such as 'dev', got %r"
                              % (env,))
         self.state_dir = os.path.abspath(os.path.expanduser(
             state_dir or default_state_dir()))
         self.env = env
+        self.host = _check_bind_host(host)
         self.config_path = os.path.join(self.state_dir, "config.yml")
         self._record_path = os.path.join(self.state_dir, "stack.json")
         record = _read_json(self._record_path)
@@ -683,6 +703,8 @@ class Stack(_Recorded):
             "mysql": _MariaDBServer(self._home("mysql"), chosen["mysql"],
                                     record.get("mysql_socket") or self._socket_path()),
         }  # type: Dict[str, _Server]
+        for server in self._servers.values():
+            server.host = self.host
         for name, entry in record.get("components", {}).items():
             moved = name in chosen and entry.get("port") != chosen[name]
             if moved and _is_alive(entry.get("pid"), entry.get("start_time")):
@@ -739,7 +761,7 @@ class Stack(_Recorded):
                 "running": alive and server.answers(),
                 "pid": server.pid if alive else None,
                 "port": server.port,
-                "address": "%s:%d" % (LOOPBACK, server.port),
+                "address": "%s:%d" % (self.host, server.port),
                 "log": server.log_path,
             }
         return result
@@ -749,12 +771,12 @@ class Stack(_Recorded):
         ports = self.ports
         return {
             "mysql": {self.env: {
-                "host": LOOPBACK, "port": ports["mysql"], "username": MYSQL_USER,
+                "host": self.host, "port": ports["mysql"], "username": MYSQL_USER,
                 "password": MYSQL_PASSWORD, "database": MYSQL_DATABASE}},
             "redis": {self.env: {
-                "host": LOOPBACK, "port": ports["redis"], "password": None,
+                "host": self.host, "port": ports["redis"], "password": None,
                 "cluster": 0}},
-            "zkserver": {self.env: {"host": LOOPBACK, "port": ports["zookeeper"]}},
+            "zkserver": {self.env: {"host": self.host, "port": ports["zookeeper"]}},
         }
 
     # -- fault control
@@ -854,15 +876,17 @@ class Stack(_Recorded):
         """Create the `probe` database and user; safe to repeat."""
         import pymysql  # only needed once MariaDB is up
 
+        # root@localhost over the server's socket: root has no account for a
+        # TCP client on any address but loopback.
+        socket_path = self._servers["mysql"].socket_path  # type: ignore[attr-defined]
         try:
-            connection = pymysql.connect(host=LOOPBACK, port=self.ports["mysql"],
-                                         user="root", password="", connect_timeout=5,
-                                         autocommit=True)
+            connection = pymysql.connect(unix_socket=socket_path, user="root", password="",
+                                         connect_timeout=5, autocommit=True)
         except pymysql.MySQLError as exc:
-            raise StackError("cannot log in to MariaDB on %s:%d as root with an "
+            raise StackError("cannot log in to MariaDB on %s as root with an "
                              "empty password (%s); to start over with fresh data use "
                              "Stack.start('mysql', wipe=True)"
-                             % (LOOPBACK, self.ports["mysql"], exc)) from exc
+                             % (socket_path, exc)) from exc
         try:
             with connection.cursor() as cursor:
                 cursor.execute("CREATE DATABASE IF NOT EXISTS `%s`" % MYSQL_DATABASE)
@@ -876,7 +900,7 @@ class Stack(_Recorded):
         # The tables too, so `serviceapp` exists for anyone inserting appkeys by SQL.
         from .appkeys import AppkeyStore
         from .settings import MysqlSettings
-        store = AppkeyStore(MysqlSettings(LOOPBACK, self.ports["mysql"], MYSQL_USER,
+        store = AppkeyStore(MysqlSettings(self.host, self.ports["mysql"], MYSQL_USER,
                                           MYSQL_PASSWORD, MYSQL_DATABASE))
         try:
             store.ensure_schema()

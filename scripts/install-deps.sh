@@ -10,6 +10,8 @@ command -v mariadbd >/dev/null 2>&1 || command -v mysqld >/dev/null 2>&1 || miss
 command -v mariadb-install-db >/dev/null 2>&1 || command -v mysql_install_db >/dev/null 2>&1 \
   || missing+=(mariadb-server)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The multi-host test (tests/test_multihost.py) makes network namespaces with `ip`.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
