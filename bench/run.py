@@ -739,7 +739,10 @@ class Bench(object):
 
 
 def _paired_note(rounds, anchor_rounds):
-    pairs = [p["cps"] / a["cps"] for p, a in zip(rounds, anchor_rounds)]
+    # A round can finish no call on a loaded machine: leave it out, do not divide by it.
+    pairs = [p["cps"] / a["cps"] for p, a in zip(rounds, anchor_rounds) if a["cps"] > 0]
+    if not pairs:
+        return "no round of the anchor completed a call"
     return "round-by-round ratios %s (median %.2fx)" % (
         " ".join("%.2f" % x for x in pairs), median(pairs))
 
