@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["probe", "probe.*"]),
-    package_data={"probe.config": ["*.yml", "*.sql"]},
+    package_data={"probe.config": ["*.yml", "*.sql"],
+                  "probe.console": ["templates/*.html", "static/*"]},
     include_package_data=True,
     python_requires=">=3.8",
     install_requires=[
@@ -18,8 +19,11 @@ setup(
         "PyMySQL>=1.0",
         "PyYAML>=5.1",
         "prometheus_client>=0.16",
+        "Flask>=2.3",
+        "cheroot>=10",
+        "argon2-cffi>=21.3",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "playwright>=1.40"]},
     entry_points={"console_scripts": ["probe = probe.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
