@@ -178,7 +178,7 @@ def login():
     if role is None:
         state.throttle.failed(username, address)
         log.warning("failed login for %r from %s", username, address)
-        return _page("login.html", 401, login_csrf=cookie_token, next=next_page, username=username,
+        return _page("login.html", 200, login_csrf=cookie_token, next=next_page, username=username,
                      error="Wrong user name or password.")
     state.throttle.succeeded(username)
     token, _ = state.users.create_session(username, state.session_ttl)
