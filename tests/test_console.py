@@ -85,10 +85,14 @@ def _add_user(name, password, role):
 
 
 @pytest.fixture(scope="module")
-def console_url(stack):
-    from probe.console import ConsoleServer
+def users(stack):
     _add_user(OPERATOR, OPERATOR_PASSWORD, "operator")
     _add_user(VIEWER, VIEWER_PASSWORD, "viewer")
+
+
+@pytest.fixture(scope="module")
+def console_url(users):
+    from probe.console import ConsoleServer
     # Refresh every second over a 10 s window, so the tests see traffic move quickly.
     server = ConsoleServer(bind="127.0.0.1", port=0, refresh=1, live_window=10, warmup=30).start()
     yield server.url
@@ -368,3 +372,58 @@ def test_removing_a_user_ends_their_sessions(console_url, page):
     page.goto(console_url + "/")
     assert "/login" in page.url
     assert run_probe("console", "user", "remove", "temp_user", check=False).returncode == 1
+
+
+def test_tls_marks_the_session_cookie_secure(users, browser, tmp_path):
+    from probe.console import ConsoleServer
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = ConsoleServer(bind="127.0.0.1", port=0, cert=cert, key=key).start()
+    context = browser.new_context(viewport=VIEWPORT, ignore_https_errors=True)
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        page = context.new_page()
+        _login(page, server.url, OPERATOR, OPERATOR_PASSWORD)
+        assert page.get_by_role("button", name="Log out").is_visible()
+        cookie = [c for c in context.cookies() if c["name"] == "probe_session"][0]
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        response = page.request.get(server.url + "/")
+        assert "max-age" in response.headers["strict-transport-security"]
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_probe_console_command_serves_on_loopback(stack):
+    import signal
+    import socket
+    import urllib.error
+    import urllib.request
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "probe.cli", "console", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "on http://127.0.0.1:%d" % port in line, (line, process.stderr.read() if process.poll() else "")
+        with urllib.request.urlopen("http://127.0.0.1:%d/login" % port, timeout=10) as response:
+            assert response.status == 200
+            assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+            assert 'name="csrf_token"' in response.read().decode()
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+        opener = urllib.request.build_opener(NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open("http://127.0.0.1:%d/audit" % port, timeout=10)
+        assert refused.value.code == 303 and refused.value.headers["Location"].startswith("/login")
+        with pytest.raises(urllib.error.HTTPError) as post:  # a POST with no session at all
+            opener.open(urllib.request.Request("http://127.0.0.1:%d/logout" % port, data=b"x=1"), timeout=10)
+        assert post.value.code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0

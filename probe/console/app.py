@@ -70,6 +70,12 @@ def create_app(config_path=None, env=None, **options):
     return app
 
 
+def _server_log(msg="", level=logging.INFO, traceback=False):
+    """cheroot's own messages (dropped clients, failed TLS handshakes) go to the
+    console's logger instead of straight to stderr."""
+    log.log(level, "server: %s", msg, exc_info=traceback)
+
+
 class ConsoleServer(object):
     """The console behind cheroot: `start()` in a thread, or `serve_forever()`.
 
@@ -93,6 +99,7 @@ class ConsoleServer(object):
         self.server = wsgi.Server((bind, int(port)), app, numthreads=int(threads),
                                   server_name="probe-console", request_queue_size=32,
                                   timeout=10, shutdown_timeout=2)
+        self.server.error_log = _server_log
         if self.tls:
             from cheroot.ssl.builtin import BuiltinSSLAdapter
             self.server.ssl_adapter = BuiltinSSLAdapter(cert, key)

@@ -27,15 +27,14 @@
             {label: "calls/s", data: data.rate, yAxisID: "rate", borderColor: "#2563eb",
              backgroundColor: "rgba(37, 99, 235, 0.08)", fill: true, tension: 0.2},
             {label: "p99 ms", data: data.p99_ms, yAxisID: "p99", borderColor: "#d97706",
-             backgroundColor: "#d97706", spanGaps: true, tension: 0.2}
+             backgroundColor: "#d97706", spanGaps: true, tension: 0.2,
+             pointRadius: 2.5}  // p99 has gaps: a lone minute with calls must still show
           ]},
           options: {
             animation: false, responsive: true, maintainAspectRatio: false,
             interaction: {mode: "index", intersect: false},
             elements: {point: {radius: 0, hitRadius: 6}, line: {borderWidth: 2}},
-            plugins: {legend: {position: "top", align: "end", labels: {boxWidth: 12, boxHeight: 2}},
-                      title: {display: true, text: "last hour", align: "start", color: "#616e7c",
-                              font: {weight: "normal"}}},
+            plugins: {legend: {position: "top", align: "end", labels: {boxWidth: 12, boxHeight: 2}}},
             scales: {
               x: {ticks: {maxTicksLimit: 13, maxRotation: 0}, grid: {display: false}},
               rate: {position: "left", beginAtZero: true, title: {display: true, text: "calls/s"}},
