@@ -295,6 +295,31 @@ def test_viewer_cannot_change_anything(console_url, page, appkey, providers, tmp
         assert [(r["valid"], r["weight"]) for r in admin.nodes(appkey)] == [(1, 10)]
         assert admin.audit(appkey) == []
         assert "viewer_made" not in [a["appkey"] for a in admin.list_appkeys()]
+    # A node that appears later shows up by itself (the page reloads when the set changes).
+    later = providers(appkey)
+    wait_for(lambda: _row(page, later.address).count() == 1, timeout=30, interval=0.5,
+             message="the new node on the page")
+    assert page.get_by_role("button", name="Disable").count() == 0
+
+
+def test_passwords_are_stored_as_argon2_hashes(users):
+    from probe.console.users import ConsoleUserError, UserStore
+    from probe.settings import load_settings
+    store = UserStore(load_settings().mysql)
+    try:
+        stored = store._run("SELECT password_hash FROM console_users WHERE username = %s", (OPERATOR,),
+                            fetch=True)[0][0]
+        assert stored.startswith("$argon2id$") and OPERATOR_PASSWORD not in stored
+        assert store.verify(OPERATOR, OPERATOR_PASSWORD) == "operator"
+        assert store.verify(OPERATOR, OPERATOR_PASSWORD + "x") is None
+        assert store.verify("nobody_here", OPERATOR_PASSWORD) is None
+        for bad in (("bad name", "long-enough-1", "viewer"), ("ok_name", "short", "viewer"),
+                    ("ok_name", "long-enough-1", "admin")):
+            with pytest.raises(ConsoleUserError):
+                store.add_user(*bad)
+        assert store.verify("ok_name", "long-enough-1") is None  # nothing half-created
+    finally:
+        store.close()
 
 
 def test_a_post_without_the_csrf_token_is_refused(console_url, page, appkey, providers):

@@ -73,7 +73,7 @@ def _load_session():
             response = Response("", 401)
             response.headers["HX-Redirect"] = url_for("login")
             return response
-        if request.method == "GET" and request.endpoint is not None:
+        if request.method == "GET":
             return redirect(url_for("login", next=request.full_path.rstrip("?")), 303)
         abort(401)
     if request.method == "POST":
