@@ -28,8 +28,7 @@ VIEWPORT = {"width": 1280, "height": 800}
 def test_throttle_limits_per_user_and_per_address():
     from probe.console.auth import LoginThrottle
     throttle = LoginThrottle(per_user=3, per_address=5, window=60)
-    for _ in range(3):
-        throttle.failed("ann", "10.0.0.1", now=0)
+    assert [throttle.failed("ann", "10.0.0.1", now=0) for _ in range(3)] == [[], [], ["user"]]
     assert throttle.retry_after("ann", "10.0.0.2", now=1) == pytest.approx(59)
     assert throttle.retry_after("bob", "10.0.0.1", now=1) == 0  # the address has 3 of 5
     for name in ("bob", "cid"):
@@ -172,6 +171,9 @@ def test_pages_need_a_login_and_a_wrong_password_is_refused(console_url, page, a
     assert page.get_by_role("heading", name=appkey).is_visible()
     response = page.request.get(console_url + "/audit")
     assert response.status == 200
+    response = page.request.get(console_url + "/apps/%s/series/Bad-Name" % appkey)
+    assert response.status == 400 and "InvalidServiceName" in response.json()["error"]
+    assert page.request.get(console_url + "/apps/%s/series/DemoService" % appkey).json()["labels"]
     assert page.problems == [], page.problems
 
 

@@ -48,7 +48,10 @@ class LoginThrottle(object):
         return wait
 
     def failed(self, username, address, now=None):
+        """Count a failure; returns the kinds ("user", "address") whose limit this
+        failure reached (so the caller logs a lockout once, not every refusal)."""
         now = time.monotonic() if now is None else now
+        reached = []
         with self._lock:
             for kind, key in (("user", username), ("address", address)):
                 table = self._tables[kind]
@@ -59,6 +62,9 @@ class LoginThrottle(object):
                         table.popitem(last=False)
                 table.move_to_end(key)
                 entry.count += 1
+                if entry.count == self.limits[kind]:
+                    reached.append(kind)
+        return reached
 
     def succeeded(self, username):
         """A good password clears the name's failures (not the address's)."""

@@ -164,8 +164,8 @@ def login():
     address = request.remote_addr or "?"
     next_page = _safe_next(request.form.get("next"))
     wait = state.throttle.retry_after(username, address)
-    if wait > 0:
-        log.warning("login for %r from %s refused: too many failed logins", username, address)
+    if wait > 0:  # logged once, when the limit was reached
+        log.debug("login for %r from %s refused: too many failed logins", username, address)
         return _page("login.html", 429, login_csrf=cookie_token, next=next_page, username=username,
                      error="Too many failed logins for this user or from this address: try again "
                            "in %d minutes." % max(1, round(wait / 60.0)))
@@ -176,8 +176,10 @@ def login():
         return _page("login.html", 503, login_csrf=cookie_token, next=next_page, username=username,
                      error=UNAVAILABLE)
     if role is None:
-        state.throttle.failed(username, address)
-        log.warning("failed login for %r from %s", username, address)
+        reached = state.throttle.failed(username, address)
+        log.warning("failed login for %r from %s%s", username, address,
+                    "; no more logins for this %s for %d s" % (" or ".join(reached), state.throttle.window)
+                    if reached else "")
         return _page("login.html", 200, login_csrf=cookie_token, next=next_page, username=username,
                      error="Wrong user name or password.")
     state.throttle.succeeded(username)
@@ -298,11 +300,17 @@ def app_live(appkey):
 
 
 def app_series(appkey, service):
-    naming.check_appkey(appkey)
-    naming.check_service_name(service)
     state = console()
-    admin = state.admin()
-    return jsonify(service_series(admin.nodestore.redis, state.env, appkey, service, time.time()))
+    try:
+        naming.check_appkey(appkey)
+        naming.check_service_name(service)
+        admin = state.admin()
+        return jsonify(service_series(admin.nodestore.redis, state.env, appkey, service, time.time()))
+    except ComponentUnavailable as exc:
+        log.error("chart of %s/%s failed: %s", appkey, service, exc)
+        return jsonify({"error": UNAVAILABLE}), 503
+    except ProbeError as exc:
+        return jsonify({"error": "%s: %s" % (exc.__class__.__name__, exc)}), 400
 
 
 def node_action(appkey):
