@@ -70,6 +70,14 @@ def create_app(config_path=None, env=None, **options):
     return app
 
 
+def _is_loopback(host):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _server_log(msg="", level=logging.INFO, traceback=False):
     """cheroot's own messages (dropped clients, failed TLS handshakes) go to the
     console's logger instead of straight to stderr."""
@@ -92,6 +100,10 @@ class ConsoleServer(object):
             from ..errors import ConfigError
             raise ConfigError("TLS needs both --cert and --key (got cert=%r key=%r)" % (cert, key))
         self.tls = bool(cert)
+        if not self.tls and not _is_loopback(bind):
+            log.warning("serving plain HTTP on %s: passwords and session cookies would cross the "
+                        "network in clear; serve TLS (--cert/--key) or put an HTTPS proxy in front",
+                        bind)
         if app is None:
             options.setdefault("secure_cookies", self.tls)
             app = create_app(config_path=config_path, env=env, **options)

@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 
-from flask import Response, abort, g, jsonify, redirect, render_template, request, url_for
+from flask import Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from .. import naming
@@ -35,7 +35,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 
 def console():
-    from flask import current_app
+    """The running console's shared state (probe.console.app.Console)."""
     return current_app.extensions["probe_console"]
 
 

@@ -1,7 +1,7 @@
 /* Per-service charts of calls/s and p99 over the last hour (Chart.js, vendored). */
 (function () {
   "use strict";
-  var REFRESH_MS = 30000;
+  var REFRESH_MS = 15000;
 
   function hhmm(epoch) {
     var d = new Date(epoch * 1000);
