@@ -24,7 +24,7 @@ def version():
 DOCS = ["mkdocs>=1.5", "mkdocstrings[python]>=0.24"]
 # `make test` runs the whole suite, the private-index install and the docs build.
 TEST = ["pytest>=7", "build>=1.0", "twine>=4", "pypiserver>=2.0", "passlib>=1.7",
-        "virtualenv>=20"] + DOCS
+        "virtualenv>=20", "playwright>=1.40"] + DOCS
 
 setup(
     name="thriftprobe",
@@ -39,6 +39,7 @@ setup(
         "probe": ["py.typed"],
         "probe.config": ["*.yml", "*.sql"],
         "probe.demo": ["*.thrift"],
+        "probe.console": ["templates/*.html", "static/*"],
     },
     include_package_data=True,
     python_requires=">=3.8",
@@ -49,6 +50,9 @@ setup(
         "PyMySQL>=1.0",
         "PyYAML>=5.1",
         "prometheus_client>=0.16",
+        "Flask>=2.3",
+        "cheroot>=10",
+        "argon2-cffi>=21.3",
     ],
     extras_require={"test": TEST, "docs": DOCS},
     entry_points={"console_scripts": ["probe = probe.cli:main"]},

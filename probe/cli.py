@@ -111,6 +111,62 @@ def _format_ms(value):
     return "%.3f" % value if value < 1 else "%.1f" % value if value < 100 else "%.0f" % value
 
 
+def cmd_console(args):
+    """`probe console`: serve the web console, or add/remove its users."""
+    if args.console_action is None:
+        from .console import ConsoleServer
+        server = ConsoleServer(bind=args.bind, port=args.port, cert=args.cert, key=args.key,
+                               config_path=args.config, env=args.env, session_ttl=args.session_ttl,
+                               warmup=args.warmup)
+        try:
+            server.serve_forever(on_ready=lambda url: print("probe console (env %s) on %s"
+                                                            % (server.app.extensions["probe_console"].env, url),
+                                                            flush=True))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    from .console.users import UserStore
+    from .settings import load_settings
+    store = UserStore(load_settings(args.config, args.env).mysql)
+    try:
+        if args.user_action == "add":
+            if sys.stdin.isatty():
+                import getpass
+                password = getpass.getpass("password for %s: " % args.name)
+            else:
+                password = sys.stdin.readline().rstrip("\r\n")
+            added = store.add_user(args.name, password, args.role)
+            print("console user %s %s (role %s)" % (args.name, "added" if added else "updated", args.role))
+        else:
+            removed = store.remove_user(args.name)
+            print("console user %s %s" % (args.name, "removed" if removed else "did not exist"))
+            return 0 if removed else 1
+    finally:
+        store.close()
+    return 0
+
+
+def _add_console_parser(sub):
+    console = sub.add_parser("console", help="serve the web console; manage its users")
+    console.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    console.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    console.add_argument("--cert", help="PEM certificate: serve HTTPS (with --key)")
+    console.add_argument("--key", help="PEM private key of --cert")
+    console.add_argument("--session-ttl", type=int, default=8 * 3600, help="seconds a login lasts (default 28800)")
+    console.add_argument("--warmup", type=float, default=0.0,
+                         help="consumers' warm-up in seconds: younger live nodes are marked (default 0)")
+    console_sub = console.add_subparsers(dest="console_action", metavar="ACTION")
+    user = console_sub.add_parser("user", help="add or remove console users (MySQL console_users)")
+    user_sub = user.add_subparsers(dest="user_action", metavar="ACTION")
+    user_sub.required = True
+    add = user_sub.add_parser("add", help="add a user, or reset their password and role; password on stdin")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("viewer", "operator"), required=True)
+    remove = user_sub.add_parser("remove", help="remove a user and end their sessions")
+    remove.add_argument("name")
+    console.set_defaults(func=cmd_console)
+
+
 def cmd_stack(args):
     from . import devstack
     stack = devstack.Stack(state_dir=args.dir or devstack.DEFAULT_STATE_DIR,
@@ -204,6 +260,7 @@ def build_parser():
     demo = sub.add_parser("demo", help="hello world end to end on a private stack, then clean up")
     from .demo import main as demo_main  # stdlib imports only; the parts load when it runs
     demo.set_defaults(func=lambda args: demo_main())
+    _add_console_parser(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ command -v mariadb-install-db >/dev/null 2>&1 || command -v mysql_install_db >/d
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 # The multi-host test (tests/test_multihost.py) makes network namespaces with `ip`.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the console's browser tests
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -21,3 +21,26 @@ CREATE TABLE IF NOT EXISTS governance_audit (
     new_value VARCHAR(1024) NOT NULL,
     KEY ix_governance_audit_appkey (appkey, changed_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Web console (probe.console): its users and their login sessions.
+CREATE TABLE IF NOT EXISTS console_users (
+    id INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    username VARCHAR(64) NOT NULL,
+    password_hash VARCHAR(255) NOT NULL,
+    role VARCHAR(16) NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    UNIQUE KEY uk_console_users_username (username)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- A session row is found by the SHA-256 of its cookie, so a leaked table holds no
+-- usable cookie. Times are epoch seconds.
+CREATE TABLE IF NOT EXISTS console_sessions (
+    token_hash CHAR(64) NOT NULL PRIMARY KEY,
+    username VARCHAR(64) NOT NULL,
+    csrf_token VARCHAR(64) NOT NULL,
+    flash VARCHAR(2048) NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    KEY ix_console_sessions_username (username),
+    KEY ix_console_sessions_expires (expires_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

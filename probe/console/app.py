@@ -1,0 +1,152 @@
+"""The console's Flask application and the WSGI server that runs it.
+
+Flask renders the pages and routes the requests; cheroot (CherryPy's production
+WSGI server, a bounded thread pool, TLS built in) serves them. Every change goes
+through probe.admin.Admin, exactly as the CLI does.
+"""
+
+import logging
+import os
+import threading
+
+from flask import Flask
+
+from ..admin import Admin
+from .auth import LoginThrottle
+from .users import UserStore
+
+log = logging.getLogger("probe.console")
+
+DEFAULT_BIND = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_SESSION_TTL = 8 * 3600  # seconds a login lasts
+DEFAULT_REFRESH = 3  # seconds between two refreshes of a page's live figures
+DEFAULT_LIVE_WINDOW = 20  # seconds of call stats behind a node's live figures
+MAX_FORM_BYTES = 16 * 1024  # every console form is tiny
+
+
+class Console(object):
+    """What the views share: the Admin, the user store, the login throttle and options.
+
+    Admin's connections open on first use; `admin()` opens them under a lock so
+    that concurrent first requests do not race, and retries on the next request
+    if a component was down.
+    """
+
+    def __init__(self, config_path=None, env=None, session_ttl=DEFAULT_SESSION_TTL,
+                 secure_cookies=False, refresh=DEFAULT_REFRESH, live_window=DEFAULT_LIVE_WINDOW,
+                 warmup=0.0, throttle=None):
+        self._admin = Admin(config_path=config_path, env=env)
+        self.env = self._admin.env
+        self.users = UserStore(self._admin.settings.mysql)
+        self.throttle = throttle or LoginThrottle()
+        self.session_ttl = int(session_ttl)
+        self.secure_cookies = bool(secure_cookies)
+        self.refresh = max(1, int(refresh))
+        self.live_window = float(live_window)
+        self.warmup = float(warmup)
+        self._lock = threading.Lock()
+
+    def admin(self):
+        with self._lock:
+            self._admin.appkeys
+            self._admin.nodestore
+            self._admin.zk
+        return self._admin
+
+    def close(self):
+        self.users.close()
+        self._admin.close()
+
+
+def create_app(config_path=None, env=None, **options):
+    """The console as a WSGI app. Options: see `Console`."""
+    from . import views
+    app = Flask("probe.console", root_path=os.path.dirname(os.path.abspath(__file__)))
+    app.config.update(MAX_CONTENT_LENGTH=MAX_FORM_BYTES, MAX_FORM_MEMORY_SIZE=MAX_FORM_BYTES,
+                      TEMPLATES_AUTO_RELOAD=False, SEND_FILE_MAX_AGE_DEFAULT=3600)
+    app.extensions["probe_console"] = Console(config_path=config_path, env=env, **options)
+    views.install(app)
+    return app
+
+
+def _is_loopback(host):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _server_log(msg="", level=logging.INFO, traceback=False):
+    """cheroot's own messages (dropped clients, failed TLS handshakes) go to the
+    console's logger instead of straight to stderr."""
+    log.log(level, "server: %s", msg, exc_info=traceback)
+
+
+class ConsoleServer(object):
+    """The console behind cheroot: `start()` in a thread, or `serve_forever()`.
+
+    :param bind: address to listen on (loopback by default: expose it on purpose)
+    :param port: TCP port; 0 picks a free one (see `.port` after `start`)
+    :param cert: PEM certificate path; with `key`, serve HTTPS only and mark cookies Secure
+    :param threads: request threads (each open request holds one)
+    """
+
+    def __init__(self, app=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, cert=None, key=None,
+                 threads=8, config_path=None, env=None, **options):
+        from cheroot import wsgi
+        if bool(cert) != bool(key):
+            from ..errors import ConfigError
+            raise ConfigError("TLS needs both --cert and --key (got cert=%r key=%r)" % (cert, key))
+        self.tls = bool(cert)
+        if not self.tls and not _is_loopback(bind):
+            log.warning("serving plain HTTP on %s: passwords and session cookies would cross the "
+                        "network in clear; serve TLS (--cert/--key) or put an HTTPS proxy in front",
+                        bind)
+        if app is None:
+            options.setdefault("secure_cookies", self.tls)
+            app = create_app(config_path=config_path, env=env, **options)
+        self.app = app
+        self.server = wsgi.Server((bind, int(port)), app, numthreads=int(threads),
+                                  server_name="probe-console", request_queue_size=32,
+                                  timeout=10, shutdown_timeout=2)
+        self.server.error_log = _server_log
+        if self.tls:
+            from cheroot.ssl.builtin import BuiltinSSLAdapter
+            self.server.ssl_adapter = BuiltinSSLAdapter(cert, key)
+        self._thread = None
+
+    @property
+    def port(self):
+        return self.server.bind_addr[1]
+
+    @property
+    def url(self):
+        host = self.server.bind_addr[0]
+        host = "[%s]" % host if ":" in host else host
+        return "%s://%s:%d" % ("https" if self.tls else "http", host, self.port)
+
+    def start(self):
+        """Bind and serve in a background thread; returns once the port is open."""
+        self.server.prepare()
+        self._thread = threading.Thread(target=self.server.serve, name="probe-console", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self, on_ready=None):
+        """Bind, call `on_ready(url)`, serve until interrupted, then stop."""
+        self.server.prepare()
+        if on_ready is not None:
+            on_ready(self.url)
+        try:
+            self.server.serve()
+        finally:
+            self.stop()
+
+    def stop(self):
+        self.server.stop()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self.app.extensions["probe_console"].close()

@@ -1,0 +1,396 @@
+"""The console's pages and actions.
+
+Every page but /login needs a session; every POST carries the session's CSRF token
+(form field `csrf_token` or header `X-CSRF-Token`); only operators may change
+anything. Actions call probe.admin.Admin with `by=<user>` and redirect back with
+the outcome (Post/Redirect/Get): a refused input shows the ProbeError's text, as
+the CLI prints it, and nothing is written.
+"""
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+
+from flask import Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from .. import naming
+from ..errors import ComponentUnavailable, ProbeError
+from ..registry import read_children_with_data
+from .figures import node_figures, service_series
+
+log = logging.getLogger("probe.console.views")
+
+SESSION_COOKIE = "probe_session"
+LOGIN_CSRF_COOKIE = "probe_login_csrf"
+PUBLIC_ENDPOINTS = ("login", "static")
+UNAVAILABLE = ("MySQL, Redis or ZooKeeper is unreachable right now; the details are in the "
+               "console's log. Try again in a moment.")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+       "object-src 'none'")
+
+
+def console():
+    """The running console's shared state (probe.console.app.Console)."""
+    return current_app.extensions["probe_console"]
+
+
+def install(app):
+    app.before_request(_load_session)
+    app.after_request(_security_headers)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    app.jinja_env.globals.update(fmt_rate=fmt_rate, fmt_ms=fmt_ms, fmt_pct=fmt_pct, fmt_age=fmt_age)
+    for rule, view, methods in (
+            ("/login", login, ("GET", "POST")),
+            ("/logout", logout, ("POST",)),
+            ("/", index, ("GET",)),
+            ("/appkeys", add_appkey, ("POST",)),
+            ("/apps/<appkey>", app_page, ("GET",)),
+            ("/apps/<appkey>/live", app_live, ("GET",)),
+            ("/apps/<appkey>/series/<service>", app_series, ("GET",)),
+            ("/apps/<appkey>/node", node_action, ("POST",)),
+            ("/audit", audit, ("GET",))):
+        app.add_url_rule(rule, view.__name__, view, methods=list(methods))
+
+
+# -- request plumbing -----------------------------------------------------------
+def _load_session():
+    g.session = None
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    try:
+        g.session = console().users.session(request.cookies.get(SESSION_COOKIE))
+    except ComponentUnavailable as exc:
+        log.error("session lookup failed: %s", exc)
+        return _page("error.html", 503, message=UNAVAILABLE)
+    if g.session is None:
+        if request.headers.get("HX-Request"):
+            response = Response("", 401)
+            response.headers["HX-Redirect"] = url_for("login")
+            return response
+        if request.method == "GET":
+            return redirect(url_for("login", next=request.full_path.rstrip("?")), 303)
+        abort(401)
+    if request.method == "POST":
+        presented = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token")
+        if not g.session.csrf_matches(presented):
+            log.warning("%s: POST %s refused: missing or wrong CSRF token", g.session.username,
+                        request.path)
+            abort(403, "The form's security token is missing or out of date: reload the page "
+                       "and try again.")
+    return None
+
+
+def _security_headers(response):
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    if request.endpoint != "static":
+        response.headers["Cache-Control"] = "no-store"
+    if console().secure_cookies:
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+    return response
+
+
+def _http_error(exc):
+    if request.headers.get("HX-Request"):
+        return Response("", exc.code)
+    message = exc.description if exc.code in (401, 403, 404) else exc.name
+    if exc.code == 401:
+        message = "Log in first."
+    return _page("error.html", exc.code, message=message, title=exc.name)
+
+
+def _unexpected_error(exc):
+    reference = uuid.uuid4().hex[:8]
+    log.exception("console request %s %s failed (reference %s)", request.method, request.path, reference)
+    return _page("error.html", 500, title="Error",
+                 message="Something went wrong (reference %s); the details are in the console's "
+                         "log." % reference)
+
+
+def _page(template, status=200, **context):
+    context.setdefault("session", getattr(g, "session", None))
+    context.setdefault("env", console().env)
+    return render_template(template, **context), status
+
+
+def _require_operator():
+    if not g.session.can_change:
+        log.warning("%s (viewer): %s %s refused", g.session.username, request.method, request.path)
+        abort(403, "Your role is viewer: viewers can look but not change anything.")
+
+
+def _flash_probe_error(exc):
+    """A refused input: the ProbeError's own text, as the CLI prints it. A component
+    outage gets a generic text (its message names hosts and library errors)."""
+    if isinstance(exc, ComponentUnavailable):
+        log.error("%s: %s", g.session.username, exc)
+        console().users.set_flash(g.session, "error", UNAVAILABLE)
+    else:
+        console().users.set_flash(g.session, "error", "%s: %s" % (exc.__class__.__name__, exc))
+
+
+def _safe_next(target):
+    """Only a local path is a place to go after login (no open redirect)."""
+    if isinstance(target, str) and target.startswith("/") and not target.startswith("//") \
+            and "\\" not in target and len(target) < 1024:
+        return target
+    return url_for("index")
+
+
+# -- login ------------------------------------------------------------------------
+def login():
+    state = console()
+    if request.method == "GET":
+        token = secrets.token_urlsafe(24)
+        body, status = _page("login.html", login_csrf=token, next=_safe_next(request.args.get("next")))
+        response = Response(body, status)
+        _set_cookie(response, LOGIN_CSRF_COOKIE, token, 1800, "/login")
+        return response
+    cookie_token = request.cookies.get(LOGIN_CSRF_COOKIE) or ""
+    form_token = request.form.get("csrf_token") or ""
+    if not cookie_token or not hmac.compare_digest(cookie_token.encode(), form_token.encode()):
+        abort(403, "The login form's security token is missing or out of date: reload the "
+                   "page and try again.")
+    username = (request.form.get("username") or "").strip()[:64]
+    password = request.form.get("password") or ""
+    address = request.remote_addr or "?"
+    next_page = _safe_next(request.form.get("next"))
+    wait = state.throttle.retry_after(username, address)
+    if wait > 0:  # logged once, when the limit was reached
+        log.debug("login for %r from %s refused: too many failed logins", username, address)
+        return _page("login.html", 429, login_csrf=cookie_token, next=next_page, username=username,
+                     error="Too many failed logins for this user or from this address: try again "
+                           "in %d minutes." % max(1, round(wait / 60.0)))
+    try:
+        role = state.users.verify(username, password)
+    except ComponentUnavailable as exc:
+        log.error("login check failed: %s", exc)
+        return _page("login.html", 503, login_csrf=cookie_token, next=next_page, username=username,
+                     error=UNAVAILABLE)
+    if role is None:
+        reached = state.throttle.failed(username, address)
+        log.warning("failed login for %r from %s%s", username, address,
+                    "; no more logins for this %s for %d s" % (" or ".join(reached), state.throttle.window)
+                    if reached else "")
+        return _page("login.html", 200, login_csrf=cookie_token, next=next_page, username=username,
+                     error="Wrong user name or password.")
+    state.throttle.succeeded(username)
+    token, _ = state.users.create_session(username, state.session_ttl)
+    log.info("%s logged in from %s", username, address)
+    response = redirect(next_page, 303)
+    _set_cookie(response, SESSION_COOKIE, token, state.session_ttl, "/")
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return response
+
+
+def logout():
+    console().users.end_session(g.session)
+    response = redirect(url_for("login"), 303)
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=console().secure_cookies,
+                           httponly=True, samesite="Strict")
+    return response
+
+
+def _set_cookie(response, name, value, max_age, path):
+    response.set_cookie(name, value, max_age=max_age, path=path, httponly=True, samesite="Strict",
+                        secure=console().secure_cookies)
+
+
+# -- appkeys ------------------------------------------------------------------------
+def index():
+    message = console().users.pop_flash(g.session)
+    try:
+        appkeys = console().admin().list_appkeys()
+    except ComponentUnavailable as exc:
+        log.error("listing appkeys failed: %s", exc)
+        return _page("index.html", 503, appkeys=[], message=("error", UNAVAILABLE))
+    return _page("index.html", appkeys=appkeys, message=message)
+
+
+def add_appkey():
+    _require_operator()
+    appkey = (request.form.get("appkey") or "").strip()
+    description = (request.form.get("description") or "").strip()
+    try:
+        if len(description) > 255:
+            raise ProbeError("description too long (%d characters): give at most 255" % len(description))
+        added = console().admin().add_appkey(appkey, description)
+    except ProbeError as exc:
+        _flash_probe_error(exc)
+    else:
+        log.info("%s added appkey %s", g.session.username, appkey)
+        console().users.set_flash(g.session, "ok", "appkey %s %s" % (
+            appkey, "added" if added else "already registered"))
+    return redirect(url_for("index"), 303)
+
+
+# -- an appkey's services and nodes --------------------------------------------------------
+def _node_id(service, address):
+    return "n" + hashlib.sha1(("%s|%s" % (service, address)).encode("utf-8")).hexdigest()[:12]
+
+
+def _nodes(appkey):
+    """Admin's node rows plus each live node's age (warm-up) and live figures."""
+    state = console()
+    admin = state.admin()
+    rows = admin.nodes(appkey)
+    now = time.time()
+    ages = {}
+    for name, (_raw, stat) in read_children_with_data(admin.zk, naming.appkey_path(state.env, appkey)).items():
+        parsed = naming.parse_node_name(name)
+        if parsed is not None:
+            ages[(parsed.service, "%s:%d" % (parsed.ip, parsed.port))] = max(0.0, now - stat.ctime / 1000.0)
+    figures = node_figures(admin.nodestore.redis, state.env, appkey, now, state.live_window)
+    for row in rows:
+        key = (row["service"], row["address"])
+        row["id"] = _node_id(*key)
+        row["age"] = ages.get(key) if row["live"] else None
+        row["warming"] = (state.warmup > 0 and row["age"] is not None and row["age"] < state.warmup)
+        row["figures"] = figures.get(key, {})
+    services = {}
+    for row in rows:
+        services.setdefault(row["service"], []).append(row)
+    signature = hashlib.sha1("\n".join("%s|%s" % (r["service"], r["address"]) for r in rows)
+                             .encode("utf-8")).hexdigest()[:16]
+    return services, signature
+
+
+def _app_context(appkey):
+    naming.check_appkey(appkey)
+    console().admin().appkeys.require(appkey)
+    services, signature = _nodes(appkey)
+    return {"appkey": appkey, "services": services, "signature": signature,
+            "refresh": console().refresh, "warmup": console().warmup,
+            "live_window": console().live_window, "updated": time.strftime("%H:%M:%S")}
+
+
+def app_page(appkey):
+    message = console().users.pop_flash(g.session)
+    try:
+        context = _app_context(appkey)
+    except ComponentUnavailable as exc:
+        log.error("reading %s failed: %s", appkey, exc)
+        return _page("error.html", 503, message=UNAVAILABLE)
+    except ProbeError as exc:
+        return _page("error.html", 404, title="Unknown appkey", message=str(exc))
+    return _page("app.html", message=message, **context)
+
+
+def app_live(appkey):
+    """The live parts of an appkey's page, as htmx out-of-band swaps. If the set of
+    nodes changed since the page was drawn, the page reloads instead."""
+    try:
+        context = _app_context(appkey)
+    except ProbeError as exc:
+        log.warning("live refresh of %s failed: %s", appkey, exc)
+        return _page("_stale.html", 200, error=True)
+    if request.args.get("sig") != context["signature"]:
+        response = Response("", 200)
+        response.headers["HX-Refresh"] = "true"
+        return response
+    return _page("_live.html", **context)
+
+
+def app_series(appkey, service):
+    state = console()
+    try:
+        naming.check_appkey(appkey)
+        naming.check_service_name(service)
+        admin = state.admin()
+        return jsonify(service_series(admin.nodestore.redis, state.env, appkey, service, time.time()))
+    except ComponentUnavailable as exc:
+        log.error("chart of %s/%s failed: %s", appkey, service, exc)
+        return jsonify({"error": UNAVAILABLE}), 503
+    except ProbeError as exc:
+        return jsonify({"error": "%s: %s" % (exc.__class__.__name__, exc)}), 400
+
+
+def node_action(appkey):
+    _require_operator()
+    service = request.form.get("service") or ""
+    address = request.form.get("address") or ""
+    action = request.form.get("action") or ""
+    by = g.session.username
+    try:
+        naming.check_appkey(appkey)
+        admin = console().admin()
+        if action == "weight":
+            change = admin.set_weight(appkey, service, address, request.form.get("weight", ""), by=by)
+        elif action == "disable":
+            change = admin.disable(appkey, service, address, by=by)
+        elif action == "enable":
+            change = admin.enable(appkey, service, address, by=by)
+        else:
+            abort(400, "Unknown action.")
+    except ProbeError as exc:
+        _flash_probe_error(exc)
+    else:
+        console().users.set_flash(g.session, "ok", "%s %s: %s %s -> %s (%s)" % (
+            change["service"], change["address"], change["key"], change["old"], change["new"],
+            "applied to the live node" if change["live"]
+            else "stored in Redis; applies when the node registers"))
+    return redirect(url_for("app_page", appkey=appkey) if _valid_appkey(appkey) else url_for("index"), 303)
+
+
+def _valid_appkey(appkey):
+    try:
+        naming.check_appkey(appkey)
+        return True
+    except ProbeError:
+        return False
+
+
+# -- audit ------------------------------------------------------------------------
+def audit():
+    appkey = (request.args.get("appkey") or "").strip() or None
+    try:
+        rows = console().admin().audit(appkey, limit=200)
+        appkeys = [row["appkey"] for row in console().admin().list_appkeys()]
+    except ComponentUnavailable as exc:
+        log.error("reading the audit log failed: %s", exc)
+        return _page("audit.html", 503, rows=[], appkeys=[], selected=appkey,
+                     message=("error", UNAVAILABLE))
+    except ProbeError as exc:
+        return _page("audit.html", 400, rows=[], appkeys=[], selected=None,
+                     message=("error", "%s: %s" % (exc.__class__.__name__, exc)))
+    return _page("audit.html", rows=rows, appkeys=appkeys, selected=appkey, message=None)
+
+
+# -- formatting -------------------------------------------------------------------------
+def fmt_rate(value):
+    if value is None:
+        return "–"
+    return "0" if value == 0 else "%.1f" % value if value < 100 else "%.0f" % value
+
+
+def fmt_ms(value):
+    if value is None:
+        return "–"
+    return "%.2f" % value if value < 10 else "%.1f" % value if value < 100 else "%.0f" % value
+
+
+def fmt_pct(value):
+    if value is None:
+        return "–"
+    return "0%" if value == 0 else "%.1f%%" % (value * 100.0)
+
+
+def fmt_age(seconds):
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm %02ds" % (seconds // 60, seconds % 60)
+    if seconds < 86400:
+        return "%dh %02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd %02dh" % (seconds // 86400, seconds % 86400 // 3600)
