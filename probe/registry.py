@@ -364,24 +364,11 @@ class Registration(object):
             self._foreign_seen = False
         except Exception as exc:  # anything: a kazoo watch must never die of bad data
             if not self._foreign_seen:  # once per episode, not once per hostile write
-                log.warning("%s holds data that is not this node's (%s): restoring %s",
-                            self.path, exc if isinstance(exc, ValueError)
+                log.warning("%s holds data that is not this node's (%s): a re-created node "
+                            "gets %s", self.path, exc if isinstance(exc, ValueError)
                             else exc.__class__.__name__, self.data.to_json())
             self._foreign_seen = True
-            version = getattr(stat, "version", None)
-            self.zk.submit(lambda: self._restore(version))
         return None
-
-    def _restore(self, version):
-        """Write this node's own data back over foreign data (version-checked, and
-        only into a node this session owns)."""
-        try:
-            _, stat = self.zk.client.get(self.path)
-            if stat.version == version and stat.ephemeralOwner == self.zk.session_id \
-                    and not self._closed:
-                self.zk.client.set(self.path, self.data.to_bytes(), version=version)
-        except (NoNodeError, BadVersionError):
-            pass  # gone or changed again: the watch sees what happened
 
 
 class ServiceWatcher(object):
@@ -620,8 +607,8 @@ class ServiceWatcher(object):
         """Leave znode `name` out of the table; warn once until it is fixed or gone
         (a writer that keeps changing bad data must not flood the log)."""
         if name not in self._skipped:
-            log.warning("skipping node %s/%s of %s: %s (fix or delete the znode; its "
-                        "provider re-writes it on its next registration)",
+            log.warning("skipping node %s/%s of %s: malformed or foreign data: %s (fix or "
+                        "delete the znode; its provider re-writes it when it registers again)",
                         self.parent, name, self.service, why)
         self._skipped[name] = why
 
