@@ -106,25 +106,6 @@ class NodeStore(object):
             raise self._unavailable(exc)
         return int(done) == 1
 
-    def update(self, field, change, attempts=50):
-        """Read-modify-write `field` without losing a concurrent edit.
-
-        `change(current)` gets the stored NodeSettings (None if absent or
-        malformed) and returns the new NodeSettings; it is called again if another
-        writer got in between. Returns (raw before, settings after).
-        """
-        for _ in range(attempts):
-            raw = self.get_raw(field)
-            try:
-                current = None if raw is None else NodeSettings.from_json(raw)
-            except ValueError:
-                current = None  # malformed: the edit replaces it
-            updated = change(current)
-            if self.compare_and_set(field, raw, updated.to_json()):
-                return raw, updated
-        raise NodeSettingsConflict("Redis field %s in %s kept changing during %d attempts: "
-                                   "try again" % (field, self.hash, attempts))
-
     def get_or_create(self, field, default):
         """The stored weight and switch with `default`'s host and port, or `default`
         written atomically (HSETNX) if nothing usable is stored.
