@@ -147,9 +147,12 @@ class Admin(object):
                    "weight": getattr(shown, "weight", None), "valid": getattr(shown, "valid", None),
                    "stored": isinstance(kept, NodeSettings), "problem": None}
             if isinstance(now_live, ValueError):
-                row["problem"] = "malformed znode data: %s" % now_live
+                row["problem"] = "unusable znode data, skipped by consumers: %s" % now_live
             elif isinstance(kept, ValueError):
                 row["problem"] = "malformed Redis settings: %s" % kept
+            elif isinstance(kept, NodeSettings) and (kept.host, kept.port) != (ip, port):
+                row["problem"] = "Redis settings name another address (ignored): %s:%d" % (
+                    naming.describe_data(kept.host, 40), kept.port)
             elif isinstance(now_live, NodeSettings) and isinstance(kept, NodeSettings) and \
                     (now_live.weight, now_live.valid) != (kept.weight, kept.valid):
                 row["problem"] = "live differs from Redis (weight %s/%s valid %s/%s)" % (

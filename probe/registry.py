@@ -405,6 +405,7 @@ class ServiceWatcher(object):
         self._snapshot_timer = None
         self._skipped = {}        # znode name -> why it is skipped (warned once)
         self._publish_failed = False
+        self._failure_logged = False
         self._lock = threading.RLock()
         self._closed = False
 
@@ -513,8 +514,7 @@ class ServiceWatcher(object):
             return self._children_changed(generation, children)
         except Exception:
             # A kazoo watch whose callback raises stops for good: log and keep watching.
-            log.exception("updating %s from its children listing failed; later updates "
-                          "still apply", self.describe)
+            self._callback_failed("its children listing")
             return None
 
     def _children_changed(self, generation, children):
@@ -574,9 +574,18 @@ class ServiceWatcher(object):
         try:
             return self._data_changed(generation, name, data, stat)
         except Exception:
-            log.exception("updating %s from node %s failed; later updates still apply",
-                          self.describe, name)
+            self._callback_failed("node %s" % name)
             return None
+
+    def _callback_failed(self, source):
+        """Log a failed update with its traceback, once per watcher (a bug that
+        fails on every event must not flood the log); the watch stays alive."""
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.exception("updating %s from %s failed; later updates still apply (further "
+                          "failures of this watcher are logged at DEBUG)", self.describe, source)
+        else:
+            log.debug("updating %s from %s failed", self.describe, source, exc_info=True)
 
     def _data_changed(self, generation, name, data, stat):
         with self._lock:

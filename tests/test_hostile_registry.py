@@ -96,7 +96,7 @@ def skip_warnings(caplog, name):
 
 
 def test_hostile_znodes_are_skipped_and_the_table_keeps_updating(
-        appkey, providers, clients, writer, caplog):
+        appkey, providers, clients, writer, admin, caplog):
     caplog.set_level(logging.WARNING, logger="probe.registry")
     a = loopback_provider(providers, appkey, "a")
     b = loopback_provider(providers, appkey, "b")
@@ -112,6 +112,9 @@ def test_hostile_znodes_are_skipped_and_the_table_keeps_updating(
     assert {client.whoami() for _ in range(60)} == {"a", "b"}
     for name, _ in hostile:
         assert len(skip_warnings(caplog, name)) == 1, name
+    # `probe nodes` lists the foreign znode under its name's address, with the reason.
+    foreign = [r for r in admin.nodes(appkey) if r["address"] == "10.0.0.2:8081"]
+    assert len(foreign) == 1 and "elsewhere:443" in foreign[0]["problem"]
 
     # An event storm on one bad node: still one warning, table still the real nodes.
     storm = hostile[2][0]
