@@ -224,6 +224,9 @@ class Admin(object):
                 applied_live = self._update_live(path, name, field, key, value)
             except (ProbeError,) + _ZOOKEEPER_ERRORS as exc:
                 applied_live, live_error = False, exc
+            except BaseException:
+                pending.commit()  # interrupted: Redis holds the change, so keep its row
+                raise
             try:
                 pending.commit()
             except ComponentUnavailable as exc:
