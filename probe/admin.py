@@ -1,20 +1,36 @@
 """Governance operations, shared by the CLI and the web console.
 
-A change to a node is validated completely before anything is written. Then Redis
-(the durable truth) is written, then the live znode's data is `set` with a version
-check, retried on conflict. A provider's znode is never deleted or re-created
-here: a re-created node would belong to the admin's ZooKeeper session
-(apache/dubbo#7124). A change to a node that is down stays in Redis and applies
-when the node registers again. Every change is recorded in the audit table.
+A change to a node is validated completely before anything is written. Then, in
+this order:
+
+1. its audit row is INSERTed in an open MySQL transaction (so MySQL being down, a
+   missing table or a value too long for a column refuses the change while nothing
+   is written yet);
+2. Redis (the durable truth) is updated with a compare-and-set of that one field,
+   retried if another edit got in between, so concurrent edits never lose one;
+3. the live znode's data is `set` with a version check, copying the weight and
+   switch from Redis (read after the znode, so the newest edit always wins there);
+4. the audit row is committed. If the commit fails, the Redis field is set back
+   (compare-and-set: only if it still holds this change) and the znode re-synced
+   from Redis, and the change is reported as not made.
+
+So a change lands with its audit row or not at all. If ZooKeeper fails at step 3,
+the change is in Redis and audited, and the error says to run the edit again (it
+re-syncs the live node) once ZooKeeper answers.
+
+A provider's znode is never deleted or re-created here: a re-created node would
+belong to the admin's ZooKeeper session (apache/dubbo#7124). A change to a node
+that is down stays in Redis and applies when the node registers again.
 """
 
 import logging
 
-from kazoo.exceptions import BadVersionError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NoNodeError, ZookeeperError
+from kazoo.handlers.threading import KazooTimeoutError
 
 from . import naming
 from .appkeys import AppkeyStore
-from .errors import NodeSettingsConflict, ProbeError, UnknownNode
+from .errors import ComponentUnavailable, NodeSettingsConflict, ProbeError, UnknownNode
 from .naming import NodeSettings
 from .nodestore import NodeStore
 from .registry import read_children_with_data, release_zookeeper, shared_zookeeper
@@ -22,14 +38,28 @@ from .settings import load_settings
 
 log = logging.getLogger("probe.admin")
 
+DEFAULT_CONNECT_TIMEOUT_MS = 3000
+_ZOOKEEPER_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
+_CAS_ATTEMPTS = 50
+
 
 class Admin(object):
-    """Operations for one config file and env. ZooKeeper is connected on first need."""
+    """Operations for one config file and env. ZooKeeper is connected on first need.
 
-    def __init__(self, config_path=None, env=None, connect_timeout=3.0):
+    :param config_path: the config YAML (default: PROBE_CONFIG or the packaged one).
+    :param env: the env name (default: PROBE_ENV or the hostname rules).
+    :param connect_timeout: milliseconds to wait for MySQL, Redis and ZooKeeper.
+    """
+
+    def __init__(self, config_path=None, env=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT_MS):
+        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
+                or not 0 < connect_timeout <= 600000:
+            raise ProbeError("bad connect_timeout %r: give milliseconds from 1 to 600000, "
+                             "e.g. 3000" % (connect_timeout,))
         self.settings = load_settings(config_path, env)
         self.env = self.settings.env
         self.connect_timeout = connect_timeout
+        self._timeout = connect_timeout / 1000.0  # the stores and kazoo take seconds
         self._appkeys = None
         self._nodestore = None
         self._zk = None
@@ -37,19 +67,19 @@ class Admin(object):
     @property
     def appkeys(self):
         if self._appkeys is None:
-            self._appkeys = AppkeyStore(self.settings.mysql, self.connect_timeout)
+            self._appkeys = AppkeyStore(self.settings.mysql, self._timeout)
         return self._appkeys
 
     @property
     def nodestore(self):
         if self._nodestore is None:
-            self._nodestore = NodeStore(self.settings.redis, self.env, self.connect_timeout)
+            self._nodestore = NodeStore(self.settings.redis, self.env, self._timeout)
         return self._nodestore
 
     @property
     def zk(self):
         if self._zk is None:
-            self._zk = shared_zookeeper(self.settings.zookeeper, timeout=self.connect_timeout)
+            self._zk = shared_zookeeper(self.settings.zookeeper, timeout=self._timeout)
         return self._zk
 
     def close(self):
@@ -71,6 +101,7 @@ class Admin(object):
 
     # -- appkeys -----------------------------------------------------------------
     def add_appkey(self, appkey, description=""):
+        naming.check_description(description)
         return self.appkeys.add(naming.check_appkey(appkey), description)
 
     def remove_appkey(self, appkey):
@@ -92,7 +123,7 @@ class Admin(object):
             if parsed is None or (service and parsed.service != service):
                 continue
             try:
-                live[(parsed.service, parsed.ip, parsed.port)] = NodeSettings.from_json(raw)
+                live[(parsed.service, parsed.ip, parsed.port)] = naming.parse_node_data(name, raw)
             except ValueError as exc:
                 live[(parsed.service, parsed.ip, parsed.port)] = exc
         stored = {}
@@ -102,9 +133,11 @@ class Admin(object):
                     or (service and parsed.service != service):
                 continue
             try:
-                stored[(parsed.service, parsed.ip, parsed.port)] = NodeSettings.from_json(raw)
+                kept = NodeSettings.from_json(raw)
             except ValueError as exc:
-                stored[(parsed.service, parsed.ip, parsed.port)] = exc
+                kept = exc
+            # The address is the field's; a copy naming another one is only noted.
+            stored[(parsed.service, parsed.ip, parsed.port)] = kept
         rows = []
         for key in sorted(set(live) | set(stored), key=lambda k: (k[0], k[1], k[2])):
             svc, ip, port = key
@@ -114,9 +147,12 @@ class Admin(object):
                    "weight": getattr(shown, "weight", None), "valid": getattr(shown, "valid", None),
                    "stored": isinstance(kept, NodeSettings), "problem": None}
             if isinstance(now_live, ValueError):
-                row["problem"] = "malformed znode data: %s" % now_live
+                row["problem"] = "unusable znode data, skipped by consumers: %s" % now_live
             elif isinstance(kept, ValueError):
                 row["problem"] = "malformed Redis settings: %s" % kept
+            elif isinstance(kept, NodeSettings) and (kept.host, kept.port) != (ip, port):
+                row["problem"] = "Redis settings name another address (ignored): %s:%d" % (
+                    naming.describe_data(kept.host, 40), kept.port)
             elif isinstance(now_live, NodeSettings) and isinstance(kept, NodeSettings) and \
                     (now_live.weight, now_live.valid) != (kept.weight, kept.valid):
                 row["problem"] = "live differs from Redis (weight %s/%s valid %s/%s)" % (
@@ -140,48 +176,89 @@ class Admin(object):
         return self.appkeys.audit(appkey, limit)
 
     def _change(self, appkey, service, address, key, value, create, by):
-        """Validate everything, then Redis, then the live znode, then the audit row."""
+        """Validate everything, then audit row (open) → Redis → live znode → commit."""
         naming.check_appkey(appkey)
         naming.check_service_name(service)
         ip, port = naming.parse_address(address)
-        self.appkeys.require(appkey)
+        if by is not None:
+            naming.check_changed_by(by)
         field = naming.settings_field(appkey, self.env, service, ip, port)
         path = naming.node_path(self.env, appkey, service, ip, port)
-        try:
-            stored = self.nodestore.get(field)
-        except ValueError:
-            stored = None  # malformed: the edit below replaces it
+        name = naming.node_name(service, ip, port)
+        node = "%s:%d" % (ip, port)
+        self.appkeys.require(appkey)
         try:
             live_raw, _ = self.zk.client.get(path)
         except NoNodeError:
             live_raw = None
-        if stored is None and live_raw is None and not create:
-            raise UnknownNode("no node %s:%d of %s/%s in env %s: it is neither registered in "
-                              "ZooKeeper nor stored in Redis (check `probe nodes %s`, or pass "
-                              "--create to store settings for a node that will start later)"
-                              % (ip, port, appkey, service, self.env, appkey))
-        base = stored
-        if base is None and live_raw is not None:
+        except _ZOOKEEPER_ERRORS as exc:
+            raise ComponentUnavailable("ZooKeeper at %s failed reading %s: %s; nothing was "
+                                       "changed" % (self.zk.hosts, path, exc.__class__.__name__))
+        for _ in range(_CAS_ATTEMPTS):
+            stored_raw = self.nodestore.get_raw(field)
+            if stored_raw is None and live_raw is None and not create:
+                raise UnknownNode("no node %s of %s/%s in env %s: it is neither registered in "
+                                  "ZooKeeper nor stored in Redis (check `probe nodes %s`, or pass "
+                                  "--create to store settings for a node that will start later)"
+                                  % (node, appkey, service, self.env, appkey))
+            base = _parse_or_none(lambda: NodeSettings.from_json(stored_raw)) \
+                if stored_raw is not None else None
+            if base is None and live_raw is not None:
+                base = _parse_or_none(lambda: naming.parse_node_data(name, live_raw))
+            # The address is the node's identity, never taken from stored data.
+            base = (base or NodeSettings(ip, port))._replace(host=ip, port=port)
+            old_value = getattr(base, key)
+            updated = base._replace(**{key: value})
+            pending = self.appkeys.begin_change(self.env, appkey, service, node, key,
+                                                old_value, value, by)
             try:
-                base = NodeSettings.from_json(live_raw)
-            except ValueError:
-                base = None
-        base = base or NodeSettings(ip, port)
-        old_value = getattr(base, key)
-        updated = base._replace(**{key: value})
-        self.nodestore.put(field, updated)
-        applied_live = self._update_live(path, key, value)
-        self.appkeys.record_change(self.env, appkey, service, "%s:%d" % (ip, port), key,
-                                   str(old_value), str(value), by)
-        log.info("%s %s:%d of %s/%s: %s %s -> %s (live: %s)", "set", ip, port, appkey, service,
-                 key, old_value, value, applied_live)
-        return {"appkey": appkey, "service": service, "address": "%s:%d" % (ip, port),
+                swapped = self.nodestore.compare_and_set(field, stored_raw, updated.to_json())
+            except BaseException:
+                pending.rollback()
+                raise
+            if not swapped:
+                pending.rollback()  # another edit got in between: read again
+                continue
+            live_error = None
+            try:
+                applied_live = self._update_live(path, name, field, key, value)
+            except (ProbeError,) + _ZOOKEEPER_ERRORS as exc:
+                applied_live, live_error = False, exc
+            except BaseException:
+                pending.commit()  # interrupted: Redis holds the change, so keep its row
+                raise
+            try:
+                pending.commit()
+            except ComponentUnavailable as exc:
+                self._undo(field, updated.to_json(), stored_raw, path, name, key, old_value)
+                raise ComponentUnavailable("%s; the change %s=%s of %s was undone in Redis and "
+                                           "ZooKeeper: try again when MySQL answers"
+                                           % (exc, key, value, node))
+            break
+        else:
+            raise NodeSettingsConflict("Redis settings of %s kept changing during %d attempts to "
+                                       "set %s=%s; nothing was changed, try again"
+                                       % (node, _CAS_ATTEMPTS, key, value))
+        log.info("set %s of %s/%s: %s %s -> %s (live: %s)", node, appkey, service, key,
+                 old_value, value, applied_live)
+        if live_error is not None:
+            raise ComponentUnavailable(
+                "%s=%s of %s is stored in Redis and audited, but updating the live node in "
+                "ZooKeeper at %s failed (%s): run the same command again once ZooKeeper "
+                "answers (it re-syncs the live node from Redis)"
+                % (key, value, node, self.zk.hosts, live_error.__class__.__name__))
+        return {"appkey": appkey, "service": service, "address": node,
                 "key": key, "old": old_value, "new": value, "live": applied_live,
                 "settings": updated._asdict()}
 
-    def _update_live(self, path, key, value, attempts=20):
-        """Set one key of a live znode's JSON with a version check. False if the
-        node is not registered (the change then waits in Redis)."""
+    def _update_live(self, path, name, field, key, value, attempts=20):
+        """Bring a live znode's weight and switch in line with Redis, version-checked.
+        False if the node is not registered (the change then waits in Redis).
+
+        Redis is read after the znode: whichever edit wrote the znode version read
+        here had already written Redis, so the znode never goes back to an older
+        value when two edits race (each sets only data that Redis already holds).
+        """
         client = self.zk.client
         for _ in range(attempts):
             try:
@@ -189,12 +266,19 @@ class Admin(object):
             except NoNodeError:
                 return False
             try:
-                current = NodeSettings.from_json(raw)
-            except ValueError:
-                log.warning("%s holds malformed data %r: leaving it to its provider", path, raw)
+                current = naming.parse_node_data(name, raw)
+            except ValueError as exc:
+                log.warning("%s holds unusable data (%s): leaving it to its provider", path, exc)
                 return False
+            durable = _parse_or_none(lambda: self.nodestore.get(field))
+            if durable is not None:
+                target = current._replace(weight=durable.weight, valid=durable.valid)
+            else:
+                target = current._replace(**{key: value})
+            if target == current:
+                return True
             try:
-                client.set(path, current._replace(**{key: value}).to_bytes(), version=stat.version)
+                client.set(path, target.to_bytes(), version=stat.version)
                 return True
             except BadVersionError:
                 continue
@@ -202,6 +286,26 @@ class Admin(object):
                 return False
         raise NodeSettingsConflict("%s kept changing during %d attempts to set %s=%s; Redis "
                                    "holds the new value, try again" % (path, attempts, key, value))
+
+    def _undo(self, field, written, before, path, name, key, old_value):
+        """Take back a change whose audit row could not be committed: the Redis
+        field goes back to `before` if it still holds `written`, and the live node
+        follows Redis again."""
+        try:
+            if not self.nodestore.compare_and_set(field, written, before):
+                log.error("undoing %s: Redis field %s changed meanwhile; left as it is", key, field)
+            self._update_live(path, name, field, key, old_value)
+        except (ProbeError,) + _ZOOKEEPER_ERRORS:
+            log.error("undoing %s of %s failed: Redis or ZooKeeper may hold the change without "
+                      "an audit row", key, field, exc_info=True)
+
+
+def _parse_or_none(read):
+    """`read()`, or None when the data it parses is malformed."""
+    try:
+        return read()
+    except ValueError:
+        return None
 
 
 __all__ = ["Admin", "ProbeError"]

@@ -18,12 +18,21 @@ class InvalidAppkey(ProbeError):
     """An appkey is empty or holds characters that cannot go into a znode path."""
 
 
+class InvalidEnv(ProbeError):
+    """An env name is empty, too long or holds characters other than letters,
+    digits, '_' and '-'."""
+
+
 class ThriftFileError(ProbeError):
     """A thrift IDL file is missing, does not parse, or lacks the service."""
 
 
 class UnknownAppkey(ProbeError):
     """The appkey is not registered in the MySQL table `serviceapp`."""
+
+
+class SchemaMissing(ProbeError):
+    """MySQL is reachable but probe's tables are not there yet."""
 
 
 class ComponentUnavailable(ProbeError):
@@ -40,6 +49,16 @@ class NodeUnreachable(ProbeError):
 
 class InvalidNodeAddress(ProbeError):
     """An `ip:port` argument does not parse."""
+
+
+class InvalidHost(InvalidNodeAddress):
+    """A host (an advertise_host, the host part of a node name or address) is not a
+    host name or an IP literal: an '_' would hide the node, a '/' nest znodes."""
+
+
+class InvalidNodeData(ProbeError, ValueError):
+    """Node settings JSON (znode data, the Redis copy, a snapshot entry) is
+    malformed, out of range, or names another address than its node."""
 
 
 class InvalidWeight(ProbeError):

@@ -2,14 +2,22 @@
 hash and field of a node's settings, and the node settings JSON itself.
 
 Everything outside this module asks it for a name instead of formatting one, so a
-weight edit and the provider it targets always agree on the key.
+weight edit and the provider it targets always agree on the key. The builders
+check every part first: a host with an `_` would make a node invisible (node names
+are split on `_`), a `/` would nest znodes, a `|` would shift a Redis field.
+
+Every pattern here is a full-string match on ASCII (`re.fullmatch`, `[0-9]`), so
+a trailing newline or a non-ASCII digit never slips through, and every length fits
+the MySQL columns of probe/config/schema.sql.
 """
 
+import ipaddress
 import json
 import re
 from typing import NamedTuple
 
-from .errors import InvalidAppkey, InvalidNodeAddress, InvalidServiceName, InvalidWeight
+from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress, InvalidNodeData,
+                     InvalidServiceName, InvalidWeight, ProbeError)
 
 SERVICES_ROOT = "/services"
 SETTINGS_HASH_PREFIX = "thriftprobe_"
@@ -19,62 +27,157 @@ FIELD_SEPARATOR = "|"
 DEFAULT_WEIGHT = 10
 MAX_WEIGHT = 1000
 
-_SERVICE_NAME = re.compile(r"^\w+$", re.ASCII)
+# Lengths of the MySQL columns these values are stored in (schema.sql).
+MAX_SERVICE_LENGTH = 128    # governance_audit.service
+MAX_APPKEY_LENGTH = 128     # serviceapp.appkey, governance_audit.appkey
+MAX_ENV_LENGTH = 64         # governance_audit.env
+MAX_HOST_LENGTH = 253       # a DNS name; governance_audit.node holds host:port (300)
+MAX_CHANGED_BY_LENGTH = 128  # governance_audit.changed_by
+MAX_DESCRIPTION_LENGTH = 255  # serviceapp.description
+# Node data is ~80 bytes of JSON; anything far bigger is refused before parsing.
+MAX_NODE_DATA_BYTES = 4096
+
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_]{1,%d}" % MAX_SERVICE_LENGTH)
 # An appkey becomes a znode path segment and a part of a '|'-separated field.
-_APPKEY = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_ENV = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_APPKEY = re.compile(r"[A-Za-z0-9_.\-]{1,%d}" % MAX_APPKEY_LENGTH)
+_ENV = re.compile(r"[A-Za-z0-9_\-]{1,%d}" % MAX_ENV_LENGTH)
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_WEIGHT = re.compile(r"[0-9]{1,4}")
+_ADDRESS = re.compile(r"\[([0-9A-Fa-f:.]{2,45})\]:([0-9]{1,5})|([A-Za-z0-9.\-]{1,253}):([0-9]{1,5})")
 
 
 def check_service_name(service_name):
-    if not isinstance(service_name, str) or not _SERVICE_NAME.match(service_name):
+    if not isinstance(service_name, str) or not _SERVICE_NAME.fullmatch(service_name):
         raise InvalidServiceName(
-            "bad service_name %r: use letters, digits and underscores only "
-            "(it must match ^\\w+$), e.g. 'DemoService'" % (service_name,))
+            "bad service_name %r: use 1-%d letters, digits and underscores (ASCII), "
+            "e.g. 'DemoService'" % (_short(service_name), MAX_SERVICE_LENGTH))
     return service_name
 
 
 def check_appkey(appkey):
-    if not isinstance(appkey, str) or not _APPKEY.match(appkey) or appkey in (".", ".."):
+    if not isinstance(appkey, str) or not _APPKEY.fullmatch(appkey) or appkey in (".", ".."):
         raise InvalidAppkey(
-            "bad appkey %r: use 1-128 letters, digits, '_', '.' or '-', "
-            "e.g. 'hello_www'" % (appkey,))
+            "bad appkey %r: use 1-%d letters, digits, '_', '.' or '-' (ASCII), "
+            "e.g. 'hello_www'" % (_short(appkey), MAX_APPKEY_LENGTH))
     return appkey
 
 
 def check_env(env):
-    if not isinstance(env, str) or not _ENV.match(env):
-        raise InvalidAppkey("bad env name %r: use letters, digits, '_' or '-'" % (env,))
+    if not isinstance(env, str) or not _ENV.fullmatch(env):
+        raise InvalidEnv("bad env name %r: use 1-%d letters, digits, '_' or '-' (ASCII), "
+                         "e.g. 'dev' or 'prod'" % (_short(env), MAX_ENV_LENGTH))
     return env
 
 
+def is_valid_host(host):
+    """True for a DNS host name (RFC 1123 labels, ASCII) or an IPv4/IPv6 literal.
+
+    Refused: '_' (node names are split on it), '/', '|', ':' outside an IPv6
+    literal, IPv6 zone ids ('%eth0'), an all-numeric name that is no IPv4 address
+    ('999.1.1.1'), anything over 253 characters.
+    """
+    if not isinstance(host, str) or not 0 < len(host) <= MAX_HOST_LENGTH:
+        return False
+    if ":" in host:
+        if "%" in host:
+            return False
+        try:
+            return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            return False
+    labels = host.split(".")
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return False
+    if labels[-1].isascii() and labels[-1].isdigit():
+        # Looks like an IPv4 address, so it must be one (no numeric top-level domain).
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+    return True
+
+
+def check_host(host, what="host"):
+    """`host` if it is a host name or an IP literal, else InvalidHost."""
+    if not is_valid_host(host):
+        raise InvalidHost(
+            "bad %s %r: give a host name (letters, digits, '-' and '.', at most %d characters; "
+            "no '_' or '/') or an IP address, e.g. 10.0.0.5 or node1.example.com"
+            % (what, _short(host), MAX_HOST_LENGTH))
+    return host
+
+
+def check_port(port):
+    """A TCP port 1..65535, as an int or a string of ASCII digits."""
+    if isinstance(port, str) and _PORT.fullmatch(port):
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidNodeAddress("bad port %r: give a whole number from 1 to 65535" % (_short(port),))
+    return port
+
+
 def check_weight(weight):
-    """Weights are whole numbers 0..MAX_WEIGHT; bools and floats are refused."""
-    if isinstance(weight, str):
-        if not re.match(r"^\s*\d+\s*$", weight):
-            raise InvalidWeight("bad weight %r: give a whole number from 0 to %d" % (weight, MAX_WEIGHT))
+    """Weights are whole numbers 0..MAX_WEIGHT; bools, floats and non-ASCII digits
+    are refused."""
+    if isinstance(weight, str) and _WEIGHT.fullmatch(weight):
         weight = int(weight)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
-        raise InvalidWeight("bad weight %r: give a whole number from 0 to %d" % (weight, MAX_WEIGHT))
+        raise InvalidWeight("bad weight %r: give a whole number from 0 to %d"
+                            % (_short(weight), MAX_WEIGHT))
     return weight
 
 
+def check_text(value, what, max_length, error=ProbeError):
+    """Free text bound for a MySQL column: printable, 1..max_length characters."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_length or not value.isprintable():
+        raise error("bad %s %r: give 1-%d printable characters (no newline or control "
+                    "characters)" % (what, _short(value), max_length))
+    return value
+
+
+def check_changed_by(by):
+    """Who made a change (the audit table's changed_by)."""
+    return check_text(by, "changed-by name (--by)", MAX_CHANGED_BY_LENGTH)
+
+
+def check_description(description):
+    if description in (None, ""):
+        return ""
+    return check_text(description, "appkey description", MAX_DESCRIPTION_LENGTH)
+
+
 def parse_address(address):
-    """'ip:port' (or '[v6]:port') -> (ip, port)."""
-    text = str(address).strip()
-    match = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", text) or \
-        re.match(r"^([A-Za-z0-9.\-]+):(\d{1,5})$", text)
-    if not match or not 0 < int(match.group(2)) < 65536:
-        raise InvalidNodeAddress(
-            "bad node address %r: expected ip:port, e.g. 10.0.0.5:8081" % (address,))
-    return match.group(1), int(match.group(2))
+    """'ip:port', 'host:port' or '[v6]:port' -> (host, port)."""
+    text = address if isinstance(address, str) else ""
+    match = _ADDRESS.fullmatch(text)
+    if match:
+        host = match.group(1) or match.group(3)
+        port = match.group(2) or match.group(4)
+        if is_valid_host(host) and 0 < int(port) < 65536:
+            return host, int(port)
+    raise InvalidNodeAddress(
+        "bad node address %r: expected ip:port as registered, e.g. 10.0.0.5:8081"
+        % (_short(address),))
+
+
+def _short(value, limit=80):
+    """A value cut short for an error message (hostile input can be huge)."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return value[:limit] + ("..." if isinstance(value, str) else b"...")
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "<%d-bit number>" % value.bit_length()
+    return value
 
 
 def appkey_path(env, appkey):
-    return "%s/%s/%s" % (SERVICES_ROOT, env, appkey)
+    return "%s/%s/%s" % (SERVICES_ROOT, check_env(env), check_appkey(appkey))
 
 
 def node_name(service, ip, port):
-    return "%s_%s_%d" % (service, ip, int(port))
+    """'DemoService_10.0.0.5_8081'; refuses (InvalidHost, ...) a part that would
+    make the name unparsable or nest a znode."""
+    return "%s_%s_%d" % (check_service_name(service), check_host(ip), check_port(port))
 
 
 def node_path(env, appkey, service, ip, port):
@@ -90,10 +193,13 @@ class NodeName(NamedTuple):
 def parse_node_name(name):
     """'Demo_Service_10.0.0.1_8081' -> NodeName; None when it is not a node name.
 
-    Service names may hold underscores and IPs never do, so split from the right.
+    Service names may hold underscores and hosts never do, so split from the right.
     """
+    if not isinstance(name, str):
+        return None
     parts = name.rsplit("_", 2)
-    if len(parts) != 3 or not parts[2].isdigit() or not _SERVICE_NAME.match(parts[0]):
+    if len(parts) != 3 or not _PORT.fullmatch(parts[2]) or not 0 < int(parts[2]) < 65536 \
+            or not _SERVICE_NAME.fullmatch(parts[0]) or not is_valid_host(parts[1]):
         return None
     return NodeName(parts[0], parts[1], int(parts[2]))
 
@@ -105,11 +211,12 @@ def is_node_of(name, service):
 
 
 def settings_hash(env):
-    return SETTINGS_HASH_PREFIX + env
+    return SETTINGS_HASH_PREFIX + check_env(env)
 
 
 def settings_field(appkey, env, service, ip, port):
-    return FIELD_SEPARATOR.join((appkey, env, service, ip, str(int(port))))
+    return FIELD_SEPARATOR.join((check_appkey(appkey), check_env(env), check_service_name(service),
+                                 check_host(ip), str(check_port(port))))
 
 
 class SettingsField(NamedTuple):
@@ -121,12 +228,20 @@ class SettingsField(NamedTuple):
 
 
 def parse_settings_field(field):
+    """'<appkey>|<env>|<service>|<ip>|<port>' -> SettingsField; None if malformed."""
     if isinstance(field, bytes):
         field = field.decode("utf-8", "replace")
-    parts = field.split(FIELD_SEPARATOR)
-    if len(parts) != 5 or not parts[4].isdigit():
+    if not isinstance(field, str):
         return None
-    return SettingsField(parts[0], parts[1], parts[2], parts[3], int(parts[4]))
+    parts = field.split(FIELD_SEPARATOR)
+    if len(parts) != 5:
+        return None
+    try:
+        return SettingsField(check_appkey(parts[0]), check_env(parts[1]),
+                             check_service_name(parts[2]), check_host(parts[3]),
+                             check_port(parts[4]))
+    except ProbeError:
+        return None
 
 
 class NodeSettings(NamedTuple):
@@ -143,26 +258,75 @@ class NodeSettings(NamedTuple):
     def to_bytes(self):
         return self.to_json().encode("utf-8")
 
+    def check(self):
+        """`self` if every field is in range, else InvalidNodeData."""
+        for key, value in (("port", self.port), ("weight", self.weight), ("valid", self.valid)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidNodeData("node data field %r is not an integer: %r" % (key, _short(value)))
+        if not is_valid_host(self.host):
+            raise InvalidNodeData("node data host %r is no host name or IP address"
+                                  % (_short(self.host),))
+        if not 0 < self.port < 65536:
+            raise InvalidNodeData("node data port out of range 1..65535: %r" % (_short(self.port),))
+        if not 0 <= self.weight <= MAX_WEIGHT:
+            raise InvalidNodeData("node data weight out of range 0..%d: %r"
+                                  % (MAX_WEIGHT, _short(self.weight)))
+        if self.valid not in (0, 1):
+            raise InvalidNodeData("node data valid must be 0 or 1, got %r" % (_short(self.valid),))
+        return self
+
     @classmethod
     def from_json(cls, raw):
-        """Parse and type-check; raises ValueError describing what is wrong."""
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8")
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("node data is not a JSON object")
-        host, port = data.get("host"), data.get("port")
-        weight, valid = data.get("weight", DEFAULT_WEIGHT), data.get("valid", 1)
-        if not isinstance(host, str) or not host:
-            raise ValueError("node data has no string 'host'")
-        for key, value in (("port", port), ("weight", weight), ("valid", valid)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError("node data field %r is not an integer: %r" % (key, value))
-        if not 0 < port < 65536:
-            raise ValueError("node data port out of range: %r" % port)
-        if weight < 0:
-            raise ValueError("node data weight is negative: %r" % weight)
-        return cls(host, port, weight, 1 if valid == 1 else 0)
+        """Parse and check untrusted JSON (znode data, Redis, a snapshot).
+
+        Raises InvalidNodeData (a ValueError) for anything wrong, whatever the
+        cause: oversized data (checked before parsing), bad UTF-8, deep nesting
+        (RecursionError), huge numbers, a non-object, a field out of range.
+        """
+        try:
+            if isinstance(raw, str):
+                raw = raw.encode("utf-8")
+            if not isinstance(raw, (bytes, bytearray)):
+                raise InvalidNodeData("node data is %s, not JSON text" % type(raw).__name__)
+            if len(raw) > MAX_NODE_DATA_BYTES:
+                raise InvalidNodeData("node data is %d bytes, more than the %d allowed"
+                                      % (len(raw), MAX_NODE_DATA_BYTES))
+            data = json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant)
+            if not isinstance(data, dict):
+                raise InvalidNodeData("node data is not a JSON object")
+            host = data.get("host")
+            if not isinstance(host, str) or not host:
+                raise InvalidNodeData("node data has no string 'host'")
+            return cls(host, data.get("port"), data.get("weight", DEFAULT_WEIGHT),
+                       data.get("valid", 1)).check()
+        except InvalidNodeData:
+            raise
+        except Exception as exc:  # RecursionError, UnicodeDecodeError, ValueError, ...
+            raise InvalidNodeData("node data does not parse: %s" % exc.__class__.__name__)
+
+
+def _no_constant(name):
+    raise InvalidNodeData("node data holds %s" % name)
+
+
+def parse_node_data(name, raw):
+    """The settings of znode `name` holding `raw`, checked as a consumer must before
+    routing to it: the name is a node name, the data parses, and the data's host and
+    port are the name's (else a znode could send traffic anywhere while every
+    listing shows the name's address). Raises InvalidNodeData."""
+    parsed = parse_node_name(name)
+    if parsed is None:
+        raise InvalidNodeData("%r is not a node name <service>_<host>_<port>" % (_short(name),))
+    settings = NodeSettings.from_json(raw)
+    if (settings.host, settings.port) != (parsed.ip, parsed.port):
+        raise InvalidNodeData("node data says %s:%d but the znode name says %s:%d"
+                              % (_short(settings.host), settings.port, parsed.ip, parsed.port))
+    return settings
+
+
+def describe_data(raw, limit=60):
+    """A short, safe rendering of untrusted data for a log line."""
+    return repr(_short(raw, limit))
 
 
 # -- call statistics in Redis (written by probe.metrics, read by probe.stats) --

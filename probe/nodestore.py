@@ -1,7 +1,15 @@
 """Node settings in Redis: hash `thriftprobe_<env>`, field
 `<appkey>|<env>|<service>|<ip>|<port>`, value the node settings JSON. Redis is the
 durable truth that outlives a node's restarts; single server or cluster behind the
-same calls (redis-py's RedisCluster; redis-py-cluster is end-of-life)."""
+same calls (redis-py's RedisCluster; redis-py-cluster is end-of-life).
+
+Edits are compare-and-set (a Lua script on the one hash key, so it runs the same on
+a single server and on a cluster, where WATCH/MULTI pipelines are only partly
+supported): two concurrent edits of one node never lose either.
+
+The stored JSON is untrusted like everything read back: it is parsed with
+`NodeSettings.from_json`, and a node's host and port always come from the node
+itself, never from this copy."""
 
 import logging
 
@@ -9,10 +17,23 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from . import naming
-from .errors import ComponentUnavailable
+from .errors import ComponentUnavailable, NodeSettingsConflict
 from .naming import NodeSettings
 
 log = logging.getLogger("probe.nodestore")
+
+# KEYS[1] = hash, ARGV = field, expected value ('' = absent), new value ('' = delete).
+_COMPARE_AND_SET = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == false then current = '' end
+if current ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+else
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+return 1
+"""
 
 # What a Redis server or cluster raises when it is down or unreachable
 # (RedisClusterException does not derive from RedisError).
@@ -34,11 +55,19 @@ def connect_redis(redis_settings, timeout=3.0):
 
 
 class NodeStore(object):
+    """Node settings of one env.
+
+    :param redis_settings: the config's `RedisSettings`.
+    :param env: the env name (the hash is `thriftprobe_<env>`).
+    :param timeout: connect and socket timeout in seconds.
+    """
+
     def __init__(self, redis_settings, env, timeout=3.0):
         self.settings = redis_settings
         self.env = env
         self.hash = naming.settings_hash(env)
         self.redis = connect_redis(redis_settings, timeout)
+        self._compare_and_set = self.redis.register_script(_COMPARE_AND_SET)
 
     def _unavailable(self, exc):
         return ComponentUnavailable("Redis at %s is unreachable: %s (start it with `probe stack "
@@ -51,35 +80,66 @@ class NodeStore(object):
         except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
-    def get(self, field):
-        """NodeSettings stored under `field`, None if absent. Malformed JSON is
-        reported as ValueError so callers decide whether to overwrite it."""
+    def get_raw(self, field):
+        """The raw bytes stored under `field`, None if absent."""
         try:
-            raw = self.redis.hget(self.hash, field)
+            return self.redis.hget(self.hash, field)
         except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
+
+    def get(self, field):
+        """NodeSettings stored under `field`, None if absent. Malformed JSON is
+        reported as InvalidNodeData (a ValueError) so callers decide whether to
+        overwrite it."""
+        raw = self.get_raw(field)
         if raw is None:
             return None
         return NodeSettings.from_json(raw)
 
-    def get_or_create(self, field, default):
-        """The stored settings, or `default` written atomically (HSETNX) if none."""
+    def compare_and_set(self, field, expected, new):
+        """Atomically set `field` to `new` (a JSON str; None deletes it) only if it
+        still holds `expected` (raw bytes/str as read; None = absent). True if set."""
         try:
-            if self.redis.hsetnx(self.hash, field, default.to_json()):
-                log.info("stored default settings %s = %s", field, default.to_json())
-                return default
-            raw = self.redis.hget(self.hash, field)
+            done = self._compare_and_set(keys=[self.hash],
+                                         args=[field, expected or "", new or ""])
         except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
-        try:
-            stored = NodeSettings.from_json(raw)
-        except ValueError as exc:
-            log.warning("settings %s in %s are malformed (%s): replacing them with defaults",
-                        field, self.hash, exc)
-            self.put(field, default)
-            return default
-        # The address is the node's identity; weight and valid are the operator's.
-        return stored._replace(host=default.host, port=default.port)
+        return int(done) == 1
+
+    def get_or_create(self, field, default):
+        """The stored weight and switch with `default`'s host and port, or `default`
+        written atomically (HSETNX) if nothing usable is stored.
+
+        The address always comes from `default`, i.e. from the provider itself: the
+        Redis copy cannot move a node elsewhere.
+        """
+        default = default.check()
+        for _ in range(10):
+            try:
+                if self.redis.hsetnx(self.hash, field, default.to_json()):
+                    log.info("stored default settings %s = %s", field, default.to_json())
+                    return default
+            except REDIS_ERRORS as exc:
+                raise self._unavailable(exc)
+            raw = self.get_raw(field)
+            if raw is None:
+                continue  # deleted meanwhile: HSETNX again
+            try:
+                stored = NodeSettings.from_json(raw)
+            except ValueError as exc:
+                log.warning("settings %s in %s are malformed (%s): replacing them with defaults",
+                            field, self.hash, exc)
+                if self.compare_and_set(field, raw, default.to_json()):
+                    return default
+                continue
+            if (stored.host, stored.port) != (default.host, default.port):
+                log.warning("settings %s in %s name %s:%d; the node is %s:%d: keeping only the "
+                            "weight and switch", field, self.hash, naming.describe_data(stored.host),
+                            stored.port, default.host, default.port)
+            # The address is the node's identity; weight and valid are the operator's.
+            return stored._replace(host=default.host, port=default.port)
+        raise NodeSettingsConflict("Redis field %s in %s kept changing while a provider read "
+                                   "it: try again" % (field, self.hash))
 
     def put(self, field, settings):
         try:

@@ -24,7 +24,7 @@ from kazoo.retry import KazooRetry
 
 from . import naming
 from .balancer import Node, RoutingTable
-from .errors import ComponentUnavailable
+from .errors import ComponentUnavailable, InvalidNodeAddress
 from .naming import NodeSettings
 
 log = logging.getLogger("probe.registry")
@@ -216,6 +216,8 @@ class ZooKeeper(object):
 
 
 SNAPSHOT_DELAY = 0.5  # seconds between a routing change and its snapshot write
+# A snapshot holds ~150 bytes per node; a file far bigger is not read at all.
+MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 
 _shared = {}
 _shared_lock = threading.Lock()
@@ -260,15 +262,29 @@ class Registration(object):
     session of ours still owns it (apache/dubbo#5125): then the stale node is
     deleted first. `reload()` returns the node's durable settings (from Redis) or
     None when they cannot be read; the last known data is used then.
+
+    The node's host and port are its own, taken from its path (which the provider
+    built from its own address): only the weight and switch are ever taken from
+    Redis or from the znode's data, so neither can move the node elsewhere.
     """
 
     def __init__(self, zk, path, data, reload=None):
+        identity = naming.parse_node_name(path.rsplit("/", 1)[-1])
+        if identity is None:
+            raise InvalidNodeAddress("cannot register %r: its last part is no node name "
+                                     "<service>_<host>_<port>" % (path,))
         self.zk = zk
         self.path = path
-        self.data = data
+        self.host, self.port = identity.ip, identity.port
+        self.data = self._own(data)
         self._reload = reload
         self._lock = threading.Lock()
         self._closed = False
+        self._foreign_seen = False
+
+    def _own(self, settings):
+        """`settings` with this node's own address; InvalidNodeData if out of range."""
+        return settings._replace(host=self.host, port=self.port).check()
 
     def register(self):
         self._create()
@@ -297,7 +313,11 @@ class Registration(object):
         if self._reload is not None:
             fresh = self._reload()
             if fresh is not None:
-                self.data = fresh
+                try:
+                    self.data = self._own(fresh)
+                except ValueError as exc:
+                    log.warning("stored settings of %s are unusable (%s): keeping the last known",
+                                self.path, exc)
         self._create()
 
     def _create(self):
@@ -337,9 +357,17 @@ class Registration(object):
             return None
         try:
             # Track operator edits so a re-created node keeps them even without Redis.
-            self.data = NodeSettings.from_json(data)
-        except ValueError:
-            pass
+            seen = NodeSettings.from_json(data)
+            if (seen.host, seen.port) != (self.host, self.port):
+                raise ValueError("it names %s:%d" % (naming.describe_data(seen.host), seen.port))
+            self.data = self._own(seen)
+            self._foreign_seen = False
+        except Exception as exc:  # anything: a kazoo watch must never die of bad data
+            if not self._foreign_seen:  # once per episode, not once per hostile write
+                log.warning("%s holds data that is not this node's (%s): a re-created node "
+                            "gets %s", self.path, exc if isinstance(exc, ValueError)
+                            else exc.__class__.__name__, self.data.to_json())
+            self._foreign_seen = True
         return None
 
 
@@ -375,6 +403,9 @@ class ServiceWatcher(object):
         self._session = None      # the session the current watches belong to
         self._batching = 0        # >0 while a listing's new nodes are being read
         self._snapshot_timer = None
+        self._skipped = {}        # znode name -> why it is skipped (warned once)
+        self._publish_failed = False
+        self._failure_logged = False
         self._lock = threading.RLock()
         self._closed = False
 
@@ -457,9 +488,9 @@ class ServiceWatcher(object):
                     continue
                 try:
                     data, stat = self.zk.client.get(self.parent + "/" + name)
-                    settings = NodeSettings.from_json(data)
+                    settings = naming.parse_node_data(name, data)
                 except (NoNodeError, ValueError):
-                    continue  # gone meanwhile, or malformed (the DataWatch says so)
+                    continue  # gone meanwhile, or unusable (the DataWatch says so)
                 fresh[name] = _node(name, settings, stat)
         except (KazooException, ZookeeperError) as exc:
             log.info("resync of %s failed (%s); the watches still hold", self.parent,
@@ -479,6 +510,14 @@ class ServiceWatcher(object):
         timer.start()
 
     def _on_children(self, generation, children):
+        try:
+            return self._children_changed(generation, children)
+        except Exception:
+            # A kazoo watch whose callback raises stops for good: log and keep watching.
+            self._callback_failed("its children listing")
+            return None
+
+    def _children_changed(self, generation, children):
         with self._lock:
             if generation != self._generation:
                 return False
@@ -495,6 +534,8 @@ class ServiceWatcher(object):
             gone = [name for name in self._nodes if name not in mine]
             for name in gone:
                 del self._nodes[name]
+            for name in [n for n in self._skipped if n not in mine]:
+                del self._skipped[name]
             self._watched &= mine
             new = mine - self._watched
             self._watched |= new
@@ -530,33 +571,75 @@ class ServiceWatcher(object):
         self._on_children(generation, children)
 
     def _on_data(self, generation, name, data, stat):
+        try:
+            return self._data_changed(generation, name, data, stat)
+        except Exception:
+            self._callback_failed("node %s" % name)
+            return None
+
+    def _callback_failed(self, source):
+        """Log a failed update with its traceback, once per watcher (a bug that
+        fails on every event must not flood the log); the watch stays alive."""
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.exception("updating %s from %s failed; later updates still apply (further "
+                          "failures of this watcher are logged at DEBUG)", self.describe, source)
+        else:
+            log.debug("updating %s from %s failed", self.describe, source, exc_info=True)
+
+    def _data_changed(self, generation, name, data, stat):
         with self._lock:
             if generation != self._generation:
                 return False
             if data is None:
                 # Deleted: the ChildrenWatch sees a re-creation and watches it anew.
                 self._watched.discard(name)
+                self._skipped.pop(name, None)
                 if self._nodes.pop(name, None) is not None:
                     self._publish()
                 return False
             try:
-                settings = NodeSettings.from_json(data)
+                settings = naming.parse_node_data(name, data)
             except ValueError as exc:
-                log.warning("skipping node %s/%s: malformed data %r (%s)",
-                            self.parent, name, data[:200], exc)
-                if self._nodes.pop(name, None) is not None:
+                self._skip(name, str(exc))
+                if self._nodes.pop(name, None) is not None and not self._batching:
                     self._publish()
                 return None
+            if self._skipped.pop(name, None) is not None:
+                log.info("node %s/%s holds usable data again: routing to it", self.parent, name)
             self._nodes[name] = _node(name, settings, stat)
             if not self._batching:
                 self._publish()
             return None
 
+    def _skip(self, name, why):
+        """Leave znode `name` out of the table; warn once until it is fixed or gone
+        (a writer that keeps changing bad data must not flood the log)."""
+        if name not in self._skipped:
+            log.warning("skipping node %s/%s of %s: malformed or foreign data: %s (fix or "
+                        "delete the znode; its provider re-writes it when it registers again)",
+                        self.parent, name, self.service, why)
+        self._skipped[name] = why
+
     def _publish(self, write_snapshot=True):
-        self.table = RoutingTable(self._nodes.values(), warmup=self.warmup, describe=self.describe)
+        try:
+            table = RoutingTable(self._nodes.values(), warmup=self.warmup, describe=self.describe)
+        except Exception:
+            # Nodes are checked before they get here, so this is a bug; the next
+            # update builds from scratch again, so one failure never freezes the table.
+            if not self._publish_failed:
+                log.exception("building the routing table of %s failed; keeping the last one",
+                              self.describe)
+            self._publish_failed = True
+            return
+        self._publish_failed = False
+        self.table = table
         self.updates += 1
         if self.on_change is not None:
-            self.on_change(self.table)
+            try:
+                self.on_change(table)
+            except Exception:
+                log.exception("on_change callback of %s failed", self.describe)
         if write_snapshot and self.snapshot_path and self._snapshot_timer is None \
                 and not self._closed:
             # At most one snapshot write per SNAPSHOT_DELAY: the file only has to be
@@ -587,13 +670,35 @@ class ServiceWatcher(object):
         if not self.snapshot_path:
             return
         try:
-            with open(self.snapshot_path) as handle:
-                saved = json.load(handle)
-            nodes = {n["name"]: Node(**n) for n in saved["nodes"]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ZooKeeper unreachable and no usable routing snapshot for %s (%s)",
-                        self.describe, exc)
+            size = os.path.getsize(self.snapshot_path)
+            if size > MAX_SNAPSHOT_BYTES:
+                raise ValueError("%d bytes, more than the %d allowed" % (size, MAX_SNAPSHOT_BYTES))
+            with open(self.snapshot_path, "rb") as handle:
+                saved = json.loads(handle.read().decode("utf-8"))
+            if not isinstance(saved, dict) or not isinstance(saved.get("nodes"), list):
+                raise ValueError("no list of nodes")
+        except Exception as exc:  # OSError, bad UTF-8, RecursionError, ...
+            log.warning("ZooKeeper unreachable and no usable routing snapshot for %s (%s: %s)",
+                        self.describe, exc.__class__.__name__, str(exc)[:200])
             return
+        nodes, skipped = {}, 0
+        for entry in saved["nodes"]:
+            try:
+                node = _snapshot_node(entry, self.service)
+            except Exception:  # each entry is checked like znode data; bad ones are left out
+                skipped += 1
+                continue
+            nodes[node.name] = node
+        if skipped:
+            log.warning("routing snapshot %s: skipped %d unusable node entr%s (bad data, or an "
+                        "address that differs from the node name)", self.snapshot_path, skipped,
+                        "y" if skipped == 1 else "ies")
+        if not nodes:
+            return
+        written_at = saved.get("written_at")
+        if isinstance(written_at, bool) or not isinstance(written_at, (int, float)) \
+                or written_at != written_at:
+            written_at = 0.0
         with self._lock:
             if self._nodes:
                 return
@@ -602,7 +707,25 @@ class ServiceWatcher(object):
             self._publish(write_snapshot=False)
         log.warning("ZooKeeper unreachable: routing %s on a STALE snapshot of %d node(s) "
                     "written %.0f s ago (%s)", self.describe, len(nodes),
-                    time.time() - saved.get("written_at", 0), self.snapshot_path)
+                    time.time() - written_at, self.snapshot_path)
+
+
+def _snapshot_node(entry, service):
+    """A routing-table node from one snapshot entry, checked as znode data is.
+    Raises ValueError (or TypeError/KeyError for a wrong shape)."""
+    if not isinstance(entry, dict):
+        raise ValueError("not an object")
+    name = entry["name"]
+    if not naming.is_node_of(name, service):
+        raise ValueError("not a node of %s" % service)
+    settings = naming.parse_node_data(name, json.dumps(
+        {key: entry[key] for key in ("host", "port", "weight", "valid")}))
+    registered_at = entry.get("registered_at", 0.0)
+    if isinstance(registered_at, bool) or not isinstance(registered_at, (int, float)) \
+            or not 0 <= registered_at < 1e11:
+        raise ValueError("bad registered_at")
+    return Node(name, settings.host, settings.port, settings.weight, settings.valid,
+                float(registered_at))
 
 
 def _node(name, settings, stat):

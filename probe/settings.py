@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import yaml
 
-from .errors import ConfigError
-from .naming import check_env
+from .errors import ConfigError, InvalidHost
+from .naming import check_env, is_valid_host
 
 PACKAGED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "config.yml")
 DEFAULT_ENV_RULES = ((r"^prod\d+$", "prod"),)
@@ -74,7 +74,7 @@ class Settings(object):
 
     def _require(self, name, section, key, kind):
         value = section.get(key)
-        if kind is int and isinstance(value, str) and value.isdigit():
+        if kind is int and isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value):
             value = int(value)
         if value is None or (kind is int and (isinstance(value, bool) or not isinstance(value, int))) \
                 or (kind is str and not isinstance(value, str)):
@@ -126,7 +126,8 @@ class Settings(object):
         if hosts:
             if isinstance(hosts, list):
                 hosts = ",".join(str(h) for h in hosts)
-            if not isinstance(hosts, str) or not re.match(r"^[\w.\-\[\]:]+(,[\w.\-\[\]:]+)*(/[\w/\-]*)?$", hosts):
+            if not isinstance(hosts, str) or not re.fullmatch(r"[\w.\-\[\]:]+(,[\w.\-\[\]:]+)*(/[\w/\-]*)?",
+                                                               hosts, re.ASCII):
                 raise ConfigError("config %s: 'zkserver.%s.hosts' must look like "
                                   "'h1:2181,h2:2181', got %r" % (self.path, self.env, hosts))
         else:
@@ -140,8 +141,21 @@ class Settings(object):
 
     @property
     def advertise_host(self):
-        """PROBE_ADVERTISE_HOST, else the config's `advertise_host`, else None."""
-        return os.environ.get("PROBE_ADVERTISE_HOST") or self.raw.get("advertise_host") or None
+        """PROBE_ADVERTISE_HOST, else the config's `advertise_host`, else None.
+        Raises InvalidHost (naming where it came from) unless it is a host name or
+        an IP literal: it becomes part of the node's znode name and Redis field."""
+        from_env = os.environ.get("PROBE_ADVERTISE_HOST")
+        if from_env:
+            host, source = from_env, "PROBE_ADVERTISE_HOST"
+        else:
+            host, source = self.raw.get("advertise_host"), "'advertise_host' in config %s" % self.path
+        if host in (None, ""):
+            return None
+        if not is_valid_host(host):
+            raise InvalidHost("bad %s %r: give a host name (letters, digits, '-', '.'; no '_' "
+                              "or '/') or an IP address, e.g. 127.0.0.1"
+                              % (source, host if not isinstance(host, str) else host[:80]))
+        return host
 
     @property
     def log_dir(self):

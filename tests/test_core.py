@@ -206,8 +206,9 @@ def test_a_large_service_is_read_in_one_batch(appkey, clients, zk):
     transaction = zk.transaction()
     for index in range(300):
         port = 10000 + index
-        transaction.create("%s/DemoService_10.9.%d.%d_%d" % (parent, index // 250, index % 250, port),
-                           NodeSettings("10.9.0.1", port).to_bytes(), ephemeral=True)
+        host = "10.9.%d.%d" % (index // 250, index % 250)
+        transaction.create("%s/DemoService_%s_%d" % (parent, host, port),
+                           NodeSettings(host, port).to_bytes(), ephemeral=True)
     transaction.commit()
     client = clients(appkey, snapshot_dir=False)
     assert len(client.watcher.table) == 300

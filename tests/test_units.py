@@ -249,3 +249,173 @@ def test_unknown_client_option_is_named(monkeypatch):
     with pytest.raises(ProbeError) as error:
         build_client(IDL, "hello_www", "DemoService", retires=3)
     assert "retires" in str(error.value) and "retries" in str(error.value)
+
+
+# -- validation that cannot be slipped past (naming) -----------------------------
+from probe.errors import InvalidEnv, InvalidHost, InvalidNodeData  # noqa: E402
+from probe.registry import _snapshot_node  # noqa: E402
+
+
+@pytest.mark.parametrize("good", ["127.0.0.1", "10.0.0.5", "::1", "2001:db8::7", "node-1",
+                                  "a.example.com", "x" * 63 + ".com"])
+def test_hosts_accepted(good):
+    assert naming.check_host(good) == good
+    assert naming.parse_node_name(naming.node_name("DemoService", good, 80)) == \
+        ("DemoService", good, 80)
+
+
+@pytest.mark.parametrize("bad", ["", "bad_host", "a/b", "a|b", "h\n", "127.0.0.1\n", " h", "h.",
+                                 "-h", "h-", "x" * 64, ("a." * 127) + "bc", "999.1.1.1", "1.2.3",
+                                 "fe80::1%eth0", "h\u00e9st", "\uff11.2.3.4", None, 5, b"h"])
+def test_hosts_refused_by_every_builder(bad):
+    with pytest.raises(InvalidHost):
+        naming.check_host(bad)
+    with pytest.raises(InvalidNodeAddress):  # InvalidHost is one
+        naming.node_name("DemoService", bad, 80)
+    with pytest.raises(InvalidNodeAddress):
+        naming.node_path("dev", "app", "DemoService", bad, 80)
+    with pytest.raises(InvalidNodeAddress):
+        naming.settings_field("app", "dev", "DemoService", bad, 80)
+
+
+@pytest.mark.parametrize("bad", [0, 65536, -1, True, "80\n", "\uff18\uff10", "\u0668\u0660", 8.0])
+def test_ports_refused_by_builders(bad):
+    with pytest.raises(InvalidNodeAddress):
+        naming.node_name("DemoService", "127.0.0.1", bad)
+
+
+@pytest.mark.parametrize("bad", ["DemoService\n", "S" * 129, "Dém", "\u0661"])
+def test_service_names_full_match_ascii_and_length(bad):
+    with pytest.raises(InvalidServiceName):
+        naming.check_service_name(bad)
+    assert naming.check_service_name("S" * 128)
+
+
+@pytest.mark.parametrize("bad", ["app\n", "x" * 129, "\u0661app"])
+def test_appkeys_full_match_ascii_and_length(bad):
+    with pytest.raises(InvalidAppkey):
+        naming.check_appkey(bad)
+
+
+@pytest.mark.parametrize("bad", ["dev\n", "e" * 65, "", "d/v", "d\u0661", None])
+def test_bad_env_is_invalid_env_not_invalid_appkey(bad):
+    with pytest.raises(InvalidEnv) as refused:
+        naming.check_env(bad)
+    assert not isinstance(refused.value, InvalidAppkey)
+
+
+@pytest.mark.parametrize("bad", ["25\n", " 25", "\uff12\uff15", "\u0662\u0665", "+5", "1_0",
+                                 "00001", 10 ** 400])
+def test_weights_full_match_ascii(bad):
+    with pytest.raises(InvalidWeight):
+        naming.check_weight(bad)
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1:80\n", "127.0.0.1:\uff18\uff10", "bad_host:80",
+                                 "a/b:80", "[fe80::1%eth0]:80", "[::1]:0", ("a" * 254) + ":80"])
+def test_addresses_full_match(bad):
+    with pytest.raises(InvalidNodeAddress):
+        naming.parse_address(bad)
+    assert naming.parse_address("[::1]:8081") == ("::1", 8081)
+
+
+def test_changed_by_and_description_fit_their_columns():
+    assert naming.check_changed_by("b" * 128)
+    for bad in ("b" * 129, "", "a\nb", "tab\there", None):
+        with pytest.raises(ProbeError):
+            naming.check_changed_by(bad)
+    assert naming.check_description("") == "" and naming.check_description("d" * 255)
+    with pytest.raises(ProbeError):
+        naming.check_description("d" * 256)
+
+
+def test_parsers_refuse_what_builders_refuse():
+    assert naming.parse_node_name("DemoService_127.0.0.1_\uff18\uff10") is None
+    assert naming.parse_node_name("DemoService_127.0.0.1_80\n") is None
+    assert naming.parse_node_name("DemoService_127.0.0.1_70000") is None
+    assert naming.parse_node_name(b"DemoService_127.0.0.1_80") is None
+    assert naming.parse_settings_field("a|dev|S|1.2.3.4|\u0668\u0660") is None
+    assert naming.parse_settings_field("a|dev|S|bad_host|80") is None
+    assert naming.parse_settings_field("a|dev\n|S|1.2.3.4|80") is None
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"host": "127.0.0.1", "port": 80, "weight": ' + b"9" * 400 + b"}",
+    b'{"host": "127.0.0.1", "port": 80, "weight": 1001}',
+    b'{"host": "127.0.0.1", "port": 80, "weight": 1e400}',
+    b'{"host": "127.0.0.1", "port": 80, "weight": NaN}',
+    b'{"host": "127.0.0.1", "port": 80, "valid": 2}',
+    b'{"host": "127.0.0.1", "port": 80, "valid": true}',
+    b'{"host": "bad_host", "port": 80}',
+    b'{"host": "127.0.0.1", "port": 0}',
+    b"[" * 2000 + b"]" * 2000,
+    b'{"a": ' * 3000 + b"1" + b"}" * 3000,
+    b"\xff\xfe\x00",
+    b'"a string"', b"null", b"12",
+    b'{"host": "127.0.0.1", "port": 80, "pad": "' + b"x" * 5000 + b'"}',
+    None, 12,
+])
+def test_hostile_node_data_raises_one_named_error(raw):
+    with pytest.raises(InvalidNodeData) as refused:
+        NodeSettings.from_json(raw)
+    assert isinstance(refused.value, ValueError)  # older `except ValueError` still catch it
+    assert len(str(refused.value)) < 300          # never echoes the hostile input whole
+
+
+def test_node_data_must_name_its_own_address():
+    name = "DemoService_10.0.0.2_8081"
+    assert naming.parse_node_data(name, NodeSettings("10.0.0.2", 8081, 5, 0).to_bytes()) == \
+        NodeSettings("10.0.0.2", 8081, 5, 0)
+    for host, port in (("elsewhere", 443), ("10.0.0.2", 443), ("10.0.0.3", 8081)):
+        with pytest.raises(InvalidNodeData):
+            naming.parse_node_data(name, NodeSettings(host, port).to_bytes())
+    with pytest.raises(InvalidNodeData):
+        naming.parse_node_data("garbage", NodeSettings("10.0.0.2", 8081).to_bytes())
+
+
+def test_snapshot_entries_are_checked_like_znode_data():
+    good = {"name": "DemoService_127.0.0.1_80", "host": "127.0.0.1", "port": 80, "weight": 10,
+            "valid": 1, "registered_at": 5.0}
+    assert _snapshot_node(good, "DemoService") == Node(*[good[k] for k in (
+        "name", "host", "port", "weight", "valid", "registered_at")])
+    for bad in (dict(good, host="elsewhere"), dict(good, port=81), dict(good, weight=10 ** 400),
+                dict(good, valid="1"), dict(good, registered_at="now"),
+                dict(good, registered_at=float("nan")), dict(good, name="Other_127.0.0.1_80"),
+                {"name": good["name"]}, "text", None):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            _snapshot_node(bad, "DemoService")
+
+
+def test_advertise_host_is_checked_when_read(monkeypatch, tmp_path):
+    path = write(tmp_path, "advertise_host: bad_host\nzkserver: {dev: {host: h, port: 1}}\n")
+    monkeypatch.delenv("PROBE_ADVERTISE_HOST", raising=False)
+    settings = load_settings(path, "dev")
+    with pytest.raises(InvalidHost) as refused:
+        settings.advertise_host
+    assert path in str(refused.value)
+    monkeypatch.setenv("PROBE_ADVERTISE_HOST", "a/b")
+    with pytest.raises(InvalidHost) as refused:
+        settings.advertise_host
+    assert "PROBE_ADVERTISE_HOST" in str(refused.value)
+    monkeypatch.setenv("PROBE_ADVERTISE_HOST", "127.0.0.1")
+    assert settings.advertise_host == "127.0.0.1"
+
+
+def test_bad_env_from_probe_env_is_invalid_env(monkeypatch, tmp_path):
+    path = write(tmp_path, "zkserver: {dev: {host: h, port: 1}}\n")
+    monkeypatch.setenv("PROBE_ENV", "dev\n")
+    clear_cache()
+    with pytest.raises(InvalidEnv):
+        load_settings(path)
+    clear_cache()
+
+
+def test_admin_connect_timeout_is_milliseconds(monkeypatch, tmp_path):
+    from probe.admin import Admin
+    path = write(tmp_path, "zkserver: {dev: {host: h, port: 1}}\n")
+    admin = Admin(config_path=path, env="dev", connect_timeout=1500)
+    assert admin.connect_timeout == 1500 and admin._timeout == 1.5
+    assert Admin(config_path=path, env="dev").connect_timeout == 3000
+    for bad in (0, -5, True, "3000"):
+        with pytest.raises(ProbeError):
+            Admin(config_path=path, env="dev", connect_timeout=bad)
