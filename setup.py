@@ -19,7 +19,7 @@ setup(
         "PyYAML>=5.1",
         "prometheus_client>=0.16",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "thrift>=0.16"]},
     entry_points={"console_scripts": ["probe = probe.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the local stack runs on, only if something is missing.
+# Install the Debian packages the local stack (and the interop tests) run on, only if
+# something is missing.
 set -euo pipefail
 
 missing=()
@@ -10,6 +11,8 @@ command -v mariadbd >/dev/null 2>&1 || command -v mysqld >/dev/null 2>&1 || miss
 command -v mariadb-install-db >/dev/null 2>&1 || command -v mysql_install_db >/dev/null 2>&1 \
   || missing+=(mariadb-server)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The interop tests generate Apache Thrift's own Python code from idl/demo.thrift.
+command -v thrift >/dev/null 2>&1 || missing+=(thrift-compiler)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

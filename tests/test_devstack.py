@@ -1,4 +1,5 @@
-"""probe.devstack against real ZooKeeper, Redis and MariaDB processes.
+"""probe.devstack (and probe.testing's fault control and ZooKeeper ensemble)
+against real ZooKeeper, Redis and MariaDB processes.
 
 Every server runs on free loopback ports in a temporary folder, and every
 fixture stops what it started even when a test fails.
@@ -17,8 +18,8 @@ import yaml
 from kazoo.client import KazooClient
 
 from probe import devstack
-from probe.devstack import (DEV_PORTS, Stack, StackError, ZooKeeperEnsemble,
-                            free_port)
+from probe.devstack import DEV_PORTS, Stack, StackError, free_port
+from probe.testing import FaultStack, ZooKeeperEnsemble
 
 SYSTEM_PORTS = {2181, 3306, 6379}
 
@@ -51,7 +52,7 @@ def mysql_connect(port):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(str(tmp_path_factory.mktemp("stack")), ports="free")
+    stack = FaultStack(str(tmp_path_factory.mktemp("stack")), ports="free")
     try:
         stack.up()
         yield stack
@@ -100,6 +101,7 @@ def test_config_file_follows_the_project_format(stack):
         "redis": {"dev": {"host": "127.0.0.1", "port": ports["redis"],
                           "password": None, "cluster": 0}},
         "zkserver": {"dev": {"host": "127.0.0.1", "port": ports["zookeeper"]}},
+        "advertise_host": "127.0.0.1",
     }
     assert ("  dev: {host: 127.0.0.1, port: %d, password: null, cluster: 0}"
             % ports["redis"]) in text
