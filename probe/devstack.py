@@ -490,8 +490,14 @@ class _MariaDBServer(_Server):
     def _user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
 
+    @property
+    def tmp_dir(self) -> str:
+        # Its own, not /tmp: temporary table files are named by pid, and servers in
+        # other pid namespaces sharing /tmp can collide with ours.
+        return os.path.join(self.home, "tmp")
+
     def prepare(self) -> None:
-        os.makedirs(self.home, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
         if os.path.isdir(os.path.join(self.data_dir, "mysql")):
             return
         # A data dir without the system schema is a failed install: start over.
@@ -503,6 +509,7 @@ class _MariaDBServer(_Server):
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
             "--user=%s" % self._user(),
+            "--tmpdir=%s" % self.tmp_dir,
             self._INNODB_LOG_SIZE,
         ]
         log.info("initialising MariaDB data in %s", self.data_dir)
@@ -524,6 +531,7 @@ class _MariaDBServer(_Server):
             "--socket=%s" % self.socket_path,
             "--pid-file=%s" % os.path.join(self.home, "mariadbd.pid"),
             "--user=%s" % self._user(),
+            "--tmpdir=%s" % self.tmp_dir,
             "--skip-name-resolve",
             "--innodb-buffer-pool-size=32M",
             self._INNODB_LOG_SIZE,
