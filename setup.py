@@ -24,7 +24,7 @@ def version():
 DOCS = ["mkdocs>=1.5", "mkdocstrings[python]>=0.24"]
 # `make test` runs the whole suite, the private-index install and the docs build.
 TEST = ["pytest>=7", "build>=1.0", "twine>=4", "pypiserver>=2.0", "passlib>=1.7",
-        "virtualenv>=20", "playwright>=1.40"] + DOCS
+        "virtualenv>=20", "playwright>=1.40", "thrift>=0.16"] + DOCS
 
 setup(
     name="thriftprobe",

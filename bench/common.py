@@ -60,7 +60,7 @@ def ratio(value, anchor):
 
 # -- /proc (Linux; no psutil needed) ------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid):
@@ -379,9 +379,7 @@ class Watchdog(object):
 
 def set_affinity(pid, cpus):
     """Pin every thread of `pid` and of its child processes to `cpus` (None: all CPUs).
-    Threads created later inherit it from their creator. False when unsupported."""
-    if not hasattr(os, "sched_setaffinity"):
-        return False
+    Threads created later inherit it from their creator. False when none could be pinned."""
     cpus = set(range(os.cpu_count() or 1)) if cpus is None else set(cpus)
     pids = [pid] + descendants(pid)
     done = False

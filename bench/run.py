@@ -23,7 +23,6 @@ median of paired, alternating rounds.
 """
 
 import argparse
-import inspect
 import json
 import multiprocessing.connection
 import os
@@ -225,7 +224,7 @@ class Bench(object):
     # -- 1 + 2: the client ---------------------------------------------------------------
     def placement(self):
         """(client CPUs, server CPUs) for the client measurements, or (None, None)."""
-        if self.pin and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
+        if self.pin and (os.cpu_count() or 1) >= 2:
             return {0}, {1}
         return None, None
 
@@ -250,11 +249,7 @@ class Bench(object):
             set_affinity(self.provider.pid, server_cpus)
         client = start_client("client")
         try:
-            features = client.ask({"op": "features"}, timeout=60)
-            report.features["client_metrics_option"] = features["metrics_option"]
-            if not features["metrics_option"]:
-                report.features["client_metrics_option_error"] = features.get("metrics_error")
-            kinds = ["bare", "probe"] + (["probe_nometrics"] if features["metrics_option"] else [])
+            kinds = ["bare", "probe", "probe_nometrics"]
             self.log("single-thread say(): %d alternating rounds of %s, %.1f s each"
                      % (cfg["rounds"], "/".join(kinds), cfg["seconds"]))
             rounds = self._single_rounds(client, kinds, cfg["rounds"], cfg["seconds"])
@@ -390,9 +385,6 @@ class Bench(object):
         for kind in kinds[1:]:
             add(s, "%s client CPU per call" % labels[kind],
                 median([r["client_cpu_us_per_call"] for r in rounds[kind]]), "us", anchor, bare_cpu)
-        if "probe_nometrics" not in kinds:
-            self.report.na(s, "probe metrics=False", "build_client has no metrics= option yet (%s)"
-                           % self.report.features.get("client_metrics_option_error"))
 
     def _report_threads(self, threads):
         s = "2. %d threads, one provider" % self.cfg["threads"]
@@ -478,15 +470,6 @@ class Bench(object):
 
     def _workers_option(self, loads):
         s = "3b. provider workers=N (multi-process)"
-        from probe.server import Provider
-        try:
-            params = inspect.signature(Provider.__init__).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self.report.features["provider_workers_option"] = "workers" in params
-        if "workers" not in params:
-            self.report.na(s, "workers=2 vs workers=1", "probe.server.Provider has no workers= option yet")
-            return
         appkey = "bench_%s_wk" % self.run_id
         self.admin.add_appkey(appkey, "benchmark workers=N")
         started = {}
@@ -780,7 +763,7 @@ def _machine_cpu():
             usage = resource.getrusage(who)
             own += usage.ru_utime + usage.ru_stime
         return busy, steal, own
-    except (OSError, ImportError, ValueError):
+    except (OSError, ValueError):
         return None
 
 
@@ -794,7 +777,7 @@ def _machine_report(before, after, seconds):
     return {"seconds": round(seconds, 1), "own_percent": round(own / capacity, 1),
             "other_percent": round(max(0.0, busy - own) / capacity, 1),
             "steal_percent": round((after[1] - before[1]) / capacity, 1),
-            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "loadavg_end": list(os.getloadavg())}
 
 
 def _strip(result):

@@ -178,17 +178,7 @@ def client(conn, appkey, host, port, config_path, env):
             if command is None:
                 return
             op = command["op"]
-            if op == "features":
-                features = {"metrics_option": False}
-                try:
-                    probe_client("probe_nometrics")
-                    features["metrics_option"] = True
-                except TypeError as exc:
-                    features["metrics_error"] = str(exc)
-                except Exception as exc:  # a ProbeError naming the unknown option
-                    features["metrics_error"] = "%s: %s" % (exc.__class__.__name__, exc)
-                conn.send(features)
-            elif op == "single":
+            if op == "single":
                 kind = command["kind"]
                 closer = None
                 if kind == "bare":
@@ -499,10 +489,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
             return False  # the canned replies wait in the buffer; the poll is timed apart
 
     for kind, options in (("probe", {}), ("probe_nometrics", {"metrics": False})):
-        try:
-            client = build_client(IDL, appkey, SERVICE, **options)
-        except TypeError:
-            continue
+        client = build_client(IDL, appkey, SERVICE, **options)
         try:
             assert client.say() == "hello world"
             node = client.watcher.table.nodes[0]

@@ -1,10 +1,14 @@
-"""Real ZooKeeper, Redis and MariaDB server processes for development and tests.
+"""Real ZooKeeper, Redis and MariaDB server processes for development.
 
 `Stack` runs one of each on loopback ports from a state folder (data, logs,
 `stack.json` with pids and ports, and a `config.yml` in probe's format that points
-at them). `probe stack up|down|status` is a thin shell over it, and tests use it
-with ``ports="free"`` and a temporary folder. `ZooKeeperEnsemble` runs a
-three-member ZooKeeper for the fault tests.
+at them). `probe stack up|down|status` is a thin shell over it. What only tests
+need (killing one component, a ZooKeeper ensemble, a Redis cluster) lives in
+`probe.testing`, built on the pieces here.
+
+The stack is loopback-only: every server binds 127.0.0.1, and the config it writes
+sets ``advertise_host: 127.0.0.1``, so providers started against it register a
+loopback address and no dev, test or bench traffic leaves 127.0.0.0/8.
 
 The servers are started in their own session and are never waited for, so they
 outlive the Python process that started them; any later `Stack` on the same
@@ -30,12 +34,9 @@ import subprocess
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-try:
-    from probe.errors import ProbeError as _BaseError
-except ImportError:  # errors.py is optional for this module
-    _BaseError = Exception  # type: ignore[misc,assignment]
+from probe.errors import ProbeError
 
-logger = logging.getLogger("probe.devstack")
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("zookeeper", "redis", "mysql")
 DEV_PORTS = {"zookeeper": 22181, "redis": 26379, "mysql": 23306}
@@ -76,7 +77,7 @@ def default_state_dir() -> str:
 DEFAULT_STATE_DIR = default_state_dir()
 
 
-class StackError(_BaseError):
+class StackError(ProbeError):
     """A development server could not be installed, started, reached or stopped."""
 
 
@@ -161,14 +162,6 @@ def _four_letter_word(port: int, word: str, host: str = LOOPBACK) -> str:
     """ZooKeeper's answer to a four-letter command ("ruok", "srvr", ...)."""
     return _exchange(port, word.encode("ascii"), lambda reply: False, host=host).decode(
         "utf-8", "replace")
-
-
-def _zookeeper_mode(port: int, host: str = LOOPBACK) -> Optional[str]:
-    """"leader", "follower" or "standalone" if the server serves requests, else None."""
-    for line in _four_letter_word(port, "srvr", host).splitlines():
-        if line.startswith("Mode:"):
-            return line.split(":", 1)[1].strip()
-    return None
 
 
 # ----------------------------------------------------------------------- processes
@@ -360,12 +353,12 @@ class _Server:
     def spawn(self) -> None:
         self.prepare()
         argv = self.command()
-        logger.info("starting %s on %s:%d: %s", self.name, self.host, self.port,
-                    " ".join(argv))
-        with open(self.log_path, "ab") as log:
+        log.info("starting %s on %s:%d: %s", self.name, self.host, self.port,
+                 " ".join(argv))
+        with open(self.log_path, "ab") as output:
             # A new session: the server survives the CLI that started it and
             # gets no SIGHUP/SIGINT from its terminal.
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
                                      stderr=subprocess.STDOUT, cwd=self.home,
                                      start_new_session=True, close_fds=True)
         _CHILDREN[child.pid] = child
@@ -406,24 +399,13 @@ class _Server:
 
 
 class _ZooKeeperServer(_Server):
-    """A ZooKeeper server; standalone, or a member of an ensemble when given peers."""
+    """A standalone ZooKeeper server (probe.testing adds ensemble members)."""
 
     name = "zookeeper"
-
-    def __init__(self, home: str, port: int, myid: Optional[int] = None,
-                 peers: Sequence[Tuple[int, int, int]] = ()) -> None:
-        super().__init__(home, port)
-        self.myid = myid
-        self.peers = list(peers)  # (myid, quorum port, election port) of every member
 
     @property
     def config_path(self) -> str:
         return os.path.join(self.home, "zoo.cfg")
-
-    def ports(self) -> List[int]:
-        own = [(quorum, election) for myid, quorum, election in self.peers
-               if myid == self.myid]
-        return [self.port] + [port for pair in own for port in pair]
 
     def check_installed(self) -> None:
         if _find_binary(SERVER_BINARIES["java"]) is None:
@@ -436,7 +418,11 @@ class _ZooKeeperServer(_Server):
 
     def prepare(self) -> None:
         super().prepare()
-        lines = [
+        _write_file(self.config_path, "\n".join(self.config_lines()) + "\n")
+
+    def config_lines(self) -> List[str]:
+        """The lines of zoo.cfg."""
+        return [
             "# Written by probe.devstack; rewritten on every start.",
             "tickTime=500",
             "initLimit=10",
@@ -451,11 +437,6 @@ class _ZooKeeperServer(_Server):
             "maxClientCnxns=0",
             "4lw.commands.whitelist=ruok,srvr,stat,mntr,cons,dump,wchs,conf",
         ]
-        for myid, quorum, election in self.peers:
-            lines.append("server.%d=%s:%d:%d" % (myid, LOOPBACK, quorum, election))
-        _write_file(self.config_path, "\n".join(lines) + "\n")
-        if self.myid is not None:
-            _write_file(os.path.join(self.data_dir, "myid"), "%d\n" % self.myid)
 
     def command(self) -> List[str]:
         classpath = [ZOOKEEPER_JAR]
@@ -475,13 +456,7 @@ class _ZooKeeperServer(_Server):
         ]
 
     def answers(self) -> bool:
-        if self.peers:
-            # An ensemble member answers `ruok` even without a quorum.
-            return self.mode() in ("leader", "follower", "standalone")
         return _four_letter_word(self.port, "ruok", self.host) == "imok"
-
-    def mode(self) -> Optional[str]:
-        return _zookeeper_mode(self.port, self.host)
 
 
 class _RedisServer(_Server):
@@ -531,8 +506,14 @@ class _MariaDBServer(_Server):
     def _user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
 
+    @property
+    def tmp_dir(self) -> str:
+        # Its own, not /tmp: temporary table files are named by pid, and servers in
+        # other pid namespaces sharing /tmp can collide with ours.
+        return os.path.join(self.home, "tmp")
+
     def prepare(self) -> None:
-        os.makedirs(self.home, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
         if os.path.isdir(os.path.join(self.data_dir, "mysql")):
             return
         # A data dir without the system schema is a failed install: start over.
@@ -544,11 +525,12 @@ class _MariaDBServer(_Server):
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
             "--user=%s" % self._user(),
+            "--tmpdir=%s" % self.tmp_dir,
             self._INNODB_LOG_SIZE,
         ]
-        logger.info("initialising MariaDB data in %s", self.data_dir)
-        with open(self.log_path, "ab") as log:
-            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log,
+        log.info("initialising MariaDB data in %s", self.data_dir)
+        with open(self.log_path, "ab") as output:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=output,
                                     stderr=subprocess.STDOUT, cwd=self.home)
         if result.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -565,6 +547,7 @@ class _MariaDBServer(_Server):
             "--socket=%s" % self.socket_path,
             "--pid-file=%s" % os.path.join(self.home, "mariadbd.pid"),
             "--user=%s" % self._user(),
+            "--tmpdir=%s" % self.tmp_dir,
             "--skip-name-resolve",
             "--innodb-buffer-pool-size=32M",
             self._INNODB_LOG_SIZE,
@@ -622,15 +605,15 @@ def _stop_servers(servers: Sequence[_Server], force: bool = False) -> None:
     """Stop the live ones among `servers`: SIGTERM (or SIGKILL), then SIGKILL."""
     alive = [server for server in servers if server.is_alive()]
     for server in alive:
-        logger.info("%s %s (pid %d)", "killing" if force else "stopping",
-                    server.name, server.pid)
+        log.info("%s %s (pid %d)", "killing" if force else "stopping",
+                 server.name, server.pid)
         server.signal(signal.SIGKILL if force else signal.SIGTERM)
     for server in alive:
         if server.wait_exit(_KILL_WAIT if force else server.grace):
             continue
         if not force:
-            logger.warning("%s (pid %d) did not stop within %.0f s; killing it",
-                           server.name, server.pid, server.grace)
+            log.warning("%s (pid %d) did not stop within %.0f s; killing it",
+                        server.name, server.pid, server.grace)
             server.signal(signal.SIGKILL)
             if server.wait_exit(_KILL_WAIT):
                 continue
@@ -769,7 +752,7 @@ class Stack(_Recorded):
     def config(self) -> dict:
         """The probe configuration (as written to `config_path`) for these servers."""
         ports = self.ports
-        return {
+        config = {
             "mysql": {self.env: {
                 "host": self.host, "port": ports["mysql"], "username": MYSQL_USER,
                 "password": MYSQL_PASSWORD, "database": MYSQL_DATABASE}},
@@ -778,42 +761,14 @@ class Stack(_Recorded):
                 "cluster": 0}},
             "zkserver": {self.env: {"host": self.host, "port": ports["zookeeper"]}},
         }
-
-    # -- fault control
-
-    def stop(self, component: str) -> None:
-        """Stop one component gracefully (SIGTERM, SIGKILL if it lingers)."""
-        self._control(component, force=False)
-
-    def kill(self, component: str) -> None:
-        """SIGKILL one component, as a crash would."""
-        self._control(component, force=True)
-
-    def start(self, component: str, wipe: bool = False, timeout: float = 60) -> None:
-        """Start one component again on its port; ``wipe`` empties its data first."""
-        server = self._server(component)
-        with self._recorded():
-            if wipe:
-                _stop_servers([server])
-                server.wipe()
-            _start_servers([server], timeout, "the stack in %s" % self.state_dir)
-            if component == "mysql":
-                self._create_probe_database()
-            self._write_config()
+        if self.host == LOOPBACK:
+            # A loopback stack: providers run against it register 127.0.0.1, never
+            # the machine's outbound address. A stack on another address (a test
+            # host) lets each provider find its own by the outbound-route rule.
+            config["advertise_host"] = LOOPBACK
+        return config
 
     # -- internals
-
-    def _control(self, component: str, force: bool) -> None:
-        server = self._server(component)
-        with self._recorded():
-            _stop_servers([server], force=force)
-
-    def _server(self, component: str) -> _Server:
-        try:
-            return self._servers[component]
-        except KeyError:
-            raise StackError("unknown component %r; choose one of %s"
-                             % (component, ", ".join(COMPONENTS))) from None
 
     def _home(self, component: str) -> str:
         return os.path.join(self.state_dir, component)
@@ -884,8 +839,8 @@ class Stack(_Recorded):
                                          connect_timeout=5, autocommit=True)
         except pymysql.MySQLError as exc:
             raise StackError("cannot log in to MariaDB on %s as root with an "
-                             "empty password (%s); to start over with fresh data use "
-                             "Stack.start('mysql', wipe=True)"
+                             "empty password (%s); to start over with fresh data run "
+                             "`probe stack down --wipe`, then `probe stack up`"
                              % (socket_path, exc)) from exc
         try:
             with connection.cursor() as cursor:
@@ -915,208 +870,3 @@ class Stack(_Recorded):
                   % self.state_dir)
         body = yaml.safe_dump(self.config(), sort_keys=False, default_flow_style=None)
         _write_file(self.config_path, header + body)
-
-
-# ------------------------------------------------------------------------ ensemble
-
-class ZooKeeperEnsemble(_Recorded):
-    """`size` ZooKeeper servers forming one ensemble on free loopback ports.
-
-    Members are indexed from 0 (their ZooKeeper myid is index + 1). Ports are kept
-    in ``ensemble.json`` in `state_dir`, so a killed member restarts on its own.
-    """
-
-    def __init__(self, state_dir: str, size: int = 3) -> None:
-        if size < 1:
-            raise StackError("an ensemble needs at least one member, got size=%r"
-                             % (size,))
-        self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
-        self._record_path = os.path.join(self.state_dir, "ensemble.json")
-        record = _read_json(self._record_path)
-        members = record.get("members", [])
-        if len(members) != size and any(
-                _is_alive(entry.get("pid"), entry.get("start_time")) for entry in members):
-            raise StackError("%s runs an ensemble of %d members, not %d; call down() "
-                             "on it first" % (self.state_dir, len(members), size))
-        if len(members) == size:
-            layout = [(entry["port"], entry["quorum_port"], entry["election_port"])
-                      for entry in members]
-        else:
-            ports = _free_ports(3 * size)
-            layout = [tuple(ports[3 * i:3 * i + 3]) for i in range(size)]
-        peers = [(index + 1, quorum, election)
-                 for index, (_, quorum, election) in enumerate(layout)]
-        self._members = [
-            _ZooKeeperServer(os.path.join(self.state_dir, "zk%d" % (index + 1)),
-                             client, myid=index + 1, peers=peers)
-            for index, (client, _, _) in enumerate(layout)]
-        self._restore(record)
-
-    def __repr__(self) -> str:
-        return "ZooKeeperEnsemble(%r, hosts=%r)" % (self.state_dir, self.hosts)
-
-    @property
-    def hosts(self) -> str:
-        """The kazoo/ZooKeeper connect string: "127.0.0.1:p1,127.0.0.1:p2,..."."""
-        return ",".join("%s:%d" % (LOOPBACK, member.port) for member in self._members)
-
-    @property
-    def size(self) -> int:
-        return len(self._members)
-
-    def up(self, timeout: float = 60) -> None:
-        """Start the members that are not running; wait until all serve requests."""
-        with self._recorded():
-            _start_servers(self._members, timeout,
-                           "the ensemble in %s" % self.state_dir)
-
-    def down(self, wipe: bool = False) -> None:
-        if not os.path.isdir(self.state_dir):
-            return
-        with self._recorded():
-            _stop_servers(self._members)
-        if wipe:
-            with _locked(self.state_dir):
-                for member in self._members:
-                    shutil.rmtree(member.home, ignore_errors=True)
-
-    def status(self) -> List[dict]:
-        self._restore(_read_json(self._record_path))
-        result = []
-        for member in self._members:
-            alive = member.is_alive()
-            result.append({
-                "running": alive and member.answers(),
-                "pid": member.pid if alive else None,
-                "port": member.port,
-                "address": "%s:%d" % (LOOPBACK, member.port),
-                "mode": member.mode() if alive else None,
-            })
-        return result
-
-    def leader(self, timeout: float = 10) -> int:
-        """Index of the current leader, waiting up to `timeout` s for an election."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for index, member in enumerate(self._members):
-                if member.mode() in ("leader", "standalone"):
-                    return index
-            if time.monotonic() >= deadline:
-                raise StackError("no ZooKeeper leader among %s after %.0f s; see the "
-                                 "logs under %s" % (self.hosts, timeout, self.state_dir))
-            time.sleep(_POLL_INTERVAL)
-
-    def kill(self, index: int) -> None:
-        """SIGKILL one member, as a crash would."""
-        self._control(index, force=True)
-
-    def stop(self, index: int) -> None:
-        self._control(index, force=False)
-
-    def start(self, index: int, timeout: float = 60) -> None:
-        """Start one member again on its ports and wait until it has rejoined."""
-        member = self._member(index)
-        with self._recorded():
-            _start_servers([member], timeout, "the ensemble in %s" % self.state_dir)
-
-    def _control(self, index: int, force: bool) -> None:
-        member = self._member(index)
-        with self._recorded():
-            _stop_servers([member], force=force)
-
-    def _member(self, index: int) -> _ZooKeeperServer:
-        if not 0 <= index < len(self._members):
-            raise StackError("no ensemble member %r; indexes run from 0 to %d"
-                             % (index, len(self._members) - 1))
-        return self._members[index]
-
-    def _restore(self, record: dict) -> None:
-        entries = record.get("members", [])
-        for index, member in enumerate(self._members):
-            entry = entries[index] if index < len(entries) else None
-            if entry and entry.get("port") == member.port:
-                member.restore(entry)
-            else:
-                member.pid = member.start_time = None
-
-    def _save(self) -> None:
-        members = []
-        for member in self._members:
-            entry = member.record()
-            entry["quorum_port"], entry["election_port"] = member.ports()[1:3]
-            members.append(entry)
-        _write_file(self._record_path, json.dumps({"members": members}, indent=2) + "\n")
-
-
-CLUSTER_BUS_OFFSET = 10000  # Redis listens for its cluster bus on port + 10000
-
-
-def _free_cluster_ports(count: int) -> List[int]:
-    """Free ports p with p + CLUSTER_BUS_OFFSET free too (and below 65536)."""
-    ports = []  # type: List[int]
-    for _ in range(200):
-        for port in _free_ports(count * 4, avoid=ports):
-            bus = port + CLUSTER_BUS_OFFSET
-            if bus < 65536 and not _port_in_use(bus) and len(ports) < count:
-                ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise StackError("found no %d free port pairs (p, p+%d) for a Redis cluster"
-                     % (count, CLUSTER_BUS_OFFSET))
-
-
-class _RedisClusterNode(_RedisServer):
-    name = "redis-cluster-node"
-
-    def ports(self) -> List[int]:
-        return [self.port, self.port + CLUSTER_BUS_OFFSET]
-
-    def command(self) -> List[str]:
-        return super().command() + [
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", os.path.join(self.data_dir, "nodes.conf"),
-            "--cluster-node-timeout", "2000",
-        ]
-
-
-class RedisCluster:
-    """`size` Redis servers joined into one cluster (all masters) on free loopback
-    ports, for testing probe's `cluster: 1` settings store. Not kept across runs."""
-
-    def __init__(self, state_dir: str, size: int = 3) -> None:
-        self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
-        ports = _free_cluster_ports(size)
-        self._nodes = [_RedisClusterNode(os.path.join(self.state_dir, "node%d" % i), port)
-                       for i, port in enumerate(ports)]
-
-    @property
-    def startup_nodes(self) -> List[Dict[str, object]]:
-        return [{"host": LOOPBACK, "port": node.port} for node in self._nodes]
-
-    def up(self, timeout: float = 60) -> None:
-        for node in self._nodes:
-            node.prepare()
-        _start_servers(self._nodes, timeout, "the Redis cluster in %s" % self.state_dir)
-        cli = _find_binary(["redis-cli"])
-        if cli is None:
-            self.down()
-            raise StackError("redis-cli is not installed: apt-get install redis-tools")
-        addresses = ["%s:%d" % (LOOPBACK, node.port) for node in self._nodes]
-        done = subprocess.run([cli, "--cluster", "create"] + addresses +
-                              ["--cluster-replicas", "0", "--cluster-yes"],
-                              capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            self.down()
-            raise StackError("redis-cli --cluster create failed: %s" % done.stdout[-500:])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = _exchange(self._nodes[0].port, b"CLUSTER INFO\r\n",
-                             lambda data: b"cluster_state" in data and data.endswith(b"\r\n"))
-            if b"cluster_state:ok" in info:
-                return
-            time.sleep(0.1)
-        self.down()
-        raise StackError("the Redis cluster in %s did not reach cluster_state:ok" % self.state_dir)
-
-    def down(self) -> None:
-        _stop_servers(self._nodes)

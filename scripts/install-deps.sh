@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the local stack runs on, only if something is missing.
+# Install the Debian packages the local stack (and the interop tests) run on, only if
+# something is missing.
 set -euo pipefail
 
 missing=()
@@ -13,6 +14,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 # The multi-host test (tests/test_multihost.py) makes network namespaces with `ip`.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the console's browser tests
+# The interop tests generate Apache Thrift's own Python code from idl/demo.thrift.
+command -v thrift >/dev/null 2>&1 || missing+=(thrift-compiler)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

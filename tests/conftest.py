@@ -1,10 +1,11 @@
 """Fixtures: one real local stack (ZooKeeper, Redis, MariaDB on free loopback ports)
-for the whole test session, fresh appkeys per test, in-process providers."""
+for the whole test session, fresh appkeys per test, in-process providers; and the
+helpers tests share (test modules never import from each other)."""
 
 import os
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import uuid
 
@@ -13,14 +14,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDL = os.path.join(ROOT, "idl", "demo.thrift")
 SESSION_TIMEOUT = 3
+# The test stack's config says `advertise_host: 127.0.0.1`: every provider the tests
+# start registers this address, so no test traffic leaves the loopback network.
+ADVERTISED_HOST = "127.0.0.1"
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    from probe import devstack, settings
+    from probe import settings
+    from probe.testing import FaultStack
     state = tmp_path_factory.mktemp("stack")
-    local = devstack.Stack(state_dir=str(state), ports="free")
+    local = FaultStack(state_dir=str(state), ports="free")
     local.up()
     # A short session timeout keeps the fault tests quick: a dead provider leaves
     # the registry within 3 s.
@@ -59,9 +64,9 @@ def providers(stack):
     from probe.server import start_service
     started = []
 
-    def start(appkey, name=None, port=0, **options):
+    def start(appkey, name=None, port=0, handler=None, **options):
         options.setdefault("shutdown_grace", 0.2)
-        handler = DemoServiceHandler(name or "node%d" % len(started))
+        handler = handler or DemoServiceHandler(name or "node%d" % len(started))
         provider = start_service(IDL, appkey, "DemoService", handler, port=port, block=False, **options)
         started.append(provider)
         return provider
@@ -103,6 +108,43 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
             return value
         time.sleep(interval)
     raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, message))
+
+
+def gated_handler(name):
+    """A demo handler whose slow() blocks until ``handler.gate`` is set (at most 30 s).
+    ``handler.entered`` counts the slow() calls that reached it, so a test knows a
+    call is in flight on this node without sleeping or reading client internals."""
+    from demo_server import DemoServiceHandler
+
+    class GatedHandler(DemoServiceHandler):
+        def __init__(self):
+            super().__init__(name)
+            self.gate = threading.Event()
+            self.entered = 0
+            self._lock = threading.Lock()
+
+        def slow(self, millis):
+            with self._lock:
+                self.entered += 1
+            self.gate.wait(30)
+            return "released"
+
+    return GatedHandler()
+
+
+def close_wait_sockets(port, host="127.0.0.1"):
+    """How many of this machine's TCP sockets to host:port are in CLOSE_WAIT: the
+    peer (the server) closed the connection and our side has not yet."""
+    packed = "".join("%02X" % int(part) for part in reversed(host.split(".")))
+    wanted = "%s:%04X" % (packed, port)
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[2] == wanted and fields[3] == "08":  # 08: TCP_CLOSE_WAIT
+                count += 1
+    return count
 
 
 def run_probe(*args, env=None, check=True):

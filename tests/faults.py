@@ -1,4 +1,5 @@
-"""Tools for the fault suite: provider processes and a counting load generator."""
+"""Tools for the fault suite (and the reliability tests): provider processes, a
+counting load generator, fresh ZooKeeper inspection sessions."""
 
 import os
 import signal
@@ -7,9 +8,19 @@ import sys
 import threading
 import time
 
-from conftest import ROOT, wait_for
+from kazoo.client import KazooClient
+
+from conftest import ADVERTISED_HOST, ROOT, wait_for
 
 RESULTS = []  # (scenario, attempted, failed), printed at the end of the run
+
+
+def fresh_zk(hosts=None):
+    """A brand-new inspection session (an old one would be stuck after a wipe)."""
+    from probe.settings import load_settings
+    client = KazooClient(hosts=hosts or load_settings().zookeeper.hosts, timeout=10)
+    client.start(20)
+    return client
 
 
 class ProviderProcess(object):
@@ -28,12 +39,11 @@ class ProviderProcess(object):
             self.wait_registered(zk)
         return self
 
-    def path(self, ip):
+    def path(self, ip=ADVERTISED_HOST):
         return "/services/dev/%s/DemoService_%s_%d" % (self.appkey, ip, self.port)
 
     def wait_registered(self, zk, timeout=20):
-        from probe.settings import outbound_ip
-        path = self.path(outbound_ip())
+        path = self.path()
 
         def registered():
             if self.process.poll() is not None:
@@ -104,6 +114,13 @@ class Load(object):
     def reset_seen(self):
         with self._lock:
             self.seen = {}
+
+    def wait_calls(self, count, timeout=30):
+        """Wait until `count` calls have been answered since the last reset_seen()."""
+        def answered():
+            with self._lock:
+                return sum(self.seen.values()) >= count
+        wait_for(answered, timeout, message="%d answered calls" % count)
 
     def wait_seen(self, names, timeout=30):
         wait_for(lambda: all(self.seen.get(n) for n in names), timeout, message="calls to %s" % names)

@@ -1,6 +1,7 @@
 """The core promise, against the real stack: a provider registers, a consumer
 routes by weight through watches, and bad input is refused before anything is done."""
 
+import ipaddress
 import json
 import threading
 import time
@@ -8,13 +9,13 @@ from collections import Counter
 
 import pytest
 
-from conftest import IDL, run_probe, wait_for
+from conftest import ADVERTISED_HOST, IDL, run_probe, wait_for
 from probe import naming
 from probe.errors import InvalidServiceName, NoAvailableNode, ThriftFileError, UnknownAppkey
 from probe.naming import NodeSettings
 from probe.nodestore import NodeStore
 from probe.registry import shared_zookeeper, release_zookeeper
-from probe.settings import load_settings, outbound_ip
+from probe.settings import load_settings
 
 
 @pytest.fixture
@@ -42,8 +43,8 @@ def test_demo_end_to_end(appkey, providers, clients):
 
 def test_znode_path_is_ephemeral_and_holds_the_settings_json(appkey, providers, zk, store):
     provider = providers(appkey)
-    ip = outbound_ip()
-    assert provider.host == ip and not ip.startswith("127.0.1.")
+    ip = ADVERTISED_HOST
+    assert provider.host == ip
     path = "/services/dev/%s/DemoService_%s_%d" % (appkey, ip, provider.port)
     data, stat = zk.get(path)
     assert stat.ephemeralOwner != 0
@@ -54,15 +55,40 @@ def test_znode_path_is_ephemeral_and_holds_the_settings_json(appkey, providers, 
     assert zk.exists(path) is None
 
 
+def test_the_test_stacks_providers_advertise_loopback_only(appkey, providers, clients, zk,
+                                                          tmp_path):
+    """The stack's config says advertise_host: 127.0.0.1, so in-process and separate
+    provider processes register 127.0.0.1, and consumers route only to 127.0.0.0/8."""
+    from faults import ProviderProcess
+    from probe.devstack import free_port
+    assert load_settings().advertise_host == "127.0.0.1"
+    providers(appkey, name="inproc")
+    process = ProviderProcess(appkey, "process", free_port(), str(tmp_path))
+    try:
+        process.start(zk)  # waits for DemoService_127.0.0.1_<port>
+        client = clients(appkey)
+        wait_for(lambda: len(client.watcher.table) == 2, message="both providers")
+        for node in client.watcher.table.all_nodes:
+            assert ipaddress.ip_address(node.host).is_loopback, node
+            data = json.loads(zk.get(naming.node_path("dev", appkey, "DemoService",
+                                                      node.host, node.port))[0])
+            assert data["host"] == "127.0.0.1"
+        assert {client.whoami() for _ in range(50)} == {"inproc", "process"}
+    finally:
+        process.cleanup()
+
+
 def test_advertise_host_override(appkey, providers, zk, monkeypatch):
-    monkeypatch.setenv("PROBE_ADVERTISE_HOST", "127.0.0.1")
+    # The environment wins over the config's advertise_host (still loopback).
+    monkeypatch.setenv("PROBE_ADVERTISE_HOST", "127.0.0.2")
     provider = providers(appkey)
-    assert zk.exists("/services/dev/%s/DemoService_127.0.0.1_%d" % (appkey, provider.port))
+    assert provider.host == "127.0.0.2"
+    assert zk.exists("/services/dev/%s/DemoService_127.0.0.2_%d" % (appkey, provider.port))
 
 
 def test_existing_operator_settings_are_kept(appkey, providers, zk, store):
     from probe.devstack import free_port
-    port, ip = free_port(), outbound_ip()
+    port, ip = free_port(), ADVERTISED_HOST
     field = naming.settings_field(appkey, "dev", "DemoService", ip, port)
     store.put(field, NodeSettings(ip, port, weight=30, valid=0))
     providers(appkey, port=port)
@@ -121,7 +147,7 @@ def test_equal_nodes_share_traffic_evenly(appkey, providers, clients):
 
 def test_weights_10_to_30_give_about_one_to_three(appkey, providers, clients, store):
     from probe.devstack import free_port
-    ip = outbound_ip()
+    ip = ADVERTISED_HOST
     light, heavy = free_port(), free_port()
     store.put(naming.settings_field(appkey, "dev", "DemoService", ip, heavy), NodeSettings(ip, heavy, 30, 1))
     providers(appkey, name="light", port=light)

@@ -1,4 +1,5 @@
-"""probe.devstack against real ZooKeeper, Redis and MariaDB processes.
+"""probe.devstack (and probe.testing's fault control and ZooKeeper ensemble)
+against real ZooKeeper, Redis and MariaDB processes.
 
 Every server runs on free loopback ports in a temporary folder, and every
 fixture stops what it started even when a test fails.
@@ -17,8 +18,8 @@ import yaml
 from kazoo.client import KazooClient
 
 from probe import devstack
-from probe.devstack import (DEV_PORTS, Stack, StackError, ZooKeeperEnsemble,
-                            free_port)
+from probe.devstack import DEV_PORTS, Stack, StackError, free_port
+from probe.testing import FaultStack, ZooKeeperEnsemble
 
 SYSTEM_PORTS = {2181, 3306, 6379}
 
@@ -51,7 +52,7 @@ def mysql_connect(port):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(str(tmp_path_factory.mktemp("stack")), ports="free")
+    stack = FaultStack(str(tmp_path_factory.mktemp("stack")), ports="free")
     try:
         stack.up()
         yield stack
@@ -100,6 +101,7 @@ def test_config_file_follows_the_project_format(stack):
         "redis": {"dev": {"host": "127.0.0.1", "port": ports["redis"],
                           "password": None, "cluster": 0}},
         "zkserver": {"dev": {"host": "127.0.0.1", "port": ports["zookeeper"]}},
+        "advertise_host": "127.0.0.1",
     }
     assert ("  dev: {host: 127.0.0.1, port: %d, password: null, cluster: 0}"
             % ports["redis"]) in text
@@ -163,26 +165,37 @@ def test_unknown_component_is_refused(stack):
 
 # -------------------------------------------------------------- process lifetime
 
+def probe_stack(*args):
+    """`probe stack ...` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "probe.cli", "stack"] + list(args),
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def test_servers_outlive_their_starter_and_down_stops_them(tmp_path):
     state_dir = str(tmp_path / "stack")
-    starter = ("from probe.devstack import Stack; "
-               "Stack(%r, ports='free').up()" % state_dir)
     stack = Stack(state_dir)
     try:
-        subprocess.run([sys.executable, "-c", starter], check=True, timeout=60,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        started = probe_stack("up", "--dir", state_dir, "--free-ports")
+        assert started.returncode == 0, started.stderr
+        assert "PROBE_CONFIG=%s" % stack.config_path in started.stdout
         stack = Stack(state_dir)  # now sees the ports the starter recorded
         pids = running_pids(stack)
         assert all(pid_alive(pid) for pid in pids.values())
+        assert probe_stack("status", "--dir", state_dir).returncode == 0
+        with open(stack.config_path) as handle:
+            assert yaml.safe_load(handle)["advertise_host"] == "127.0.0.1"
     finally:
         stack.down()
 
     assert not any(pid_alive(pid) for pid in pids.values())
     assert not any(entry["running"] or entry["pid"]
                    for entry in stack.status().values())
+    assert probe_stack("status", "--dir", state_dir).returncode == 3  # not running
     stack.down()  # a second down has nothing to do
 
-    stack.down(wipe=True)
+    wiped = probe_stack("down", "--dir", state_dir, "--wipe")
+    assert wiped.returncode == 0 and "wiped" in wiped.stdout
     assert not os.path.exists(state_dir)
 
 

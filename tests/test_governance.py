@@ -3,18 +3,15 @@ consumer, survive a provider restart, are audited, and bad edits write nothing."
 
 import json
 import threading
-import time
 from collections import Counter
 
 import pytest
 
-from conftest import run_probe, wait_for
+from conftest import gated_handler, run_probe, wait_for
 from probe import naming
 from probe.admin import Admin
 from probe.errors import (InvalidNodeAddress, InvalidWeight, NoAvailableNode, UnknownAppkey,
                           UnknownNode)
-from probe.naming import NodeSettings
-from probe.settings import load_settings
 
 
 @pytest.fixture
@@ -33,6 +30,14 @@ def weights_seen(client):
 
 def node_of(client, provider):
     return naming.node_name("DemoService", provider.host, provider.port)
+
+
+def fully_warmed(client):
+    """True once every node of the client's table has its configured weight (a call
+    first: the client rebuilds a warming table when it picks)."""
+    client.say()
+    table = client.watcher.table
+    return all(weight == node.weight for node, weight in zip(table.nodes, table.weights))
 
 
 def test_weight_edit_moves_traffic(appkey, providers, clients, admin):
@@ -75,17 +80,23 @@ def test_all_disabled_or_zero_weight_gives_the_named_error(appkey, providers, cl
 
 
 def test_calls_in_flight_on_a_disabled_node_finish(appkey, providers, clients, admin):
-    a = providers(appkey, name="a")
-    client = clients(appkey, socket_timeout=5000)
+    handler = gated_handler("a")
+    a = providers(appkey, handler=handler)
+    client = clients(appkey, socket_timeout=15000)
     wait_for(lambda: len(client.watcher.table) == 1, message="node a")
     outcome = []
-    caller = threading.Thread(target=lambda: outcome.append(client.slow(600)))
+    caller = threading.Thread(target=lambda: outcome.append(client.slow(1)))
     caller.start()
-    time.sleep(0.15)
-    admin.disable(appkey, "DemoService", a.address)
+    try:
+        wait_for(lambda: handler.entered == 1, message="the slow call in flight on a")
+        admin.disable(appkey, "DemoService", a.address)
+        # The consumer has taken a out of its table while the call is still open.
+        wait_for(lambda: len(client.watcher.table) == 0, message="a disabled")
+        assert outcome == []
+    finally:
+        handler.gate.set()
     caller.join(10)
-    assert outcome == ["slept 600 ms"]
-    wait_for(lambda: len(client.watcher.table) == 0, message="a disabled")
+    assert outcome == ["released"]
     with pytest.raises(NoAvailableNode):
         client.say()
 
@@ -179,33 +190,39 @@ def test_round_robin_client_gives_exact_shares(appkey, providers, clients, admin
 
 
 def test_least_inflight_client_avoids_the_busy_node(appkey, providers, clients):
-    providers(appkey, name="a")
-    providers(appkey, name="b")
-    client = clients(appkey, balancer="least_inflight", socket_timeout=5000)
-    wait_for(lambda: len(client.watcher.table) == 2, message="two nodes")
-    # Hold several slow calls open; they spread over both nodes, and meanwhile
-    # quick calls keep going to whichever node has fewer in flight.
-    busy = [threading.Thread(target=client.slow, args=(400,)) for _ in range(4)]
-    for thread in busy:
+    busy = gated_handler("busy")
+    providers(appkey, handler=busy)
+    client = clients(appkey, balancer="least_inflight", socket_timeout=15000)
+    wait_for(lambda: len(client.watcher.table) == 1, message="the busy node")
+    # Two calls held open on the only node, then an idle node joins at equal weight.
+    holders = [threading.Thread(target=client.slow, args=(1,)) for _ in range(2)]
+    for thread in holders:
         thread.start()
-    time.sleep(0.1)
-    inflight = dict(client._inflight)
-    assert sum(inflight.values()) == 4 and max(inflight.values()) == 2
-    for thread in busy:
-        thread.join()
-    assert sum(client._inflight.values()) == 0
+    try:
+        wait_for(lambda: busy.entered == 2, message="two calls in flight on the busy node")
+        providers(appkey, name="idle")
+        wait_for(lambda: len(client.watcher.table) == 2, message="the idle node")
+        # One call at a time: the idle node never has more than 1 in flight, the
+        # busy one has 2, so every quick call goes to the idle node.
+        assert shares(client, 200) == {"idle": 200}
+    finally:
+        busy.gate.set()
+    for thread in holders:
+        thread.join(10)
+    # Not busy any more: it gets its share again.
+    assert "busy" in shares(client, 200)
 
 
 def test_warmup_ramps_a_new_nodes_share(appkey, providers, clients):
     providers(appkey, name="old")
     client = clients(appkey, warmup=4)
     wait_for(lambda: len(client.watcher.table) == 1, message="old node")
-    time.sleep(4.1)  # let the first node finish its own warm-up
+    wait_for(lambda: fully_warmed(client), message="the old node's own warm-up")
     providers(appkey, name="new")
     wait_for(lambda: len(client.watcher.table) == 2, message="new node")
     early = shares(client, 1000)
     assert early["new"] < 250, early  # ramping from weight 1 of 10
-    time.sleep(4.1)
+    wait_for(lambda: fully_warmed(client), message="the new node's warm-up")
     late = shares(client, 2000)
     # Warmed up: equal weights, Binomial(2000, .5) sd 22.4; +-6 sd.
     assert 866 <= late["new"] <= 1134, late

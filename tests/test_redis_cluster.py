@@ -14,9 +14,9 @@ from probe.settings import load_settings
 
 @pytest.fixture(scope="module")
 def cluster_config(stack, tmp_path_factory):
-    from probe.devstack import RedisCluster
+    from probe.testing import RedisClusterStack
     state = tmp_path_factory.mktemp("redis-cluster")
-    cluster = RedisCluster(str(state))
+    cluster = RedisClusterStack(str(state))
     cluster.up()
     config = yaml.safe_load(open(load_settings().path))
     config["redis"]["dev"] = {"cluster": 1, "password": None, "startup_nodes": cluster.startup_nodes}

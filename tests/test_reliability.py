@@ -1,21 +1,20 @@
 """Reliability details: refusals at start, malformed registry data, failover rules,
 outlier ejection, idle connections closed by the server, Redis outages."""
 
-import json
-import os
 import threading
 import time
 
 import pytest
 import yaml
 
-from conftest import IDL, wait_for
+from conftest import ADVERTISED_HOST, IDL, close_wait_sockets, gated_handler, wait_for
+from faults import ProviderProcess, fresh_zk
 from probe import naming
 from probe.devstack import free_port
 from probe.errors import ComponentUnavailable
 from probe.nodestore import NodeStore
 from probe.registry import release_zookeeper, shared_zookeeper
-from probe.settings import clear_cache, load_settings, outbound_ip
+from probe.settings import load_settings
 
 
 @pytest.fixture
@@ -79,7 +78,7 @@ def test_malformed_node_data_is_skipped(appkey, providers, clients, zk, caplog):
 def test_dead_node_is_ejected_and_calls_fail_over(appkey, providers, clients, zk):
     providers(appkey, name="alive")
     dead_port = free_port()
-    ip = outbound_ip()
+    ip = ADVERTISED_HOST
     zk.create(naming.node_path("dev", appkey, "DemoService", ip, dead_port),
               naming.NodeSettings(ip, dead_port).to_bytes(), ephemeral=True)
     client = clients(appkey, eject_after=2, eject_backoff=5)  # not idempotent
@@ -91,21 +90,33 @@ def test_dead_node_is_ejected_and_calls_fail_over(appkey, providers, clients, zk
 
 
 def test_after_send_failures_retry_only_idempotent_methods(appkey, providers, clients):
-    a = providers(appkey, name="a")
-    b = providers(appkey, name="b")
-    plain = clients(appkey, socket_timeout=300)
-    wait_for(lambda: len(plain.watcher.table) == 2, message="two nodes")
-    with pytest.raises(Exception) as timed_out:
-        plain.slow(700)
-    assert "timed out" in str(timed_out.value).lower()
-    wait_for(lambda: a.server.calls + b.server.calls == 1, message="the one slow call finished")
-    time.sleep(0.8)
-    assert a.server.calls + b.server.calls == 1  # not retried: slow() is not idempotent
-    retried = clients(appkey, socket_timeout=300, idempotent=["slow"], retries=2)
-    wait_for(lambda: len(retried.watcher.table) == 2, message="two nodes")
-    with pytest.raises(Exception):
-        retried.slow(700)
-    wait_for(lambda: a.server.calls + b.server.calls == 4, message="1 + 3 attempts finished")
+    # slow() is held on the providers until the gates open, so every attempt times
+    # out, and each handler counts the attempts that reached it.
+    handlers = [gated_handler("a"), gated_handler("b")]
+    for handler in handlers:
+        providers(appkey, handler=handler)
+
+    def attempts():
+        return sum(handler.entered for handler in handlers)
+
+    try:
+        plain = clients(appkey, socket_timeout=300)
+        wait_for(lambda: len(plain.watcher.table) == 2, message="two nodes")
+        with pytest.raises(Exception) as timed_out:
+            plain.slow(700)
+        assert "timed out" in str(timed_out.value).lower()
+        wait_for(lambda: attempts() == 1, message="the one slow call on a provider")
+        retried = clients(appkey, socket_timeout=300, idempotent=["slow"], retries=2)
+        wait_for(lambda: len(retried.watcher.table) == 2, message="two nodes")
+        with pytest.raises(Exception):
+            retried.slow(700)
+        wait_for(lambda: attempts() >= 4, message="1 + 3 attempts on the providers")
+    finally:
+        for handler in handlers:
+            handler.gate.set()
+    # A retry of the first call would have been sent a whole timeout before the
+    # second client even started: 1 (not idempotent, not retried) + 3 (retried).
+    assert attempts() == 4
 
 
 def test_pooled_connections_survive_a_server_that_drops_idle_ones(appkey, clients, zk):
@@ -116,17 +127,19 @@ def test_pooled_connections_survive_a_server_that_drops_idle_ones(appkey, client
     from demo_server import DemoServiceHandler
     service = thriftpy2.load(IDL, module_name="bare_demo_thrift").DemoService
     port = free_port()
-    server = make_server(service, DemoServiceHandler("bare"), "0.0.0.0", port, client_timeout=300)
+    ip = ADVERTISED_HOST
+    server = make_server(service, DemoServiceHandler("bare"), ip, port, client_timeout=300)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
-    ip = outbound_ip()
     zk.create(naming.node_path("dev", appkey, "DemoService", ip, port),
               naming.NodeSettings(ip, port).to_bytes(), ephemeral=True, makepath=True)
     client = clients(appkey, retries=0)  # no failover: the pool alone must cope
     wait_for(lambda: len(client.watcher.table) == 1, message="bare node")
     for _ in range(4):
         assert client.whoami() == "bare"
-        time.sleep(0.5)  # longer than the server's idle limit
+        # The server drops the pooled connection after 0.3 s idle: our end of it
+        # sits in CLOSE_WAIT until the pool notices.
+        wait_for(lambda: close_wait_sockets(port, ip) >= 1, message="the server's idle close")
     server.close()
 
 
@@ -142,8 +155,6 @@ def test_redis_outage_does_not_stop_serving(appkey, providers, clients, stack):
 
 
 def test_configured_log_dir_gets_the_provider_log(appkey, tmp_path, monkeypatch):
-    from faults import ProviderProcess
-    from test_faults import fresh_zk
     log_dir = tmp_path / "logs"
     config = yaml.safe_load(open(load_settings().path))
     config["logging"] = {"dir": {"dev": str(log_dir)}}
@@ -163,8 +174,6 @@ def test_configured_log_dir_gets_the_provider_log(appkey, tmp_path, monkeypatch)
 
 
 def test_sigterm_right_after_registration_still_deregisters(appkey, tmp_path):
-    from faults import ProviderProcess
-    from test_faults import fresh_zk
     inspector = fresh_zk()
     try:
         for attempt in range(3):
@@ -172,7 +181,7 @@ def test_sigterm_right_after_registration_still_deregisters(appkey, tmp_path):
             try:
                 provider.start(inspector)  # returns the moment the znode exists
                 assert provider.terminate() == 0
-                assert inspector.exists(provider.path(outbound_ip())) is None
+                assert inspector.exists(provider.path()) is None
             finally:
                 provider.cleanup()
     finally:

@@ -1,6 +1,5 @@
 """Fast tests of the pure parts: naming, settings, balancers."""
 
-import os
 import random
 from collections import Counter
 

@@ -7,11 +7,9 @@ import urllib.request
 
 import pytest
 
-from conftest import wait_for
-from faults import Load, ProviderProcess
+from conftest import ADVERTISED_HOST, wait_for
+from faults import Load, ProviderProcess, fresh_zk
 from probe.devstack import free_port
-from probe.settings import outbound_ip
-from test_faults import fresh_zk
 
 
 @pytest.fixture
@@ -40,7 +38,7 @@ def worker_pids(parent):
 def test_two_workers_share_one_registration(appkey, two_workers, clients):
     provider, inspector, metrics_port = two_workers
     assert inspector.get_children("/services/dev/%s" % appkey) == [
-        "DemoService_%s_%d" % (outbound_ip(), provider.port)]
+        "DemoService_%s_%d" % (ADVERTISED_HOST, provider.port)]
     children = worker_pids(provider.process.pid)
     assert len(children) == 2
     client = clients(appkey)
