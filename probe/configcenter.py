@@ -91,7 +91,9 @@ def canonical_text(value):
         raise InvalidConfigValue("config value %r cannot be written as JSON: %s"
                                  % (_preview(repr(value)), exc))
     if len(text.encode("utf-8")) > MAX_VALUE_BYTES:
-        raise InvalidConfigValue("config value is larger than %d bytes as JSON" % MAX_VALUE_BYTES)
+        raise InvalidConfigValue("config value is larger than the limit of %d bytes as JSON: keep "
+                                 "big data elsewhere and put its location in the config"
+                                 % MAX_VALUE_BYTES)
     return text
 
 

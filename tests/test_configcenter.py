@@ -312,3 +312,13 @@ def test_zookeeper_wiped_config_held_then_restored_from_mysql(admin, appkey, con
     assert "0 key(s) restored" in again.stdout
     history = json.loads(run_probe("config", "history", appkey, "db.url", "--json").stdout)
     assert history[0]["action"] == "restore" and history[0]["value"] == "mysql://db/x"
+
+
+def test_the_largest_allowed_value_is_stored_and_read(admin, appkey, configs):
+    big = "x" * (MAX_VALUE_BYTES - 2)  # with its quotes: exactly the limit
+    assert admin.set_config(appkey, "big", big)["changed"]
+    cfg = configs(appkey)
+    assert cfg["big"] == big
+    assert admin.config_history(appkey, "big")[0]["value"] == big
+    admin.set_config(appkey, "big", big[:-1])
+    wait_for(lambda: cfg["big"] == big[:-1], message="a big value changed live")
