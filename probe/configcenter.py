@@ -142,6 +142,7 @@ class LiveConfig(Mapping):
         self._session = None
         self._watched = set()      # keys with a DataWatch of the current generation
         self._children_generation = None  # generation whose ChildrenWatch runs
+        self._recipes = {}         # kazoo watch recipes of the current generation, by path
         self._watch_events = 0     # counts watch deliveries, so a resync can tell it raced one
         self._protect_until = 0.0
         self._parent_present = None  # does /configs/<env>/<appkey> exist (None: not known yet)
@@ -231,6 +232,7 @@ class LiveConfig(Mapping):
                 return
             self._closed = True
             self._generation += 1
+            self._stop_recipes()
         self.zk.remove_callback(self._on_new_session)
         self.zk.remove_callback(self.resync)
         self.zk.client.remove_listener(self._on_state)
@@ -257,13 +259,38 @@ class LiveConfig(Mapping):
         return None
 
     def _retire_watches(self):
-        """Make every watch of this config stop at its next delivery."""
+        """Stop every watch of this config (a new generation sets up its own)."""
         with self._lock:
             self._generation += 1
             self._watched = set()
             self._children_generation = None
             if self._values:
                 self._protect_until = time.monotonic() + self._protection()
+            self._stop_recipes()
+
+    def _stop_recipes(self):
+        # kazoo's recipes have no public stop(): a retired one whose node never changes
+        # again would stay a state listener for ever, re-reading its node on every
+        # reconnect. (Lock held.)
+        recipes, self._recipes = self._recipes, {}
+        for recipe in recipes.values():
+            self._stop_recipe(recipe)
+
+    def _stop_recipe(self, recipe):
+        recipe._stopped = True
+        self.zk.client.remove_listener(recipe._session_watcher)
+
+    def _keep_recipe(self, generation, recipe):
+        with self._lock:
+            if generation != self._generation:
+                self._stop_recipe(recipe)
+                return
+            # A key deleted and set again gets a new DataWatch; the old one has stopped.
+            slot = (type(recipe).__name__, recipe._path)
+            old = self._recipes.get(slot)
+            self._recipes[slot] = recipe
+        if old is not None and old is not recipe:
+            self._stop_recipe(old)
 
     def _protection(self):
         # As long as the registry keeps a node list after a new session: time for
@@ -283,12 +310,13 @@ class LiveConfig(Mapping):
             self._generation += 1
             self._watched = set()
             self._children_generation = None
+            self._stop_recipes()
             generation = self._generation
         # A DataWatch works on a missing node: the parent may not exist yet (no key
         # set so far) or no longer (ZooKeeper rebuilt). It starts the ChildrenWatch
         # when the parent is there.
-        self.zk.client.DataWatch(self.parent, lambda data, stat, event=None:
-                                 self._on_parent(generation, stat))
+        self._keep_recipe(generation, self.zk.client.DataWatch(
+            self.parent, lambda data, stat, event=None: self._on_parent(generation, stat)))
 
     def _on_parent(self, generation, stat):
         with self._lock:
@@ -305,8 +333,8 @@ class LiveConfig(Mapping):
             if self._children_generation == generation:
                 return None
             self._children_generation = generation
-        self.zk.client.ChildrenWatch(self.parent, lambda children:
-                                     self._on_children(generation, children))
+        self._keep_recipe(generation, self.zk.client.ChildrenWatch(
+            self.parent, lambda children: self._on_children(generation, children)))
         return None
 
     def _parent_missing(self):
@@ -352,9 +380,9 @@ class LiveConfig(Mapping):
                     del values[key]
                 self._publish(values, changes)
         for key in new:
-            self.zk.client.DataWatch(
+            self._keep_recipe(generation, self.zk.client.DataWatch(
                 naming.config_key_path(self.env, self.appkey, key),
-                lambda data, stat, event=None, key=key: self._on_data(generation, key, data, stat))
+                lambda data, stat, event=None, key=key: self._on_data(generation, key, data, stat)))
         return None
 
     def _keys_of(self, children):
@@ -581,10 +609,10 @@ class LiveConfig(Mapping):
             handle, tmp = tempfile.mkstemp(dir=directory, prefix=".config-")
             try:
                 with os.fdopen(handle, "w", encoding="utf-8") as out:
+                    # No fsync: the rename alone means a reader sees the old file or the
+                    # new one, and 50 processes fsyncing on every change cost the machine.
                     json.dump({"env": self.env, "appkey": self.appkey, "written_at": time.time(),
                                "values": values}, out, ensure_ascii=False)
-                    out.flush()
-                    os.fsync(out.fileno())
                 os.replace(tmp, self.backup_file)
             except BaseException:
                 try:
