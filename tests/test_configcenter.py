@@ -322,3 +322,29 @@ def test_the_largest_allowed_value_is_stored_and_read(admin, appkey, configs):
     assert admin.config_history(appkey, "big")[0]["value"] == big
     admin.set_config(appkey, "big", big[:-1])
     wait_for(lambda: cfg["big"] == big[:-1], message="a big value changed live")
+
+
+def test_zookeeper_outage_and_session_expiry(admin, appkey, configs, stack):
+    import time
+    from conftest import SESSION_TIMEOUT
+    from probe.admin import Admin
+    admin.set_config(appkey, "level", "info")
+    cfg = configs(appkey)
+    seen = Recorder(cfg)
+    admin.close()
+    # A short outage: the same session comes back, and the config is re-read in full.
+    resyncs = cfg.resyncs
+    stack.kill("zookeeper")
+    time.sleep(1.0)
+    assert cfg["level"] == "info"
+    stack.start("zookeeper")
+    wait_for(lambda: cfg.resyncs > resyncs, timeout=30, message="full resync after reconnect")
+    # Down past the session timeout: a new session, new watches, nothing lost meanwhile.
+    stack.stop("zookeeper")
+    time.sleep(SESSION_TIMEOUT + 1.5)
+    assert cfg["level"] == "info"
+    stack.start("zookeeper")
+    with Admin() as later:
+        later.set_config(appkey, "level", "debug")
+    wait_for(lambda: cfg.get("level") == "debug", timeout=30, message="watching on the new session")
+    assert seen.calls == [("level", "info", "debug")] and not cfg.stale
