@@ -43,6 +43,7 @@ MAX_VALUE_BYTES = 1024 * 1024 - 1024
 MAX_KEYS = 10000                 # keys watched per appkey; more are ignored, with a warning
 MAX_BACKUP_BYTES = 256 * 1024 * 1024
 DEFAULT_RESYNC_INTERVAL = 15 * 60.0   # seconds
+BACKUP_DELAY = 0.5  # seconds from a change to its backup write (one write per burst)
 _ZK_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
 
 
@@ -150,6 +151,7 @@ class LiveConfig(Mapping):
         self._tasks = queue.Queue()    # for the sync thread: re-reads
         self._closed = False
         self._release = release
+        self._backup_timer = None
         self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                             name="probe-config-%s" % appkey)
         self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
@@ -240,6 +242,11 @@ class LiveConfig(Mapping):
         self._events.put(None)
         if self._dispatcher.is_alive() and threading.current_thread() is not self._dispatcher:
             self._dispatcher.join(5.0)
+        with self._lock:
+            timer, self._backup_timer = self._backup_timer, None
+        if timer is not None:  # a change not yet in the backup: write it now
+            timer.cancel()
+            self._write_backup()
         if self._release is not None:
             self._release(self.zk)
 
@@ -474,7 +481,9 @@ class LiveConfig(Mapping):
 
     def _publish(self, values, changes):
         self._values = values
-        self._events.put(changes)
+        # With the callbacks registered now: one registered later does not hear of
+        # changes made before it (such as the first load).
+        self._events.put((changes, self._callbacks))
 
     # -- resync ----------------------------------------------------------------------------
     def resync(self, attempts=3):
@@ -579,8 +588,9 @@ class LiveConfig(Mapping):
                 return
             # Call back every queued change, then write the backup once for all of them.
             while item is not None:
-                for key, old, new in item:
-                    self._call_back(key, old, new)
+                changes, callbacks = item
+                for key, old, new in changes:
+                    self._call_back(callbacks, key, old, new)
                 try:
                     item = self._events.get_nowait()
                 except queue.Empty:
@@ -588,21 +598,32 @@ class LiveConfig(Mapping):
                 if item is None:
                     self._events.put(None)  # finish this batch's backup, then stop
                     break
-            if not self.stale:
-                self._write_backup()
+            self._schedule_backup()
 
-    def _call_back(self, key, old, new):
-        for callback in self._callbacks:
+    def _call_back(self, callbacks, key, old, new):
+        for callback in callbacks:
             try:
                 callback(key, old, new)
             except Exception:
                 log.exception("config callback %r failed on %s/%s", callback, self.parent, key)
 
     # -- local backup ------------------------------------------------------------------------
+    def _schedule_backup(self):
+        # Written a moment after a change, once for a whole burst: N processes writing
+        # files at the instant of a change would slow the last of them to see it.
+        with self._lock:
+            if not self.backup_file or self._backup_timer is not None or self._closed:
+                return
+            self._backup_timer = threading.Timer(BACKUP_DELAY, self._write_backup)
+            self._backup_timer.daemon = True
+            self._backup_timer.start()
+
     def _write_backup(self):
-        if not self.backup_file:
+        with self._lock:
+            self._backup_timer = None
+            values, stale = self._values, self.stale
+        if not self.backup_file or stale:
             return
-        values = self._values
         try:
             directory = os.path.dirname(self.backup_file)
             os.makedirs(directory, mode=0o700, exist_ok=True)
