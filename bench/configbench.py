@@ -19,9 +19,11 @@ def consumer(conn, appkey, backup_dir):
     from probe.configcenter import live_config
     cfg = live_config(appkey, backup_dir=backup_dir)
     send_lock = threading.Lock()
+    counted = {"changes": 0}
 
     def changed(key, old, new):
         seen = time.time()
+        counted["changes"] += 1
         if key == KEY:
             with send_lock:
                 conn.send(("change", seen, new))
@@ -29,6 +31,7 @@ def consumer(conn, appkey, backup_dir):
     try:
         with send_lock:
             conn.send(("ready", time.time(), cfg.get(KEY)))
+        cpu_ready, changes_ready = time.process_time(), counted["changes"]
         while True:
             try:
                 message = conn.recv()
@@ -36,6 +39,10 @@ def consumer(conn, appkey, backup_dir):
                 return
             if message is None:
                 return
+            if message == "cpu":  # CPU this consumer spent since it was ready
+                with send_lock:
+                    conn.send(("cpu", time.process_time() - cpu_ready,
+                               counted["changes"] - changes_ready))
     finally:
         cfg.close()
 
@@ -82,6 +89,12 @@ def run(bench):
     for n in sorted(per_n):
         bench.report.add(section, "N=%d, set_config() call duration, median" % n,
                          median(per_n[n]["call_ms"]), "ms", anchor, base)
+    base = per_n[first]["consumer_cpu_ms_per_change"]
+    for n in sorted(per_n):
+        bench.report.add(section, "N=%d, consumer CPU per change" % n,
+                         per_n[n]["consumer_cpu_ms_per_change"], "ms", anchor, base,
+                         note="N x this / %d cores bounds how fast the last consumer can be"
+                         % (os.cpu_count() or 1) if n == max(per_n) else None)
 
 
 def _propagate(bench, appkey, n, changes, value, written):
@@ -112,6 +125,16 @@ def _propagate(bench, appkey, n, changes, value, written):
             out["from_write_ms"].append((last - t_write) * 1e3)
             out["call_ms"].append((t_return - t_call) * 1e3)
             time.sleep(0.05)
+        cpu, counted = 0.0, 0
+        for consumer in consumers:
+            consumer.send("cpu")
+            while True:
+                message = consumer.recv(30)
+                if message[0] == "cpu":
+                    cpu += message[1]
+                    counted += message[2]
+                    break
+        out["consumer_cpu_ms_per_change"] = cpu / max(1, counted) * 1e3
     finally:
         bench.workers.stop_many(consumers)
     return out, value
