@@ -85,6 +85,10 @@ def parse_value(raw):
 
 def canonical_text(value):
     """The one JSON spelling of `value` that probe stores and compares."""
+    if value is None:
+        # A callback's `new` is None for a deleted key: a null value would look the same.
+        raise InvalidConfigValue("null is not a config value: delete the key instead "
+                                 "(`probe config delete`)")
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
                           allow_nan=False)

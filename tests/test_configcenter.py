@@ -29,7 +29,7 @@ def test_values_are_json(text, value):
     assert parse_value(text.encode())[1] == canonical_text(value)
 
 
-@pytest.mark.parametrize("text", ["{bad", "text", "NaN", "[1, Infinity]", "", "1 2",
+@pytest.mark.parametrize("text", ["{bad", "text", "NaN", "[1, Infinity]", "", "1 2", "null",
                                   "[" * 100000 + "]" * 100000])
 def test_values_that_are_not_json_are_refused(text):
     with pytest.raises(InvalidConfigValue):
