@@ -155,7 +155,6 @@ class LiveConfig(Mapping):
         self._tasks = queue.Queue()    # for the sync thread: re-reads
         self._closed = False
         self._release = release
-        self._backup_timer = None
         self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                             name="probe-config-%s" % appkey)
         self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
@@ -246,11 +245,6 @@ class LiveConfig(Mapping):
         self._events.put(None)
         if self._dispatcher.is_alive() and threading.current_thread() is not self._dispatcher:
             self._dispatcher.join(5.0)
-        with self._lock:
-            timer, self._backup_timer = self._backup_timer, None
-        if timer is not None:  # a change not yet in the backup: write it now
-            timer.cancel()
-            self._write_backup()
         if self._release is not None:
             self._release(self.zk)
 
@@ -586,23 +580,27 @@ class LiveConfig(Mapping):
 
     # -- dispatch: callbacks and the backup, on the config's own thread -----------------------
     def _dispatch_loop(self):
+        # The backup is written a moment after a change, once for a whole burst, by
+        # this thread: N processes writing files at the instant of a change would
+        # slow down the last of them to see it.
+        backup_due = None
         while True:
-            item = self._events.get()
+            wait = None if backup_due is None else max(0.0, backup_due - time.monotonic())
+            try:
+                item = self._events.get(timeout=wait)
+            except queue.Empty:
+                backup_due = None
+                self._write_backup()
+                continue
             if item is None:
+                if backup_due is not None:
+                    self._write_backup()  # a change not yet in the backup
                 return
-            # Call back every queued change, then write the backup once for all of them.
-            while item is not None:
-                changes, callbacks = item
-                for key, old, new in changes:
-                    self._call_back(callbacks, key, old, new)
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._events.put(None)  # finish this batch's backup, then stop
-                    break
-            self._schedule_backup()
+            changes, callbacks = item
+            for key, old, new in changes:
+                self._call_back(callbacks, key, old, new)
+            if backup_due is None and self.backup_file:
+                backup_due = time.monotonic() + BACKUP_DELAY
 
     def _call_back(self, callbacks, key, old, new):
         for callback in callbacks:
@@ -612,21 +610,9 @@ class LiveConfig(Mapping):
                 log.exception("config callback %r failed on %s/%s", callback, self.parent, key)
 
     # -- local backup ------------------------------------------------------------------------
-    def _schedule_backup(self):
-        # Written a moment after a change, once for a whole burst: N processes writing
-        # files at the instant of a change would slow the last of them to see it.
-        with self._lock:
-            if not self.backup_file or self._backup_timer is not None or self._closed:
-                return
-            self._backup_timer = threading.Timer(BACKUP_DELAY, self._write_backup)
-            self._backup_timer.daemon = True
-            self._backup_timer.start()
-
     def _write_backup(self):
-        with self._lock:
-            self._backup_timer = None
-            values, stale = self._values, self.stale
-        if not self.backup_file or stale:
+        values = self._values
+        if not self.backup_file or self.stale:
             return
         try:
             directory = os.path.dirname(self.backup_file)
