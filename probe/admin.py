@@ -13,6 +13,7 @@ import logging
 
 from kazoo.exceptions import (BadVersionError, KazooException, NodeExistsError, NoNodeError,
                               ZookeeperError)
+from kazoo.handlers.threading import KazooTimeoutError
 
 from . import naming
 from .appkeys import AppkeyStore, current_user
@@ -356,11 +357,17 @@ class Admin(object):
         path = naming.config_key_path(self.env, appkey, key)
         client = self.zk.client
         by = by or current_user()
+        # Bounded waits: the key's MySQL lock is held meanwhile.
+        timeout = 2 * self.zk.session_timeout
         with self._config_store().change(self.env, appkey, key) as record:
             try:
-                raw, stat = client.get(path)
+                raw, stat = client.get_async(path).get(timeout=timeout)
             except NoNodeError:
                 raw, stat = None, None
+            except (KazooException, ZookeeperError, KazooTimeoutError) as exc:
+                raise ComponentUnavailable("reading config key %r of %s from ZooKeeper at %s "
+                                           "failed (%s): nothing was written; try again"
+                                           % (key, appkey, self.zk.hosts, exc.__class__.__name__))
             old_text = None if stat is None else _znode_text(raw)
             result = {"appkey": appkey, "env": self.env, "key": key, "action": action,
                       "old": old_text, "new": text, "changed": False, "version": None}
@@ -372,20 +379,24 @@ class Admin(object):
             version = record(action, old_text, text, by)
             try:
                 if text is None:
-                    client.delete(path, version=stat.version)
+                    client.delete_async(path, version=stat.version).get(timeout=timeout)
                 elif stat is None:
-                    client.create(path, text.encode("utf-8"), makepath=True)
+                    client.create_async(path, text.encode("utf-8"),
+                                        makepath=True).get(timeout=timeout)
                 else:
-                    client.set(path, text.encode("utf-8"), version=stat.version)
+                    client.set_async(path, text.encode("utf-8"),
+                                     version=stat.version).get(timeout=timeout)
             except (BadVersionError, NodeExistsError, NoNodeError):
                 raise ConfigConflict("config key %r of %s (env %s) was changed at the same time "
                                      "by a writer outside probe: nothing was written; check "
                                      "`probe config get %s %s` and try again"
                                      % (key, appkey, self.env, appkey, key))
-            except (KazooException, ZookeeperError) as exc:
+            except (KazooException, ZookeeperError, KazooTimeoutError) as exc:
                 raise ComponentUnavailable("writing config key %r of %s to ZooKeeper at %s failed "
-                                           "(%s): nothing was recorded; try again"
-                                           % (key, appkey, self.zk.hosts, exc.__class__.__name__))
+                                           "(%s): no history was recorded; check `probe config "
+                                           "get %s %s` (a lost connection may still have applied "
+                                           "it) and try again" % (key, appkey, self.zk.hosts,
+                                                                  exc.__class__.__name__, appkey, key))
         result.update(changed=True, version=version)
         log.info("config %s/%s %s: %s by %s (version %d%s)", appkey, key, action,
                  "deleted" if text is None else "set", by, version, ", " + note if note else "")
