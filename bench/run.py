@@ -60,7 +60,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              sizes=(1, 10, 100, 1000), balancer_budget=0.002,
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
-SECTIONS = ("client", "first_call", "propagation", "server", "balancer", "memory")
+SECTIONS = ("client", "first_call", "propagation", "server", "balancer", "memory", "config")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
@@ -674,6 +674,10 @@ class Bench(object):
                 "ms", anchor, base,
                 note="N x this / %d cores bounds how fast the last consumer can be" % (os.cpu_count() or 1)
                 if n == max(per_n) else None)
+
+    def section_config(self):  # 7: config propagation (bench/configbench.py)
+        from bench import configbench
+        configbench.run(self)
 
     def _propagate(self, n, address, weight, written):
         self.log("propagation: starting %d consumer processes" % n)

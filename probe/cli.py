@@ -194,6 +194,81 @@ def _print_stack(status):
                         ("pid", "PID")])
 
 
+def cmd_config(args):
+    with _admin(args) as admin:
+        if args.action == "set":
+            change = admin.set_config_json(args.appkey, args.key, args.value, by=args.by)
+        elif args.action == "delete":
+            change = admin.delete_config(args.appkey, args.key, by=args.by)
+        elif args.action == "rollback":
+            change = admin.rollback_config(args.appkey, args.key, args.version, by=args.by)
+        elif args.action == "get":
+            print(json.dumps(admin.get_config(args.appkey, args.key), ensure_ascii=False))
+            return 0
+        elif args.action == "list":
+            values = admin.list_config(args.appkey)
+            if args.json:
+                print(json.dumps(values, indent=2, ensure_ascii=False))
+            else:
+                for key, value in values.items():
+                    print("%s\t%s" % (key, json.dumps(value, ensure_ascii=False)))
+            return 0
+        elif args.action == "history":
+            rows = admin.config_history(args.appkey, args.key, args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=2, ensure_ascii=False))
+                return 0
+            for row in rows:
+                row["value"] = "(deleted)" if row["deleted"] else _clip(json.dumps(row["value"]))
+            _print_table(rows, [("version", "VERSION"), ("changed_at", "WHEN"),
+                                ("changed_by", "WHO"), ("action", "ACTION"), ("value", "VALUE")])
+            return 0
+        else:
+            done = admin.restore_config(args.appkey, by=args.by)
+            print("config of %s (env %s): %d key(s) restored from MySQL history%s%s" % (
+                done["appkey"], done["env"], len(done["restored"]),
+                "".join("\n  restored %s" % key for key in done["restored"]),
+                "".join("\n  left alone (differs from history) %s" % key for key in done["differs"])))
+            return 0
+    if not change["changed"]:
+        print("%s %s: unchanged" % (change["appkey"], change["key"]))
+    else:
+        print("%s %s: %s, version %d" % (change["appkey"], change["key"],
+                                         "deleted" if change["new"] is None else "set to " +
+                                         _clip(change["new"]), change["version"]))
+    return 0
+
+
+def _clip(text, limit=60):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _add_config_commands(sub):
+    config = sub.add_parser("config", help="live configuration (ZooKeeper, history in MySQL)")
+    actions = config.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    for action, text in (("set", "set a key to a JSON value"), ("get", "print a key's JSON value"),
+                         ("list", "list the keys and values"), ("delete", "delete a key"),
+                         ("history", "a key's changes, newest first"),
+                         ("rollback", "write an old version as a new change"),
+                         ("restore", "write back keys missing in ZooKeeper from MySQL history")):
+        one = actions.add_parser(action, help=text)
+        one.add_argument("appkey")
+        if action not in ("list", "restore"):
+            one.add_argument("key")
+        if action == "set":
+            one.add_argument("value", help="JSON, e.g. 42, '\"text\"', '[1, 2]', '{\"a\": 1}'")
+        if action == "rollback":
+            one.add_argument("version", type=int)
+        if action in ("set", "delete", "rollback", "restore"):
+            one.add_argument("--by", help="who makes the change (default: the OS user)")
+        if action in ("list", "history"):
+            one.add_argument("--json", action="store_true")
+        if action == "history":
+            one.add_argument("--limit", type=int, default=100)
+    config.set_defaults(func=cmd_config)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="probe", description="probe: thrift service governance")
     parser.add_argument("--config", help="config YAML (default: PROBE_CONFIG or the packaged one)")
@@ -261,6 +336,7 @@ def build_parser():
     from .demo import main as demo_main  # stdlib imports only; the parts load when it runs
     demo.set_defaults(func=lambda args: demo_main())
     _add_console_parser(sub)
+    _add_config_commands(sub)
     return parser
 
 

@@ -71,3 +71,23 @@ class UnknownNode(ProbeError):
 
 class NodeSettingsConflict(ProbeError):
     """A node's live data kept changing under an admin edit."""
+
+
+class InvalidConfigKey(ProbeError):
+    """A config key is empty, too long, or holds characters a znode name cannot."""
+
+
+class InvalidConfigValue(ProbeError):
+    """A config value is not valid JSON, or is larger than the limit."""
+
+
+class UnknownConfigKey(ProbeError):
+    """The appkey has no such config key (or no such version in its history)."""
+
+
+class ConfigConflict(ProbeError):
+    """Another writer changed the config key at the same time; nothing was written."""
+
+
+class ConfigUnavailable(ProbeError):
+    """Live config cannot start: ZooKeeper is unreachable and there is no local backup."""

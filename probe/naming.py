@@ -349,3 +349,35 @@ def parse_stats_field(field):
         field = field.decode("utf-8", "replace")
     parts = field.split("|")
     return tuple(parts) if len(parts) == 5 else None
+
+
+# -- the config center: /configs/<env>/<appkey>/<key> ---------------------------
+from .errors import InvalidConfigKey  # noqa: E402  (kept with the section it serves)
+
+CONFIGS_ROOT = "/configs"
+CONFIG_BACKUP_SUFFIX = ".json"
+_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+
+
+def is_config_key(key):
+    return isinstance(key, str) and bool(_CONFIG_KEY.match(key)) and key not in (".", "..")
+
+
+def check_config_key(key):
+    if not is_config_key(key):
+        raise InvalidConfigKey(
+            "bad config key %r: use 1-128 letters, digits, '_', '.' or '-' (it must match "
+            "^[A-Za-z0-9_.-]{1,128}$), e.g. 'db.pool_size'" % (key,))
+    return key
+
+
+def config_appkey_path(env, appkey):
+    return "%s/%s/%s" % (CONFIGS_ROOT, env, appkey)
+
+
+def config_key_path(env, appkey, key):
+    return "%s/%s" % (config_appkey_path(env, appkey), key)
+
+
+def config_backup_file(backup_dir, env, appkey):
+    return "%s/%s/%s%s" % (backup_dir.rstrip("/"), env, appkey, CONFIG_BACKUP_SUFFIX)

@@ -43,4 +43,20 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     expires_at BIGINT NOT NULL,
     KEY ix_console_sessions_username (username),
     KEY ix_console_sessions_expires (expires_at)
+
+-- The config center's history: one row per change of a key, the durable copy of
+-- the config (ZooKeeper's /configs can be restored from it). new_value NULL = deleted.
+CREATE TABLE IF NOT EXISTS config_history (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    env VARCHAR(64) NOT NULL,
+    appkey VARCHAR(128) NOT NULL,
+    config_key VARCHAR(128) NOT NULL,
+    version INT UNSIGNED NOT NULL,
+    action VARCHAR(16) NOT NULL,
+    old_value MEDIUMTEXT NULL,
+    new_value MEDIUMTEXT NULL,
+    changed_by VARCHAR(128) NOT NULL,
+    changed_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    UNIQUE KEY uk_config_history_version (env, appkey, config_key, version),
+    KEY ix_config_history_appkey (env, appkey, id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
