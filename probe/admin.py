@@ -307,13 +307,6 @@ class Admin(object):
             log.error("undoing %s of %s failed: Redis or ZooKeeper may hold the change without "
                       "an audit row", key, field, exc_info=True)
 
-
-def _parse_or_none(read):
-    """`read()`, or None when the data it parses is malformed."""
-    try:
-        return read()
-    except ValueError:
-        return None
     # -- config center -------------------------------------------------------------
     # Keys are persistent znodes /configs/<env>/<appkey>/<key> (data: the value as JSON);
     # MySQL table config_history keeps every change and is the durable copy.
@@ -503,6 +496,14 @@ def _parse_or_none(read):
         log.info("config %s/%s %s: %s by %s (version %d%s)", appkey, key, action,
                  "deleted" if text is None else "set", by, version, ", " + note if note else "")
         return result
+
+
+def _parse_or_none(read):
+    """`read()`, or None when the data it parses is malformed."""
+    try:
+        return read()
+    except ValueError:
+        return None
 
 
 def _znode_text(raw):

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     expires_at BIGINT NOT NULL,
     KEY ix_console_sessions_username (username),
     KEY ix_console_sessions_expires (expires_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- The config center's history: one row per change of a key, the durable copy of
 -- the config (ZooKeeper's /configs can be restored from it). new_value NULL = deleted.
