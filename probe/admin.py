@@ -387,6 +387,7 @@ class Admin(object):
         rebuilt from scratch or the znodes deleted by hand). Keys present in ZooKeeper
         are left alone, even when they differ from history (they are listed)."""
         naming.check_appkey(appkey)
+        by = naming.check_changed_by(by or current_user())
         self.appkeys.require(appkey)
         store = self._config_store()
         wanted = {key: row["new_text"] for key, row in store.latest(self.env, appkey).items()
@@ -448,10 +449,10 @@ class Admin(object):
     def _write_config(self, appkey, key, text, action, by, note=None):
         """Compare-and-set one key's znode under the key's writer lock, recording the
         change in MySQL in the same step (rolled back if the znode write fails)."""
+        by = naming.check_changed_by(by or current_user())
         self.appkeys.require(appkey)
         path = naming.config_key_path(self.env, appkey, key)
         client = self.zk.client
-        by = by or current_user()
         # Bounded waits: the key's MySQL lock is held meanwhile.
         timeout = 2 * self.zk.session_timeout
         with self._config_store().change(self.env, appkey, key) as record:

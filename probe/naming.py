@@ -356,11 +356,11 @@ from .errors import InvalidConfigKey  # noqa: E402  (kept with the section it se
 
 CONFIGS_ROOT = "/configs"
 CONFIG_BACKUP_SUFFIX = ".json"
-_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+_CONFIG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,128}", re.ASCII)
 
 
 def is_config_key(key):
-    return isinstance(key, str) and bool(_CONFIG_KEY.match(key)) and key not in (".", "..")
+    return isinstance(key, str) and bool(_CONFIG_KEY.fullmatch(key)) and key not in (".", "..")
 
 
 def check_config_key(key):

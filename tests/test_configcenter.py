@@ -51,7 +51,8 @@ def test_good_config_keys(key):
     assert naming.config_key_path("dev", "app", key) == "/configs/dev/app/" + key
 
 
-@pytest.mark.parametrize("key", ["", "a/b", "x" * 129, "..", ".", "sp ace", "ü", None, 5])
+@pytest.mark.parametrize("key", ["", "a/b", "x" * 129, "..", ".", "sp ace", "ü", None, 5,
+                                 "nl\n", "x\n"])
 def test_bad_config_keys(key):
     with pytest.raises(InvalidConfigKey):
         naming.check_config_key(key)
@@ -247,6 +248,9 @@ def test_bad_keys_and_values_are_refused_with_nothing_written(admin, appkey, sta
             (("config", "set", appkey, "good", "{bad"), "InvalidConfigValue"),
             (("config", "set", appkey, "good", "NaN"), "InvalidConfigValue"),
             (("config", "set", appkey, "good", "text"), "InvalidConfigValue"),
+            (("config", "set", appkey, "nl\n", "1"), "InvalidConfigKey"),
+            (("config", "set", appkey, "good", "1", "--by", "b" * 129), "changed-by"),
+            (("config", "set", appkey, "good", "1", "--by", "tab\there"), "changed-by"),
             (("config", "set", "no_such_app_x", "good", "1"), "UnknownAppkey"),
             (("config", "set", "bad/app", "good", "1"), "InvalidAppkey"),
             (("config", "get", appkey, "good"), "UnknownConfigKey"),
