@@ -170,7 +170,8 @@ def _add_console_parser(sub):
 def cmd_stack(args):
     from . import devstack
     stack = devstack.Stack(state_dir=args.dir or devstack.DEFAULT_STATE_DIR,
-                           ports="free" if args.free_ports else "dev")
+                           ports="free" if args.free_ports else "dev",
+                           secure=True if args.secure else None)
     if args.action == "up":
         status = stack.up()
         _print_stack(status)
@@ -255,6 +256,9 @@ def build_parser():
     stack.add_argument("--dir", help="state folder (default: PROBE_STACK_DIR or ~/.probe/stack)")
     stack.add_argument("--free-ports", action="store_true", help="pick free ports, not the dev ones")
     stack.add_argument("--wipe", action="store_true", help="with down: delete the data too")
+    stack.add_argument("--secure", action="store_true",
+                       help="with up: ZooKeeper digest ACLs, Redis ACL user + TLS, MariaDB TLS, "
+                            "certificates (kept for the state folder until down --wipe)")
     stack.set_defaults(func=cmd_stack)
 
     demo = sub.add_parser("demo", help="hello world end to end on a private stack, then clean up")

@@ -71,3 +71,8 @@ class UnknownNode(ProbeError):
 
 class NodeSettingsConflict(ProbeError):
     """A node's live data kept changing under an admin edit."""
+
+
+class ZooKeeperAuthFailed(ComponentUnavailable):
+    """ZooKeeper refused the configured `zkserver.<env>.auth` credentials, or they
+    do not match the ACL of the registry's znodes (a wrong user or password)."""
