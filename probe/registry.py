@@ -52,7 +52,7 @@ class ZooKeeper(object):
             hosts=hosts, timeout=self.session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_delay=1.0),
             command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
-            logger=logging.getLogger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth))
+            logger=zkacl.kazoo_logger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth))
         self._callbacks = []
         self._reconnect_callbacks = []
         self._callbacks_lock = threading.Lock()

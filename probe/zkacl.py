@@ -15,6 +15,7 @@ at start with `ZooKeeperAuthFailed`, before anything is registered.
 import logging
 
 from kazoo.exceptions import NoAuthError, NoNodeError
+from kazoo.protocol.serialization import Auth
 from kazoo.security import ACL, Id, Permissions, make_acl, make_digest_acl_credential
 
 from . import naming
@@ -47,6 +48,29 @@ def znode_acl(auth):
         return None
     return [ACL(Permissions.ALL, Id("digest", digest_id(auth))),
             make_acl("world", "anyone", read=True)]
+
+
+class HideAuthPackets(logging.Filter):
+    """kazoo logs every request it sends at DEBUG, the digest Auth packet (with the
+    password) included: such a record shows the scheme only."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and any(isinstance(arg, Auth) for arg in record.args):
+            record.args = tuple("Auth(scheme=%r, auth=<hidden>)" % arg.scheme
+                                if isinstance(arg, Auth) else arg for arg in record.args)
+        return True
+
+
+_HIDE_AUTH = HideAuthPackets()
+
+
+def kazoo_logger(name):
+    """The logger for a KazooClient that may carry credentials: `name`, filtered so
+    no log line shows them."""
+    logger = logging.getLogger(name)
+    if _HIDE_AUTH not in logger.filters:
+        logger.addFilter(_HIDE_AUTH)
+    return logger
 
 
 def kazoo_auth_options(auth):
@@ -96,10 +120,10 @@ def check_credentials(client, auth, where):
                "password" if known else "user and password"))
 
 
-def secure_tree(client, auth, root):
-    """Set `znode_acl(auth)` on `root` and every znode below it (migrating an open
-    registry). Returns the number of znodes changed. The session must have ADMIN
-    permission on each (an open registry's world ALL grants it).
+def secure_tree(client, auth, root, recursive=True):
+    """Set `znode_acl(auth)` on `root` and (`recursive`) every znode below it
+    (migrating an open registry). Returns the number of znodes changed. The session
+    must have ADMIN permission on each (an open registry's world ALL grants it).
 
     :raises ZooKeeperAuthFailed: a znode's current ACL does not let us change it.
     """
@@ -112,7 +136,7 @@ def secure_tree(client, auth, root):
         path = pending.pop()
         try:
             current, _ = client.get_acls(path)
-            children = client.get_children(path)
+            children = client.get_children(path) if recursive else []
         except NoNodeError:
             continue
         if sorted(current) != sorted(acl):
