@@ -473,3 +473,43 @@ def test_znode_acl_is_digest_all_and_world_read():
     assert zkacl.granted(acl, None) == 1
     assert zkacl.znode_acl(None) is None and zkacl.kazoo_auth_options(None) == {}
     assert zkacl.kazoo_auth_options("probe:secret")["default_acl"] == acl
+
+
+def test_cluster_clients_get_tls_and_the_acl_user(secure_config, tmp_path):
+    """RedisCluster gets the same TLS and user options: against the secured (single,
+    non-cluster) server it gets as far as asking for the cluster's slots, which
+    plaintext or a missing user never would."""
+    from probe.nodestore import connect_redis
+
+    def as_cluster(config):
+        config["redis"][ENV]["cluster"] = 1
+    settings = load_settings(write_config(tmp_path / "cluster.yml", secure_config, as_cluster),
+                             ENV)
+    assert settings.redis.cluster and settings.redis.ssl
+    with pytest.raises(ProbeError) as refused:
+        connect_redis(settings.redis)
+    assert "Cluster mode is not enabled" in str(refused.value)
+
+
+# -- the stack ---------------------------------------------------------------------------
+
+def test_default_stack_stays_unsecured(tmp_path):
+    from probe.devstack import Stack
+    config = Stack(state_dir=str(tmp_path / "plain"), ports="free").config()
+    assert "auth" not in config["zkserver"]["dev"] and "rpc_tls" not in config
+    assert "ssl" not in config["redis"]["dev"] and "ssl" not in config["mysql"]["dev"]
+    assert not os.path.exists(str(tmp_path / "plain" / "secrets.json"))
+
+
+def test_a_running_secured_stack_is_not_switched_to_unsecured(secure_stack):
+    from probe.devstack import Stack, StackError
+    stack = secure_stack[0]
+    assert Stack(state_dir=stack.state_dir, ports="free").secure  # remembered
+    with pytest.raises(StackError) as refused:
+        Stack(state_dir=stack.state_dir, ports="free", secure=False)
+    assert "probe stack down" in str(refused.value)
+    config = stack.config()
+    assert config["rpc_tls"][ENV]["ca"].endswith("rpc-ca.pem")
+    for path in config["rpc_tls"][ENV].values():
+        assert os.path.isfile(path)
+    assert os.stat(stack.config_path).st_mode & 0o077 == 0  # it holds passwords
