@@ -109,8 +109,9 @@ def check_credentials(client, auth, where):
             continue
         if granted(acls, auth) & _WRITE_PERMS:
             continue
-        users = sorted(set(acl.id.id.split(":", 1)[0] for acl in acls
-                           if acl.id.scheme == "digest"))
+        # The ACL is the server's data: show a few short names, never all of it.
+        users = sorted(set(acl.id.id.split(":", 1)[0][:64] for acl in acls
+                           if acl.id.scheme == "digest"))[:5]
         known = user in users
         raise ZooKeeperAuthFailed(
             "ZooKeeper at %s: the credentials of user %r in zkserver.auth %s %s (it lets %s "
