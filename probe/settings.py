@@ -90,6 +90,14 @@ class ZooKeeperSettings(NamedTuple):
             None if self.auth is None else repr("%s:%s" % (self.auth_user, HIDDEN)))
 
 
+class RpcTls(NamedTuple):
+    """`rpc_tls.<env>`: PEM paths for mutual TLS between consumers and providers:
+    `ca` signs the peers' certificates, `cert` + `key` are this process's own."""
+    ca: str
+    cert: str
+    key: str
+
+
 class Settings(object):
     """One environment's view of a config file. Sections are validated on first use,
     so a consumer that needs only ZooKeeper is not refused for a missing MySQL."""
@@ -239,6 +247,19 @@ class Settings(object):
                               "without ':' or spaces, then a password without spaces)"
                               % (self.path, self.env))
         return ZooKeeperSettings(hosts, float(timeout), auth)
+
+    @property
+    def rpc_tls(self):
+        """RpcTls for this env, or None when the config has no `rpc_tls.<env>`
+        (plain RPC). Every file must exist; no other key is allowed."""
+        top = self.raw.get("rpc_tls")
+        if top is None or (isinstance(top, dict) and top.get(self.env) is None):
+            return None
+        section = top.get(self.env) if isinstance(top, dict) else None
+        if not isinstance(section, dict) or set(section) != {"ca", "cert", "key"}:
+            raise ConfigError("config %s: 'rpc_tls.%s' must be a mapping with exactly the keys "
+                              "ca, cert and key (PEM paths)" % (self.path, self.env))
+        return RpcTls(*(self._pem_path("rpc_tls", section, key) for key in ("ca", "cert", "key")))
 
     @property
     def advertise_host(self):

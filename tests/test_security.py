@@ -169,6 +169,23 @@ def test_provider_consumer_and_cli_work_with_credentials(
         client.close()
 
 
+def test_consumer_without_credentials_still_routes(secure_config, secure_appkey,
+                                                   secure_providers, tmp_path):
+    """Consumers only read the registry: world READ is enough for them."""
+    from probe.client import build_client
+    secure_providers(secure_appkey, name="read-only")
+
+    def no_auth(config):
+        del config["zkserver"][ENV]["auth"]
+    reader = write_config(tmp_path / "reader.yml", secure_config, no_auth)
+    client = build_client(IDL, secure_appkey, "DemoService", config_path=reader, env=ENV,
+                          snapshot_dir=False)
+    try:
+        assert client.whoami() == "read-only"
+    finally:
+        client.close()
+
+
 def test_wrong_zookeeper_password_fails_at_start_and_registers_nothing(
         secure_config, secure_settings, secure_appkey, secure_providers, tmp_path):
     secure_providers(secure_appkey)  # the registry of this appkey exists, with its ACL
@@ -464,6 +481,19 @@ def test_settings_check_tls_and_auth_keys(tmp_path):
         with pytest.raises(ConfigError) as refused:
             _settings_from(tmp_path, {"zkserver": {ENV: dict(zk, auth=bad)}}).zookeeper
         assert "spaced secret" not in str(refused.value)
+
+
+def test_rpc_tls_settings(tmp_path):
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    good = {"ca": str(pem), "cert": str(pem), "key": str(pem)}
+    assert _settings_from(tmp_path, {}).rpc_tls is None
+    assert _settings_from(tmp_path, {"rpc_tls": {"prod": good}}).rpc_tls is None  # other env
+    assert _settings_from(tmp_path, {"rpc_tls": {ENV: good}}).rpc_tls.cert == str(pem)
+    for bad in ({"ca": str(pem), "cert": str(pem)}, dict(good, key=str(tmp_path / "no.pem")),
+                dict(good, extra=1), "yes"):
+        with pytest.raises(ConfigError):
+            _settings_from(tmp_path, {"rpc_tls": {ENV: bad}}).rpc_tls
 
 
 def test_znode_acl_is_digest_all_and_world_read():
