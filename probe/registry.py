@@ -238,7 +238,7 @@ def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
             # not register on a session that is not there.
             if not entry[0].client._live.wait(timeout):
                 raise ComponentUnavailable("ZooKeeper at %s did not answer within %.1f s"
-                                           % (key, timeout))
+                                           % (zk_settings.hosts, timeout))
         if entry is None:
             zk = ZooKeeper(zk_settings.hosts, zk_settings.session_timeout, auth=auth)
             if zk.start(timeout, keep_trying=keep_trying):
