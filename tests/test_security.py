@@ -20,7 +20,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
-from conftest import IDL, ROOT, wait_for
+from conftest import IDL, ROOT
 
 from probe import naming, settings as settings_module, zkacl
 from probe.errors import ConfigError, ProbeError, ZooKeeperAuthFailed
