@@ -53,6 +53,7 @@ setup(
         "Flask>=2.3",
         "cheroot>=10",
         "argon2-cffi>=21.3",
+        "cryptography>=3.1",  # certificates for `probe stack up --secure`
     ],
     extras_require={"test": TEST, "docs": DOCS},
     entry_points={"console_scripts": ["probe = probe.cli:main"]},

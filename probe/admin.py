@@ -30,7 +30,7 @@ from kazoo.exceptions import (BadVersionError, KazooException, NodeExistsError, 
                               ZookeeperError)
 from kazoo.handlers.threading import KazooTimeoutError
 
-from . import naming
+from . import naming, zkacl
 from .appkeys import AppkeyStore, current_user
 from .configcenter import MAX_VALUE_BYTES, canonical_text, parse_value
 from .configstore import ConfigHistory
@@ -117,6 +117,33 @@ class Admin(object):
 
     def list_appkeys(self):
         return self.appkeys.list()
+
+    # -- registry ACLs -------------------------------------------------------
+    def secure_registry(self):
+        """Migrate an open registry to `zkserver.<env>.auth`: give the roots `/services`
+        and `/configs`, and every znode under `/services/<env>` and `/configs/<env>`,
+        the ACL of `probe.zkacl.znode_acl` (that digest user ALL, world READ).
+        Safe to repeat; live providers keep their nodes. Returns {tree: znodes changed}.
+
+        :raises ProbeError: the config has no `zkserver.<env>.auth`.
+        :raises ZooKeeperAuthFailed: a znode's ACL does not let these credentials
+            change it.
+        """
+        auth = self.settings.zookeeper.auth
+        if not auth:
+            raise ProbeError("config %s has no 'zkserver.%s.auth': add auth: \"user:password\" "
+                             "first, then run this again" % (self.settings.path, self.env))
+        changed = {}
+        try:
+            for root in zkacl.PROTECTED_ROOTS:
+                tree = "%s/%s" % (root, naming.check_env(self.env))
+                changed[tree] = zkacl.secure_tree(self.zk.client, auth, tree)
+                changed[root] = zkacl.secure_tree(self.zk.client, auth, root, recursive=False)
+        except _ZOOKEEPER_ERRORS as exc:
+            raise ComponentUnavailable("ZooKeeper at %s failed while setting ACLs (%s): run "
+                                       "the command again" % (self.zk.hosts, exc.__class__.__name__))
+        log.info("registry ACLs set for user %r: %s", zkacl.split_auth(auth)[0], changed)
+        return changed
 
     # -- nodes ---------------------------------------------------------------
     def nodes(self, appkey, service=None):

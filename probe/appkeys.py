@@ -24,6 +24,20 @@ _schema_ready = set()
 _schema_lock = threading.Lock()
 
 
+def mysql_tls_options(mysql_settings):
+    """PyMySQL keyword arguments for `mysql.<env>.ssl`: an SSLContext that checks the
+    server's certificate against `ca` and its name, with the client's own `cert` and
+    `key` if given. Empty without `ssl` (PyMySQL's default then)."""
+    tls = getattr(mysql_settings, "ssl", None)
+    if not tls:
+        return {}
+    import ssl
+    context = ssl.create_default_context(cafile=tls.ca)
+    if tls.cert:
+        context.load_cert_chain(tls.cert, tls.key)
+    return {"ssl": context}
+
+
 class AppkeyStore(object):
     """MySQL access for provider start and admin tools (never the call path).
 
@@ -51,8 +65,8 @@ class AppkeyStore(object):
             return pymysql.connect(host=s.host, port=s.port, user=s.username, password=s.password,
                                    database=s.database, connect_timeout=self.timeout,
                                    read_timeout=10, write_timeout=10, autocommit=True,
-                                   charset="utf8mb4")
-        except pymysql.MySQLError as exc:
+                                   charset="utf8mb4", **mysql_tls_options(s))
+        except (pymysql.MySQLError, OSError) as exc:  # ssl.SSLError is an OSError
             raise ComponentUnavailable(
                 "MySQL at %s is unreachable as user %r: %s (start it with `probe stack up` "
                 "or fix the mysql section of the config)" % (self.address, s.username, exc))

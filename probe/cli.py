@@ -167,10 +167,22 @@ def _add_console_parser(sub):
     console.set_defaults(func=cmd_console)
 
 
+def cmd_zk(args):
+    """`probe zk secure`: put the configured credentials' ACL on an open registry."""
+    with _admin(args) as admin:
+        changed = admin.secure_registry()
+        user = admin.settings.zookeeper.auth_user
+    for tree, count in changed.items():
+        print("%s: ACL set on %d znode(s)" % (tree, count))
+    print("every znode above now allows digest user %r all, everyone else read only" % user)
+    return 0
+
+
 def cmd_stack(args):
     from . import devstack
     stack = devstack.Stack(state_dir=args.dir or devstack.DEFAULT_STATE_DIR,
-                           ports="free" if args.free_ports else "dev")
+                           ports="free" if args.free_ports else "dev",
+                           secure=True if args.secure else None)
     if args.action == "up":
         status = stack.up()
         _print_stack(status)
@@ -330,7 +342,16 @@ def build_parser():
     stack.add_argument("--dir", help="state folder (default: PROBE_STACK_DIR or ~/.probe/stack)")
     stack.add_argument("--free-ports", action="store_true", help="pick free ports, not the dev ones")
     stack.add_argument("--wipe", action="store_true", help="with down: delete the data too")
+    stack.add_argument("--secure", action="store_true",
+                       help="with up: ZooKeeper digest ACLs, Redis ACL user + TLS, MariaDB TLS, "
+                            "certificates (kept for the state folder until down --wipe)")
     stack.set_defaults(func=cmd_stack)
+
+    zk = sub.add_parser("zk", help="ZooKeeper registry maintenance")
+    zk.add_argument("action", choices=("secure",),
+                    help="secure: give /services and /configs of the env the ACL of "
+                         "zkserver.<env>.auth (that user all, everyone else read)")
+    zk.set_defaults(func=cmd_zk)
 
     demo = sub.add_parser("demo", help="hello world end to end on a private stack, then clean up")
     from .demo import main as demo_main  # stdlib imports only; the parts load when it runs

@@ -47,6 +47,9 @@ LOOPBACK = "127.0.0.1"
 MYSQL_DATABASE = "probe"
 MYSQL_USER = "probe"
 MYSQL_PASSWORD = "probe"
+# The user a secured stack gives ZooKeeper (digest), Redis (ACL) and MariaDB; its
+# passwords are random, kept in <state dir>/secrets.json (0600).
+SECURE_USER = "probe"
 
 ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
 ZOOKEEPER_CONF_DIR = "/etc/zookeeper/conf"
@@ -158,6 +161,29 @@ def _exchange(port: int, request: bytes, enough, timeout: float = 1.0,
     return reply
 
 
+def _tls_exchange(port: int, request: bytes, enough, ca: str,
+                  client_pair: Optional[Tuple[str, str]], timeout: float = 1.0,
+                  host: str = LOOPBACK) -> bytes:
+    """`_exchange` over TLS, checking the server's certificate against `ca`."""
+    import ssl
+    reply = b""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if client_pair:
+            context.load_cert_chain(*client_pair)
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as sock:
+                sock.sendall(request)
+                while not enough(reply):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+    except (OSError, ValueError):
+        pass
+    return reply
+
+
 def _four_letter_word(port: int, word: str, host: str = LOOPBACK) -> str:
     """ZooKeeper's answer to a four-letter command ("ruok", "srvr", ...)."""
     return _exchange(port, word.encode("ascii"), lambda reply: False, host=host).decode(
@@ -256,11 +282,16 @@ def _log_tail(path: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _write_file(path: str, text: str) -> None:
-    """Write atomically, so a reader never sees half a file."""
+def _write_file(path: str, text: str, private: bool = False) -> None:
+    """Write atomically, so a reader never sees half a file; `private`: mode 0600
+    (the file holds passwords)."""
     temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o600 if private else 0o644)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
     os.replace(temporary, path)
 
 
@@ -402,6 +433,10 @@ class _ZooKeeperServer(_Server):
     """A standalone ZooKeeper server (probe.testing adds ensemble members)."""
 
     name = "zookeeper"
+    # "super:<digest>" for a secured stack: that identity may change any znode
+    # (recovery when an ACL names lost credentials). Digest auth itself needs no
+    # server setting.
+    super_digest = None  # type: Optional[str]
 
     @property
     def config_path(self) -> str:
@@ -450,6 +485,9 @@ class _ZooKeeperServer(_Server):
             "-XX:+UseSerialGC",  # fewer threads and less memory for a tiny server
             "-Djava.net.preferIPv4Stack=true",
             "-Dzookeeper.log.dir=%s" % self.home,
+        ] + ([] if not self.super_digest else [
+            "-Dzookeeper.DigestAuthenticationProvider.superDigest=%s" % self.super_digest,
+        ]) + [
             "-cp", os.pathsep.join(classpath),
             "org.apache.zookeeper.server.quorum.QuorumPeerMain",
             self.config_path,
@@ -461,6 +499,35 @@ class _ZooKeeperServer(_Server):
 
 class _RedisServer(_Server):
     name = "redis"
+    # Set for a secured stack: TLS only on `port` (with client certificates), and
+    # one ACL user instead of the passwordless default user.
+    tls = None  # type: Optional[Tuple[str, str, str]]  # (ca, cert, key)
+    client_pair = None  # type: Optional[Tuple[str, str]]  # (cert, key) for answers()
+    acl_user = None  # type: Optional[Tuple[str, str]]  # (user, password)
+
+    @property
+    def secure_config_path(self) -> str:
+        return os.path.join(self.home, "secure.conf")
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.tls or self.acl_user:
+            _write_file(self.secure_config_path, "\n".join(self._secure_lines()) + "\n",
+                        private=True)
+
+    def _secure_lines(self) -> List[str]:
+        """redis.conf lines of a secured server; in a 0600 file, never on the
+        command line (where `ps` and our log would show the password)."""
+        lines = ["# Written by probe.devstack for a secured stack; rewritten on every start."]
+        if self.tls:
+            ca, cert, key = self.tls
+            lines += ["port 0", "tls-port %d" % self.port, "tls-cert-file %s" % cert,
+                      "tls-key-file %s" % key, "tls-ca-cert-file %s" % ca,
+                      "tls-auth-clients yes"]
+        if self.acl_user:
+            user, password = self.acl_user
+            lines += ["user default off", "user %s on >%s ~* &* +@all" % (user, password)]
+        return lines
 
     def check_installed(self) -> None:
         if _find_binary(SERVER_BINARIES["redis-server"]) is None:
@@ -470,7 +537,8 @@ class _RedisServer(_Server):
     def command(self) -> List[str]:
         return [
             _find_binary(SERVER_BINARIES["redis-server"]) or "redis-server",
-            "--port", str(self.port),
+        ] + ([self.secure_config_path] if self.tls or self.acl_user else []) + [
+            "--port", "0" if self.tls else str(self.port),
             "--bind", self.host,
             "--protected-mode", "no",
             "--save", "",  # a dev/test cache: no snapshots, no AOF
@@ -481,9 +549,14 @@ class _RedisServer(_Server):
         ]
 
     def answers(self) -> bool:
-        reply = _exchange(self.port, b"PING\r\n", lambda data: b"\r\n" in data,
-                          host=self.host)
-        return reply.startswith(b"+PONG")
+        if self.tls:
+            reply = _tls_exchange(self.port, b"PING\r\n", lambda data: b"\r\n" in data,
+                                  self.tls[0], self.client_pair, host=self.host)
+        else:
+            reply = _exchange(self.port, b"PING\r\n", lambda data: b"\r\n" in data,
+                              host=self.host)
+        # An ACL-secured server answers an unauthenticated PING with -NOAUTH.
+        return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
 
 
 class _MariaDBServer(_Server):
@@ -491,6 +564,7 @@ class _MariaDBServer(_Server):
     grace = 15.0  # InnoDB flushes on a clean shutdown
 
     _INNODB_LOG_SIZE = "--innodb-log-file-size=16M"  # default 96M: wasted disk
+    tls = None  # type: Optional[Tuple[str, str, str]]  # (ca, cert, key) for a secured stack
 
     def __init__(self, home: str, port: int, socket_path: str) -> None:
         super().__init__(home, port)
@@ -553,7 +627,10 @@ class _MariaDBServer(_Server):
             self._INNODB_LOG_SIZE,
             "--max-connections=500",
             "--log-error=%s" % self.log_path,
-        ]
+        ] + ([] if not self.tls else [
+            "--ssl-ca=%s" % self.tls[0], "--ssl-cert=%s" % self.tls[1],
+            "--ssl-key=%s" % self.tls[2],
+        ])
 
     def answers(self) -> bool:
         # The server speaks first: a packet whose payload starts with protocol 10,
@@ -665,7 +742,8 @@ class Stack(_Recorded):
     """
 
     def __init__(self, state_dir: Optional[str] = None, ports="dev",
-                 env: str = "dev", host: str = LOOPBACK) -> None:
+                 env: str = "dev", host: str = LOOPBACK,
+                 secure: Optional[bool] = None) -> None:
         if not env or not isinstance(env, str):
             raise StackError("env must be a non-empty string such as 'dev', got %r"
                              % (env,))
@@ -688,6 +766,18 @@ class Stack(_Recorded):
         }  # type: Dict[str, _Server]
         for server in self._servers.values():
             server.host = self.host
+        recorded_secure = bool(record.get("secure", False))
+        self.secure = recorded_secure if secure is None else bool(secure)
+        if self.secure != recorded_secure and any(
+                _is_alive(entry.get("pid"), entry.get("start_time"))
+                for entry in record.get("components", {}).values()):
+            raise StackError("the stack in %s is running %s; run `probe stack down` before "
+                             "starting it %s" % (self.state_dir,
+                                                 "secured" if recorded_secure else "unsecured",
+                                                 "secured" if self.secure else "unsecured"))
+        self._secrets = {}  # type: Dict[str, str]
+        if self.secure:
+            self._secure_servers()
         for name, entry in record.get("components", {}).items():
             moved = name in chosen and entry.get("port") != chosen[name]
             if moved and _is_alive(entry.get("pid"), entry.get("start_time")):
@@ -698,7 +788,45 @@ class Stack(_Recorded):
         self._restore(record)
 
     def __repr__(self) -> str:
-        return "Stack(%r, ports=%r, env=%r)" % (self.state_dir, self.ports, self.env)
+        return "Stack(%r, ports=%r, env=%r%s)" % (self.state_dir, self.ports, self.env,
+                                                  ", secure=True" if self.secure else "")
+
+    @property
+    def tls_dir(self) -> str:
+        return os.path.join(self.state_dir, "tls")
+
+    @property
+    def _secrets_path(self) -> str:
+        return os.path.join(self.state_dir, "secrets.json")
+
+    def _secure_servers(self) -> None:
+        """Passwords (made once per state folder) and certificate paths for the
+        servers of a secured stack. The certificates are made by up()."""
+        import secrets
+        from .certs import stack_cert_paths
+        stored = _read_json(self._secrets_path)
+        wanted = ("zookeeper", "zookeeper_super", "redis", "mysql")
+        if not all(isinstance(stored.get(name), str) for name in wanted):
+            stored = {name: stored.get(name) or secrets.token_urlsafe(18) for name in wanted}
+            os.makedirs(self.state_dir, exist_ok=True)
+            _write_file(self._secrets_path, json.dumps(stored, indent=2) + "\n", private=True)
+        self._secrets = stored
+        certs = stack_cert_paths(self.tls_dir)
+        self._certs = certs
+        zookeeper = self._servers["zookeeper"]
+        from kazoo.security import make_digest_acl_credential
+        zookeeper.super_digest = make_digest_acl_credential(  # type: ignore[attr-defined]
+            "super", stored["zookeeper_super"])
+        redis_server = self._servers["redis"]
+        redis_server.tls = (certs.ca, certs.server.cert, certs.server.key)  # type: ignore
+        redis_server.client_pair = tuple(certs.client)  # type: ignore[attr-defined]
+        redis_server.acl_user = (SECURE_USER, stored["redis"])  # type: ignore[attr-defined]
+        self._servers["mysql"].tls = (  # type: ignore[attr-defined]
+            certs.ca, certs.server.cert, certs.server.key)
+
+    @property
+    def _mysql_password(self) -> str:
+        return self._secrets["mysql"] if self.secure else MYSQL_PASSWORD
 
     @property
     def ports(self) -> Dict[str, int]:
@@ -709,6 +837,9 @@ class Stack(_Recorded):
     def up(self, timeout: float = 60) -> dict:
         """Start whatever is not running, wait until all answer; idempotent."""
         with self._recorded():
+            if self.secure:
+                from .certs import make_stack_certs
+                make_stack_certs(self.tls_dir, self.host)
             _start_servers(list(self._servers.values()), timeout,
                            "the stack in %s" % self.state_dir)
             self._create_probe_database()
@@ -727,9 +858,10 @@ class Stack(_Recorded):
                 for server in self._servers.values():
                     server.wipe()
                     shutil.rmtree(server.home, ignore_errors=True)
-                for path in (self._record_path, self.config_path):
+                for path in (self._record_path, self.config_path, self._secrets_path):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
+                shutil.rmtree(self.tls_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.state_dir, ".lock"))
                 os.rmdir(self.state_dir)
@@ -746,6 +878,7 @@ class Stack(_Recorded):
                 "port": server.port,
                 "address": "%s:%d" % (self.host, server.port),
                 "log": server.log_path,
+                "secure": self.secure,
             }
         return result
 
@@ -761,12 +894,29 @@ class Stack(_Recorded):
                 "cluster": 0}},
             "zkserver": {self.env: {"host": self.host, "port": ports["zookeeper"]}},
         }
+        if self.secure:
+            self._secure_config(config)
         if self.host == LOOPBACK:
             # A loopback stack: providers run against it register 127.0.0.1, never
             # the machine's outbound address. A stack on another address (a test
             # host) lets each provider find its own by the outbound-route rule.
             config["advertise_host"] = LOOPBACK
         return config
+
+    def _secure_config(self, config: dict) -> None:
+        """Credentials and TLS files of a secured stack, in probe's config keys."""
+        certs, env = self._certs, self.env
+        config["mysql"][env].update(password=self._secrets["mysql"], ssl={
+            "ca": certs.ca, "cert": certs.client.cert, "key": certs.client.key})
+        config["redis"][env].update(
+            username=SECURE_USER, password=self._secrets["redis"], ssl=True,
+            ssl_ca_certs=certs.ca, ssl_certfile=certs.client.cert,
+            ssl_keyfile=certs.client.key)
+        config["zkserver"][env]["auth"] = "%s:%s" % (SECURE_USER, self._secrets["zookeeper"])
+        # One certificate for both ends (it is made for server and client use); the
+        # consumer-only pair rpc-consumer*.pem sits beside it for a second config.
+        config["rpc_tls"] = {env: {"ca": certs.rpc_ca, "cert": certs.rpc_provider.cert,
+                                   "key": certs.rpc_provider.key}}
 
     # -- internals
 
@@ -821,6 +971,7 @@ class Stack(_Recorded):
         mysql = self._servers["mysql"]
         record = {
             "env": self.env,
+            "secure": self.secure,
             "components": {name: server.record()
                            for name, server in self._servers.items()},
             "mysql_socket": mysql.socket_path,  # type: ignore[attr-defined]
@@ -847,16 +998,23 @@ class Stack(_Recorded):
                 cursor.execute("CREATE DATABASE IF NOT EXISTS `%s`" % MYSQL_DATABASE)
                 for host in ("%", "127.0.0.1", "localhost"):
                     cursor.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s",
-                                   (MYSQL_USER, host, MYSQL_PASSWORD))
+                                   (MYSQL_USER, host, self._mysql_password))
+                    # Again for an existing user: the stack may have been (un)secured.
+                    cursor.execute("ALTER USER %%s@%%s IDENTIFIED BY %%s REQUIRE %s"
+                                   % ("SSL" if self.secure else "NONE"),
+                                   (MYSQL_USER, host, self._mysql_password))
                     cursor.execute("GRANT ALL PRIVILEGES ON `%s`.* TO %%s@%%s"
                                    % MYSQL_DATABASE, (MYSQL_USER, host))
         finally:
             connection.close()
         # The tables too, so `serviceapp` exists for anyone inserting appkeys by SQL.
         from .appkeys import AppkeyStore
-        from .settings import MysqlSettings
+        from .settings import MysqlSettings, MysqlTls
+        tls = None
+        if self.secure:
+            tls = MysqlTls(self._certs.ca, self._certs.client.cert, self._certs.client.key)
         store = AppkeyStore(MysqlSettings(self.host, self.ports["mysql"], MYSQL_USER,
-                                          MYSQL_PASSWORD, MYSQL_DATABASE))
+                                          self._mysql_password, MYSQL_DATABASE, tls))
         try:
             store.ensure_schema()
         finally:
@@ -869,4 +1027,4 @@ class Stack(_Recorded):
                   "# Point PROBE_CONFIG here to use them; rewritten on every up.\n"
                   % self.state_dir)
         body = yaml.safe_dump(self.config(), sort_keys=False, default_flow_style=None)
-        _write_file(self.config_path, header + body)
+        _write_file(self.config_path, header + body, private=self.secure)

@@ -40,10 +40,25 @@ return 1
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
+def redis_security_options(redis_settings):
+    """redis-py keyword arguments for the ACL user and TLS of `redis_settings`
+    (the same for a single server and a cluster's nodes). With TLS the server's
+    certificate and host name are always checked."""
+    options = {}
+    if getattr(redis_settings, "username", None):
+        options["username"] = redis_settings.username
+    if getattr(redis_settings, "ssl", False):
+        options.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
+                       ssl_ca_certs=redis_settings.ssl_ca_certs,
+                       ssl_certfile=redis_settings.ssl_certfile,
+                       ssl_keyfile=redis_settings.ssl_keyfile)
+    return options
+
+
 def connect_redis(redis_settings, timeout=3.0):
     """A redis-py client for a single server or a cluster, per the config."""
     common = dict(password=redis_settings.password, socket_connect_timeout=timeout,
-                  socket_timeout=timeout)
+                  socket_timeout=timeout, **redis_security_options(redis_settings))
     if redis_settings.cluster:
         nodes = [ClusterNode(host, port) for host, port in redis_settings.startup_nodes]
         try:

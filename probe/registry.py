@@ -22,7 +22,7 @@ from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, N
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
-from . import naming
+from . import naming, zkacl
 from .balancer import Node, RoutingTable
 from .errors import ComponentUnavailable, InvalidNodeAddress
 from .naming import NodeSettings
@@ -42,14 +42,17 @@ class ZooKeeper(object):
       SUSPENDED for ever and never report LOST.
     """
 
-    def __init__(self, hosts, session_timeout=6.0):
+    def __init__(self, hosts, session_timeout=6.0, auth=None):
         self.hosts = hosts
         self.session_timeout = float(session_timeout)
+        # Digest credentials "user:password": every znode this session creates gets
+        # zkacl.znode_acl(auth) (kazoo's default_acl, also for makepath/ensure_path).
+        self.share_key = (hosts, zkacl.digest_id(auth) if auth else None)
         self.client = KazooClient(
             hosts=hosts, timeout=self.session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_delay=1.0),
             command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
-            logger=logging.getLogger("probe.registry.kazoo"))
+            logger=zkacl.kazoo_logger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth))
         self._callbacks = []
         self._reconnect_callbacks = []
         self._callbacks_lock = threading.Lock()
@@ -226,7 +229,8 @@ _shared_lock = threading.Lock()
 def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
     """The process's one ZooKeeper session for these hosts, started on first use.
     Pair every call with `release_zookeeper`."""
-    key = zk_settings.hosts
+    auth = getattr(zk_settings, "auth", None)
+    key = (zk_settings.hosts, zkacl.digest_id(auth) if auth else None)
     with _shared_lock:
         entry = _shared.get(key)
         if entry is not None and not keep_trying and not entry[0].connected:
@@ -234,10 +238,15 @@ def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
             # not register on a session that is not there.
             if not entry[0].client._live.wait(timeout):
                 raise ComponentUnavailable("ZooKeeper at %s did not answer within %.1f s"
-                                           % (key, timeout))
+                                           % (zk_settings.hosts, timeout))
         if entry is None:
-            zk = ZooKeeper(zk_settings.hosts, zk_settings.session_timeout)
-            zk.start(timeout, keep_trying=keep_trying)
+            zk = ZooKeeper(zk_settings.hosts, zk_settings.session_timeout, auth=auth)
+            if zk.start(timeout, keep_trying=keep_trying):
+                try:
+                    zkacl.check_credentials(zk.client, auth, zk_settings.hosts)
+                except Exception:
+                    zk.stop()
+                    raise
             entry = _shared[key] = [zk, 0]
         entry[1] += 1
         return entry[0]
@@ -245,13 +254,13 @@ def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
 
 def release_zookeeper(zk):
     with _shared_lock:
-        entry = _shared.get(zk.hosts)
+        entry = _shared.get(zk.share_key)
         if entry is None or entry[0] is not zk:
             return
         entry[1] -= 1
         if entry[1] > 0:
             return
-        del _shared[zk.hosts]
+        del _shared[zk.share_key]
     zk.stop()
 
 

@@ -23,12 +23,29 @@ DEFAULT_SESSION_TIMEOUT = 6.0  # seconds: a crashed provider leaves the registry
 DEFAULT_CONNECT_TIMEOUT = 3.0  # seconds, for MySQL, Redis and ZooKeeper at start
 
 
+HIDDEN = "***"  # what a repr shows instead of a secret
+
+
+class MysqlTls(NamedTuple):
+    """`mysql.<env>.ssl`: PEM paths (PyMySQL's names). `ca` checks the server's
+    certificate and name; `cert` + `key` are the client's own, if the server asks."""
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+
 class MysqlSettings(NamedTuple):
     host: str
     port: int
     username: str
     password: str
     database: str
+    ssl: Optional[MysqlTls] = None
+
+    def __repr__(self):
+        return "MysqlSettings(host=%r, port=%r, username=%r, password=%s, database=%r, ssl=%r)" % (
+            self.host, self.port, self.username, HIDDEN if self.password else "''",
+            self.database, self.ssl)
 
 
 class RedisSettings(NamedTuple):
@@ -37,6 +54,11 @@ class RedisSettings(NamedTuple):
     password: Optional[str]
     cluster: bool
     startup_nodes: Tuple[Tuple[str, int], ...]
+    username: Optional[str] = None
+    ssl: bool = False
+    ssl_ca_certs: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
 
     @property
     def address(self):
@@ -44,10 +66,36 @@ class RedisSettings(NamedTuple):
             return ",".join("%s:%d" % node for node in self.startup_nodes)
         return "%s:%d" % (self.host, self.port)
 
+    def __repr__(self):
+        return ("RedisSettings(address=%r, cluster=%r, username=%r, password=%s, ssl=%r, "
+                "ssl_ca_certs=%r, ssl_certfile=%r, ssl_keyfile=%r)" % (
+                    self.address, self.cluster, self.username,
+                    None if self.password is None else HIDDEN, self.ssl, self.ssl_ca_certs,
+                    self.ssl_certfile, self.ssl_keyfile))
+
 
 class ZooKeeperSettings(NamedTuple):
     hosts: str
     session_timeout: float
+    auth: Optional[str] = None  # "user:password" for ZooKeeper's digest scheme
+
+    @property
+    def auth_user(self):
+        """The user part of `auth` (safe to show), or None."""
+        return self.auth.split(":", 1)[0] if self.auth else None
+
+    def __repr__(self):
+        return "ZooKeeperSettings(hosts=%r, session_timeout=%r, auth=%s)" % (
+            self.hosts, self.session_timeout,
+            None if self.auth is None else repr("%s:%s" % (self.auth_user, HIDDEN)))
+
+
+class RpcTls(NamedTuple):
+    """`rpc_tls.<env>`: PEM paths for mutual TLS between consumers and providers:
+    `ca` signs the peers' certificates, `cert` + `key` are this process's own."""
+    ca: str
+    cert: str
+    key: str
 
 
 class Settings(object):
@@ -84,16 +132,67 @@ class Settings(object):
                                  value))
         return value
 
+    def _pem_path(self, name, section, key, where=None):
+        """An existing file named by `section[key]`, or None if the key is absent."""
+        value = section.get(key)
+        if value in (None, ""):
+            return None
+        label = "%s.%s.%s" % (name, self.env, where or key)
+        if not isinstance(value, str):
+            raise ConfigError("config %s: '%s' must be the path of a PEM file, got %r"
+                              % (self.path, label, value))
+        path = os.path.expanduser(value)
+        if not os.path.isfile(path):
+            raise ConfigError("config %s: '%s' names %s, which is not a readable file: fix "
+                              "the path" % (self.path, label, value))
+        return path
+
     @property
     def mysql(self):
         section = self._section("mysql")
         password = section.get("password")
+        tls = section.get("ssl")
+        if tls in (None, False, {}):
+            tls = None
+        elif isinstance(tls, dict) and not set(tls) - {"ca", "cert", "key"}:
+            tls = MysqlTls(*(self._pem_path("mysql", tls, key, "ssl.%s" % key)
+                             for key in ("ca", "cert", "key")))
+            if tls.ca is None or (tls.cert is None) != (tls.key is None):
+                raise ConfigError("config %s: 'mysql.%s.ssl' needs 'ca' (the CA that signed the "
+                                  "server's certificate), and 'cert' and 'key' together or not "
+                                  "at all" % (self.path, self.env))
+        else:
+            raise ConfigError("config %s: 'mysql.%s.ssl' must be a mapping with keys ca, cert, "
+                              "key (PEM paths), got %r" % (self.path, self.env, tls))
         return MysqlSettings(
             host=self._require("mysql", section, "host", str),
             port=self._require("mysql", section, "port", int),
             username=self._require("mysql", section, "username", str),
             password="" if password is None else str(password),
-            database=self._require("mysql", section, "database", str))
+            database=self._require("mysql", section, "database", str),
+            ssl=tls)
+
+    def _redis_security(self, section):
+        """(username, ssl, ssl_ca_certs, ssl_certfile, ssl_keyfile) of a redis section."""
+        username = section.get("username")
+        if username in (None, ""):
+            username = None
+        elif not isinstance(username, str):
+            raise ConfigError("config %s: 'redis.%s.username' must be a string (a Redis ACL "
+                              "user), got %r" % (self.path, self.env, username))
+        ssl = section.get("ssl", False)
+        if ssl not in (True, False, 0, 1):
+            raise ConfigError("config %s: 'redis.%s.ssl' must be true or false, got %r"
+                              % (self.path, self.env, ssl))
+        paths = [self._pem_path("redis", section, key)
+                 for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")]
+        if any(paths) and not ssl:
+            raise ConfigError("config %s: 'redis.%s' names TLS files but 'ssl' is not true: "
+                              "add 'ssl: true' (or remove the ssl_* keys)" % (self.path, self.env))
+        if (paths[1] is None) != (paths[2] is None):
+            raise ConfigError("config %s: 'redis.%s.ssl_certfile' and 'ssl_keyfile' go together"
+                              % (self.path, self.env))
+        return (username, bool(ssl)) + tuple(paths)
 
     @property
     def redis(self):
@@ -115,9 +214,11 @@ class Settings(object):
                                       % (self.path, self.env, index))
                 startup.append((self._require("redis", node, "host", str),
                                 self._require("redis", node, "port", int)))
-            return RedisSettings(startup[0][0], startup[0][1], password, True, tuple(startup))
+            return RedisSettings(startup[0][0], startup[0][1], password, True, tuple(startup),
+                                 *self._redis_security(section))
         return RedisSettings(self._require("redis", section, "host", str),
-                             self._require("redis", section, "port", int), password, False, ())
+                             self._require("redis", section, "port", int), password, False, (),
+                             *self._redis_security(section))
 
     @property
     def zookeeper(self):
@@ -137,7 +238,28 @@ class Settings(object):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigError("config %s: 'zkserver.%s.session_timeout' must be seconds > 0, got %r"
                               % (self.path, self.env, timeout))
-        return ZooKeeperSettings(hosts, float(timeout))
+        auth = section.get("auth")
+        if auth in (None, ""):
+            auth = None
+        elif not isinstance(auth, str) or not re.fullmatch(r"[^:\s]+:\S+", auth):
+            # Never echo the value: it holds a password.
+            raise ConfigError("config %s: 'zkserver.%s.auth' must be \"user:password\" (a user "
+                              "without ':' or spaces, then a password without spaces)"
+                              % (self.path, self.env))
+        return ZooKeeperSettings(hosts, float(timeout), auth)
+
+    @property
+    def rpc_tls(self):
+        """RpcTls for this env, or None when the config has no `rpc_tls.<env>`
+        (plain RPC). Every file must exist; no other key is allowed."""
+        top = self.raw.get("rpc_tls")
+        if top is None or (isinstance(top, dict) and top.get(self.env) is None):
+            return None
+        section = top.get(self.env) if isinstance(top, dict) else None
+        if not isinstance(section, dict) or set(section) != {"ca", "cert", "key"}:
+            raise ConfigError("config %s: 'rpc_tls.%s' must be a mapping with exactly the keys "
+                              "ca, cert and key (PEM paths)" % (self.path, self.env))
+        return RpcTls(*(self._pem_path("rpc_tls", section, key) for key in ("ca", "cert", "key")))
 
     @property
     def advertise_host(self):

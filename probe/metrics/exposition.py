@@ -16,7 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 from ..errors import ProbeError
 from ..stats import BOUNDS, SIDES
-from .options import METRICS_ADDR_ENV, METRICS_PORT_ENV
+from .options import METRICS_ADDR_ENV, METRICS_PORT_ENV, tls_options
 from .recorder import add_cell
 
 log = logging.getLogger("probe.metrics")
@@ -112,16 +112,18 @@ class HttpServers(object):
             if entry is not None:
                 entry[1] += 1
                 return MetricsEndpoint(self, (addr, port), entry[0])
+            tls = tls_options()
             try:
-                httpd, _ = start_http_server(port, addr)
-            except OSError as exc:
+                httpd, _ = start_http_server(port, addr, **tls)
+            except OSError as exc:  # ssl.SSLError (a bad PEM file) too
                 raise ProbeError("cannot serve /metrics on %s:%s: %s (is another process using "
                                  "the port, or is the address not this host's? pick another "
                                  "metrics_port / %s or metrics_addr / %s)"
                                  % (addr, port, exc, METRICS_PORT_ENV, METRICS_ADDR_ENV))
             key = (addr, httpd.server_port)
             self._servers[key] = [httpd, 1]
-        log.info("serving /metrics on %s:%d", addr, httpd.server_port)
+        log.info("serving /metrics on %s:%d%s", addr, httpd.server_port,
+                 " over TLS" if tls else "")
         return MetricsEndpoint(self, key, httpd)
 
     def release(self, endpoint):

@@ -18,6 +18,11 @@ LOCAL_METRICS_ADDR = "127.0.0.1"
 METRICS_PORT_ENV = "PROBE_METRICS_PORT"
 METRICS_ADDR_ENV = "PROBE_METRICS_ADDR"
 
+# TLS for /metrics, through prometheus_client's own start_http_server options.
+METRICS_CERTFILE_ENV = "PROBE_METRICS_CERTFILE"
+METRICS_KEYFILE_ENV = "PROBE_METRICS_KEYFILE"
+METRICS_CLIENT_CAFILE_ENV = "PROBE_METRICS_CLIENT_CAFILE"
+
 OPTION_NAMES = ("metrics", "metrics_port", "metrics_addr", "stats_interval", "stats_ttl",
                 "slow_call_ms")
 
@@ -55,6 +60,7 @@ def metrics_options(metrics=True, metrics_port=None, metrics_addr=DEFAULT_METRIC
             raise ProbeError("bad metrics_port %r (option or %s): give a port 0-65535"
                              % (metrics_port, METRICS_PORT_ENV))
         metrics_port = int(text)
+        tls_options()  # a bad /metrics TLS setting fails now, before anything starts
     for name, value, high in (("stats_interval", stats_interval, MAX_STATS_INTERVAL),
                               ("stats_ttl", stats_ttl, None), ("slow_call_ms", slow_call_ms, None)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
@@ -85,3 +91,31 @@ def bind_address(metrics_addr):
 def pop_options(options):
     """Take the metrics options out of a **options dict (build_client) and check them."""
     return metrics_options(**{name: options.pop(name) for name in OPTION_NAMES if name in options})
+
+
+def tls_options(environ=None):
+    """start_http_server keyword arguments for TLS on /metrics, from the environment:
+    PROBE_METRICS_CERTFILE + PROBE_METRICS_KEYFILE serve HTTPS; with
+    PROBE_METRICS_CLIENT_CAFILE too, a scraper must present a certificate signed by
+    that CA. Nothing set: plain HTTP (on loopback unless metrics_addr widens it).
+
+    :raises ProbeError: only one of cert and key is set, or a file is missing.
+    """
+    environ = os.environ if environ is None else environ
+    names = (METRICS_CERTFILE_ENV, METRICS_KEYFILE_ENV, METRICS_CLIENT_CAFILE_ENV)
+    certfile, keyfile, client_cafile = (environ.get(name) or None for name in names)
+    if not (certfile or keyfile or client_cafile):
+        return {}
+    if not (certfile and keyfile):
+        raise ProbeError("/metrics TLS needs both %s and %s (PEM files); %s alone is not "
+                         "enough" % (METRICS_CERTFILE_ENV, METRICS_KEYFILE_ENV,
+                                     METRICS_CERTFILE_ENV if certfile else
+                                     METRICS_KEYFILE_ENV if keyfile else METRICS_CLIENT_CAFILE_ENV))
+    for name, path in zip(names, (certfile, keyfile, client_cafile)):
+        if path and not os.path.isfile(path):
+            raise ProbeError("%s=%r is not a readable file: give the path of a PEM file"
+                             % (name, path))
+    options = {"certfile": certfile, "keyfile": keyfile}
+    if client_cafile:
+        options.update(client_cafile=client_cafile, client_auth_required=True)
+    return options
