@@ -92,6 +92,7 @@ class ConfigConflict(ProbeError):
 class ConfigUnavailable(ProbeError):
     """Live config cannot start: ZooKeeper is unreachable and there is no local backup."""
 
+
 class ZooKeeperAuthFailed(ComponentUnavailable):
     """ZooKeeper refused the configured `zkserver.<env>.auth` credentials, or they
     do not match the ACL of the registry's znodes (a wrong user or password)."""

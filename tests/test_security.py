@@ -139,6 +139,41 @@ def test_anonymous_client_reads_the_registry_but_cannot_change_it(
         owner.close()
 
 
+def test_config_center_znodes_carry_the_acl_and_anonymous_writes_are_refused(
+        secure_config, secure_settings, secure_appkey, tmp_path):
+    from probe.configcenter import live_config
+    done = run_cli(secure_config, "config", "set", secure_appkey, "pool.size", "8")
+    assert done.returncode == 0, done.stderr
+    cfg = live_config(secure_appkey, env=ENV, config_path=secure_config,
+                      backup_dir=str(tmp_path / "backup"))
+    try:
+        assert cfg.get("pool.size") == 8
+    finally:
+        cfg.close()
+    parent = naming.config_appkey_path(ENV, secure_appkey)
+    owner = KazooClient(hosts=secure_settings.zookeeper.hosts,
+                        auth_data=[("digest", secure_settings.zookeeper.auth)])
+    owner.start(timeout=10)
+    try:
+        for path in ("/configs", "/configs/" + ENV, parent, parent + "/pool.size"):
+            assert sorted(owner.get_acls(path)[0]) == sorted(
+                zkacl.znode_acl(secure_settings.zookeeper.auth)), path
+    finally:
+        owner.stop()
+        owner.close()
+    anonymous = anonymous_zookeeper(secure_settings)
+    try:
+        assert json.loads(anonymous.get(parent + "/pool.size")[0]) == 8
+        for attempt in (lambda: anonymous.set(parent + "/pool.size", b"9"),
+                        lambda: anonymous.create(parent + "/stolen", b"1"),
+                        lambda: anonymous.delete(parent + "/pool.size")):
+            with pytest.raises(NoAuthError):
+                attempt()
+    finally:
+        anonymous.stop()
+        anonymous.close()
+
+
 def test_provider_consumer_and_cli_work_with_credentials(
         secure_config, secure_settings, secure_appkey, secure_providers):
     from probe.client import build_client
