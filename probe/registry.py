@@ -17,8 +17,8 @@ import threading
 import time
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NoNodeError,
-                              NodeExistsError, ZookeeperError)
+from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NoAuthError,
+                              NoNodeError, NodeExistsError, ZookeeperError)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
@@ -476,12 +476,31 @@ class ServiceWatcher(object):
             # must not empty a table that was routing fine (Dubbo's empty protection).
             self._protect_until = time.monotonic() + self.empty_protection if self._nodes else 0.0
         try:
-            self.zk.client.ensure_path(self.parent)
+            try:
+                self.zk.client.ensure_path(self.parent)
+            except NoAuthError:
+                # A consumer without the registry's credentials may not create the
+                # appkey's znode: wait for a provider to make it, do not retry-storm.
+                self._wait_for_parent(generation)
+                return
             self.zk.client.ChildrenWatch(self.parent,
                                          lambda children: self._on_children(generation, children))
         except (KazooException, ZookeeperError) as exc:
             log.warning("watching %s failed (%s): retrying", self.parent, exc.__class__.__name__)
             self._retry_later(self._establish)
+
+    def _wait_for_parent(self, generation):
+        log.info("%s does not exist yet and this client may not create it: waiting for a "
+                 "provider to register", self.parent)
+
+        def on_parent(data, stat, event=None):
+            if generation != self._generation or self._closed:
+                return False
+            if stat is None:
+                return None  # still missing: keep watching
+            self.zk.submit(self._establish)
+            return False
+        self.zk.client.DataWatch(self.parent, on_parent)
 
     def resync(self):
         """Re-read the whole service (children and every node's data) and rebuild

@@ -9,6 +9,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 
@@ -20,7 +21,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
-from conftest import IDL, ROOT
+from conftest import IDL, ROOT, wait_for
 
 from probe import naming, settings as settings_module, zkacl
 from probe.errors import ConfigError, ProbeError, ZooKeeperAuthFailed
@@ -219,6 +220,28 @@ def test_consumer_without_credentials_still_routes(secure_config, secure_appkey,
         assert client.whoami() == "read-only"
     finally:
         client.close()
+
+
+def test_consumer_without_credentials_waits_for_an_appkey_not_yet_registered(
+        secure_config, secure_appkey, secure_providers, tmp_path, caplog):
+    """It may not create /services/<env>/<appkey>: it waits for a provider to, quietly."""
+    from probe.client import build_client
+
+    def no_auth(config):
+        del config["zkserver"][ENV]["auth"]
+    reader = write_config(tmp_path / "reader.yml", secure_config, no_auth)
+    caplog.set_level(logging.INFO, logger="probe")
+    client = build_client(IDL, secure_appkey, "DemoService", config_path=reader, env=ENV,
+                          snapshot_dir=False)
+    try:
+        time.sleep(1.5)  # the span a retry loop would fill with warnings
+        secure_providers(secure_appkey, name="late")
+        assert wait_for(lambda: client.watcher.table.nodes, message="the late provider")
+        assert client.whoami() == "late"
+    finally:
+        client.close()
+    retries = [r for r in caplog.records if "watching" in r.getMessage() and "failed" in r.getMessage()]
+    assert retries == []
 
 
 def test_wrong_zookeeper_password_fails_at_start_and_registers_nothing(
