@@ -19,6 +19,7 @@ import logging
 import struct
 import threading
 import time
+from types import ModuleType
 from typing import Callable, Iterable, Optional, Union
 
 from thriftpy2.protocol.binary import VERSION_1
@@ -132,6 +133,7 @@ class ProbeClient(TClient):
         self._health_lock = threading.Lock()
         self._closed = False
         self.balancer = make_balancer(balancer, inflight=self._inflight_of)
+        self._pick = self.balancer.pick
         self._track_inflight = self.balancer.name == "least_inflight"
         specs = method_specs(service)
         idempotent_names = _idempotent_names(idempotent, list(specs))
@@ -144,7 +146,7 @@ class ProbeClient(TClient):
         watcher.on_change = self._on_table
 
     @property
-    def thrift_module(self):
+    def thrift_module(self) -> Optional[ModuleType]:
         """The thriftpy2 module of the IDL this client was built from, holding the
         very classes (structs, declared exceptions) the client returns and raises:
         the same object :func:`probe.load_thrift` gives for that file. None for a
@@ -181,8 +183,8 @@ class ProbeClient(TClient):
         return self._call(method, args, kwargs)
 
     def _call(self, method, args, kwargs):
-        """Route one call: pick a node, make an attempt, observe it, and fail over
-        when the failure allows it."""
+        """Route one call: pick a node, make an attempt, fail over when the failure
+        allows it."""
         if self._closed:
             raise ProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
         if args or kwargs or not method.takes_nothing:
@@ -192,8 +194,7 @@ class ProbeClient(TClient):
                 raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
         else:
             payload = None
-        recorder = self.recorder
-        state = recorder.thread_state() if recorder is not None else None
+        state = self.recorder.thread_state() if self.recorder is not None else None
         watcher = self.watcher
         tried = None
         attempt = 0
@@ -202,33 +203,11 @@ class ProbeClient(TClient):
             if table.refresh_at is not None and time.time() >= table.refresh_at:
                 watcher.refresh()
                 table = watcher.table
-            node = self.balancer.pick(table, tried)
+            node = self._pick(table, tried)
             health = self._health
             if health and node.name in health:
                 node = self._avoid_ejected(table, node, tried)
-            pool = self._pools.get(node.name)
-            if pool is None:
-                pool = self._pool_for(node)
-            if self._track_inflight:
-                with self._inflight_lock:  # += on a dict entry is not atomic
-                    self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
-            if state is not None:
-                state.current = node.name  # this thread is now in flight on node
-            status = CONNECTION_ERROR  # what an attempt that raised unexpectedly counts as
-            started = _perf_counter()
-            try:
-                status, value, error = self._attempt(pool, method, payload, node)
-            finally:
-                # The one place an attempt is observed.
-                seconds = _perf_counter() - started
-                if state is not None:
-                    state.current = None
-                    recorder.observe_in(state, method.name, node.name, status, seconds)
-                if self.observe is not None:
-                    self.observe(method.name, node.name, status, seconds)
-                if self._track_inflight:
-                    with self._inflight_lock:
-                        self._inflight[node.name] -= 1
+            status, value, error = self._attempt(node, method, payload, state)
             if error is None:
                 return value
             if error.__class__ is not _Retryable:
@@ -242,14 +221,27 @@ class ProbeClient(TClient):
             log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
                      method.name, node.name, error.error, attempt, self.retries)
 
-    def _attempt(self, pool, method, payload, node):
+    def _attempt(self, node, method, payload, state):
         """One try on one node: (status, value, error), where error is None, an
-        exception for the caller, or a _Retryable. The one place a connection is
-        put back (only after a clean exchange) or closed (after anything else)."""
+        exception for the caller, or a _Retryable.
+
+        The one place an attempt is observed (metrics and the `observe` hook) and
+        the one place its connection is put back (only after a clean exchange) or
+        closed (after anything else, including an unexpected exception)."""
+        pool = self._pools.get(node.name)
+        if pool is None:
+            pool = self._pool_for(node)
+        if self._track_inflight:
+            with self._inflight_lock:  # += on a dict entry is not atomic
+                self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
+        if state is not None:
+            state.current = node.name  # this thread is now in flight on node
         conn = None
         reusable = False
+        status = CONNECTION_ERROR  # what an attempt that raised unexpectedly counts as
+        started = _perf_counter()
         try:
-            conn = pool.acquire()
+            conn = pool.acquire(started)
             if self._health:
                 self._connected(node)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
@@ -260,25 +252,37 @@ class ProbeClient(TClient):
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
             if method.oneway:
                 reusable = True
+                status = OK
                 return OK, None, None
             try:
                 outcome = self._recv(conn, method, seqid, node)
             except _TRANSPORT_ERRORS as exc:
-                return (TIMEOUT if is_timeout(exc) else CONNECTION_ERROR), None, \
-                    _Retryable(False, exc)
+                status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
+                return status, None, _Retryable(False, exc)
+            status = outcome[0]
             # A reply with a wrong seqid leaves the connection out of step: never reuse it.
-            reusable = outcome[0] != CONNECTION_ERROR
+            reusable = status != CONNECTION_ERROR
             return outcome
         except ConnectFailed as exc:
             self._connect_failed(node)
             return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable("%s (node %s of %s/%s)" % (
                 exc, node.name, self.appkey, self.service_name)))
         finally:
+            ended = _perf_counter()
             if conn is not None:
                 if reusable:
-                    pool.release(conn)
+                    pool.release(conn, ended)
                 else:
                     conn.close()
+            seconds = ended - started
+            if state is not None:
+                state.current = None
+                self.recorder.observe_in(state, method.name, node.name, status, seconds)
+            if self.observe is not None:
+                self.observe(method.name, node.name, status, seconds)
+            if self._track_inflight:
+                with self._inflight_lock:
+                    self._inflight[node.name] -= 1
 
     @staticmethod
     def _send(conn, method, payload, seqid):
@@ -387,7 +391,7 @@ class ProbeClient(TClient):
             if any(name not in live for name in health):
                 self._health = {name: h for name, h in health.items() if name in live}
 
-    def close(self):
+    def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""
         if self._closed:
             return

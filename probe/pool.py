@@ -24,7 +24,7 @@ from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportEx
 
 STALE_CHECK_AFTER = 0.0002  # seconds idle before a pooled connection is polled
 
-monotonic = time.monotonic
+perf_counter = time.perf_counter  # the client's clock: it passes its own readings
 _PROTOCOLS = TBinaryProtocolFactory()
 _TRANSPORTS = TBufferedTransportFactory()
 
@@ -82,27 +82,35 @@ class NodePool(object):
         self.closed = False
         self.created = 0
 
-    def acquire(self) -> Connection:
+    def acquire(self, now: Optional[float] = None) -> Connection:
         """An open connection: a pooled one that is still sound, else a new one.
-        Raises ConnectFailed when a new one cannot be opened."""
+        Raises ConnectFailed when a new one cannot be opened.
+
+        :param now: ``time.perf_counter()`` if the caller has just read it (a clock
+            read costs more than the rest of this method)."""
+        if now is None:
+            now = perf_counter()
         idle = self.idle
         while idle:
             try:
                 conn = idle.pop()
             except IndexError:
                 break
-            if monotonic() - conn.released_at > STALE_CHECK_AFTER and conn.is_stale():
+            if now - conn.released_at > STALE_CHECK_AFTER and conn.is_stale():
                 conn.close()
                 continue
             return conn
         self.created += 1
         return Connection(self.host, self.port, self.timeout_ms, self.connect_timeout_ms)
 
-    def release(self, conn: Connection) -> None:
+    def release(self, conn: Connection, now: Optional[float] = None) -> None:
+        """Put back a connection whose last exchange completed cleanly.
+
+        :param now: ``time.perf_counter()`` if the caller has just read it."""
         if self.closed or len(self.idle) >= self.max_idle:
             conn.close()
         else:
-            conn.released_at = monotonic()
+            conn.released_at = perf_counter() if now is None else now
             self.idle.append(conn)
 
     def close(self) -> None:
