@@ -10,6 +10,7 @@ import pytest
 import thriftpy2
 from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionLoss
+from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from thriftpy2.thrift import TClient
 
@@ -192,6 +193,8 @@ def test_kazoo_stop_fails_requests_queued_while_disconnected():
                          connection_retry=KazooRetry(max_tries=-1, delay=0.05, max_delay=0.2))
     client.start_async()
     try:
+        # Before its connection thread reports CONNECTING, a client refuses requests.
+        wait_for(lambda: client.client_state == KeeperState.CONNECTING, message="CONNECTING")
         queued = client.exists_async("/probe-test")
         assert not queued.ready()
         client.stop()
