@@ -246,7 +246,7 @@ class ProbeClient(TClient):
                 self._connected(node)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
             try:
-                self._send(conn, method, payload, seqid)
+                self._send_call(conn, method, payload, seqid)
             except _TRANSPORT_ERRORS as exc:
                 # The peer closed or reset before our bytes were taken: nothing ran.
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
@@ -255,7 +255,7 @@ class ProbeClient(TClient):
                 status = OK
                 return OK, None, None
             try:
-                outcome = self._recv(conn, method, seqid, node)
+                outcome = self._recv_reply(conn, method, seqid, node)
             except _TRANSPORT_ERRORS as exc:
                 status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
                 return status, None, _Retryable(False, exc)
@@ -285,7 +285,7 @@ class ProbeClient(TClient):
                     self._inflight[node.name] -= 1
 
     @staticmethod
-    def _send(conn, method, payload, seqid):
+    def _send_call(conn, method, payload, seqid):
         """Write and flush one request (binary protocol)."""
         transport = conn.transport
         if payload is None:
@@ -296,7 +296,7 @@ class ProbeClient(TClient):
         transport.flush()
 
     @staticmethod
-    def _recv(conn, method, seqid, node):
+    def _recv_reply(conn, method, seqid, node):
         """Read one reply: (status, value, error). Raises transport errors."""
         protocol = conn.protocol
         _, message_type, reply_seqid = protocol.read_message_begin()
@@ -502,20 +502,11 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
-    _check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
-    if connect_timeout is not None:
-        _check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
-    _check_number("retries", retries, 0, None, integer=True)
-    _check_number("eject_after", eject_after, 1, None, integer=True)
-    _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
-    _check_number("max_idle", max_idle, 0, None, integer=True)
-    _check_number("warmup", warmup, 0, "seconds")
-    _check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
-    if observe is not None and not callable(observe):
-        raise ProbeError("observe must be a callable(method, node, status, seconds), got %r"
-                         % (observe,))
-    make_balancer(balancer, inflight=lambda node: 0)  # refuse a bad name before connecting
-    _idempotent_names(idempotent, service.thrift_services)
+    client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+                          balancer=balancer, retries=retries, idempotent=idempotent,
+                          eject_after=eject_after, eject_backoff=eject_backoff,
+                          max_idle=max_idle, observe=observe)
+    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **client_options)
     given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
              "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
     chosen = call_metrics.metrics_options(
@@ -530,10 +521,7 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
         client = ProbeClient(service, appkey, service_name, settings.env, watcher, zk,
-                             socket_timeout=socket_timeout, connect_timeout=connect_timeout,
-                             balancer=balancer, retries=retries, idempotent=idempotent,
-                             eject_after=eject_after, eject_backoff=eject_backoff,
-                             max_idle=max_idle, observe=observe, recorder=recorder)
+                             recorder=recorder, **client_options)
         watcher.start()
     except BaseException:
         release_zookeeper(zk)
@@ -549,6 +537,25 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
         call_metrics.attach(recorder, client.stats_target[0], settings.env,
                             chosen.stats_interval, chosen.stats_ttl)
     return client
+
+
+def _check_client_options(service, socket_timeout, connect_timeout, balancer, retries, idempotent,
+                          eject_after, eject_backoff, max_idle, observe, warmup, zk_timeout):
+    """Refuse a bad build_client value, naming it, before anything is started."""
+    _check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
+    if connect_timeout is not None:
+        _check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
+    _check_number("retries", retries, 0, None, integer=True)
+    _check_number("eject_after", eject_after, 1, None, integer=True)
+    _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
+    _check_number("max_idle", max_idle, 0, None, integer=True)
+    _check_number("warmup", warmup, 0, "seconds")
+    _check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
+    if observe is not None and not callable(observe):
+        raise ProbeError("observe must be a callable(method, node, status, seconds), got %r"
+                         % (observe,))
+    make_balancer(balancer, inflight=lambda node: 0)
+    _idempotent_names(idempotent, service.thrift_services)
 
 
 __all__ = ["build_client", "ProbeClient", "NoAvailableNode", "NodeUnreachable"]
