@@ -82,12 +82,14 @@ class _NodeHealth(object):
         self.backoff = backoff
 
 
-class _Retryable(Exception):
-    """An attempt failed in a way failover may cover: `before_send` says whether the
-    request could have reached the node."""
+class _Retryable(object):
+    """An attempt's failure that failover may cover (returned, never raised):
+    `before_send` says whether the request could not have reached the node,
+    `error` is what the caller gets when it is not retried."""
+
+    __slots__ = ("before_send", "error")
 
     def __init__(self, before_send, error):
-        Exception.__init__(self, error)
         self.before_send = before_send
         self.error = error
 
