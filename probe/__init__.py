@@ -9,4 +9,4 @@ from .idl import load_thrift
 
 __version__ = "0.1.0"
 
-__all__ = ["load_thrift", "__version__"]
+__all__ = ["load_thrift"]
