@@ -2,6 +2,7 @@
 the watcher/caller race on node health, and the kazoo behaviour probe relies on."""
 
 import inspect
+import logging
 import socket
 import sys
 import threading
@@ -189,7 +190,10 @@ def test_kazoo_stop_fails_requests_queued_while_disconnected():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket closes
-    client = KazooClient(hosts="127.0.0.1:%d" % port, timeout=2.0,
+    quiet = logging.getLogger("probe.tests.kazoo")  # refused connects are expected here
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    client = KazooClient(hosts="127.0.0.1:%d" % port, timeout=2.0, logger=quiet,
                          connection_retry=KazooRetry(max_tries=-1, delay=0.05, max_delay=0.2))
     client.start_async()
     try:
