@@ -9,7 +9,7 @@ import random
 import threading
 import time
 from heapq import heapify, heappop, heappush
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Collection, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import NoAvailableNode, ProbeError
 
@@ -42,7 +42,8 @@ class RoutingTable(object):
     __slots__ = ("all_nodes", "nodes", "weights", "total", "index", "alias",
                  "refresh_at", "describe")
 
-    def __init__(self, nodes=(), now=None, warmup=0.0, describe="service"):
+    def __init__(self, nodes: Iterable[Node] = (), now: Optional[float] = None,
+                 warmup: float = 0.0, describe: str = "service") -> None:
         self.describe = describe
         self.all_nodes = tuple(sorted(nodes, key=lambda n: n.name))
         eligible = [n for n in self.all_nodes if n.valid == 1 and n.weight > 0]
@@ -103,7 +104,7 @@ class WeightedRandom(object):
     def __init__(self, rng=None):
         self._random = (rng or random.Random()).random
 
-    def pick(self, table, exclude=()):
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
         alias = table.alias
         if not alias:
             raise table.no_node_error()
@@ -145,7 +146,7 @@ class SmoothRoundRobin(object):
         self._turns = []
         self._picked = 0
 
-    def pick(self, table, exclude=()):
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
         if not table.total:
             raise table.no_node_error()
         with self._lock:
@@ -222,7 +223,7 @@ class LeastInFlight(object):
         self._inflight = inflight
         self._weighted = WeightedRandom(rng)
 
-    def pick(self, table, exclude=()):
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
         first = self._weighted.pick(table, exclude)
         if len(table.nodes) < 2:
             return first
@@ -244,8 +245,11 @@ class LeastInFlight(object):
         return first
 
 
+Balancer = Union["WeightedRandom", "SmoothRoundRobin", "LeastInFlight"]
+
+
 def make_balancer(name: Optional[str], inflight: Optional[Callable[[Node], int]] = None,
-                  rng: Optional[random.Random] = None):
+                  rng: Optional[random.Random] = None) -> Balancer:
     """The balancer called `name` (one of BALANCERS)."""
     if name in (None, "weighted_random", "random"):
         return WeightedRandom(rng)
