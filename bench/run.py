@@ -11,6 +11,7 @@ separate processes so no measurement shares a GIL with what it measures.
 Sections:
   1. single-thread say(): bare thriftpy2 make_client (anchor), the seed article's
      client (the "before"), probe's build_client (with metrics off too, if supported)
+  1d. client thread CPU per call and calls/s, unpinned: bare vs probe
   2. 8 threads: one shared probe client vs 8 bare clients
   3. server: probe provider vs bare make_server under 4 load processes; workers=1 vs 2
   4. balancer pick cost and table rebuild for 1..1000 nodes; consumer memory for 1000
@@ -60,11 +61,13 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              sizes=(1, 10, 100, 1000), balancer_budget=0.002,
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
-SECTIONS = ("client", "first_call", "propagation", "server", "balancer", "memory", "config")
+SECTIONS = ("client", "client_cpu", "first_call", "propagation", "server", "balancer", "memory",
+            "config")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
     "client_threads": 0.9,     # shared probe client >= 0.9x 8 bare clients
+    "client_cpu_extra_us": 1.0,  # probe client thread CPU per call <= bare + 1 us, unpinned
     "server": 1.0,             # probe provider >= 1.0x bare make_server (and <= 1.0x CPU/call)
     "pick_flat": 1.5,          # pick(1000 nodes) <= 1.5x pick(10 nodes)
     "propagation_p99_ms": 50.0,
@@ -405,6 +408,43 @@ class Bench(object):
         add(s, "bare client CPU per call", bare_cpu, "us", anchor, bare_cpu)
         add(s, "shared probe client CPU per call",
             median([r["client_cpu_us_per_call"] for r in threads["probe"]]), "us", anchor, bare_cpu)
+
+    # -- 1d: client CPU per call, unpinned ----------------------------------------------
+    def section_client_cpu(self):
+        """Client thread CPU per say() and calls/s with nothing pinned (as users run),
+        bare make_client vs probe, alternating rounds against one provider."""
+        s = "1d. client thread CPU per say(), unpinned (time.thread_time, alternating rounds)"
+        info = self.ensure_provider()
+        set_affinity(self.provider.pid, None)
+        # Many short alternating blocks: each kind sees the same share of the noise of
+        # a shared machine, and the median of paired differences shrugs most of it off.
+        rounds, calls = (2, 300) if self.smoke else (61, 3000)
+        self.log("client CPU, unpinned: %d alternating rounds of %d calls" % (rounds, calls))
+        worker = self.workers.start("client-cpu", "bench.workers", "client_cpu", appkey=self.appkey,
+                                    host=info["host"], port=info["port"], rounds=rounds,
+                                    calls=calls, warmup_calls=calls // 10)
+        try:
+            out = worker.recv(60 + rounds * calls * 0.002)
+        finally:
+            self.workers.stop(worker)
+        self.report.raw["client_cpu_unpinned"] = out
+        add = self.report.add
+        anchor = "bare make_client"
+        cpu = {kind: median([r["cpu_us_per_call"] for r in out[kind]]) for kind in out}
+        cps = {kind: median([r["cps"] for r in out[kind]]) for kind in out}
+        labels = {"probe": "probe build_client", "probe_nometrics": "probe metrics=False"}
+        add(s, "bare client CPU per call", cpu["bare"], "us", anchor, cpu["bare"])
+        for kind in ("probe", "probe_nometrics"):
+            add(s, "%s client CPU per call" % labels[kind], cpu[kind], "us", anchor, cpu["bare"])
+        extra = [p["cpu_us_per_call"] - b["cpu_us_per_call"] for p, b in zip(out["probe"], out["bare"])]
+        add(s, "probe - bare client CPU per call (metrics on)", median(extra), "us",
+            target=("value<", TARGETS["client_cpu_extra_us"]),
+            note="median of round-by-round differences %s" % " ".join("%.2f" % x for x in extra))
+        add(s, "bare make_client calls/s, unpinned", cps["bare"], "calls/s", anchor, cps["bare"])
+        for kind in ("probe", "probe_nometrics"):
+            add(s, "%s calls/s, unpinned" % labels[kind], cps[kind], "calls/s", anchor, cps["bare"],
+                note=_paired_note([{"cps": r["cps"]} for r in out[kind]],
+                                  [{"cps": r["cps"]} for r in out["bare"]]))
 
     # -- 3: the server ---------------------------------------------------------------------
     def section_server(self):

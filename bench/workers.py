@@ -531,3 +531,37 @@ def callpath(conn, appkey, host, port, batch, repeats):
         real.close()
     conn.send(out)
     _wait_for_stop(conn)
+
+
+def client_cpu(conn, appkey, host, port, rounds, calls, warmup_calls):
+    """Client thread CPU per say() (time.thread_time) and calls/s, unpinned, in
+    alternating rounds of bare make_client, probe (metrics on) and probe metrics=False
+    against the same provider. Thread CPU leaves out the metrics pump and the
+    ZooKeeper threads, which do not run per call."""
+    from thriftpy2.rpc import make_client
+    from probe.client import build_client
+
+    bare = make_client(_bare_service(), host, port, timeout=BARE_TIMEOUT_MS)
+    clients = {"bare": bare, "probe": build_client(IDL, appkey, SERVICE),
+               "probe_nometrics": build_client(IDL, appkey, SERVICE, metrics=False)}
+    out = {kind: [] for kind in clients}
+    try:
+        for client in clients.values():
+            assert client.say() == "hello world"
+        thread_time, perf = time.thread_time, time.perf_counter
+        for _ in range(rounds):
+            for kind, client in clients.items():
+                say = client.say
+                for _ in range(warmup_calls):
+                    say()
+                gc.collect()
+                cpu0, wall0 = thread_time(), perf()
+                for _ in range(calls):
+                    say()
+                cpu, wall = thread_time() - cpu0, perf() - wall0
+                out[kind].append({"cpu_us_per_call": cpu / calls * 1e6, "cps": calls / wall})
+    finally:
+        for client in clients.values():
+            client.close()
+    conn.send(out)
+    _wait_for_stop(conn)

@@ -8,10 +8,8 @@ consistent table without a lock.
 import random
 import threading
 import time
-from bisect import bisect_right
 from heapq import heapify, heappop, heappush
-from itertools import accumulate
-from typing import NamedTuple
+from typing import Callable, Collection, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import NoAvailableNode, ProbeError
 
@@ -31,7 +29,7 @@ class Node(NamedTuple):
         return (self.host, self.port)
 
 
-def warmed_weight(weight, age, warmup):
+def warmed_weight(weight: int, age: float, warmup: float) -> int:
     """Dubbo-style warm-up: ramp from 1 to `weight` over `warmup` seconds of age."""
     if warmup <= 0 or age >= warmup or weight <= 1:
         return weight
@@ -41,10 +39,11 @@ def warmed_weight(weight, age, warmup):
 class RoutingTable(object):
     """The nodes of one service and the weights a pick uses. Never mutated."""
 
-    __slots__ = ("all_nodes", "nodes", "weights", "cumulative", "total", "index", "alias",
+    __slots__ = ("all_nodes", "nodes", "weights", "total", "index", "alias",
                  "refresh_at", "describe")
 
-    def __init__(self, nodes=(), now=None, warmup=0.0, describe="service"):
+    def __init__(self, nodes: Iterable[Node] = (), now: Optional[float] = None,
+                 warmup: float = 0.0, describe: str = "service") -> None:
         self.describe = describe
         self.all_nodes = tuple(sorted(nodes, key=lambda n: n.name))
         eligible = [n for n in self.all_nodes if n.valid == 1 and n.weight > 0]
@@ -52,8 +51,7 @@ class RoutingTable(object):
         weights = [warmed_weight(n.weight, now - n.registered_at, warmup) for n in eligible]
         self.nodes = tuple(eligible)
         self.weights = tuple(weights)
-        self.cumulative = tuple(accumulate(weights))
-        self.total = self.cumulative[-1] if weights else 0
+        self.total = sum(weights)
         self.index = {n.name: i for i, n in enumerate(eligible)}
         self.alias = alias_table(weights)
         # While a node is warming up the effective weights change with time, so the
@@ -77,7 +75,7 @@ class RoutingTable(object):
                                "(is a provider running and registered?)" % self.describe)
 
 
-def alias_table(weights):
+def alias_table(weights: Sequence[int]) -> Tuple[Tuple[float, int], ...]:
     """Vose's alias method: ((threshold, alias), ...) such that drawing a slot i
     uniformly, then keeping i with probability threshold[i] or else taking alias[i],
     picks each index with probability weight / total. Built in O(n), drawn in O(1)."""
@@ -106,7 +104,7 @@ class WeightedRandom(object):
     def __init__(self, rng=None):
         self._random = (rng or random.Random()).random
 
-    def pick(self, table, exclude=()):
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
         alias = table.alias
         if not alias:
             raise table.no_node_error()
@@ -148,7 +146,7 @@ class SmoothRoundRobin(object):
         self._turns = []
         self._picked = 0
 
-    def pick(self, table, exclude=()):
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
         if not table.total:
             raise table.no_node_error()
         with self._lock:
@@ -213,8 +211,11 @@ class SmoothRoundRobin(object):
 
 
 class LeastInFlight(object):
-    """Power of two choices: draw two nodes by weight and take the one with fewer
-    calls in flight per unit of weight. `inflight(node)` reports the count."""
+    """Power of two choices: draw two distinct nodes by weight and take the one with
+    fewer calls in flight per unit of weight; on a tie keep the first draw. The
+    first draw is itself weighted random, so among equally loaded nodes (at zero
+    load: all of them) calls split by weight, as Dubbo's LeastActive does.
+    `inflight(node)` reports a node's count. O(1) a pick."""
 
     name = "least_inflight"
 
@@ -222,7 +223,7 @@ class LeastInFlight(object):
         self._inflight = inflight
         self._weighted = WeightedRandom(rng)
 
-    def pick(self, table, exclude=()):
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
         first = self._weighted.pick(table, exclude)
         if len(table.nodes) < 2:
             return first
@@ -236,14 +237,19 @@ class LeastInFlight(object):
                 second = self._weighted.pick(table, set(exclude or ()) | {first.name})
             except NoAvailableNode:
                 return first  # every other node is excluded
-        weights = table.weights
-        index = table.index
-        first_load = (self._inflight(first) + 1) / weights[index[first.name]]
-        second_load = (self._inflight(second) + 1) / weights[index[second.name]]
-        return second if second_load < first_load else first
+        weights, index = table.weights, table.index
+        # load / weight compared as cross products: no division, exact ties.
+        if self._inflight(second) * weights[index[first.name]] \
+                < self._inflight(first) * weights[index[second.name]]:
+            return second
+        return first
 
 
-def make_balancer(name, inflight=None, rng=None):
+Balancer = Union["WeightedRandom", "SmoothRoundRobin", "LeastInFlight"]
+
+
+def make_balancer(name: Optional[str], inflight: Optional[Callable[[Node], int]] = None,
+                  rng: Optional[random.Random] = None) -> Balancer:
     """The balancer called `name` (one of BALANCERS)."""
     if name in (None, "weighted_random", "random"):
         return WeightedRandom(rng)

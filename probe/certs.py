@@ -12,7 +12,7 @@ PKI. Made with the `cryptography` package.
 import datetime
 import ipaddress
 import os
-from typing import Dict, NamedTuple
+from typing import NamedTuple
 
 from .errors import ProbeError
 

@@ -8,12 +8,21 @@ background.
 Failover: a failure before the request left (connect refused, dead pooled
 connection, send error) is retried on another node for any method; a failure after
 it left (timeout, reset while waiting) only for methods declared idempotent.
+
+Threading: a ProbeClient is shared by any number of calling threads. What the
+calling threads change (pools, the in-flight counts, node health) is either a
+deque/dict operation that is atomic under the GIL or is done under a lock; node
+health is copied on write, so the watcher thread iterates a dict nobody mutates.
 """
 
 import logging
+import struct
 import threading
 import time
+from types import ModuleType
+from typing import Callable, Iterable, Optional, Union
 
+from thriftpy2.protocol.binary import VERSION_1
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
 
@@ -21,7 +30,8 @@ from . import metrics as call_metrics
 from . import naming
 from .balancer import make_balancer
 from .errors import NoAvailableNode, NodeUnreachable, ProbeError
-from .idl import load_service
+from .idl import load_service, module_of
+from .methodspec import method_specs
 from .pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
@@ -30,22 +40,35 @@ from .thriftserver import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTIO
 log = logging.getLogger("probe.client")
 
 _TRANSPORT_ERRORS = (TTransportException, OSError, EOFError)
+_SEQID_THEN_STOP = struct.Struct("!iB")  # seqid, then the empty args struct's STOP byte
+_SEQID = struct.Struct("!i")
+_perf_counter = time.perf_counter
+
+#: A user's per-attempt hook: observe(method, node name, status, seconds).
+Observer = Callable[[str, str, str, float], None]
 
 
-class _Method(object):
-    """What one call of a thrift method needs, looked up once per client."""
+class _ClientMethod(object):
+    """One method as this client calls it: its MethodSpec's shape, whether it is
+    idempotent, and the start of its request message encoded once (binary protocol:
+    version|type, name length, name; the seqid follows per call)."""
 
-    __slots__ = ("name", "args_cls", "result_cls", "oneway", "has_success", "void", "idempotent")
+    __slots__ = ("name", "args_cls", "result_cls", "oneway", "has_success", "void",
+                 "exception_fields", "idempotent", "header", "takes_nothing")
 
-    def __init__(self, service, name, idempotent):
-        self.name = name
-        self.args_cls = getattr(service, name + "_args")
-        self.result_cls = getattr(service, name + "_result")
-        self.oneway = bool(getattr(self.result_cls, "oneway", False))
-        spec = self.result_cls.thrift_spec
-        self.has_success = any(item[1] == "success" for item in spec.values())
-        self.void = not spec
+    def __init__(self, spec, idempotent):
+        self.name = spec.name
+        self.args_cls = spec.args_cls
+        self.result_cls = spec.result_cls
+        self.oneway = spec.oneway
+        self.has_success = spec.has_success
+        self.void = spec.void
+        self.exception_fields = tuple(field for field, _ in spec.exceptions)
         self.idempotent = idempotent
+        name = spec.name.encode("utf-8")
+        self.header = struct.pack("!iI", VERSION_1 | spec.message_type, len(name)) + name
+        # No fields, hence no defaults either: the args struct is the STOP byte alone.
+        self.takes_nothing = not spec.arg_names
 
 
 class _NodeHealth(object):
@@ -53,17 +76,30 @@ class _NodeHealth(object):
 
     __slots__ = ("failures", "ejected_until", "backoff")
 
-    def __init__(self):
-        self.failures = 0
-        self.ejected_until = 0.0
-        self.backoff = 0.0
+    def __init__(self, failures=0, ejected_until=0.0, backoff=0.0):
+        self.failures = failures
+        self.ejected_until = ejected_until
+        self.backoff = backoff
+
+
+class _Retryable(object):
+    """An attempt's failure that failover may cover (returned, never raised):
+    `before_send` says whether the request could not have reached the node,
+    `error` is what the caller gets when it is not retried."""
+
+    __slots__ = ("before_send", "error")
+
+    def __init__(self, before_send, error):
+        self.before_send = before_send
+        self.error = error
 
 
 class ProbeClient(TClient):
     """A `thriftpy2.thrift.TClient` whose every call is routed by probe.
 
     Safe to share between threads. Methods are real attributes prepared once, so a
-    call skips TClient's per-call `__getattr__`/`functools.partial` work.
+    call skips TClient's per-call `__getattr__`/`functools.partial` work. Built by
+    :func:`build_client`; construct it directly only with a watcher of your own.
     """
 
     def __init__(self, service, appkey, service_name, env, watcher, zk, socket_timeout=500,
@@ -92,19 +128,32 @@ class ProbeClient(TClient):
         self._pools_lock = threading.Lock()
         self._inflight = {}  # node name -> calls in flight (least_inflight only)
         self._inflight_lock = threading.Lock()
+        # node name -> _NodeHealth. Copied on write under _health_lock and never
+        # mutated once published: the call path reads it without a lock, the watcher
+        # thread iterates it safely.
         self._health = {}
+        self._health_lock = threading.Lock()
         self._closed = False
         self.balancer = make_balancer(balancer, inflight=self._inflight_of)
+        self._pick = self.balancer.pick
         self._track_inflight = self.balancer.name == "least_inflight"
-        names = service.thrift_services
-        idempotent_names = _idempotent_names(idempotent, names)
+        specs = method_specs(service)
+        idempotent_names = _idempotent_names(idempotent, list(specs))
         self._methods = {}
-        for name in names:
-            method = _Method(service, name, name in idempotent_names)
+        for name, spec in specs.items():
+            method = _ClientMethod(spec, name in idempotent_names)
             self._methods[name] = method
             # 'close' is TClient's own method; thriftpy2 exposes the RPC as 'tclose'.
             setattr(self, "tclose" if name == "close" else name, self._bind(method))
         watcher.on_change = self._on_table
+
+    @property
+    def thrift_module(self) -> Optional[ModuleType]:
+        """The thriftpy2 module of the IDL this client was built from, holding the
+        very classes (structs, declared exceptions) the client returns and raises:
+        the same object :func:`probe.load_thrift` gives for that file. None for a
+        service class that probe.idl did not load."""
+        return module_of(self._service)
 
     def _bind(self, method):
         call = self._call
@@ -136,133 +185,148 @@ class ProbeClient(TClient):
         return self._call(method, args, kwargs)
 
     def _call(self, method, args, kwargs):
+        """Route one call: pick a node, make an attempt, fail over when the failure
+        allows it."""
         if self._closed:
             raise ProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
-        try:
-            payload = method.args_cls(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
+        if args or kwargs or not method.takes_nothing:
+            try:
+                payload = method.args_cls(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
+        else:
+            payload = None
+        state = self.recorder.thread_state() if self.recorder is not None else None
+        watcher = self.watcher
         tried = None
         attempt = 0
-        state = self.recorder.thread_state() if self.recorder is not None else None
         while True:
-            table = self.watcher.table
+            table = watcher.table
             if table.refresh_at is not None and time.time() >= table.refresh_at:
-                self.watcher.refresh()
-                table = self.watcher.table
-            node = self.balancer.pick(table, tried)
-            if self._health and node.name in self._health:
+                watcher.refresh()
+                table = watcher.table
+            node = self._pick(table, tried)
+            health = self._health
+            if health and node.name in health:
                 node = self._avoid_ejected(table, node, tried)
-            pool = self._pools.get(node.name)
-            if pool is None:
-                pool = self._pool_for(node)
-            started = time.perf_counter()
-            if self._track_inflight:
-                with self._inflight_lock:  # += on a dict entry is not atomic
-                    self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
-            if state is not None:
-                state.current = node.name  # this thread is now in flight on node
-            try:
-                return self._exchange(pool, method, payload, node, started, state)
-            except _Retryable as failure:
-                attempt += 1
-                if attempt > self.retries or not (failure.before_send or method.idempotent):
-                    raise failure.error
-                tried = (tried or set()) | {node.name}
-                if len(tried) >= len(table.nodes):
-                    tried = None  # every node failed once: any may be picked again
-                log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
-                         method.name, node.name, failure.error, attempt, self.retries)
-            finally:
-                if self._track_inflight:
-                    with self._inflight_lock:
-                        self._inflight[node.name] -= 1
-                if state is not None:
-                    state.current = None
+            status, value, error = self._attempt(node, method, payload, state)
+            if error is None:
+                return value
+            if error.__class__ is not _Retryable:
+                raise error
+            attempt += 1
+            if attempt > self.retries or not (error.before_send or method.idempotent):
+                raise error.error
+            tried = (tried or set()) | {node.name}
+            if len(tried) >= len(table.nodes):
+                tried = None  # every node failed once: any may be picked again
+            log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
+                     method.name, node.name, error.error, attempt, self.retries)
 
-    def _exchange(self, pool, method, payload, node, started, state=None):
+    def _attempt(self, node, method, payload, state):
+        """One try on one node: (status, value, error), where error is None, an
+        exception for the caller, or a _Retryable.
+
+        The one place an attempt is observed (metrics and the `observe` hook) and
+        the one place its connection is put back (only after a clean exchange) or
+        closed (after anything else, including an unexpected exception)."""
+        pool = self._pools.get(node.name)
+        if pool is None:
+            pool = self._pool_for(node)
+        if self._track_inflight:
+            with self._inflight_lock:  # += on a dict entry is not atomic
+                self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
+        if state is not None:
+            state.current = node.name  # this thread is now in flight on node
+        conn = None
+        reusable = False
+        status = CONNECTION_ERROR  # what an attempt that raised unexpectedly counts as
+        started = _perf_counter()
         try:
-            conn = pool.acquire()
+            conn = pool.acquire(started)
+            if self._health:
+                self._connected(node)
+            seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
+            try:
+                self._send_call(conn, method, payload, seqid)
+            except _TRANSPORT_ERRORS as exc:
+                # The peer closed or reset before our bytes were taken: nothing ran.
+                return CONNECTION_ERROR, None, _Retryable(True, exc)
+            if method.oneway:
+                reusable = True
+                status = OK
+                return OK, None, None
+            try:
+                outcome = self._recv_reply(conn, method, seqid, node)
+            except _TRANSPORT_ERRORS as exc:
+                status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
+                return status, None, _Retryable(False, exc)
+            status = outcome[0]
+            # A reply with a wrong seqid leaves the connection out of step: never reuse it.
+            reusable = status != CONNECTION_ERROR
+            return outcome
         except ConnectFailed as exc:
             self._connect_failed(node)
-            self._observe(method, node, CONNECTION_ERROR, started, state)
-            raise _Retryable(True, NodeUnreachable("%s (node %s of %s/%s)" % (
+            return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable("%s (node %s of %s/%s)" % (
                 exc, node.name, self.appkey, self.service_name)))
-        if self._health:
-            self._connected(node)
-        protocol = conn.protocol
-        conn.seqid = seqid = (conn.seqid + 1) & 0x7FFFFFFF
-        try:
-            protocol.write_message_begin(method.name, TMessageType.ONEWAY if method.oneway
-                                         else TMessageType.CALL, seqid)
-            payload.write(protocol)
-            protocol.write_message_end()
-            protocol.trans.flush()
-        except _TRANSPORT_ERRORS as exc:
-            # The peer closed or reset before our bytes were taken: nothing ran.
-            conn.close()
-            self._observe(method, node, CONNECTION_ERROR, started, state)
-            raise _Retryable(True, exc)
-        if method.oneway:
-            pool.release(conn)
-            self._observe(method, node, OK, started, state)
-            return None
-        try:
-            _, message_type, reply_seqid = protocol.read_message_begin()
-            if reply_seqid != seqid:
-                # A stray late reply: this connection can no longer be trusted.
-                conn.close()
-                self._observe(method, node, CONNECTION_ERROR, started, state)
-                raise _Retryable(False, TApplicationException(
-                    TApplicationException.BAD_SEQUENCE_ID, "reply seqid %d does not match call "
-                    "%d on %s" % (reply_seqid, seqid, node.name)))
-            if message_type == TMessageType.EXCEPTION:
-                error = TApplicationException()
-                error.read(protocol)
-                protocol.read_message_end()
-                pool.release(conn)
-                self._observe(method, node, APPLICATION_ERROR, started, state)
-                raise error
-            result = method.result_cls()
-            result.read(protocol)
-            protocol.read_message_end()
-        except (TApplicationException, _Retryable):
-            raise
-        except _TRANSPORT_ERRORS as exc:
-            conn.close()
-            status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
-            self._observe(method, node, status, started, state)
-            raise _Retryable(False, exc)
-        except BaseException:
-            conn.close()
-            raise
-        pool.release(conn)
-        if method.has_success and result.success is not None:
-            self._observe(method, node, OK, started, state)
-            return result.success
-        if method.void:
-            self._observe(method, node, OK, started, state)
-            return None
-        for field, value in result.__dict__.items():
-            if field != "success" and value is not None:
-                self._observe(method, node, DECLARED_EXCEPTION, started, state)
-                raise value
-        if not method.has_success:
-            self._observe(method, node, OK, started, state)
-            return None
-        self._observe(method, node, APPLICATION_ERROR, started, state)
-        raise TApplicationException(TApplicationException.MISSING_RESULT,
-                                    "%s returned no result" % method.name)
+        finally:
+            ended = _perf_counter()
+            if conn is not None:
+                if reusable:
+                    pool.release(conn, ended)
+                else:
+                    conn.close()
+            seconds = ended - started
+            if state is not None:
+                state.current = None
+                self.recorder.observe_in(state, method.name, node.name, status, seconds)
+            if self.observe is not None:
+                self.observe(method.name, node.name, status, seconds)
+            if self._track_inflight:
+                with self._inflight_lock:
+                    self._inflight[node.name] -= 1
 
-    def _observe(self, method, node, status, started, state):
-        observe = self.observe
-        if state is None and observe is None:
-            return
-        seconds = time.perf_counter() - started
-        if state is not None:
-            self.recorder.observe_in(state, method.name, node.name, status, seconds)
-        if observe is not None:
-            observe(method.name, node.name, status, seconds)
+    @staticmethod
+    def _send_call(conn, method, payload, seqid):
+        """Write and flush one request (binary protocol)."""
+        transport = conn.transport
+        if payload is None:
+            transport.write(method.header + _SEQID_THEN_STOP.pack(seqid, 0))
+        else:
+            transport.write(method.header + _SEQID.pack(seqid))
+            conn.protocol.write_struct(payload)
+        transport.flush()
+
+    @staticmethod
+    def _recv_reply(conn, method, seqid, node):
+        """Read one reply: (status, value, error). Raises transport errors."""
+        protocol = conn.protocol
+        _, message_type, reply_seqid = protocol.read_message_begin()
+        if reply_seqid != seqid:
+            # A stray late reply (thriftpy2#130): this connection can no longer be trusted.
+            return CONNECTION_ERROR, None, _Retryable(False, TApplicationException(
+                TApplicationException.BAD_SEQUENCE_ID, "reply seqid %d does not match call "
+                "%d on %s" % (reply_seqid, seqid, node.name)))
+        if message_type == TMessageType.EXCEPTION:
+            error = TApplicationException()
+            protocol.read_struct(error)
+            return APPLICATION_ERROR, None, error
+        result = method.result_cls()
+        protocol.read_struct(result)
+        if method.has_success:
+            value = result.success
+            if value is not None:
+                return OK, value, None
+        elif method.void:
+            return OK, None, None
+        for field in method.exception_fields:
+            declared = getattr(result, field, None)
+            if declared is not None:
+                return DECLARED_EXCEPTION, None, declared
+        if not method.has_success:
+            return OK, None, None
+        return APPLICATION_ERROR, None, TApplicationException(
+            TApplicationException.MISSING_RESULT, "%s returned no result" % method.name)
 
     # -- pools, health, routing-table changes --------------------------------------
     def _pool_for(self, node):
@@ -278,27 +342,39 @@ class ProbeClient(TClient):
         return self._inflight.get(node.name, 0)
 
     def _connect_failed(self, node):
-        health = self._health.get(node.name)
-        if health is None:
-            health = self._health.setdefault(node.name, _NodeHealth())
-        health.failures += 1
-        if health.failures >= self.eject_after:
-            health.backoff = min(30.0, health.backoff * 2 if health.backoff else self.eject_backoff)
-            health.ejected_until = time.monotonic() + health.backoff
+        with self._health_lock:
+            old = self._health.get(node.name) or _NodeHealth()
+            health = _NodeHealth(old.failures + 1, old.ejected_until, old.backoff)
+            ejected = health.failures >= self.eject_after
+            if ejected:
+                health.backoff = min(30.0, health.backoff * 2 if health.backoff
+                                     else self.eject_backoff)
+                health.ejected_until = time.monotonic() + health.backoff
+            published = dict(self._health)
+            published[node.name] = health
+            self._health = published
+        if ejected:
             log.warning("node %s of %s/%s failed to connect %d times in a row: skipping it for "
                         "%.1f s", node.name, self.appkey, self.service_name, health.failures,
                         health.backoff)
 
     def _connected(self, node):
-        if self._health.pop(node.name, None) is not None:
-            log.info("node %s of %s/%s answers again", node.name, self.appkey, self.service_name)
+        if node.name not in self._health:
+            return
+        with self._health_lock:
+            health = self._health
+            if node.name not in health:
+                return
+            self._health = {name: h for name, h in health.items() if name != node.name}
+        log.info("node %s of %s/%s answers again", node.name, self.appkey, self.service_name)
 
     def _avoid_ejected(self, table, node, tried):
-        health = self._health.get(node.name)
-        if health is None or health.ejected_until <= time.monotonic():
-            return node  # not ejected, or its back-off is over: probe it
+        health = self._health  # a snapshot: never mutated once published
         now = time.monotonic()
-        ejected = {name for name, h in list(self._health.items()) if h.ejected_until > now}
+        entry = health.get(node.name)
+        if entry is None or entry.ejected_until <= now:
+            return node  # not ejected, or its back-off is over: probe it
+        ejected = {name for name, h in health.items() if h.ejected_until > now}
         skip = ejected | (tried or set())
         if len(skip & set(table.index)) >= len(table.nodes):
             return node  # everything is ejected: trying beats failing outright
@@ -312,11 +388,12 @@ class ProbeClient(TClient):
             for name, pool in list(self._pools.items()):
                 if live.get(name) != (pool.host, pool.port):
                     self._pools.pop(name).close()
-        names = {node.name for node in table.all_nodes}
-        for name in [n for n in self._health if n not in names]:
-            self._health.pop(name, None)
+        with self._health_lock:
+            health = self._health
+            if any(name not in live for name in health):
+                self._health = {name: h for name, h in health.items() if name in live}
 
-    def close(self):
+    def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""
         if self._closed:
             return
@@ -335,13 +412,6 @@ class ProbeClient(TClient):
             self._zk = None
 
 
-class _Retryable(Exception):
-    def __init__(self, before_send, error):
-        Exception.__init__(self, error)
-        self.before_send = before_send
-        self.error = error
-
-
 def _idempotent_names(idempotent, names):
     if idempotent is True:
         return set(names)
@@ -349,49 +419,100 @@ def _idempotent_names(idempotent, names):
         return set()
     if isinstance(idempotent, str):
         idempotent = [idempotent]
-    chosen = set(idempotent)
+    try:
+        chosen = set(idempotent)
+    except TypeError:
+        raise ProbeError("idempotent must be True, False, a method name or a list of them, got %r"
+                         % (idempotent,))
     unknown = chosen - set(names)
     if unknown:
         raise ProbeError("idempotent names unknown methods %s (the service has: %s)"
-                         % (", ".join(sorted(unknown)), ", ".join(sorted(names))))
+                         % (", ".join(sorted(map(str, unknown))), ", ".join(sorted(names))))
     return chosen
 
 
-# Options build_client hands to ProbeClient, and those it consumes itself.
-_CLIENT_OPTIONS = frozenset(("connect_timeout", "balancer", "retries", "idempotent", "eject_after",
-                             "eject_backoff", "max_idle", "observe"))
-_BUILD_OPTIONS = frozenset(("config_path", "env", "warmup", "snapshot_dir", "zk_timeout")
-                           + tuple(call_metrics.OPTION_NAMES))
+def _check_number(name, value, minimum, unit, integer=False, allow_equal=True):
+    """Refuse a bad numeric option with a message naming it, before anything starts."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) \
+            or value < minimum or (value == minimum and not allow_equal):
+        raise ProbeError("%s must be %s %s %g%s, got %r" % (
+            name, "an integer" if integer else "a number", ">=" if allow_equal else ">",
+            minimum, " (%s)" % unit if unit else "", value))
 
 
-def build_client(thrift_path, appkey, service_name, socket_timeout=500, **options):
-    """A thread-safe TClient for `service_name` of `appkey`, routed by probe.
+def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeout: float = 500,
+                 *, connect_timeout: Optional[float] = None,
+                 balancer: str = "weighted_random",
+                 retries: int = 2,
+                 idempotent: Union[bool, str, Iterable[str]] = False,
+                 eject_after: int = 3,
+                 eject_backoff: float = 1.0,
+                 max_idle: int = 64,
+                 warmup: float = 0.0,
+                 config_path: Optional[str] = None,
+                 env: Optional[str] = None,
+                 snapshot_dir: Union[str, bool, None] = None,
+                 zk_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 observe: Optional[Observer] = None,
+                 metrics: bool = True,
+                 metrics_port: Optional[int] = None,
+                 metrics_addr: Optional[str] = None,
+                 stats_interval: Optional[float] = None,
+                 stats_ttl: Optional[int] = None,
+                 slow_call_ms: Optional[float] = None) -> ProbeClient:
+    """A thread-safe thrift client for `service_name` of `appkey`, routed by probe.
 
-    socket_timeout and connect_timeout are in ms. Options: balancer
-    ('weighted_random', 'round_robin', 'least_inflight'), warmup (s), retries (2),
-    idempotent (True or method names), eject_after (3), eject_backoff (s),
-    config_path, env, snapshot_dir (False to disable), zk_timeout (s), observe.
-    Call metrics (probe.metrics): metrics (True; False records nothing), metrics_port
-    (serve /metrics), metrics_addr, stats_interval (s, <= 10; flushed to the config's
-    Redis if it has a redis section), stats_ttl (s), slow_call_ms (1000).
+    Returns an instance of a :class:`thriftpy2.thrift.TClient` subclass whose methods
+    are the service's. ``socket_timeout`` and ``connect_timeout`` are in
+    milliseconds (thriftpy2's convention); every other duration is in seconds,
+    except options whose names end in ``_ms``.
+
+    :param thrift_path: the service's .thrift IDL file; parsed once per process
+        (:func:`probe.load_thrift` gives the same module).
+    :param appkey: the application key the service is registered under.
+    :param service_name: the service's name in the IDL, e.g. ``"DemoService"``.
+    :param socket_timeout: ms a call may wait for its reply (500).
+    :param connect_timeout: ms a new connection may take (default: socket_timeout).
+    :param balancer: ``"weighted_random"`` (default), ``"round_robin"`` (smooth
+        weighted) or ``"least_inflight"`` (fewest calls in flight per unit of
+        weight; weighted random among the least loaded).
+    :param retries: how many times a failed call may move to another node (2).
+    :param idempotent: True, or the method names (a name or a list) that may be
+        retried after the request was sent; default none.
+    :param eject_after: consecutive connect failures that make a node skipped (3).
+    :param eject_backoff: seconds a node is first skipped; doubles up to 30 (1.0).
+    :param max_idle: idle connections kept per node (64).
+    :param warmup: seconds over which a new node's weight ramps up (0: none).
+    :param config_path: YAML config file (default: ``PROBE_CONFIG`` or the packaged one).
+    :param env: the env to use (default: ``PROBE_ENV`` or the hostname rules).
+    :param snapshot_dir: where the last known node list is kept for starts during a
+        ZooKeeper outage; False disables it.
+    :param zk_timeout: seconds to wait for ZooKeeper at start; the client keeps
+        trying in the background after that.
+    :param observe: ``observe(method, node_name, status, seconds)`` called after
+        every attempt, on the calling thread.
+    :param metrics: False records no call metrics at all (True).
+    :param metrics_port: serve Prometheus ``/metrics`` on this port (0: a free one).
+    :param metrics_addr: the address ``/metrics`` binds.
+    :param stats_interval: seconds between two flushes of call counts to the
+        config's Redis (at most 10).
+    :param stats_ttl: seconds the flushed counts are kept in Redis.
+    :param slow_call_ms: a call taking at least this many ms is logged (1000).
+    :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
+        unreadable IDL or config, before anything is started.
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
-    if isinstance(socket_timeout, bool) or not isinstance(socket_timeout, (int, float)) \
-            or socket_timeout <= 0:
-        raise ProbeError("socket_timeout is in ms and must be > 0, got %r" % (socket_timeout,))
-    config_path = options.pop("config_path", None)
-    env = options.pop("env", None)
-    warmup = options.pop("warmup", 0.0)
-    snapshot_dir = options.pop("snapshot_dir", None)
-    zk_timeout = options.pop("zk_timeout", DEFAULT_CONNECT_TIMEOUT)
-    balancer = options.get("balancer", "weighted_random")
-    make_balancer(balancer, inflight=lambda node: 0)  # refuse a bad name before connecting
-    chosen = call_metrics.pop_options(options)
-    unknown = sorted(set(options) - _CLIENT_OPTIONS)
-    if unknown:
-        raise ProbeError("build_client got unknown option(s) %s; it takes %s" % (
-            ", ".join(unknown), ", ".join(sorted(_CLIENT_OPTIONS | _BUILD_OPTIONS))))
+    client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+                          balancer=balancer, retries=retries, idempotent=idempotent,
+                          eject_after=eject_after, eject_backoff=eject_backoff,
+                          max_idle=max_idle, observe=observe)
+    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **client_options)
+    given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
+             "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
+    chosen = call_metrics.metrics_options(
+        metrics=metrics, **{name: value for name, value in given.items() if value is not None})
     settings = load_settings(config_path, env)
     recorder = None
     if chosen.enabled:
@@ -402,7 +523,7 @@ def build_client(thrift_path, appkey, service_name, socket_timeout=500, **option
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
         client = ProbeClient(service, appkey, service_name, settings.env, watcher, zk,
-                             socket_timeout=socket_timeout, recorder=recorder, **options)
+                             recorder=recorder, **client_options)
         watcher.start()
     except BaseException:
         release_zookeeper(zk)
@@ -418,6 +539,25 @@ def build_client(thrift_path, appkey, service_name, socket_timeout=500, **option
         call_metrics.attach(recorder, client.stats_target[0], settings.env,
                             chosen.stats_interval, chosen.stats_ttl)
     return client
+
+
+def _check_client_options(service, socket_timeout, connect_timeout, balancer, retries, idempotent,
+                          eject_after, eject_backoff, max_idle, observe, warmup, zk_timeout):
+    """Refuse a bad build_client value, naming it, before anything is started."""
+    _check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
+    if connect_timeout is not None:
+        _check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
+    _check_number("retries", retries, 0, None, integer=True)
+    _check_number("eject_after", eject_after, 1, None, integer=True)
+    _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
+    _check_number("max_idle", max_idle, 0, None, integer=True)
+    _check_number("warmup", warmup, 0, "seconds")
+    _check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
+    if observe is not None and not callable(observe):
+        raise ProbeError("observe must be a callable(method, node, status, seconds), got %r"
+                         % (observe,))
+    make_balancer(balancer, inflight=lambda node: 0)
+    _idempotent_names(idempotent, service.thrift_services)
 
 
 __all__ = ["build_client", "ProbeClient", "NoAvailableNode", "NodeUnreachable"]

@@ -16,13 +16,15 @@ import select
 import socket
 import time
 
-STALE_CHECK_AFTER = 0.0002  # seconds idle before a pooled connection is polled
 from collections import deque
+from typing import Optional
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
 
-monotonic = time.monotonic
+STALE_CHECK_AFTER = 0.0002  # seconds idle before a pooled connection is polled
+
+perf_counter = time.perf_counter  # the client's clock: it passes its own readings
 _PROTOCOLS = TBinaryProtocolFactory()
 _TRANSPORTS = TBufferedTransportFactory()
 
@@ -32,23 +34,26 @@ class ConnectFailed(Exception):
 
 
 class Connection(object):
+    """One open connection: a buffered transport and the binary protocol over it
+    (the client pre-encodes its message headers for that protocol)."""
+
     __slots__ = ("transport", "protocol", "sock", "poller", "seqid", "released_at")
 
-    def __init__(self, host, port, timeout_ms, connect_timeout_ms, proto_factory=None, trans_factory=None):
+    def __init__(self, host: str, port: int, timeout_ms: float, connect_timeout_ms: float) -> None:
         raw = TSocket(host, port, socket_timeout=timeout_ms, connect_timeout=connect_timeout_ms)
         try:
             raw.open()
         except (TTransportException, OSError) as exc:
             raise ConnectFailed("cannot connect to %s:%d: %s" % (host, port, exc))
         self.sock = raw.sock
-        self.transport = (trans_factory or _TRANSPORTS).get_transport(raw)
-        self.protocol = (proto_factory or _PROTOCOLS).get_protocol(self.transport)
+        self.transport = _TRANSPORTS.get_transport(raw)
+        self.protocol = _PROTOCOLS.get_protocol(self.transport)
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self.seqid = 0
         self.released_at = 0.0
 
-    def is_stale(self):
+    def is_stale(self) -> bool:
         # An idle connection has nothing to read; readable means EOF, a reset or a
         # stray late reply: either way it cannot carry a new call.
         try:
@@ -56,7 +61,7 @@ class Connection(object):
         except (OSError, ValueError):
             return True
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.transport.close()
         except (OSError, TTransportException, AttributeError):
@@ -66,44 +71,49 @@ class Connection(object):
 class NodePool(object):
     """Idle connections to one node. Thread-safe: deque append/pop are atomic."""
 
-    def __init__(self, host, port, timeout_ms=500, connect_timeout_ms=None, max_idle=64,
-                 proto_factory=None, trans_factory=None):
+    def __init__(self, host: str, port: int, timeout_ms: float = 500,
+                 connect_timeout_ms: Optional[float] = None, max_idle: int = 64) -> None:
         self.host = host
         self.port = port
         self.timeout_ms = timeout_ms
         self.connect_timeout_ms = connect_timeout_ms or timeout_ms
         self.max_idle = max_idle
-        self.proto_factory = proto_factory
-        self.trans_factory = trans_factory
         self.idle = deque()
         self.closed = False
         self.created = 0
 
-    def acquire(self):
+    def acquire(self, now: Optional[float] = None) -> Connection:
         """An open connection: a pooled one that is still sound, else a new one.
-        Raises ConnectFailed when a new one cannot be opened."""
+        Raises ConnectFailed when a new one cannot be opened.
+
+        :param now: ``time.perf_counter()`` if the caller has just read it (a clock
+            read costs more than the rest of this method)."""
+        if now is None:
+            now = perf_counter()
         idle = self.idle
         while idle:
             try:
                 conn = idle.pop()
             except IndexError:
                 break
-            if monotonic() - conn.released_at > STALE_CHECK_AFTER and conn.is_stale():
+            if now - conn.released_at > STALE_CHECK_AFTER and conn.is_stale():
                 conn.close()
                 continue
             return conn
         self.created += 1
-        return Connection(self.host, self.port, self.timeout_ms, self.connect_timeout_ms,
-                          self.proto_factory, self.trans_factory)
+        return Connection(self.host, self.port, self.timeout_ms, self.connect_timeout_ms)
 
-    def release(self, conn):
+    def release(self, conn: Connection, now: Optional[float] = None) -> None:
+        """Put back a connection whose last exchange completed cleanly.
+
+        :param now: ``time.perf_counter()`` if the caller has just read it."""
         if self.closed or len(self.idle) >= self.max_idle:
             conn.close()
         else:
-            conn.released_at = monotonic()
+            conn.released_at = perf_counter() if now is None else now
             self.idle.append(conn)
 
-    def close(self):
+    def close(self) -> None:
         self.closed = True
         while self.idle:
             try:
@@ -112,6 +122,6 @@ class NodePool(object):
                 break
 
 
-def is_timeout(exc):
+def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, socket.timeout) or (
         isinstance(exc, TTransportException) and exc.type == TTransportException.TIMED_OUT)

@@ -15,10 +15,11 @@ import random
 import tempfile
 import threading
 import time
+from typing import Callable, Optional
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NoAuthError,
-                              NoNodeError, NodeExistsError, ZookeeperError)
+from kazoo.exceptions import (BadVersionError, KazooException, NoAuthError, NoNodeError,
+                              NodeExistsError, ZookeeperError)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
@@ -39,10 +40,16 @@ class ZooKeeper(object):
     - A client that stays SUSPENDED for longer than twice the session timeout is
       restarted with a fresh session. This covers a ZooKeeper rebuilt from scratch:
       it refuses clients that have seen a higher zxid, so kazoo alone would stay
-      SUSPENDED for ever and never report LOST.
+      SUSPENDED for ever and never report LOST. Restarting relies on kazoo's
+      `stop()` failing every request still queued with ConnectionLoss, so no
+      recovery task waits on one for ever (tests/test_client_api.py pins this).
+
+    Only kazoo's public API is used: the state comes from a listener, never from
+    the client's private attributes.
     """
 
-    def __init__(self, hosts, session_timeout=6.0, auth=None):
+    def __init__(self, hosts: str, session_timeout: float = 6.0,
+                 auth: Optional[str] = None) -> None:
         self.hosts = hosts
         self.session_timeout = float(session_timeout)
         # Digest credentials "user:password": every znode this session creates gets
@@ -61,11 +68,12 @@ class ZooKeeper(object):
         self._need_resync = True
         self._suspended_since = None
         self._stopped = threading.Event()
+        self._connected = threading.Event()  # set while the listener last saw CONNECTED
         self._worker = None
         self.client.add_listener(self._on_state)
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self, timeout=3.0, keep_trying=False):
+    def start(self, timeout: float = 3.0, keep_trying: bool = False) -> bool:
         """Connect within `timeout` seconds or raise ComponentUnavailable. With
         `keep_trying`, a failed start leaves the client connecting in the background."""
         self._ensure_worker()
@@ -81,7 +89,7 @@ class ZooKeeper(object):
             "ZooKeeper at %s did not answer within %.1f s: start it (`probe stack up` for "
             "the local stack) or fix zkserver in the config" % (self.hosts, timeout))
 
-    def stop(self):
+    def stop(self) -> None:
         self._stopped.set()
         self._work.put(None)
         try:
@@ -91,32 +99,36 @@ class ZooKeeper(object):
             log.debug("error while closing ZooKeeper client", exc_info=True)
 
     @property
-    def connected(self):
+    def connected(self) -> bool:
         return self.client.connected
 
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the session to be CONNECTED."""
+        return self._connected.wait(timeout)
+
     @property
-    def session_id(self):
+    def session_id(self) -> Optional[int]:
         client_id = self.client.client_id
         return client_id[0] if client_id else None
 
-    def on_new_session(self, callback):
+    def on_new_session(self, callback: Callable[[], None]) -> None:
         with self._callbacks_lock:
             self._callbacks.append(callback)
 
-    def on_reconnect(self, callback):
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
         """`callback()` runs (on the worker, after jitter) when a suspended session
         reconnects: watches survived, but a full re-read costs little and catches
         anything a recipe missed."""
         with self._callbacks_lock:
             self._reconnect_callbacks.append(callback)
 
-    def remove_callback(self, callback):
+    def remove_callback(self, callback: Callable[[], None]) -> None:
         with self._callbacks_lock:
             for callbacks in (self._callbacks, self._reconnect_callbacks):
                 if callback in callbacks:
                     callbacks.remove(callback)
 
-    def submit(self, task):
+    def submit(self, task: Callable[[], None]) -> None:
         """Run `task()` on the worker thread (never on a kazoo thread)."""
         self._work.put(task)
 
@@ -124,6 +136,7 @@ class ZooKeeper(object):
     def _on_state(self, state):
         # kazoo's connection thread: record and hand off, never call ZooKeeper here.
         if state == KazooState.CONNECTED:
+            self._connected.set()
             self._suspended_since = None
             if self._need_resync:
                 self._need_resync = False
@@ -132,10 +145,12 @@ class ZooKeeper(object):
                 self._work.put(self._run_reconnect_callbacks)
             self._was_suspended = False
         elif state == KazooState.SUSPENDED:
+            self._connected.clear()
             self._was_suspended = True
             if self._suspended_since is None:
                 self._suspended_since = time.monotonic()
         elif state == KazooState.LOST:
+            self._connected.clear()
             self._need_resync = True
             if self._suspended_since is None:
                 self._suspended_since = time.monotonic()
@@ -198,24 +213,11 @@ class ZooKeeper(object):
             self._suspended_since = time.monotonic()
             self._need_resync = True
             try:
-                self._fail_queued_requests()
+                # stop() fails the requests still queued with ConnectionLoss.
                 self.client.stop()
                 self.client.start_async()
             except Exception:
                 log.exception("restarting the ZooKeeper client failed; will try again")
-
-
-    def _fail_queued_requests(self):
-        # kazoo drops requests still queued for a connection when it resets, without
-        # waking whoever waits on them; fail them so recovery tasks do not hang.
-        queued = list(getattr(self.client, "_queue", ()))
-        for item in queued:
-            async_result = item[1] if isinstance(item, tuple) and len(item) > 1 else None
-            if async_result is not None and hasattr(async_result, "set_exception"):
-                try:
-                    async_result.set_exception(ConnectionLoss("ZooKeeper session restarted"))
-                except Exception:
-                    pass
 
 
 SNAPSHOT_DELAY = 0.5  # seconds between a routing change and its snapshot write
@@ -226,7 +228,7 @@ _shared = {}
 _shared_lock = threading.Lock()
 
 
-def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
+def shared_zookeeper(zk_settings, timeout: float = 3.0, keep_trying: bool = False) -> ZooKeeper:
     """The process's one ZooKeeper session for these hosts, started on first use.
     Pair every call with `release_zookeeper`."""
     auth = getattr(zk_settings, "auth", None)
@@ -236,7 +238,7 @@ def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
         if entry is not None and not keep_trying and not entry[0].connected:
             # Shared with a consumer that started during an outage: a provider must
             # not register on a session that is not there.
-            if not entry[0].client._live.wait(timeout):
+            if not entry[0].wait_connected(timeout):
                 raise ComponentUnavailable("ZooKeeper at %s did not answer within %.1f s"
                                            % (zk_settings.hosts, timeout))
         if entry is None:
@@ -252,7 +254,7 @@ def shared_zookeeper(zk_settings, timeout=3.0, keep_trying=False):
         return entry[0]
 
 
-def release_zookeeper(zk):
+def release_zookeeper(zk: ZooKeeper) -> None:
     with _shared_lock:
         entry = _shared.get(zk.share_key)
         if entry is None or entry[0] is not zk:

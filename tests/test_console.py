@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, run_probe, wait_for
+from conftest import run_probe, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

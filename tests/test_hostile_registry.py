@@ -18,7 +18,7 @@ import pymysql
 import pytest
 from kazoo.client import KazooClient
 
-from conftest import IDL, ROOT, run_probe, wait_for
+from conftest import ROOT, run_probe, wait_for
 from probe import naming
 from probe.admin import Admin
 from probe.appkeys import AppkeyStore
