@@ -475,8 +475,9 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     :param socket_timeout: ms a call may wait for its reply (500).
     :param connect_timeout: ms a new connection may take (default: socket_timeout).
     :param balancer: ``"weighted_random"`` (default), ``"round_robin"`` (smooth
-        weighted) or ``"least_inflight"`` (fewest calls in flight per unit of
-        weight; weighted random among the least loaded).
+        weighted) or ``"least_inflight"`` (power of two choices by weight: of two
+        nodes drawn, the one with fewer calls in flight per unit of weight; equal
+        loads split by weight).
     :param retries: how many times a failed call may move to another node (2).
     :param idempotent: True, or the method names (a name or a list) that may be
         retried after the request was sent; default none.
