@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from bench.common import EXAMPLES, IDL, SERVICE, latency_summary, median
+from bench.common import EXAMPLES, IDL, SERVICE, latency_summary, median, serve_cpu_requests
 
 BARE_TIMEOUT_MS = 5000
 
@@ -285,18 +285,7 @@ def consumer(conn, appkey, snapshot_dir):
         watcher.on_change = hooked
         with send_lock:
             conn.send(("ready", time.time(), [n.weight for n in watcher.table.all_nodes]))
-        cpu_ready = time.process_time()
-        updates_ready = watcher.updates
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return
-            if message is None:
-                return
-            if message == "cpu":  # CPU this consumer spent since it was ready
-                with send_lock:
-                    conn.send(("cpu", time.process_time() - cpu_ready, watcher.updates - updates_ready))
+        serve_cpu_requests(conn, send_lock, lambda: watcher.updates)
     finally:
         c.close()
 
