@@ -13,7 +13,6 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDL = os.path.join(ROOT, "idl", "demo.thrift")
-EXAMPLES = os.path.join(ROOT, "examples")
 SERVICE = "DemoService"
 
 # spawn, never fork: the driver holds kazoo threads, and a forked kazoo is broken.

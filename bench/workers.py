@@ -5,11 +5,10 @@ driver sends None (or closes the pipe)."""
 import gc
 import os
 import socket
-import sys
 import threading
 import time
 
-from bench.common import EXAMPLES, IDL, SERVICE, latency_summary, median, serve_cpu_requests
+from bench.common import IDL, SERVICE, latency_summary, median, serve_cpu_requests
 
 BARE_TIMEOUT_MS = 5000
 
@@ -20,9 +19,7 @@ def _bare_service():
 
 
 def _handler(name="bench"):
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    from demo_server import DemoServiceHandler
+    from probe.demo import DemoServiceHandler
     return DemoServiceHandler(name)
 
 
