@@ -543,11 +543,9 @@ def report_propagation(report, section, per_n, call, return_note, cpu_title, lim
                    % (os.cpu_count() or 1) if n == max(per_n) else None)
 
 
-def serve_cpu_requests(conn, send_lock, counted):
-    """A consumer worker's loop once it sent "ready": answer each "cpu" with the CPU
-    seconds it spent and the changes it counted since (`counted()`); return when the
-    driver sends None or closes the pipe."""
-    cpu_ready, counted_ready = time.process_time(), counted()
+def serve_until_stopped(conn, answer):
+    """A worker's loop: `answer(message)` each message of the driver until it sends
+    None or closes the pipe."""
     while True:
         try:
             message = conn.recv()
@@ -555,6 +553,16 @@ def serve_cpu_requests(conn, send_lock, counted):
             return
         if message is None:
             return
+        answer(message)
+
+
+def serve_cpu_requests(conn, send_lock, counted):
+    """A consumer worker's loop once it sent "ready": answer each "cpu" with the CPU
+    seconds it spent and the changes it counted since (`counted()`)."""
+    cpu_ready, counted_ready = time.process_time(), counted()
+
+    def answer(message):
         if message == "cpu":
             with send_lock:
                 conn.send(("cpu", time.process_time() - cpu_ready, counted() - counted_ready))
+    serve_until_stopped(conn, answer)

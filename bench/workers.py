@@ -8,7 +8,8 @@ import socket
 import threading
 import time
 
-from bench.common import IDL, SERVICE, latency_summary, median, serve_cpu_requests
+from bench.common import (IDL, SERVICE, latency_summary, median, serve_cpu_requests,
+                          serve_until_stopped)
 
 BARE_TIMEOUT_MS = 5000
 
@@ -24,14 +25,8 @@ def _handler(name="bench"):
 
 
 def _wait_for_stop(conn):
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        conn.send({"error": "unexpected message %r" % (message,)})
+    serve_until_stopped(conn, lambda message: conn.send(
+        {"error": "unexpected message %r" % (message,)}))
 
 
 def _free_port():
