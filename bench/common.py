@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark driver and its worker processes: statistics,
 child-process management (nothing outlives the run), and the stack watchdog."""
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -12,7 +13,6 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDL = os.path.join(ROOT, "idl", "demo.thrift")
-EXAMPLES = os.path.join(ROOT, "examples")
 SERVICE = "DemoService"
 
 # spawn, never fork: the driver holds kazoo threads, and a forked kazoo is broken.
@@ -395,3 +395,174 @@ def set_affinity(pid, cpus):
             except OSError:
                 pass
     return done
+
+
+# -- propagation: one admin write -> N consumer processes (sections 6 and 7) --------------
+
+class Propagation(object):
+    """What one propagation bench varies; `measure_propagation` does the rest.
+
+    :param label: names the bench in log lines and errors ("propagation").
+    :param worker: the consumer worker, ``(module, function)``; it takes ``conn``, the
+        keyword arguments `start_kwargs(i)` returns, sends ``("ready", t, ...)``, one
+        message per change it sees and answers "cpu" (see `serve_cpu_requests`).
+    :param name: worker name prefix ("consumer" makes consumer0, consumer1, ...).
+    :param write: ``write(value)`` makes the admin change that consumers must see.
+    :param arrived: ``arrived(message, value)``: does this consumer message carry `value`?
+    :param what: names the value in the timeout error ("weight").
+    :param call_key: the raw-results key of the admin call durations.
+    :param cpu_key: the raw-results key of the consumers' CPU per change.
+    """
+
+    def __init__(self, label, worker, name, start_kwargs, write, arrived, what,
+                 call_key, cpu_key):
+        self.label, self.worker, self.name = label, worker, name
+        self.start_kwargs, self.write, self.arrived, self.what = start_kwargs, write, arrived, what
+        self.call_key, self.cpu_key = call_key, cpu_key
+
+
+@contextlib.contextmanager
+def timed_znode_writes(kazoo):
+    """While the block runs, the wall-clock times at which `kazoo.set()` returned
+    (the admin writes Redis or MySQL around the znode: this times the znode alone)."""
+    written = []
+    original_set = kazoo.set
+
+    def timed_set(*args, **kwargs):
+        result = original_set(*args, **kwargs)
+        written.append(time.time())
+        return result
+    kazoo.set = timed_set
+    try:
+        yield written
+    finally:
+        kazoo.set = original_set
+
+
+def measure_propagation(bench, spec, n, changes, value, written):
+    """Start `n` consumers, make `changes` admin writes of value+1, value+2, ... and
+    time until the last consumer saw each; returns (raw results, last value)."""
+    bench.log("%s: starting %d consumer processes" % (spec.label, n))
+    consumers = [bench.workers.start("%s%d" % (spec.name, i), spec.worker[0], spec.worker[1],
+                                     **spec.start_kwargs(i))
+                 for i in range(n)]
+    out = {"from_return_ms": [], "from_write_ms": [], "from_call_ms": [],
+           "each_from_write_ms": [], spec.call_key: []}
+    try:
+        started = time.monotonic()
+        for consumer in consumers:
+            message = consumer.recv(max(5.0, 240 - (time.monotonic() - started)))
+            if message[0] != "ready":
+                raise BenchError("%s consumer sent %r before ready" % (spec.label, message))
+        bench.log("%s: %d consumers ready in %.1f s; %d changes"
+                  % (spec.label, n, time.monotonic() - started, changes))
+        for _ in range(changes):
+            value += 1
+            del written[:]
+            t_call = time.time()
+            spec.write(value)
+            t_return = time.time()
+            seen = _collect_arrivals(spec, consumers, value, timeout=15.0)
+            t_write = written[-1] if written else t_return
+            last = max(seen)
+            out["from_return_ms"].append((last - t_return) * 1e3)
+            out["from_write_ms"].append((last - t_write) * 1e3)
+            out["from_call_ms"].append((last - t_call) * 1e3)
+            out["each_from_write_ms"].extend((t - t_write) * 1e3 for t in seen)
+            out[spec.call_key].append((t_return - t_call) * 1e3)
+            time.sleep(0.05)
+        cpu, counted = 0.0, 0
+        for consumer in consumers:
+            consumer.send("cpu")
+            while True:
+                message = consumer.recv(30)
+                if message[0] == "cpu":
+                    cpu += message[1]
+                    counted += message[2]
+                    break
+        out[spec.cpu_key] = cpu / max(1, counted) * 1e3
+    finally:
+        bench.workers.stop_many(consumers)
+    return out, value
+
+
+def _collect_arrivals(spec, consumers, value, timeout):
+    """Wait until every consumer reports `value`; the wall-clock times they saw it."""
+    import multiprocessing.connection
+    by_conn = {consumer.conn: i for i, consumer in enumerate(consumers)}
+    seen = [None] * len(consumers)
+    waiting = set(by_conn)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError("%d of %d %s consumers did not see %s %d within %.0f s"
+                             % (len(waiting), len(consumers), spec.label, spec.what, value,
+                                timeout))
+        for conn in multiprocessing.connection.wait(list(waiting), left):
+            try:
+                message = conn.recv()
+            except EOFError:
+                raise BenchError("%s consumer %d died" % (spec.label, by_conn[conn]))
+            check_message("%s%d" % (spec.name, by_conn[conn]), message)
+            if spec.arrived(message, value):
+                seen[by_conn[conn]] = message[1]
+                waiting.discard(conn)
+    return seen
+
+
+def report_propagation(report, section, per_n, call, return_note, cpu_title, limit,
+                       call_key, cpu_key):
+    """The rows of a propagation section, anchored on the smallest N.
+
+    :param call: the admin call's name as the rows show it ("set_weight()").
+    :param return_note: the note on the first "from ... return" row.
+    :param cpu_title: names the consumer CPU row ("consumer CPU per table update").
+    :param limit: the p99 target in ms.
+    """
+    first = min(per_n)
+    anchor = "N=%d" % first
+    for key, title, note in (
+            ("from_return_ms", "from %s return" % call, return_note),
+            ("from_write_ms", "from the znode write", "same, counted from the znode set() returning")):
+        for stat, q in (("p50", 50), ("p99", 99)):
+            base = percentile(per_n[first][key], q)
+            for n in sorted(per_n):
+                report.add(section, "N=%d, all consumers, %s, %s" % (n, title, stat),
+                           percentile(per_n[n][key], q), "ms", anchor, base,
+                           target=("value<", limit) if stat == "p99" else None,
+                           note=note if (n == first and stat == "p50") else None)
+    base = median(per_n[first][call_key])
+    for n in sorted(per_n):
+        report.add(section, "N=%d, %s call duration, median" % (n, call),
+                   median(per_n[n][call_key]), "ms", anchor, base)
+    base = per_n[first][cpu_key]
+    for n in sorted(per_n):
+        report.add(section, "N=%d, %s" % (n, cpu_title), per_n[n][cpu_key], "ms", anchor, base,
+                   note="N x this / %d cores bounds how fast the last consumer can be"
+                   % (os.cpu_count() or 1) if n == max(per_n) else None)
+
+
+def serve_until_stopped(conn, answer):
+    """A worker's loop: `answer(message)` each message of the driver until it sends
+    None or closes the pipe."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        answer(message)
+
+
+def serve_cpu_requests(conn, send_lock, counted):
+    """A consumer worker's loop once it sent "ready": answer each "cpu" with the CPU
+    seconds it spent and the changes it counted since (`counted()`)."""
+    cpu_ready, counted_ready = time.process_time(), counted()
+
+    def answer(message):
+        if message == "cpu":
+            with send_lock:
+                conn.send(("cpu", time.process_time() - cpu_ready, counted() - counted_ready))
+    serve_until_stopped(conn, answer)

@@ -25,7 +25,6 @@ median of paired, alternating rounds.
 
 import argparse
 import json
-import multiprocessing.connection
 import os
 import platform
 import shutil
@@ -43,9 +42,9 @@ if ROOT not in sys.path:
 if sys.path[0] == HERE:  # `python bench/run.py` puts bench/ first; `bench.x` is what we import
     sys.path.pop(0)
 
-from bench.common import (BenchError, IDL, SERVICE, Watchdog, Workers, check_message,  # noqa: E402
-                          cpu_seconds, latency_summary, machine_cpu_seconds, median, percentile,
-                          ratio, set_affinity)
+from bench.common import (BenchError, IDL, SERVICE, Propagation, Watchdog, Workers,  # noqa: E402
+                          cpu_seconds, latency_summary, machine_cpu_seconds, measure_propagation,
+                          median, ratio, report_propagation, set_affinity, timed_znode_writes)
 
 FULL = dict(rounds=9, seconds=1.5, warmup=0.2, seed_rounds=3, seed_seconds=2.0,
             same_core_rounds=5, same_core_seconds=1.0, callpath_batch=100, callpath_repeats=300,
@@ -669,100 +668,32 @@ class Bench(object):
         s = "6. admin set_weight -> N consumer processes routing by it"
         info = self.ensure_provider()
         address = "%s:%d" % (info["host"], info["port"])
-        admin = self.admin
-        kazoo = admin.zk.client
+        spec = Propagation(
+            "propagation", ("bench.workers", "consumer"), "consumer",
+            start_kwargs=lambda i: dict(appkey=self.appkey,
+                                        snapshot_dir=os.path.join(self.scratch, "snap", str(i))),
+            write=lambda weight: self.admin.set_weight(self.appkey, SERVICE, address, weight),
+            arrived=lambda message, weight: message[0] == "table" and weight in message[2],
+            what="weight", call_key="admin_call_ms", cpu_key="consumer_cpu_ms_per_update")
         # When the znode write itself returned (set_weight also writes Redis before it
         # and a MySQL audit row after it).
-        written = []
-        original_set = kazoo.set
-
-        def timed_set(*args, **kwargs):
-            result = original_set(*args, **kwargs)
-            written.append(time.time())
-            return result
         weight = 100
         per_n = {}
-        kazoo.set = timed_set
-        try:
+        with timed_znode_writes(self.admin.zk.client) as written:
             for n in self.cfg["prop_ns"]:
-                per_n[n], weight = self._propagate(n, address, weight, written)
-        finally:
-            kazoo.set = original_set
+                per_n[n], weight = measure_propagation(self, spec, n, self.cfg["prop_changes"],
+                                                       weight, written)
         self.report.raw["propagation"] = {str(k): v for k, v in per_n.items()}
-        add = self.report.add
-        first = min(per_n)
-        anchor = "N=%d" % first
-        limit = TARGETS["propagation_p99_ms"]
-        for key, title, note in (
-                ("from_return_ms", "from set_weight() return",
-                 "time until the LAST of N consumers routes by the new table; negative = all "
-                 "had it before set_weight() returned (it writes a MySQL audit row after the znode)"),
-                ("from_write_ms", "from the znode write", "same, counted from the znode set() returning")):
-            for stat, q in (("p50", 50), ("p99", 99)):
-                base = percentile(per_n[first][key], q)
-                for n in sorted(per_n):
-                    add(s, "N=%d, all consumers, %s, %s" % (n, title, stat), percentile(per_n[n][key], q),
-                        "ms", anchor, base, target=("value<", limit) if stat == "p99" else None,
-                        note=note if (n == first and stat == "p50") else None)
-        base = median(per_n[first]["admin_call_ms"])
-        for n in sorted(per_n):
-            add(s, "N=%d, set_weight() call duration, median" % n, median(per_n[n]["admin_call_ms"]),
-                "ms", anchor, base)
-        base = per_n[first]["consumer_cpu_ms_per_update"]
-        for n in sorted(per_n):
-            add(s, "N=%d, consumer CPU per table update" % n, per_n[n]["consumer_cpu_ms_per_update"],
-                "ms", anchor, base,
-                note="N x this / %d cores bounds how fast the last consumer can be" % (os.cpu_count() or 1)
-                if n == max(per_n) else None)
+        report_propagation(
+            self.report, s, per_n, "set_weight()",
+            "time until the LAST of N consumers routes by the new table; negative = all "
+            "had it before set_weight() returned (it writes a MySQL audit row after the znode)",
+            "consumer CPU per table update", TARGETS["propagation_p99_ms"],
+            spec.call_key, spec.cpu_key)
 
     def section_config(self):  # 7: config propagation (bench/configbench.py)
         from bench import configbench
         configbench.run(self)
-
-    def _propagate(self, n, address, weight, written):
-        self.log("propagation: starting %d consumer processes" % n)
-        consumers = [self.workers.start("consumer%d" % i, "bench.workers", "consumer",
-                                        appkey=self.appkey,
-                                        snapshot_dir=os.path.join(self.scratch, "snap", str(i)))
-                     for i in range(n)]
-        out = {"from_return_ms": [], "from_write_ms": [], "from_call_ms": [],
-               "each_from_write_ms": [], "admin_call_ms": []}
-        try:
-            started = time.monotonic()
-            for consumer in consumers:
-                message = consumer.recv(max(5.0, 240 - (time.monotonic() - started)))
-                if message[0] != "ready":
-                    raise BenchError("consumer sent %r before ready" % (message,))
-            self.log("propagation: %d consumers ready in %.1f s; %d weight changes"
-                     % (n, time.monotonic() - started, self.cfg["prop_changes"]))
-            for _ in range(self.cfg["prop_changes"]):
-                weight += 1
-                del written[:]
-                t_call = time.time()
-                self.admin.set_weight(self.appkey, SERVICE, address, weight)
-                t_return = time.time()
-                seen = _collect(consumers, weight, timeout=15.0)
-                t_write = written[-1] if written else t_return
-                last = max(seen)
-                out["from_return_ms"].append((last - t_return) * 1e3)
-                out["from_write_ms"].append((last - t_write) * 1e3)
-                out["from_call_ms"].append((last - t_call) * 1e3)
-                out["each_from_write_ms"].extend((t - t_write) * 1e3 for t in seen)
-                out["admin_call_ms"].append((t_return - t_call) * 1e3)
-                time.sleep(0.05)
-            cpu, updates = 0.0, 0
-            for consumer in consumers:
-                consumer.send("cpu")
-                while True:
-                    message = consumer.recv(30)
-                    if message[0] == "cpu":
-                        cpu += message[1]
-                        updates += message[2]
-                        break
-            out["consumer_cpu_ms_per_update"] = cpu / max(1, updates) * 1e3
-        finally:
-            self.workers.stop_many(consumers)
-        return out, weight
 
 
 def _paired_note(rounds, anchor_rounds):
@@ -772,29 +703,6 @@ def _paired_note(rounds, anchor_rounds):
         return "no round of the anchor completed a call"
     return "round-by-round ratios %s (median %.2fx)" % (
         " ".join("%.2f" % x for x in pairs), median(pairs))
-
-
-def _collect(consumers, weight, timeout):
-    """Wait until every consumer reports a table with `weight`; their wall-clock times."""
-    by_conn = {consumer.conn: i for i, consumer in enumerate(consumers)}
-    seen = [None] * len(consumers)
-    waiting = set(by_conn)
-    deadline = time.monotonic() + timeout
-    while waiting:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise BenchError("%d of %d consumers did not see weight %d within %.0f s"
-                             % (len(waiting), len(consumers), weight, timeout))
-        for conn in multiprocessing.connection.wait(list(waiting), left):
-            try:
-                message = conn.recv()
-            except EOFError:
-                raise BenchError("consumer %d died" % by_conn[conn])
-            check_message("consumer%d" % by_conn[conn], message)
-            if message[0] == "table" and weight in message[2]:
-                seen[by_conn[conn]] = message[1]
-                waiting.discard(conn)
-    return seen
 
 
 def _machine_cpu():

@@ -5,11 +5,11 @@ driver sends None (or closes the pipe)."""
 import gc
 import os
 import socket
-import sys
 import threading
 import time
 
-from bench.common import EXAMPLES, IDL, SERVICE, latency_summary, median
+from bench.common import (IDL, SERVICE, latency_summary, median, serve_cpu_requests,
+                          serve_until_stopped)
 
 BARE_TIMEOUT_MS = 5000
 
@@ -20,21 +20,13 @@ def _bare_service():
 
 
 def _handler(name="bench"):
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    from demo_server import DemoServiceHandler
+    from probe.demo import DemoServiceHandler
     return DemoServiceHandler(name)
 
 
 def _wait_for_stop(conn):
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        conn.send({"error": "unexpected message %r" % (message,)})
+    serve_until_stopped(conn, lambda message: conn.send(
+        {"error": "unexpected message %r" % (message,)}))
 
 
 def _free_port():
@@ -285,18 +277,7 @@ def consumer(conn, appkey, snapshot_dir):
         watcher.on_change = hooked
         with send_lock:
             conn.send(("ready", time.time(), [n.weight for n in watcher.table.all_nodes]))
-        cpu_ready = time.process_time()
-        updates_ready = watcher.updates
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return
-            if message is None:
-                return
-            if message == "cpu":  # CPU this consumer spent since it was ready
-                with send_lock:
-                    conn.send(("cpu", time.process_time() - cpu_ready, watcher.updates - updates_ready))
+        serve_cpu_requests(conn, send_lock, lambda: watcher.updates)
     finally:
         c.close()
 

@@ -5,39 +5,11 @@
 import logging
 import os
 import sys
-import time
 
+from probe.demo import DemoServiceHandler  # noqa: F401 (tests and bench import it from here)
 from probe.server import start_service
 
 IDL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "idl", "demo.thrift")
-
-
-class DemoServiceHandler(object):
-    def __init__(self, name):
-        self.name = name
-
-    def say(self):
-        return "hello world"
-
-    def echo(self, text):
-        return text
-
-    def add(self, a, b):
-        return a + b
-
-    def fail(self, message):
-        from probe.idl import load_module
-        raise load_module(IDL).DemoError(message=message)
-
-    def slow(self, millis):
-        time.sleep(millis / 1000.0)
-        return "slept %d ms" % millis
-
-    def whoami(self):
-        return self.name
-
-    def pid(self):
-        return os.getpid()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,1 @@
-// The demo service used by the README, the examples, the tests and the benchmark.
-// probe/demo/demo.thrift is a copy shipped in the package for `probe demo`;
-// tests/test_packaging.py checks that the two stay identical.
-
-exception DemoError {
-    1: string message
-}
-
-service DemoService {
-    string say();
-    string echo(1: string text);
-    i32 add(1: i32 a, 2: i32 b);
-    string fail(1: string message) throws (1: DemoError error);
-    string slow(1: i32 millis);
-    string whoami();
-    i32 pid();
-}
+../probe/demo/demo.thrift

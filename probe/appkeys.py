@@ -38,6 +38,15 @@ def mysql_tls_options(mysql_settings):
     return {"ssl": context}
 
 
+def close_quietly(connection):
+    """Close a PyMySQL connection (or None) that may already be broken."""
+    if connection is not None:
+        try:
+            connection.close()
+        except Exception:  # already broken: nothing left to release
+            pass
+
+
 class AppkeyStore(object):
     """MySQL access for provider start and admin tools (never the call path).
 
@@ -106,11 +115,7 @@ class AppkeyStore(object):
 
     def _close_locked(self):
         connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:  # already broken: nothing left to release
-                pass
+        close_quietly(connection)
 
     def _run(self, sql, args=None, fetch=False):
         def work(cursor):

@@ -12,6 +12,7 @@ import logging
 
 import pymysql
 
+from .appkeys import close_quietly
 from .errors import ComponentUnavailable, ConfigConflict
 
 log = logging.getLogger("probe.configstore")
@@ -34,11 +35,7 @@ class ConfigHistory(object):
 
     def close(self):
         connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:  # already broken: nothing left to release
-                pass
+        close_quietly(connection)
 
     def _cursor(self):
         if self._connection is not None:

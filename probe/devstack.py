@@ -146,19 +146,11 @@ def _exchange(port: int, request: bytes, enough, timeout: float = 1.0,
 
     Returns b"" when nothing answers, so callers can treat it as "not up".
     """
-    reply = b""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            if request:
-                sock.sendall(request)
-            while not enough(reply):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
+            return _send_and_read(sock, request, enough)
     except OSError:
-        pass
-    return reply
+        return b""
 
 
 def _tls_exchange(port: int, request: bytes, enough, ca: str,
@@ -166,20 +158,30 @@ def _tls_exchange(port: int, request: bytes, enough, ca: str,
                   host: str = LOOPBACK) -> bytes:
     """`_exchange` over TLS, checking the server's certificate against `ca`."""
     import ssl
-    reply = b""
     try:
         context = ssl.create_default_context(cafile=ca)
         if client_pair:
             context.load_cert_chain(*client_pair)
         with socket.create_connection((host, port), timeout=timeout) as raw:
             with context.wrap_socket(raw, server_hostname=host) as sock:
-                sock.sendall(request)
-                while not enough(reply):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    reply += chunk
+                return _send_and_read(sock, request, enough, (OSError, ValueError))
     except (OSError, ValueError):
+        return b""
+
+
+def _send_and_read(sock, request: bytes, enough, errors=(OSError,)) -> bytes:
+    """Send `request` (if any), then read until `enough(reply)` or EOF; one of `errors`
+    (a timeout, a reset) ends the read with what had come so far."""
+    reply = b""
+    try:
+        if request:
+            sock.sendall(request)
+        while not enough(reply):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    except errors:
         pass
     return reply
 

@@ -25,6 +25,7 @@ from thrift.transport import TSocket, TTransport
 
 from conftest import ADVERTISED_HOST, IDL, wait_for
 from probe import naming
+from probe.demo import DemoServiceHandler
 from probe.devstack import free_port
 from probe.idl import load_module
 from probe.registry import Registration, release_zookeeper, shared_zookeeper
@@ -124,35 +125,6 @@ class _StoppableServerSocket(TSocket.TServerSocket):
         return client
 
 
-class ApacheHandler(object):
-    """DemoService implemented against the generated Apache Thrift code."""
-
-    def __init__(self, ttypes, name):
-        self.ttypes = ttypes
-        self.name = name
-
-    def say(self):
-        return "hello world"
-
-    def echo(self, text):
-        return text
-
-    def add(self, a, b):
-        return a + b
-
-    def fail(self, message):
-        raise self.ttypes.DemoError(message=message)
-
-    def slow(self, millis):
-        return "slept %d ms" % millis
-
-    def whoami(self):
-        return self.name
-
-    def pid(self):
-        return 0
-
-
 class ApacheProvider(object):
     """A TThreadedServer (binary protocol, buffered transport) on 127.0.0.1, with
     its node registered under an appkey the way a probe provider registers."""
@@ -162,7 +134,7 @@ class ApacheProvider(object):
         self.host, self.port = ADVERTISED_HOST, free_port()
         self._socket = _StoppableServerSocket(host=self.host, port=self.port)
         self._server = TServer.TThreadedServer(
-            service_module.Processor(ApacheHandler(ttypes, name)), self._socket,
+            service_module.Processor(DemoServiceHandler(name, errors=ttypes)), self._socket,
             TTransport.TBufferedTransportFactory(), TBinaryProtocol.TBinaryProtocolFactory(),
             daemon=True)
         self._thread = threading.Thread(target=self._serve, name="apache-thrift", daemon=True)

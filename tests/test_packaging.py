@@ -56,13 +56,15 @@ def _check(argv, **kwargs):
     return done
 
 
-def test_packaged_demo_idl_matches_the_source():
-    """idl/demo.thrift is the source; the package ships a copy for `probe demo`."""
-    with open(os.path.join(ROOT, "idl", "demo.thrift"), "rb") as source, \
-            open(os.path.join(ROOT, "probe", "demo", "demo.thrift"), "rb") as shipped:
-        assert source.read() == shipped.read(), (
-            "probe/demo/demo.thrift differs from idl/demo.thrift: "
-            "cp idl/demo.thrift probe/demo/demo.thrift")
+def test_idl_demo_thrift_is_the_packaged_file():
+    """idl/demo.thrift is a relative symlink to the one file the package ships for
+    `probe demo`, so the two cannot drift apart."""
+    link = os.path.join(ROOT, "idl", "demo.thrift")
+    shipped = os.path.join(ROOT, "probe", "demo", "demo.thrift")
+    assert os.path.islink(link), "idl/demo.thrift should be a symlink to ../probe/demo/demo.thrift"
+    assert not os.path.isabs(os.readlink(link)), os.readlink(link)
+    assert os.path.realpath(link) == os.path.realpath(shipped), os.readlink(link)
+    assert os.path.isfile(shipped) and not os.path.islink(shipped)
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,19 @@ LOOPBACK = "127.0.0.1"
 MAX_SLOW_MS = 5000
 
 
-class DemoHandler(object):
-    """DemoService's implementation for the demo (the methods a caller may try)."""
+class DemoServiceHandler(object):
+    """DemoService's implementation: the demo's, the examples' and the tests' provider.
+
+    :param name: what ``whoami()`` answers (tests tell nodes apart by it).
+    :param errors: the module whose ``DemoError`` ``fail()`` raises; it must be the
+        server's own (default: the shipped demo.thrift as `probe.idl.load_module` loads
+        it, which any path to that file, symlinks included, shares; an Apache Thrift
+        server passes its generated ``ttypes``).
+    """
+
+    def __init__(self, name="probe demo", errors=None):
+        self.name = name
+        self.errors = errors
 
     def say(self):
         return "hello world"
@@ -38,8 +49,11 @@ class DemoHandler(object):
         return a + b
 
     def fail(self, message):
-        from ..idl import load_module
-        raise load_module(DEMO_IDL).DemoError(message=message)
+        errors = self.errors
+        if errors is None:
+            from ..idl import load_module
+            errors = load_module(DEMO_IDL)
+        raise errors.DemoError(message=message)
 
     def slow(self, millis):
         millis = max(0, min(int(millis), MAX_SLOW_MS))  # a caller cannot park a worker for long
@@ -47,7 +61,7 @@ class DemoHandler(object):
         return "slept %d ms" % millis
 
     def whoami(self):
-        return "probe demo"
+        return self.name
 
     def pid(self):
         return os.getpid()
@@ -104,7 +118,7 @@ def run(out=None, keep_dir=None):
             say("== starting a %s provider on %s (port chosen by the system)"
                 % (SERVICE, LOOPBACK))
             provider = start_service(
-                DEMO_IDL, APPKEY, SERVICE, DemoHandler(), port=0, block=False,
+                DEMO_IDL, APPKEY, SERVICE, DemoServiceHandler(), port=0, block=False,
                 bind_host=LOOPBACK, advertise_host=LOOPBACK, config_path=config, env=ENV,
                 shutdown_grace=0.2, metrics=False)
             say("   registered as %s" % provider.address)

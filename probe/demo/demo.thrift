@@ -1,6 +1,5 @@
 // The demo service used by the README, the examples, the tests and the benchmark.
-// probe/demo/demo.thrift is a copy shipped in the package for `probe demo`;
-// tests/test_packaging.py checks that the two stay identical.
+// This file ships in the package for `probe demo`; idl/demo.thrift is a symlink to it.
 
 exception DemoError {
     1: string message
