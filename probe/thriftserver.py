@@ -82,7 +82,7 @@ class _Connection(object):
     the selector thread may then hand it out or expire it)."""
 
     __slots__ = ("sock", "fd", "peer", "host", "buf", "scanner", "message_deadline",
-                 "deadline", "parked", "calling", "closed")
+                 "deadline", "parked", "calling", "closed", "timeout")
 
     def __init__(self, sock, address):
         self.sock = sock
@@ -96,6 +96,7 @@ class _Connection(object):
         self.parked = False
         self.calling = False
         self.closed = False
+        self.timeout = None  # the socket's timeout: settimeout() costs a syscall, skip repeats
 
 
 class ThriftServer(object):
@@ -143,8 +144,8 @@ class ThriftServer(object):
         self.worker_threads = worker_threads
         self.backlog = backlog
         self.listener = None
-        self.inflight = 0
-        self.calls = 0
+        self._active = []  # one item per call in flight: list append/pop are atomic
+        self._call_counts = []  # one [count] per worker thread, each written by its owner only
         self.rejected = 0          # connections closed at once: over max_connections
         self.protocol_errors = 0   # connections closed for a bad or oversized message
         self.timed_out = 0         # connections closed by idle_timeout or read_timeout
@@ -240,6 +241,16 @@ class ThriftServer(object):
             if not conn.calling:
                 self._close(conn)
 
+    @property
+    def inflight(self):
+        """Calls running now."""
+        return len(self._active)
+
+    @property
+    def calls(self):
+        """Calls served since start."""
+        return sum(count[0] for count in self._call_counts)
+
     def stats(self):
         """Counters for tests and operators."""
         return {"connections": len(self._connections), "workers": len(self._workers),
@@ -302,7 +313,9 @@ class ThriftServer(object):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.settimeout(HOT_LINGER)
                 conn = _Connection(sock, address)
+                conn.timeout = HOT_LINGER
                 conn.deadline = time.monotonic() + self.idle_timeout
                 conn.parked = True
                 self._connections[conn.fd] = conn
@@ -368,6 +381,8 @@ class ThriftServer(object):
     def _worker_loop(self):
         membuf = TCyMemoryBuffer()
         protocol = TBinaryProtocolFactory().get_protocol(membuf)
+        counter = [0]
+        self._call_counts.append(counter)
         queue = self._queue
         while True:
             self._idle_workers += 1
@@ -376,13 +391,13 @@ class ThriftServer(object):
             if conn is None:
                 return
             try:
-                self._serve(conn, protocol, membuf)
+                self._serve(conn, protocol, membuf, counter)
             except Exception as exc:
                 log.error("unexpected error serving %s; closing it: %s: %s", conn.peer,
                           type(exc).__name__, exc, exc_info=True)
                 self._close(conn)
 
-    def _serve(self, conn, protocol, membuf):
+    def _serve(self, conn, protocol, membuf, counter):
         """Serve `conn` while it has requests; park or close it when it goes quiet."""
         sock = conn.sock
         buf = conn.buf
@@ -405,7 +420,7 @@ class ThriftServer(object):
                         message, buf = buf, b""
                     else:
                         message, buf = bytes(buf[:end]), buf[end:]
-                    if not self._call(conn, protocol, membuf, message) or self._draining:
+                    if not self._call(conn, protocol, membuf, message, counter) or self._draining:
                         self._close(conn)
                         return
                     continue
@@ -424,7 +439,9 @@ class ThriftServer(object):
             else:
                 wait = 0.0  # every worker is busy: do not hold one for a quiet socket
             try:
-                sock.settimeout(wait)
+                if wait != conn.timeout:
+                    sock.settimeout(wait)
+                    conn.timeout = wait
                 data = sock.recv(RECV_SIZE)
             except (BlockingIOError, socket.timeout):
                 conn.buf = buf
@@ -484,7 +501,7 @@ class ThriftServer(object):
                                 conn.peer, reason, conn.host)
 
     # -- one call -------------------------------------------------------------------
-    def _call(self, conn, protocol, membuf, message):
+    def _call(self, conn, protocol, membuf, message, counter):
         """Decode, run and answer one checked message. False: close the connection."""
         membuf.setvalue(message)
         try:
@@ -504,15 +521,14 @@ class ThriftServer(object):
             return False
         membuf.clean()
         conn.calling = True
-        with self._lock:
-            self.inflight += 1
+        active = self._active
+        active.append(None)
         try:
             return self._run(conn, protocol, membuf, spec, func, args, seqid)
         finally:
             conn.calling = False
-            with self._lock:
-                self.inflight -= 1
-                self.calls += 1
+            active.pop()
+            counter[0] += 1
 
     def _run(self, conn, protocol, membuf, spec, func, args, seqid):
         name = spec.name
@@ -579,8 +595,14 @@ class ThriftServer(object):
         membuf.clean()
         sock = conn.sock
         try:
-            sock.settimeout(self.read_timeout)
-            sock.sendall(data)
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, socket.timeout):
+                sent = 0
+            if sent < len(data):  # a big reply or a slow reader: give it read_timeout
+                sock.settimeout(self.read_timeout)
+                conn.timeout = self.read_timeout
+                sock.sendall(memoryview(data)[sent:])
         except OSError:
             return False
         return True
