@@ -16,6 +16,7 @@ Sections:
   4. balancer pick cost and table rebuild for 1..1000 nodes; consumer memory for 1000
   5. build_client to first successful call
   6. live governance: admin set_weight to N consumer processes routing by it
+  7. provider threads and RSS with 5,000 idle connections open (bench/idle.py)
 
 Ratios are value / anchor; for throughput higher is better, for latency, CPU and
 time lower is better; the target column says which way. Throughput ratios are the
@@ -61,7 +62,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              sizes=(1, 10, 100, 1000), balancer_budget=0.002,
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
-SECTIONS = ("client", "first_call", "propagation", "server", "balancer", "memory")
+SECTIONS = ("client", "first_call", "propagation", "server", "balancer", "memory", "idle")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
@@ -553,6 +554,10 @@ class Bench(object):
         for n in sorted(out):
             add(s, "RoutingTable rebuild, %d nodes" % n, out[n]["rebuild_us"], "us",
                 "same, %d node" % first, base)
+
+    def section_idle(self):
+        from bench.idle import run
+        run(self)
 
     def section_memory(self):
         s = "4b. consumer watching many nodes"

@@ -74,6 +74,7 @@ RECV_SIZE = 65536
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1  # after EMFILE/ENFILE: let fds free up before accepting again
 
+_new_thread = threading.Thread  # a seam for the test of thread exhaustion
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
 
@@ -352,8 +353,9 @@ class ThriftServer(object):
                 self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
                            % (self.read_timeout, len(conn.buf)))
             self._close(conn)
-        if self._workers and self._idle_workers == 0 and len(self._workers) < self.worker_threads:
-            self._add_worker()  # a queue may be waiting on a worker that failed to start
+        if not self._queue.empty() and self._idle_workers == 0 \
+                and len(self._workers) < self.worker_threads:
+            self._add_worker()  # work may be waiting on a worker that failed to start
 
     def _hand_out(self, conn):
         self._queue.put(conn)
@@ -361,8 +363,7 @@ class ThriftServer(object):
             self._add_worker()
 
     def _add_worker(self):
-        thread = threading.Thread(target=self._worker_loop, daemon=True,
-                                  name="probe-worker-%d" % self.port)
+        thread = _new_thread(target=self._worker_loop, daemon=True, name="probe-worker-%d" % self.port)
         try:
             thread.start()
         except RuntimeError as exc:  # can't start new thread: the others keep serving

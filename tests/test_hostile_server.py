@@ -314,3 +314,31 @@ def test_idle_timeout_closes_idle_connections_and_pooled_clients_carry_on(hostil
         wait_for(lambda: provider.server.stats()["connections"] == 0, message="idle close")
     assert provider.server.stats()["timed_out"] >= 3
     assert client.say() == "hello world"
+
+
+def test_a_thread_that_cannot_start_does_not_stop_the_provider(hostile, monkeypatch):
+    import probe.thriftserver as thriftserver
+    real_thread = threading.Thread
+    failures = []
+
+    class NoThreads(real_thread):
+        def start(self):
+            if len(failures) < 3:
+                failures.append(self.name)
+                raise RuntimeError("can't start new thread")
+            return real_thread.start(self)
+
+    provider, client = hostile(worker_threads=4)
+    monkeypatch.setattr(thriftserver, "_new_thread", NoThreads)
+    fresh = [connect(provider) for _ in range(3)]  # their first calls need new workers
+    try:
+        for sock in fresh:
+            sock.sendall(header("say") + b"\0")
+        for sock in fresh:
+            sock.settimeout(10)
+            assert sock.recv(100)  # answered once a worker could start
+    finally:
+        for sock in fresh:
+            sock.close()
+    assert len(failures) == 3
+    assert client.say() == "hello world"
