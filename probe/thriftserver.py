@@ -26,9 +26,11 @@ traceback is logged here with the method and the peer.
 
 import errno
 import logging
+import operator
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from queue import SimpleQueue
@@ -70,7 +72,8 @@ MAX_DEPTH = 64
 # How long a worker waits for a client's next request on the socket it just
 # answered before handing the connection back to the selector.
 HOT_LINGER = 0.05
-RECV_SIZE = 65536
+FIRST_RECV = 8192    # most calls fit; a bigger buffer costs a bigger allocation per read
+RECV_SIZE = 65536    # for the rest of a message that did not fit
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1  # after EMFILE/ENFILE: let fds free up before accepting again
 
@@ -83,7 +86,7 @@ class _Connection(object):
     the selector thread may then hand it out or expire it)."""
 
     __slots__ = ("sock", "fd", "peer", "host", "buf", "scanner", "message_deadline",
-                 "deadline", "parked", "calling", "closed", "timeout")
+                 "deadline", "parked", "calling", "closed")
 
     def __init__(self, sock, address):
         self.sock = sock
@@ -97,7 +100,6 @@ class _Connection(object):
         self.parked = False
         self.calling = False
         self.closed = False
-        self.timeout = None  # the socket's timeout: settimeout() costs a syscall, skip repeats
 
 
 class ThriftServer(object):
@@ -133,7 +135,7 @@ class ThriftServer(object):
         if missing:
             log.warning("handler %r does not implement %s: calls to them will fail",
                         handler, ", ".join(missing))
-        self.methods = {name: (spec, getattr(handler, name, None))
+        self.methods = {name: (spec, _invoker(spec, getattr(handler, name, None)))
                         for name, spec in method_specs(service).items()}
         self.host = host
         self.port = port
@@ -314,9 +316,12 @@ class ThriftServer(object):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.settimeout(HOT_LINGER)
+                # Blocking sockets with kernel timeouts: one syscall per read or write,
+                # where a Python socket timeout adds a poll() before each.
+                sock.setblocking(True)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HOT_LINGER))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.read_timeout))
                 conn = _Connection(sock, address)
-                conn.timeout = HOT_LINGER
                 conn.deadline = time.monotonic() + self.idle_timeout
                 conn.parked = True
                 self._connections[conn.fd] = conn
@@ -425,25 +430,20 @@ class ThriftServer(object):
                         self._close(conn)
                         return
                     continue
-                wait = conn.message_deadline - monotonic()
-                if wait <= 0:
+                if monotonic() >= conn.message_deadline:
                     self.protocol_errors += 1
                     self.timed_out += 1
                     self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
                                % (self.read_timeout, len(buf)))
                     self._close(conn)
                     return
-                if wait > HOT_LINGER:
-                    wait = HOT_LINGER
+                flags = 0
             elif self._idle_workers > 0 or len(self._workers) < self.worker_threads:
-                wait = HOT_LINGER
+                flags = 0  # wait up to HOT_LINGER (SO_RCVTIMEO) for the next request
             else:
-                wait = 0.0  # every worker is busy: do not hold one for a quiet socket
+                flags = socket.MSG_DONTWAIT  # every worker is busy: do not hold one for a quiet socket
             try:
-                if wait != conn.timeout:
-                    sock.settimeout(wait)
-                    conn.timeout = wait
-                data = sock.recv(RECV_SIZE)
+                data = sock.recv(RECV_SIZE if buf else FIRST_RECV, flags)
             except (BlockingIOError, socket.timeout):
                 conn.buf = buf
                 self._park(conn)
@@ -537,10 +537,7 @@ class ThriftServer(object):
         result = spec.result_cls()
         status = OK
         try:
-            if func is None:
-                raise TApplicationException(TApplicationException.UNKNOWN_METHOD,
-                                            "handler does not implement %r" % name)
-            value = func(*[getattr(args, arg) for arg in spec.arg_names])
+            value = func(args)
             if spec.has_success:
                 result.success = value
         except TApplicationException as exc:  # raised on purpose: the handler chose its text
@@ -594,19 +591,32 @@ class ThriftServer(object):
     def _send(self, conn, membuf):
         data = membuf.getvalue()
         membuf.clean()
-        sock = conn.sock
         try:
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, socket.timeout):
-                sent = 0
-            if sent < len(data):  # a big reply or a slow reader: give it read_timeout
-                sock.settimeout(self.read_timeout)
-                conn.timeout = self.read_timeout
-                sock.sendall(memoryview(data)[sent:])
+            conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
         except OSError:
             return False
         return True
+
+
+def _invoker(spec, func):
+    """A function calling the handler's method with the fields of an args struct."""
+    if func is None:
+        def missing(args):
+            raise TApplicationException(TApplicationException.UNKNOWN_METHOD,
+                                        "handler does not implement %r" % spec.name)
+        return missing
+    names = spec.arg_names
+    if not names:
+        return lambda args: func()
+    if len(names) == 1:
+        return lambda args, name=names[0]: func(getattr(args, name))
+    fields = operator.attrgetter(*names)
+    return lambda args: func(*fields(args))
+
+
+def _timeval(seconds):
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def _shutdown(sock):
