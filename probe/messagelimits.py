@@ -32,6 +32,7 @@ VERSION_1 = -2147418112  # 0x80010000 as a signed i32
 CALL, ONEWAY = 1, 4
 
 _i32 = Struct("!i").unpack_from
+_two_i32 = Struct("!ii").unpack_from
 _header = Struct("!bi").unpack_from     # list/set: element type, size
 _map_header = Struct("!bbi").unpack_from  # map: key type, value type, size
 
@@ -74,9 +75,21 @@ class MessageScanner(object):
     def scan(self, buf):
         n = len(buf)
         limit = self.max_bytes
-        if self.stack is None:
-            if not self._scan_header(buf, n, limit):
+        if self.stack is None:  # the message header, inline: this runs for every call
+            if n < 12:
+                if n >= 4:
+                    self._check_version(_i32(buf, 0)[0])
                 return NEED_MORE
+            word, name_length = _two_i32(buf, 0)
+            if word & VERSION_MASK != VERSION_1 or (word & 0xff) not in (CALL, ONEWAY):
+                self._check_version(word)
+            if name_length < 0 or name_length > 1024 or name_length > limit - 12:
+                _check_length(name_length, min(limit - 12, 1024), "a method name")
+            if n < 12 + name_length:
+                return NEED_MORE
+            self.pos = 12 + name_length
+            self.depth = 1
+            self.stack = [[_FIELDS]]
         stack = self.stack
         pos = self.pos
         depth = self.depth
@@ -178,21 +191,6 @@ class MessageScanner(object):
         if pos > limit or (stack and n > limit):
             raise MessageRejected("a message longer than max_message_bytes=%d" % limit)
         return NEED_MORE if stack else pos
-
-    def _scan_header(self, buf, n, limit):
-        if n < 8:
-            if n >= 4:
-                self._check_version(_i32(buf, 0)[0])
-            return False
-        self._check_version(_i32(buf, 0)[0])
-        name_length = _i32(buf, 4)[0]
-        _check_length(name_length, min(limit - 12, 1024), "a method name")
-        if n < 12 + name_length:
-            return False
-        self.pos = 12 + name_length
-        self.depth = 1
-        self.stack = [[_FIELDS]]
-        return True
 
     @staticmethod
     def _check_version(word):

@@ -77,6 +77,8 @@ RECV_SIZE = 65536    # for the rest of a message that did not fit
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1  # after EMFILE/ENFILE: let fds free up before accepting again
 
+perf_counter = time.perf_counter
+REPLY = TMessageType.REPLY
 _new_thread = threading.Thread  # a seam for the test of thread exhaustion
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
@@ -503,7 +505,8 @@ class ThriftServer(object):
 
     # -- one call -------------------------------------------------------------------
     def _call(self, conn, protocol, membuf, message, counter):
-        """Decode, run and answer one checked message. False: close the connection."""
+        """Decode, run and answer one checked message. False: close the connection.
+        (One frame for the common path: this runs for every call.)"""
         membuf.setvalue(message)
         try:
             name, message_type, seqid = protocol.read_message_begin()
@@ -514,56 +517,58 @@ class ThriftServer(object):
                     TApplicationException.UNKNOWN_METHOD, "unknown method %r" % name))
             spec, func = entry
             args = spec.args_cls()
-            args.read(protocol)
+            protocol.read_struct(args)
         except Exception as exc:
             membuf.clean()
             self.protocol_errors += 1
             self._warn(conn, "undecodable message (%s: %.200s)" % (type(exc).__name__, exc))
             return False
-        membuf.clean()
         conn.calling = True
         active = self._active
         active.append(None)
+        status = OK
+        started = perf_counter()
         try:
-            return self._run(conn, protocol, membuf, spec, func, args, seqid)
+            result = spec.result_cls()
+            try:
+                value = func(args)
+                if spec.has_success:
+                    result.success = value
+            except TApplicationException as exc:  # raised on purpose: the handler chose its text
+                self._observe(spec.name, APPLICATION_ERROR, started)
+                return spec.oneway or self._reply_exception(conn, protocol, membuf, name, seqid, exc)
+            except Exception as exc:
+                for field, exc_class in spec.exceptions:
+                    if isinstance(exc, exc_class):
+                        setattr(result, field, exc)
+                        status = DECLARED_EXCEPTION
+                        break
+                else:
+                    return self._internal_error(conn, protocol, membuf, spec, seqid, started)
+            observe = self.observe
+            if observe is not None:
+                observe(spec.name, status, perf_counter() - started)
+            if spec.oneway:
+                return True
+            try:
+                protocol.write_message_begin(name, REPLY, seqid)
+                protocol.write_struct(result)
+            except Exception:
+                membuf.clean()
+                log.error("%s.%s returned a value that cannot be encoded (peer %s)",
+                          self.service_name, name, conn.peer, exc_info=True)
+                return self._reply_exception(conn, protocol, membuf, name, seqid, self._internal(name))
+            data = membuf.getvalue()
+            membuf.clean()
+            try:
+                conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
+            except OSError:
+                return False
+            return True
         finally:
             conn.calling = False
             active.pop()
             counter[0] += 1
-
-    def _run(self, conn, protocol, membuf, spec, func, args, seqid):
-        name = spec.name
-        started = time.perf_counter()
-        result = spec.result_cls()
-        status = OK
-        try:
-            value = func(args)
-            if spec.has_success:
-                result.success = value
-        except TApplicationException as exc:  # raised on purpose: the handler chose its text
-            self._observe(name, APPLICATION_ERROR, started)
-            return spec.oneway or self._reply_exception(conn, protocol, membuf, name, seqid, exc)
-        except Exception as exc:
-            for field, exc_class in spec.exceptions:
-                if isinstance(exc, exc_class):
-                    setattr(result, field, exc)
-                    status = DECLARED_EXCEPTION
-                    break
-            else:
-                return self._internal_error(conn, protocol, membuf, spec, seqid, started)
-        self._observe(name, status, started)
-        if spec.oneway:
-            return True
-        try:
-            protocol.write_message_begin(name, TMessageType.REPLY, seqid)
-            result.write(protocol)
-            protocol.write_message_end()
-        except Exception:
-            membuf.clean()
-            log.error("%s.%s returned a value that cannot be encoded (peer %s)",
-                      self.service_name, name, conn.peer, exc_info=True)
-            return self._reply_exception(conn, protocol, membuf, name, seqid, self._internal(name))
-        return self._send(conn, membuf)
 
     def _internal_error(self, conn, protocol, membuf, spec, seqid, started):
         log.error("%s.%s raised an undeclared exception (peer %s)", self.service_name, spec.name,
