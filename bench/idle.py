@@ -89,7 +89,7 @@ def run(bench):
     add(section, "provider threads", threads1, "threads", anchor, threads0,
         note="%d before the idle connections" % threads0)
     add(section, "provider RSS", rss1 / 1024.0, "MB", anchor, rss0 / 1024.0,
-        note="%.0f KiB per idle connection" % ((rss1 - rss0) / max(1, accepted)))
+        note="%.2f KiB per idle connection" % ((rss1 - rss0) / max(1, accepted)))
     add(section, "say() p50 while they are open", during["p50_us"], "us", anchor, before["p50_us"])
     add(section, "say() p99 while they are open", during["p99_us"], "us", anchor, before["p99_us"])
     bench.report.raw["idle"] = {"count": count, "accepted": accepted, "threads": [threads0, threads1],

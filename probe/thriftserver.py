@@ -163,7 +163,7 @@ class ThriftServer(object):
         self._wake_r = self._wake_w = None
         self._selector = None
         self._workers = []
-        self._idle_workers = 0
+        self._idle_workers = []  # one item per worker waiting for work (append/pop are atomic)
         self._queue = SimpleQueue()
         self._accept_paused_until = 0.0
         self._sweep_every = max(0.02, min(1.0, self.read_timeout / 4, self.idle_timeout / 4))
@@ -360,13 +360,13 @@ class ThriftServer(object):
                 self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
                            % (self.read_timeout, len(conn.buf)))
             self._close(conn)
-        if not self._queue.empty() and self._idle_workers == 0 \
+        if not self._queue.empty() and not self._idle_workers \
                 and len(self._workers) < self.worker_threads:
             self._add_worker()  # work may be waiting on a worker that failed to start
 
     def _hand_out(self, conn):
         self._queue.put(conn)
-        if self._idle_workers == 0 and len(self._workers) < self.worker_threads:
+        if not self._idle_workers and len(self._workers) < self.worker_threads:
             self._add_worker()
 
     def _add_worker(self):
@@ -392,10 +392,11 @@ class ThriftServer(object):
         counter = [0]
         self._call_counts.append(counter)
         queue = self._queue
+        idle = self._idle_workers
         while True:
-            self._idle_workers += 1
+            idle.append(None)
             conn = queue.get()
-            self._idle_workers -= 1
+            idle.pop()
             if conn is None:
                 return
             try:
@@ -439,9 +440,8 @@ class ThriftServer(object):
                                % (self.read_timeout, len(buf)))
                     self._close(conn)
                     return
-                flags = 0
-            elif self._idle_workers > 0 or len(self._workers) < self.worker_threads:
-                flags = 0  # wait up to HOT_LINGER (SO_RCVTIMEO) for the next request
+            if self._idle_workers or len(self._workers) < self.worker_threads:
+                flags = 0  # wait up to HOT_LINGER (SO_RCVTIMEO) for more
             else:
                 flags = socket.MSG_DONTWAIT  # every worker is busy: do not hold one for a quiet socket
             try:
