@@ -267,7 +267,10 @@ class ThriftServer(object):
         next_sweep = time.monotonic() + self._sweep_every
         while self._running:
             try:
-                events = self._epoll.poll(max(0.0, next_sweep - time.monotonic()))
+                wake_at = next_sweep
+                if self._accept_paused_until:
+                    wake_at = min(wake_at, self._accept_paused_until)
+                events = self._epoll.poll(max(0.0, wake_at - time.monotonic()))
                 for fd, mask in events:
                     if self.listener is not None and fd == self.listener.fileno():
                         self._accept_some()
@@ -279,6 +282,8 @@ class ThriftServer(object):
                             conn.parked = False
                             self._hand_out(conn)
                 now = time.monotonic()
+                if self._accept_paused_until and now >= self._accept_paused_until:
+                    self._resume_accepting()
                 if now >= next_sweep:
                     next_sweep = now + self._sweep_every
                     self._sweep(now)
@@ -339,14 +344,16 @@ class ThriftServer(object):
             pass
         self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
-    def _sweep(self, now):
-        """Close parked connections past their deadline; resume paused accepts."""
-        if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
-            self._accept_paused_until = 0.0
+    def _resume_accepting(self):
+        self._accept_paused_until = 0.0
+        if self.listener is not None:
             try:
                 self._epoll.register(self.listener.fileno(), select.EPOLLIN)
             except (OSError, ValueError):
                 pass
+
+    def _sweep(self, now):
+        """Close parked connections past their deadline."""
         expired = []
         with self._lock:
             for conn in self._connections.values():

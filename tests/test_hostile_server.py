@@ -342,3 +342,31 @@ def test_a_thread_that_cannot_start_does_not_stop_the_provider(hostile, monkeypa
             sock.close()
     assert len(failures) == 3
     assert client.say() == "hello world"
+
+
+def test_accept_survives_running_out_of_file_descriptors(hostile, caplog):
+    import resource
+    provider, client = hostile()
+    assert client.say() == "hello world"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+        try:
+            while True:
+                held.append(socket.socket())
+        except OSError:
+            pass
+        held.pop().close()  # one fd for our connection: the provider's accept() gets EMFILE
+        sock = socket.socket()
+        sock.connect(("127.0.0.1", provider.port))
+        wait_for(lambda: "cannot accept" in caplog.text, message="the EMFILE warning")
+    finally:
+        for spare in held:
+            spare.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    sock.sendall(header("say") + b"\0")
+    sock.settimeout(10)
+    assert b"hello world" in sock.recv(1000)  # accepted once fds were free again
+    sock.close()
+    assert client.say() == "hello world"
