@@ -367,14 +367,18 @@ class ThriftServer(object):
                 self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
                            % (self.read_timeout, len(conn.buf)))
             self._close(conn)
-        if not self._queue.empty() and not self._idle_workers \
-                and len(self._workers) < self.worker_threads:
+        if self._unserved() > 0 and len(self._workers) < self.worker_threads:
             self._add_worker()  # work may be waiting on a worker that failed to start
 
     def _hand_out(self, conn):
         self._queue.put(conn)
-        if not self._idle_workers and len(self._workers) < self.worker_threads:
+        if self._unserved() > 0 and len(self._workers) < self.worker_threads:
             self._add_worker()
+
+    def _unserved(self):
+        """Connections queued beyond the workers waiting to take them. (A waiting
+        worker takes one connection and keeps it while it is busy.)"""
+        return self._queue.qsize() - len(self._idle_workers)
 
     def _add_worker(self):
         thread = _new_thread(target=self._worker_loop, daemon=True, name="probe-worker-%d" % self.port)
@@ -447,10 +451,10 @@ class ThriftServer(object):
                                % (self.read_timeout, len(buf)))
                     self._close(conn)
                     return
-            if self._idle_workers or len(self._workers) < self.worker_threads:
+            if self._unserved() <= 0 or len(self._workers) < self.worker_threads:
                 flags = 0  # wait up to HOT_LINGER (SO_RCVTIMEO) for more
             else:
-                flags = socket.MSG_DONTWAIT  # every worker is busy: do not hold one for a quiet socket
+                flags = socket.MSG_DONTWAIT  # others wait for a worker: do not hold one for a quiet socket
             try:
                 data = sock.recv(RECV_SIZE if buf else FIRST_RECV, flags)
             except (BlockingIOError, socket.timeout):

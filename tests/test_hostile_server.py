@@ -370,3 +370,35 @@ def test_accept_survives_running_out_of_file_descriptors(hostile, caplog):
     assert b"hello world" in sock.recv(1000)  # accepted once fds were free again
     sock.close()
     assert client.say() == "hello world"
+
+
+def test_many_busy_clients_at_once_are_all_served(hostile):
+    """Connections that arrive together each get a worker, although every worker
+    keeps its own busy connection (no call waits behind another client's stream)."""
+    from thriftpy2.rpc import make_client
+    provider, client = hostile()
+    service = thriftpy2.load(HOSTILE_IDL, module_name="hostile_busy_thrift").HostileService
+    start = threading.Barrier(16)
+    stop = time.monotonic() + 1.5
+    done, errors = [], []
+
+    def busy():
+        bare = make_client(service, "127.0.0.1", provider.port, timeout=3000)
+        try:
+            start.wait()
+            count = 0
+            while time.monotonic() < stop:
+                bare.say()
+                count += 1
+            done.append(count)
+        except Exception as exc:
+            errors.append(repr(exc))
+        finally:
+            bare.close()
+
+    threads = [threading.Thread(target=busy) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and len(done) == 16 and min(done) > 0
