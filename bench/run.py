@@ -17,6 +17,8 @@ Sections:
   4. balancer pick cost and table rebuild for 1..1000 nodes; consumer memory for 1000
   5. build_client to first successful call
   6. live governance: admin set_weight to N consumer processes routing by it
+  7. config center: `probe config set` to on_change in N consumer processes (bench/configbench.py)
+  8. provider threads and RSS with 5,000 idle connections open (bench/idle.py)
 
 Ratios are value / anchor; for throughput higher is better, for latency, CPU and
 time lower is better; the target column says which way. Throughput ratios are the
@@ -61,7 +63,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
 SECTIONS = ("client", "client_cpu", "first_call", "propagation", "server", "balancer", "memory",
-            "config")
+            "config", "idle")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
@@ -575,6 +577,10 @@ class Bench(object):
         for n in sorted(out):
             add(s, "RoutingTable rebuild, %d nodes" % n, out[n]["rebuild_us"], "us",
                 "same, %d node" % first, base)
+
+    def section_idle(self):  # 8: idle connections (bench/idle.py)
+        from bench.idle import run
+        run(self)
 
     def section_memory(self):
         s = "4b. consumer watching many nodes"

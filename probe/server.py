@@ -11,10 +11,12 @@ so consumers drop the node → stop accepting → drain calls in flight (bounded
 
 import logging
 import os
+import resource
 import shutil
 import signal
 import tempfile
 import threading
+from typing import Callable, Optional
 
 from . import metrics as call_metrics
 from . import naming
@@ -24,37 +26,104 @@ from .idl import load_service
 from .naming import NodeSettings
 from .nodestore import NodeStore
 from .registry import Registration, release_zookeeper, shared_zookeeper
-from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings, outbound_ip
-from .thriftserver import ThriftServer
+from .settings import load_settings, outbound_ip
+from .thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
+                           DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS, ThriftServer)
 from .workers import WorkerPool, wait_for_drain_order
 
 log = logging.getLogger("probe.server")
 
+DEFAULT_CONNECT_TIMEOUT_MS = 3000
+
+
+def _check_int(name, value, low, high, meaning):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProbeError("bad %s %r: give a whole number %d-%d (%s)" % (name, value, low, high, meaning))
+
+
+def _check_number(name, value, low, high, meaning):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ProbeError("bad %s %r: give a number %g-%g (%s)" % (name, value, low, high, meaning))
+
+
+def raise_fd_limit(connections):
+    """Raise this process's soft open-file limit (often 1024) towards its hard limit,
+    so that `connections` sockets fit; as the Go runtime does for every program.
+    The hard limit, set by the administrator, is never exceeded."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = connections + 1024  # stores, logs and the listener need fds too
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("raised the open-file limit from %d to %d for up to %d connections",
+                     soft, want, connections)
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit: %s", exc)
+
 
 class Provider(object):
     """One governed thrift service in this process. `start()` returns once the node is
-    registered and serving; `stop()` shuts it down gracefully; `wait()` blocks."""
+    registered and serving; `stop()` shuts it down gracefully; `wait()` blocks.
 
-    def __init__(self, thrift_path, appkey, service_name, handler, port=8081,
-                 bind_host="0.0.0.0", advertise_host=None, config_path=None, env=None,
-                 shutdown_grace=1.0, drain_timeout=10.0, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 session_timeout=None, observe=None, metrics_port=None, metrics=True,
-                 metrics_addr=call_metrics.DEFAULT_METRICS_ADDR,
-                 stats_interval=call_metrics.DEFAULT_STATS_INTERVAL,
-                 stats_ttl=call_metrics.DEFAULT_TTL, slow_call_ms=call_metrics.DEFAULT_SLOW_CALL_MS,
-                 workers=1):
+    The parameters are those of `start_service` (which documents them), without
+    ``block``. Every option is checked here, before anything is touched.
+    """
+
+    def __init__(self, thrift_path: str, appkey: str, service_name: str, handler: object,
+                 port: int = 8081, *,
+                 bind_host: str = "0.0.0.0",
+                 advertise_host: Optional[str] = None,
+                 config_path: Optional[str] = None,
+                 env: Optional[str] = None,
+                 shutdown_grace: float = 1.0,
+                 drain_timeout: float = 10.0,
+                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS,
+                 session_timeout: Optional[float] = None,
+                 observe: Optional[Callable[[str, str, float], None]] = None,
+                 metrics: bool = True,
+                 metrics_port: Optional[int] = None,
+                 metrics_addr: str = call_metrics.DEFAULT_METRICS_ADDR,
+                 stats_interval: float = call_metrics.DEFAULT_STATS_INTERVAL,
+                 stats_ttl: float = call_metrics.DEFAULT_TTL,
+                 slow_call_ms: float = call_metrics.DEFAULT_SLOW_CALL_MS,
+                 workers: int = 1,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 worker_threads: int = DEFAULT_WORKER_THREADS) -> None:
         naming.check_service_name(service_name)
         naming.check_appkey(appkey)
         if handler is None:
             raise ProbeError("handler is None: pass an object implementing %s's methods" % service_name)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
-            raise ProbeError("bad port %r: give an integer 0-65535 (0 picks a free port)" % (port,))
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ProbeError("bad workers %r: give a whole number >= 1 (processes serving "
-                             "the port)" % (workers,))
+        _check_int("port", port, 0, 65535, "0 picks a free port")
+        _check_int("workers", workers, 1, 256, "processes serving the port")
+        _check_int("max_connections", max_connections, 1, 1000000, "open connections at once")
+        _check_int("max_message_bytes", max_message_bytes, 64, 2 ** 31 - 1,
+                   "bytes in one message, string or container")
+        _check_int("worker_threads", worker_threads, 1, 4096, "threads running calls at once")
+        _check_number("connect_timeout", connect_timeout, 10, 600000,
+                      "MILLISECONDS to reach MySQL, Redis and ZooKeeper at start (3000 = 3 s)")
+        _check_number("idle_timeout", idle_timeout, 0.01, 86400 * 365, "seconds")
+        _check_number("read_timeout", read_timeout, 0.01, 3600, "seconds")
+        _check_number("shutdown_grace", shutdown_grace, 0, 3600, "seconds")
+        _check_number("drain_timeout", drain_timeout, 0, 3600, "seconds")
+        if session_timeout is not None:
+            _check_number("session_timeout", session_timeout, 0.1, 3600, "seconds")
+        if observe is not None and not callable(observe):
+            raise ProbeError("bad observe %r: give a callable observe(method, status, seconds) "
+                             "or None" % (observe,))
         self.workers = workers
         self.worker_pool = None
         self._metrics_dir = None
+        self.limits = dict(max_connections=max_connections, idle_timeout=float(idle_timeout),
+                           read_timeout=float(read_timeout), max_message_bytes=max_message_bytes,
+                           worker_threads=worker_threads)
+        self.metrics = call_metrics.metrics_options(metrics, metrics_port, metrics_addr,
+                                                    stats_interval, stats_ttl, slow_call_ms,
+                                                    port_from_env=True)
         self.service = load_service(thrift_path, service_name)
         self.thrift_path = thrift_path
         self.appkey = appkey
@@ -67,12 +136,9 @@ class Provider(object):
         self.advertise_host = advertise_host
         self.shutdown_grace = float(shutdown_grace)
         self.drain_timeout = float(drain_timeout)
-        self.connect_timeout = float(connect_timeout)
+        self.connect_timeout = connect_timeout / 1000.0  # the stores take seconds
         self.session_timeout = session_timeout
         self.observe = observe
-        self.metrics = call_metrics.metrics_options(metrics, metrics_port, metrics_addr,
-                                                    stats_interval, stats_ttl, slow_call_ms,
-                                                    port_from_env=True)
         self.recorder = None
         self.metrics_endpoint = None
         self.host = None
@@ -116,7 +182,8 @@ class Provider(object):
         self.host = (self.advertise_host or settings.advertise_host
                      or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
         self.server = ThriftServer(self.service, self.handler, self.bind_host, self.requested_port,
-                                   observe=self.observe)
+                                   observe=self.observe, **self.limits)
+        raise_fd_limit(self.limits["max_connections"])
         try:
             self.server.bind()
         except OSError as exc:
@@ -258,19 +325,86 @@ def _setup_file_log(settings, appkey, service_name):
         logger.setLevel(logging.INFO)
 
 
-def start_service(thrift_path, appkey, service_name, handler, port=8081, block=True, **options):
+def start_service(thrift_path: str, appkey: str, service_name: str, handler: object,
+                  port: int = 8081, *,
+                  block: bool = True,
+                  bind_host: str = "0.0.0.0",
+                  advertise_host: Optional[str] = None,
+                  config_path: Optional[str] = None,
+                  env: Optional[str] = None,
+                  shutdown_grace: float = 1.0,
+                  drain_timeout: float = 10.0,
+                  connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS,
+                  session_timeout: Optional[float] = None,
+                  observe: Optional[Callable[[str, str, float], None]] = None,
+                  metrics: bool = True,
+                  metrics_port: Optional[int] = None,
+                  metrics_addr: str = call_metrics.DEFAULT_METRICS_ADDR,
+                  stats_interval: float = call_metrics.DEFAULT_STATS_INTERVAL,
+                  stats_ttl: float = call_metrics.DEFAULT_TTL,
+                  slow_call_ms: float = call_metrics.DEFAULT_SLOW_CALL_MS,
+                  workers: int = 1,
+                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                  read_timeout: float = DEFAULT_READ_TIMEOUT,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  worker_threads: int = DEFAULT_WORKER_THREADS) -> "Provider":
     """Register `handler` as a node of `service_name` under `appkey` and serve it.
 
-    Blocks until SIGTERM/SIGINT (then stops gracefully) unless `block=False`, in
-    which case the started `Provider` is returned; call its `stop()`.
-    Options: bind_host, advertise_host, config_path, env, shutdown_grace (s),
-    drain_timeout (s), connect_timeout (s), session_timeout (s), observe, and for
-    call metrics (probe.metrics): metrics (True; False records nothing), metrics_port
-    (default PROBE_METRICS_PORT; serves /metrics), metrics_addr, stats_interval (s, <= 10,
-    Redis flush of per-slot stats), stats_ttl (s), slow_call_ms (1000; slower calls are
-    logged on 'probe.metrics'), workers (1; N forks N processes that share the port).
+    Durations are in seconds, except ``connect_timeout`` (milliseconds, as
+    everywhere in probe). Every option is validated (a named ``ProbeError``) before
+    anything is touched.
+
+    :param thrift_path: the IDL file.
+    :param appkey: a registered appkey (MySQL ``serviceapp``); else the start is refused.
+    :param service_name: the service in the IDL to serve.
+    :param handler: an object with one method per thrift method.
+    :param port: the port to serve (0 picks a free one).
+    :param block: True (default) serves until SIGTERM/SIGINT, then stops gracefully;
+        False returns the started `Provider` (call its ``stop()``).
+    :param bind_host: the address to bind.
+    :param advertise_host: the address registered for consumers (default: config,
+        ``PROBE_ADVERTISE_HOST``, else the outbound IP).
+    :param config_path: a config file instead of ``PROBE_CONFIG`` / the packaged one.
+    :param env: the env (default ``PROBE_ENV`` or the hostname rules).
+    :param shutdown_grace: seconds between deregistering and closing the port, so
+        consumers move away first.
+    :param drain_timeout: seconds calls in flight get to finish at stop.
+    :param connect_timeout: MILLISECONDS to reach MySQL, Redis and ZooKeeper at start.
+    :param session_timeout: ZooKeeper session timeout in seconds (default: config).
+    :param observe: ``observe(method, status, seconds)`` called after every call.
+    :param metrics: False records no call metrics.
+    :param metrics_port: serve Prometheus ``/metrics`` on this port (default
+        ``PROBE_METRICS_PORT``; none if unset).
+    :param metrics_addr: the address ``/metrics`` binds (127.0.0.1).
+    :param stats_interval: seconds between flushes of per-slot stats to Redis (<= 10).
+    :param stats_ttl: seconds those stats live in Redis.
+    :param slow_call_ms: calls slower than this (ms, by its name) are logged on
+        ``probe.metrics``.
+    :param workers: processes serving the port (N > 1 forks N workers).
+    :param max_connections: open connections per process; beyond it a new one is
+        accepted and closed at once (default 10,000).
+    :param idle_timeout: seconds a connection may stay quiet between calls before
+        the provider closes it (default 300; pooled probe clients reconnect unseen).
+    :param read_timeout: seconds one message may take to arrive in full, and a reply
+        to be taken by the peer (default 10); a slower peer is disconnected.
+    :param max_message_bytes: the largest message, or declared string, binary or
+        container size, a call may have (default 4 MiB); bigger closes the
+        connection before anything is allocated.
+    :param worker_threads: threads running calls at once per process (default 64);
+        idle connections use none.
     """
-    provider = Provider(thrift_path, appkey, service_name, handler, port=port, **options)
+    provider = Provider(thrift_path, appkey, service_name, handler, port,
+                        bind_host=bind_host, advertise_host=advertise_host,
+                        config_path=config_path, env=env, shutdown_grace=shutdown_grace,
+                        drain_timeout=drain_timeout, connect_timeout=connect_timeout,
+                        session_timeout=session_timeout, observe=observe, metrics=metrics,
+                        metrics_port=metrics_port, metrics_addr=metrics_addr,
+                        stats_interval=stats_interval, stats_ttl=stats_ttl,
+                        slow_call_ms=slow_call_ms, workers=workers,
+                        max_connections=max_connections, idle_timeout=idle_timeout,
+                        read_timeout=read_timeout, max_message_bytes=max_message_bytes,
+                        worker_threads=worker_threads)
     if not block:
         return provider.start()
     _setup_file_log(provider.settings, appkey, service_name)

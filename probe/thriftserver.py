@@ -1,21 +1,47 @@
-"""A threaded thrift server built for governance: it never drops idle connections
-(pooled clients keep theirs), it counts calls in flight, and it drains gracefully.
+"""A thrift server built for governance and for hostile peers: idle or slow
+connections cost no thread, every message is checked against size and nesting
+limits before it is decoded, calls in flight are counted, and it drains gracefully.
 
-thriftpy2's TThreadedServer closes a connection after `client_timeout` of idleness
-and, when a handler raises an undeclared exception, drops the connection instead of
-answering. Here an idle connection lives until the client closes it (TCP keepalive
-reaps dead peers) and an undeclared exception becomes a TApplicationException
-INTERNAL_ERROR reply, so the client gets an answer and keeps its connection.
+Threads. One selector thread owns the listening socket and every connection that
+is not being served: they wait in an epoll set (registered one-shot, so exactly
+one worker is woken per readable connection, and a worker re-arms its connection
+itself without waking the selector). A bounded pool of worker threads reads
+messages, runs the handler and writes replies. A worker keeps a connection while
+it stays busy: after a reply it waits up to HOT_LINGER for the next request on
+the same socket, so a client calling back to back never pays a selector round
+trip; a connection with nothing to read goes back to the epoll set. A message that
+has only partly arrived is parked the same way with its deadline: a slow sender
+(slowloris) holds no worker while it dribbles, and is cut off `read_timeout`
+seconds after its message began.
+
+Limits (see `ThriftServer`): `max_connections`, `idle_timeout`, `read_timeout`,
+`max_message_bytes`, nesting depth (64, as thriftpy2 and Apache Thrift), and
+`worker_threads`. A peer that breaks them is logged at most once a minute
+(`PeerWarnings`) and its connection closed.
+
+An undeclared handler exception becomes a TApplicationException INTERNAL_ERROR
+reply that names the service and method only (its text may hold secrets); the
+traceback is logged here with the method and the peer.
 """
 
+import errno
 import logging
+import operator
+import os
+import select
 import socket
+import struct
 import threading
 import time
+from queue import SimpleQueue
 
 from thriftpy2.protocol import TBinaryProtocolFactory
-from thriftpy2.thrift import TApplicationException, TMessageType, TType
-from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
+from thriftpy2.thrift import TApplicationException, TMessageType
+from thriftpy2.transport import TCyMemoryBuffer
+
+from .messagelimits import NEED_MORE, MessageRejected, MessageScanner
+from .methodspec import method_specs
+from .peerwarnings import PeerWarnings
 
 log = logging.getLogger("probe.server")
 
@@ -26,55 +52,121 @@ APPLICATION_ERROR = "error"
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 
+# Defaults of the provider limits (start_service documents them too).
+# 10,000 connections: an idle one costs an fd and a few KB, no thread, so this is
+# far above any real consumer fleet yet bounds what a flood can hold.
+DEFAULT_MAX_CONNECTIONS = 10000
+# 300 s: pooled clients reuse connections far more often than that, and notice a
+# closed one before use; a connection abandoned behind a dead NAT is freed in minutes.
+DEFAULT_IDLE_TIMEOUT = 300.0
+# 10 s for one message to arrive in full: a 4 MiB message at 400 KB/s.
+DEFAULT_READ_TIMEOUT = 10.0
+# 4 MiB, gRPC's default receive limit and in the range of Apache Thrift's
+# TConfiguration frame limit (~16 MB): RPC arguments are small, bulk data goes elsewhere.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# 64 threads run handlers at once (Dubbo uses 200, Thrift's THsHaServer 5): enough
+# for handlers that block on a database, bounded so a flood cannot exhaust threads.
+DEFAULT_WORKER_THREADS = 64
+MAX_DEPTH = 64
 
-class _Method(object):
-    """Everything the dispatch of one thrift method needs, looked up once."""
+# How long a worker waits for a client's next request on the socket it just
+# answered before handing the connection back to the selector.
+HOT_LINGER = 0.05
+FIRST_RECV = 8192    # most calls fit; a bigger buffer costs a bigger allocation per read
+RECV_SIZE = 65536    # for the rest of a message that did not fit
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE = 0.1  # after EMFILE/ENFILE: let fds free up before accepting again
 
-    __slots__ = ("name", "args_cls", "result_cls", "func", "arg_names", "oneway",
-                 "has_success", "exceptions")
+perf_counter = time.perf_counter
+REPLY = TMessageType.REPLY
+_new_thread = threading.Thread  # a seam for the test of thread exhaustion
+_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
-    def __init__(self, service, handler, name):
-        self.name = name
-        self.args_cls = getattr(service, name + "_args")
-        self.result_cls = getattr(service, name + "_result")
-        self.func = getattr(handler, name, None)
-        spec = self.args_cls.thrift_spec
-        self.arg_names = tuple(spec[key][1] for key in sorted(spec))
-        self.oneway = bool(getattr(self.result_cls, "oneway", False))
-        result_spec = self.result_cls.thrift_spec
-        self.has_success = any(item[1] == "success" for item in result_spec.values())
-        self.exceptions = tuple((item[1], item[2]) for key, item in sorted(result_spec.items())
-                                if item[1] != "success")
+
+class _Connection(object):
+    """One accepted socket. `parked` is True while it waits in the epoll set (only
+    the selector thread may then hand it out or expire it)."""
+
+    __slots__ = ("sock", "fd", "peer", "host", "buf", "scanner", "message_deadline",
+                 "deadline", "parked", "calling", "closed")
+
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host = str(address[0]) if address else "?"
+        self.peer = "%s:%s" % (self.host, address[1]) if address else "?"
+        self.buf = b""
+        self.scanner = None
+        self.message_deadline = 0.0
+        self.deadline = 0.0
+        self.parked = False
+        self.calling = False
+        self.closed = False
 
 
 class ThriftServer(object):
     """Serve `handler` for thriftpy2 `service` on a bound socket.
 
     Lifecycle: `bind()` (so the port is known before anything is registered),
-    `start()` (accept loop on a thread), `stop_accepting()`, `drain(timeout)`,
-    `close()`. `observe(method, status, seconds)` is called after every call.
+    `start()` (selector and workers; after a fork, in the child), `stop_accepting()`,
+    `drain(timeout)`, `close()`. `observe(method, status, seconds)` is called after
+    every call.
+
+    :param service: the thriftpy2 service class.
+    :param handler: the object whose methods serve the calls.
+    :param host: the address to bind.
+    :param port: the port to bind (0 picks a free one).
+    :param observe: optional ``observe(method, status, seconds)`` hook.
+    :param max_connections: open connections beyond this are accepted and closed at
+        once (counted in ``rejected``).
+    :param idle_timeout: seconds a connection may stay open between messages.
+    :param read_timeout: seconds one message may take to arrive in full (also the
+        longest a reply may wait for the peer to read it).
+    :param max_message_bytes: the largest message, string, binary or container a
+        call may declare; anything bigger closes the connection before it is read.
+    :param worker_threads: the most threads running calls at once.
+    :param backlog: the listen backlog.
     """
 
-    def __init__(self, service, handler, host="0.0.0.0", port=8081, observe=None,
-                 proto_factory=None, trans_factory=None, backlog=512):
+    def __init__(self, service, handler, host="0.0.0.0", port=8081, observe=None, *,
+                 max_connections=DEFAULT_MAX_CONNECTIONS, idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 read_timeout=DEFAULT_READ_TIMEOUT, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024):
+        self.service_name = service.__name__
         missing = [name for name in service.thrift_services if not callable(getattr(handler, name, None))]
         if missing:
             log.warning("handler %r does not implement %s: calls to them will fail",
                         handler, ", ".join(missing))
-        self.methods = {name: _Method(service, handler, name) for name in service.thrift_services}
+        self.methods = {name: (spec, _invoker(spec, getattr(handler, name, None)))
+                        for name, spec in method_specs(service).items()}
         self.host = host
         self.port = port
         self.observe = observe
-        self.proto_factory = proto_factory or TBinaryProtocolFactory()
-        self.trans_factory = trans_factory or TBufferedTransportFactory()
+        self.max_connections = max_connections
+        self.idle_timeout = float(idle_timeout)
+        self.read_timeout = float(read_timeout)
+        self.max_message_bytes = max_message_bytes
+        self.worker_threads = worker_threads
         self.backlog = backlog
         self.listener = None
-        self.inflight = 0
-        self.calls = 0
+        self._active = []  # one item per call in flight: list append/pop are atomic
+        self._call_counts = []  # one [count] per worker thread, each written by its owner only
+        self.rejected = 0          # connections closed at once: over max_connections
+        self.protocol_errors = 0   # connections closed for a bad or oversized message
+        self.timed_out = 0         # connections closed by idle_timeout or read_timeout
+        self.peer_warnings = PeerWarnings(log)
         self._lock = threading.Lock()
-        self._connections = {}  # socket -> busy flag
+        self._connections = {}  # fd -> _Connection
         self._draining = False
-        self._accept_thread = None
+        self._running = False
+        self._epoll = None
+        self._wake_r = self._wake_w = None
+        self._selector = None
+        self._workers = []
+        self._idle_workers = []  # one item per worker waiting for work (append/pop are atomic)
+        self._queue = SimpleQueue()
+        self._accept_paused_until = 0.0
+        self._sweep_every = max(0.02, min(1.0, self.read_timeout / 4, self.idle_timeout / 4))
 
     # -- lifecycle -----------------------------------------------------------
     def bind(self, sock=None):
@@ -93,21 +185,37 @@ class ThriftServer(object):
         return self.port
 
     def start(self):
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="probe-accept-%d" % self.port,
-                                               daemon=True)
-        self._accept_thread.start()
+        """Start the selector thread (workers start on demand). Call in the process
+        that serves: after a fork, epoll sets and threads belong to the child."""
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self.listener.setblocking(False)
+        self._epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self._running = True
+        self._selector = threading.Thread(target=self._selector_loop, daemon=True,
+                                          name="probe-selector-%d" % self.port)
+        self._selector.start()
 
     def stop_accepting(self, shutdown=True):
         """Close the listening socket. `shutdown=False` for a socket shared with other
         processes: shutdown() would stop their accepts too."""
         listener, self.listener = self.listener, None
-        if listener is not None:
-            if shutdown:
-                try:
-                    listener.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            listener.close()
+        if listener is None:
+            return
+        if self._epoll is not None:
+            try:
+                self._epoll.unregister(listener.fileno())
+            except (OSError, ValueError):
+                pass
+        if shutdown:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        listener.close()
 
     def drain(self, timeout=10.0):
         """Close idle connections now and busy ones after their reply; wait up to
@@ -115,134 +223,428 @@ class ThriftServer(object):
         self._draining = True
         deadline = time.monotonic() + timeout
         while True:
-            with self._lock:
-                idle = [conn for conn, busy in self._connections.items() if not busy]
-                inflight = self.inflight
-            for conn in idle:
-                _shutdown(conn)
+            for conn in list(self._connections.values()):
+                if not conn.calling:
+                    _shutdown(conn.sock)
+            inflight = self.inflight
             if inflight == 0 or time.monotonic() >= deadline:
                 return inflight
             time.sleep(0.01)
 
     def close(self, shutdown=True):
         self.stop_accepting(shutdown)
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            _shutdown(conn)
+        self._draining = True
+        self._running = False
+        for conn in list(self._connections.values()):
+            _shutdown(conn.sock)
+        self._wake()
+        for _ in self._workers:
+            self._queue.put(None)
+        if self._selector is not None and self._selector is not threading.current_thread():
+            self._selector.join(2.0)
+        for conn in list(self._connections.values()):
+            if not conn.calling:
+                self._close(conn)
 
-    # -- serving ---------------------------------------------------------------
-    def _accept_loop(self):
-        listener = self.listener
-        while self.listener is not None:
+    @property
+    def inflight(self):
+        """Calls running now."""
+        return len(self._active)
+
+    @property
+    def calls(self):
+        """Calls served since start."""
+        return sum(count[0] for count in self._call_counts)
+
+    def stats(self):
+        """Counters for tests and operators."""
+        return {"connections": len(self._connections), "workers": len(self._workers),
+                "inflight": self.inflight, "calls": self.calls, "rejected": self.rejected,
+                "protocol_errors": self.protocol_errors, "timed_out": self.timed_out}
+
+    # -- the selector thread ------------------------------------------------------
+    def _selector_loop(self):
+        next_sweep = time.monotonic() + self._sweep_every
+        while self._running:
             try:
-                conn, _ = listener.accept()
-            except OSError:
-                if self.listener is None:
-                    return
-                time.sleep(0.01)  # EMFILE and friends: do not spin
-                continue
-            if self._draining:
-                _shutdown(conn)
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            with self._lock:
-                self._connections[conn] = False
-            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
-                             name="probe-conn-%d" % self.port).start()
-
-    def _serve_connection(self, conn):
-        transport = TSocket(sock=conn, socket_timeout=None)
-        transport = self.trans_factory.get_transport(transport)
-        protocol = self.proto_factory.get_protocol(transport)
+                wake_at = next_sweep
+                if self._accept_paused_until:
+                    wake_at = min(wake_at, self._accept_paused_until)
+                events = self._epoll.poll(max(0.0, wake_at - time.monotonic()))
+                for fd, mask in events:
+                    if self.listener is not None and fd == self.listener.fileno():
+                        self._accept_some()
+                    elif fd == self._wake_r:
+                        _drain_pipe(fd)
+                    else:
+                        conn = self._connections.get(fd)
+                        if conn is not None and conn.parked:
+                            conn.parked = False
+                            self._hand_out(conn)
+                now = time.monotonic()
+                if self._accept_paused_until and now >= self._accept_paused_until:
+                    self._resume_accepting()
+                if now >= next_sweep:
+                    next_sweep = now + self._sweep_every
+                    self._sweep(now)
+            except Exception as exc:  # the loop must outlive anything a peer or the OS does
+                self.peer_warnings.warn("selector", "provider selector loop error (%s: %s); "
+                                        "continuing", type(exc).__name__, exc)
+                time.sleep(0.01)
         try:
-            while not self._draining:
-                try:
-                    name, message_type, seqid = protocol.read_message_begin()
-                except (TTransportException, OSError, EOFError):
-                    return
-                with self._lock:
-                    self._connections[conn] = True
-                    self.inflight += 1
-                try:
-                    self._dispatch(protocol, name, seqid)
-                finally:
-                    with self._lock:
-                        self._connections[conn] = False
-                        self.inflight -= 1
-                        self.calls += 1
-        except (TTransportException, OSError, EOFError) as exc:
-            log.debug("connection closed: %s", exc)
-        except Exception:
-            log.exception("thrift protocol error on a connection; closing it")
-        finally:
-            with self._lock:
-                self._connections.pop(conn, None)
-            _shutdown(conn)
-            conn.close()
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        except OSError:
+            pass
 
-    def _dispatch(self, protocol, name, seqid):
-        method = self.methods.get(name)
-        if method is None:
-            protocol.skip(TType.STRUCT)
-            protocol.read_message_end()
-            self._reply_exception(protocol, name, seqid, TApplicationException(
-                TApplicationException.UNKNOWN_METHOD, "unknown method %r" % name))
-            return
-        args = method.args_cls()
-        args.read(protocol)
-        protocol.read_message_end()
-        result = method.result_cls()
-        started = time.perf_counter()
-        status = OK
-        try:
-            if method.func is None:
-                raise TApplicationException(TApplicationException.UNKNOWN_METHOD,
-                                            "handler does not implement %r" % name)
-            value = method.func(*[getattr(args, arg) for arg in method.arg_names])
-            if method.has_success:
-                result.success = value
-        except TApplicationException as exc:
-            self._observe(method.name, APPLICATION_ERROR, started)
-            self._reply_exception(protocol, name, seqid, exc)
-            return
-        except Exception as exc:
-            for field, exc_class in method.exceptions:
-                if isinstance(exc, exc_class):
-                    setattr(result, field, exc)
-                    status = DECLARED_EXCEPTION
-                    break
-            else:
-                log.exception("%s raised an undeclared exception", name)
-                self._observe(method.name, APPLICATION_ERROR, started)
-                if not method.oneway:
-                    self._reply_exception(protocol, name, seqid, TApplicationException(
-                        TApplicationException.INTERNAL_ERROR,
-                        "%s failed: %s: %s" % (name, exc.__class__.__name__, exc)))
+    def _accept_some(self):
+        listener = self.listener
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
                 return
-        self._observe(method.name, status, started)
-        if method.oneway:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.peer_warnings.warn("accept", "cannot accept connections on port %d: %s; "
+                                            "pausing accepts for %.1f s", self.port, exc, ACCEPT_PAUSE)
+                    self._pause_accepting()
+                return  # ECONNABORTED and friends: that peer is gone already
+            if self._draining or len(self._connections) >= self.max_connections:
+                self.rejected += 1
+                if not self._draining:
+                    self.peer_warnings.warn("max_connections", "%d connections open on port %d "
+                                            "(max_connections): closing new ones at once",
+                                            len(self._connections), self.port)
+                _shutdown(sock)
+                sock.close()
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                # Blocking sockets with kernel timeouts: one syscall per read or write,
+                # where a Python socket timeout adds a poll() before each.
+                sock.setblocking(True)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HOT_LINGER))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.read_timeout))
+                conn = _Connection(sock, address)
+                conn.deadline = time.monotonic() + self.idle_timeout
+                conn.parked = True
+                self._connections[conn.fd] = conn
+                self._epoll.register(conn.fd, _READ)
+            except OSError:
+                self._connections.pop(sock.fileno(), None)
+                sock.close()
+
+    def _pause_accepting(self):
+        try:
+            self._epoll.unregister(self.listener.fileno())
+        except (OSError, ValueError):
+            pass
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def _resume_accepting(self):
+        self._accept_paused_until = 0.0
+        if self.listener is not None:
+            try:
+                self._epoll.register(self.listener.fileno(), select.EPOLLIN)
+            except (OSError, ValueError):
+                pass
+
+    def _sweep(self, now):
+        """Close parked connections past their deadline."""
+        expired = []
+        with self._lock:
+            for conn in self._connections.values():
+                if conn.parked and conn.deadline <= now:
+                    conn.parked = False
+                    expired.append(conn)
+        for conn in expired:
+            self.timed_out += 1
+            if conn.buf:
+                self.protocol_errors += 1
+                self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
+                           % (self.read_timeout, len(conn.buf)))
+            self._close(conn)
+        if self._unserved() > 0 and len(self._workers) < self.worker_threads:
+            self._add_worker()  # work may be waiting on a worker that failed to start
+
+    def _hand_out(self, conn):
+        self._queue.put(conn)
+        if self._unserved() > 0 and len(self._workers) < self.worker_threads:
+            self._add_worker()
+
+    def _unserved(self):
+        """Connections queued beyond the workers waiting to take them. (A waiting
+        worker takes one connection and keeps it while it is busy.)"""
+        return self._queue.qsize() - len(self._idle_workers)
+
+    def _add_worker(self):
+        thread = _new_thread(target=self._worker_loop, daemon=True, name="probe-worker-%d" % self.port)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # can't start new thread: the others keep serving
+            self.peer_warnings.warn("threads", "cannot start a worker thread (%s): serving with %d",
+                                    exc, len(self._workers))
             return
-        protocol.write_message_begin(name, TMessageType.REPLY, seqid)
-        result.write(protocol)
-        protocol.write_message_end()
-        protocol.trans.flush()
+        self._workers.append(thread)
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"x")
+        except (OSError, TypeError):
+            pass
+
+    # -- worker threads ------------------------------------------------------------
+    def _worker_loop(self):
+        membuf = TCyMemoryBuffer()
+        protocol = TBinaryProtocolFactory().get_protocol(membuf)
+        counter = [0]
+        self._call_counts.append(counter)
+        queue = self._queue
+        idle = self._idle_workers
+        while True:
+            idle.append(None)
+            conn = queue.get()
+            idle.pop()
+            if conn is None:
+                return
+            try:
+                self._serve(conn, protocol, membuf, counter)
+            except Exception as exc:
+                log.error("unexpected error serving %s; closing it: %s: %s", conn.peer,
+                          type(exc).__name__, exc, exc_info=True)
+                self._close(conn)
+
+    def _serve(self, conn, protocol, membuf, counter):
+        """Serve `conn` while it has requests; park or close it when it goes quiet."""
+        sock = conn.sock
+        buf = conn.buf
+        scanner = conn.scanner
+        if scanner is None:
+            scanner = conn.scanner = MessageScanner(self.max_message_bytes, MAX_DEPTH)
+        monotonic = time.monotonic
+        while True:
+            if buf:
+                try:
+                    end = scanner.scan(buf)
+                except MessageRejected as exc:
+                    self.protocol_errors += 1
+                    self._warn(conn, str(exc))
+                    self._close(conn)
+                    return
+                if end != NEED_MORE:
+                    scanner.reset()
+                    if end == len(buf):
+                        message, buf = buf, b""
+                    else:
+                        message, buf = bytes(buf[:end]), buf[end:]
+                    if not self._call(conn, protocol, membuf, message, counter) or self._draining:
+                        self._close(conn)
+                        return
+                    continue
+                if monotonic() >= conn.message_deadline:
+                    self.protocol_errors += 1
+                    self.timed_out += 1
+                    self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
+                               % (self.read_timeout, len(buf)))
+                    self._close(conn)
+                    return
+            if self._unserved() <= 0 or len(self._workers) < self.worker_threads:
+                flags = 0  # wait up to HOT_LINGER (SO_RCVTIMEO) for more
+            else:
+                flags = socket.MSG_DONTWAIT  # others wait for a worker: do not hold one for a quiet socket
+            try:
+                data = sock.recv(RECV_SIZE if buf else FIRST_RECV, flags)
+            except (BlockingIOError, socket.timeout):
+                conn.buf = buf
+                self._park(conn)
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if not data:
+                self._close(conn)
+                return
+            if buf:
+                if type(buf) is bytes:
+                    buf = bytearray(buf)
+                buf += data
+            else:
+                buf = data
+                conn.message_deadline = monotonic() + self.read_timeout
+
+    def _park(self, conn):
+        """Give the connection back to the selector until it is readable again."""
+        if self._draining:
+            self._close(conn)
+            return
+        conn.deadline = conn.message_deadline if conn.buf else time.monotonic() + self.idle_timeout
+        with self._lock:
+            if conn.closed:
+                return
+            conn.parked = True
+            try:
+                self._epoll.modify(conn.fd, _READ)
+            except (OSError, ValueError):
+                conn.parked = False
+                conn.closed = True
+        if conn.closed:
+            self._close(conn, force=True)
+
+    def _close(self, conn, force=False):
+        with self._lock:
+            if conn.closed and not force:
+                return
+            conn.closed = True
+            conn.parked = False
+            if self._connections.get(conn.fd) is conn:
+                del self._connections[conn.fd]
+                try:
+                    self._epoll.unregister(conn.fd)
+                except (OSError, ValueError, AttributeError):
+                    pass
+        _shutdown(conn.sock)
+        conn.sock.close()
+        conn.buf = b""
+
+    def _warn(self, conn, reason):
+        self.peer_warnings.warn(conn.host, "protocol error from %s: %s; closing the connection "
+                                "(no more such warnings about %s for 60 s)",
+                                conn.peer, reason, conn.host)
+
+    # -- one call -------------------------------------------------------------------
+    def _call(self, conn, protocol, membuf, message, counter):
+        """Decode, run and answer one checked message. False: close the connection.
+        (One frame for the common path: this runs for every call.)"""
+        membuf.setvalue(message)
+        try:
+            name, message_type, seqid = protocol.read_message_begin()
+            entry = self.methods.get(name)
+            if entry is None:
+                membuf.clean()
+                return self._reply_exception(conn, protocol, membuf, name, seqid, TApplicationException(
+                    TApplicationException.UNKNOWN_METHOD, "unknown method %r" % name))
+            spec, func = entry
+            args = spec.args_cls()
+            protocol.read_struct(args)
+        except Exception as exc:
+            membuf.clean()
+            self.protocol_errors += 1
+            self._warn(conn, "undecodable message (%s: %.200s)" % (type(exc).__name__, exc))
+            return False
+        conn.calling = True
+        active = self._active
+        active.append(None)
+        status = OK
+        started = perf_counter()
+        try:
+            result = spec.result_cls()
+            try:
+                value = func(args)
+                if spec.has_success:
+                    result.success = value
+            except TApplicationException as exc:  # raised on purpose: the handler chose its text
+                self._observe(spec.name, APPLICATION_ERROR, started)
+                return spec.oneway or self._reply_exception(conn, protocol, membuf, name, seqid, exc)
+            except Exception as exc:
+                for field, exc_class in spec.exceptions:
+                    if isinstance(exc, exc_class):
+                        setattr(result, field, exc)
+                        status = DECLARED_EXCEPTION
+                        break
+                else:
+                    return self._internal_error(conn, protocol, membuf, spec, seqid, started)
+            observe = self.observe
+            if observe is not None:
+                observe(spec.name, status, perf_counter() - started)
+            if spec.oneway:
+                return True
+            try:
+                protocol.write_message_begin(name, REPLY, seqid)
+                protocol.write_struct(result)
+            except Exception:
+                membuf.clean()
+                log.error("%s.%s returned a value that cannot be encoded (peer %s)",
+                          self.service_name, name, conn.peer, exc_info=True)
+                return self._reply_exception(conn, protocol, membuf, name, seqid, self._internal(name))
+            data = membuf.getvalue()
+            membuf.clean()
+            try:
+                conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
+            except OSError:
+                return False
+            return True
+        finally:
+            conn.calling = False
+            active.pop()
+            counter[0] += 1
+
+    def _internal_error(self, conn, protocol, membuf, spec, seqid, started):
+        log.error("%s.%s raised an undeclared exception (peer %s)", self.service_name, spec.name,
+                  conn.peer, exc_info=True)
+        self._observe(spec.name, APPLICATION_ERROR, started)
+        if spec.oneway:
+            return True
+        return self._reply_exception(conn, protocol, membuf, spec.name, seqid, self._internal(spec.name))
+
+    def _internal(self, name):
+        # Service and method only: the exception's text may hold secrets.
+        return TApplicationException(TApplicationException.INTERNAL_ERROR,
+                                     "internal error in %s.%s" % (self.service_name, name))
 
     def _observe(self, method, status, started):
         if self.observe is not None:
             self.observe(method, status, time.perf_counter() - started)
 
-    @staticmethod
-    def _reply_exception(protocol, name, seqid, exc):
+    def _reply_exception(self, conn, protocol, membuf, name, seqid, exc):
         protocol.write_message_begin(name, TMessageType.EXCEPTION, seqid)
         exc.write(protocol)
         protocol.write_message_end()
-        protocol.trans.flush()
+        return self._send(conn, membuf)
+
+    def _send(self, conn, membuf):
+        data = membuf.getvalue()
+        membuf.clean()
+        try:
+            conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
+        except OSError:
+            return False
+        return True
 
 
-def _shutdown(conn):
+def _invoker(spec, func):
+    """A function calling the handler's method with the fields of an args struct."""
+    if func is None:
+        def missing(args):
+            raise TApplicationException(TApplicationException.UNKNOWN_METHOD,
+                                        "handler does not implement %r" % spec.name)
+        return missing
+    names = spec.arg_names
+    if not names:
+        return lambda args: func()
+    if len(names) == 1:
+        return lambda args, name=names[0]: func(getattr(args, name))
+    fields = operator.attrgetter(*names)
+    return lambda args: func(*fields(args))
+
+
+def _timeval(seconds):
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+def _shutdown(sock):
     try:
-        conn.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _drain_pipe(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
     except OSError:
         pass

@@ -1,0 +1,224 @@
+"""Check a thrift binary-protocol CALL against size and nesting limits before it is
+decoded, so a hostile peer cannot make the provider allocate what it declares.
+
+thriftpy2 0.7.1's Cython protocol mallocs a string's declared length (and its
+buffered transport grows its buffer to it, then asks the socket for that much)
+before a single byte of the payload has arrived: a 4-byte prefix saying 1.5 GiB
+costs 1.5 GiB of address space, and a payload dribbled in slowly is re-copied on
+every read. Apache Thrift answered the same reports (CVE-2019-0205, CVE-2020-13949)
+with TConfiguration's max message size and recursion limit. probe does the same
+here, on the raw bytes: `MessageScanner` walks a message's structure as its bytes
+arrive, checks every declared length and container size against what is left of
+the budget, and says where the message ends. Only a complete, checked message is
+handed to thriftpy2's decoder.
+
+The scanner is resumable (its position and an explicit stack survive between
+reads), so a message that arrives in many pieces is walked once in total, and a
+declared length is refused the moment its 4 bytes are in, not when its payload is.
+"""
+
+from struct import Struct
+
+# Thrift binary-protocol type ids.
+STOP, BOOL, BYTE, DOUBLE, I16, I32, I64, STRING, STRUCT, MAP, SET, LIST = (
+    0, 2, 3, 4, 6, 8, 10, 11, 12, 13, 14, 15)
+FIXED_SIZE = {BOOL: 1, BYTE: 1, DOUBLE: 8, I16: 2, I32: 4, I64: 8}
+# The fewest bytes one value of a type can take: bounds a container's declared size.
+MIN_SIZE = dict(FIXED_SIZE)
+MIN_SIZE.update({STRING: 4, STRUCT: 1, MAP: 6, SET: 5, LIST: 5})
+
+VERSION_MASK = -65536  # 0xffff0000 as a signed i32
+VERSION_1 = -2147418112  # 0x80010000 as a signed i32
+CALL, ONEWAY = 1, 4
+
+_i32 = Struct("!i").unpack_from
+_two_i32 = Struct("!ii").unpack_from
+_header = Struct("!bi").unpack_from     # list/set: element type, size
+_map_header = Struct("!bbi").unpack_from  # map: key type, value type, size
+
+# Frame kinds on the scanner's stack.
+_VALUE, _FIELDS, _ITEMS, _ENTRIES = 0, 1, 2, 3
+
+NEED_MORE = -1
+
+
+class MessageRejected(Exception):
+    """The bytes are not a message this provider accepts (too big, too deep, not
+    a strict binary-protocol CALL). The connection must be closed."""
+
+
+class MessageScanner(object):
+    """Walks one message at a time in a growing buffer.
+
+    :param max_bytes: the most bytes one message may take, and so the most any
+        declared length or container size may claim.
+    :param max_depth: how deep structs and containers may nest (the arguments
+        struct counts as 1); thriftpy2 and Apache Thrift both default to 64.
+
+    ``scan(buf)`` returns the offset just past the message that starts at
+    ``buf[0]``, or ``NEED_MORE``; call it again when ``buf`` has grown. Call
+    ``reset()`` before the next message.
+    """
+
+    __slots__ = ("max_bytes", "max_depth", "pos", "stack", "depth", "body")
+
+    def __init__(self, max_bytes, max_depth=64):
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+        self.reset()
+
+    def reset(self):
+        self.pos = 0
+        self.stack = None  # None until the message header has been read
+        self.depth = 0
+
+    def scan(self, buf):
+        n = len(buf)
+        limit = self.max_bytes
+        if self.stack is None:  # the message header, inline: this runs for every call
+            if n < 12:
+                if n >= 4:
+                    self._check_version(_i32(buf, 0)[0])
+                return NEED_MORE
+            word, name_length = _two_i32(buf, 0)
+            if word & VERSION_MASK != VERSION_1 or (word & 0xff) not in (CALL, ONEWAY):
+                self._check_version(word)
+            if name_length < 0 or name_length > 1024 or name_length > limit - 12:
+                _check_length(name_length, min(limit - 12, 1024), "a method name")
+            if n < 12 + name_length:
+                return NEED_MORE
+            self.pos = 12 + name_length
+            self.depth = 1
+            self.stack = [[_FIELDS]]
+        stack = self.stack
+        pos = self.pos
+        depth = self.depth
+        max_depth = self.max_depth
+        while stack:
+            frame = stack[-1]
+            kind = frame[0]
+            if kind == _FIELDS:
+                if pos >= n:
+                    break
+                ftype = buf[pos]
+                if ftype == STOP:
+                    pos += 1
+                    stack.pop()
+                    depth -= 1
+                    continue
+                if pos + 3 > n:
+                    break
+                pos += 3
+                stack.append([_VALUE, ftype])
+                continue
+            if kind == _ITEMS or kind == _ENTRIES:
+                if frame[1] == 0:
+                    stack.pop()
+                    depth -= 1
+                    continue
+                frame[1] -= 1
+                if kind == _ITEMS:
+                    stack.append([_VALUE, frame[2]])
+                else:
+                    stack.append([_VALUE, frame[2] if frame[1] % 2 else frame[3]])
+                continue
+            # _VALUE: one value of type frame[1]
+            vtype = frame[1]
+            size = FIXED_SIZE.get(vtype)
+            if size is not None:
+                if pos + size > n:
+                    break
+                pos += size
+                stack.pop()
+            elif vtype == STRING:
+                if pos + 4 > n:
+                    break
+                length = _i32(buf, pos)[0]
+                _check_length(length, limit - pos - 4, "a string/binary")
+                if pos + 4 + length > n:
+                    break
+                pos += 4 + length
+                stack.pop()
+            elif vtype == STRUCT:
+                depth += 1
+                _check_depth(depth, max_depth)
+                frame[0] = _FIELDS
+            elif vtype == LIST or vtype == SET:
+                if pos + 5 > n:
+                    break
+                etype, count = _header(buf, pos)
+                body = _check_container(etype, count, 1, limit - pos - 5)
+                fixed = FIXED_SIZE.get(etype)
+                if fixed is not None:
+                    if pos + 5 + body > n:
+                        break
+                    pos += 5 + body
+                    stack.pop()
+                else:
+                    depth += 1
+                    _check_depth(depth, max_depth)
+                    pos += 5
+                    stack[-1] = [_ITEMS, count, etype]
+            elif vtype == MAP:
+                if pos + 6 > n:
+                    break
+                ktype, vtype2, count = _map_header(buf, pos)
+                if count == 0:  # an empty map may leave its types unset
+                    pos += 6
+                    stack.pop()
+                    continue
+                _check_container(ktype, count, 2, limit - pos - 6)
+                _check_container(vtype2, count, 2, limit - pos - 6)
+                kfixed, vfixed = FIXED_SIZE.get(ktype), FIXED_SIZE.get(vtype2)
+                if kfixed is not None and vfixed is not None:
+                    body = count * (kfixed + vfixed)
+                    _check_length(body, limit - pos - 6, "a map")
+                    if pos + 6 + body > n:
+                        break
+                    pos += 6 + body
+                    stack.pop()
+                else:
+                    _check_length(count * (MIN_SIZE[ktype] + MIN_SIZE[vtype2]), limit - pos - 6,
+                                  "a map")
+                    depth += 1
+                    _check_depth(depth, max_depth)
+                    pos += 6
+                    stack[-1] = [_ENTRIES, 2 * count, ktype, vtype2]
+            else:
+                raise MessageRejected("unknown thrift type id %d" % vtype)
+        self.pos = pos
+        self.depth = depth
+        if pos > limit or (stack and n > limit):
+            raise MessageRejected("a message longer than max_message_bytes=%d" % limit)
+        return NEED_MORE if stack else pos
+
+    @staticmethod
+    def _check_version(word):
+        if word & VERSION_MASK != VERSION_1:
+            raise MessageRejected("not a strict thrift binary-protocol message (first word 0x%08x)"
+                                  % (word & 0xffffffff))
+        if word & 0xff not in (CALL, ONEWAY):
+            raise MessageRejected("message type %d is not a CALL or ONEWAY" % (word & 0xff))
+
+
+def _check_length(length, room, what):
+    if length < 0 or length > room:
+        raise MessageRejected("%s declares %d bytes, more than the %d left of "
+                              "max_message_bytes" % (what, length, max(room, 0)))
+
+
+def _check_container(etype, count, per_item, room):
+    """Byte size of a container of fixed-size items (0 for variable ones), after
+    checking that even the smallest items of that type could fit in `room`."""
+    smallest = MIN_SIZE.get(etype)
+    if smallest is None:
+        raise MessageRejected("unknown thrift type id %d in a container" % etype)
+    if count < 0 or count * smallest > room // per_item:
+        raise MessageRejected("a container declares %d items, more than fit in the %d bytes "
+                              "left of max_message_bytes" % (count, max(room, 0)))
+    return count * smallest
+
+
+def _check_depth(depth, max_depth):
+    if depth > max_depth:
+        raise MessageRejected("structs and containers nested deeper than %d" % max_depth)
