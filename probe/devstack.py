@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -104,11 +105,40 @@ def free_port() -> int:
     return _free_ports(1)[0]
 
 
-def _free_ports(count: int, avoid: Sequence[int] = ()) -> List[int]:
-    """`count` distinct free loopback ports, none of them a system or dev port."""
+_LOWEST_FREE_PORT = 10000
+
+
+def _ephemeral_ports() -> Tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(part) for part in handle.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _free_ports(count: int, avoid: Sequence[int] = (), below: Optional[int] = None) -> List[int]:
+    """`count` distinct free loopback ports, none of them a system or dev port.
+
+    They are drawn below the kernel's ephemeral range (and below `below`): a port
+    from that range can be taken as the local port of some outgoing connection in
+    the moment between choosing it and the server binding it.
+    """
     unwanted = set(avoid) | SYSTEM_PORTS | set(DEV_PORTS.values())
-    held = []  # keep every probe socket bound until the end so no port repeats
+    top = min(_ephemeral_ports()[0], below or 65536)
+    candidates = [port for port in range(_LOWEST_FREE_PORT, top) if port not in unwanted]
+    random.shuffle(candidates)
     ports = []  # type: List[int]
+    for port in candidates:
+        if len(ports) == count:
+            return ports
+        if _can_bind(port):
+            ports.append(port)
+    if below is not None:
+        raise StackError("found no %d free loopback ports below %d" % (count, top))
+    # No room below the ephemeral range on this host: let the kernel choose.
+    held = []  # keep every probe socket bound until the end so no port repeats
     try:
         while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -121,6 +151,17 @@ def _free_ports(count: int, avoid: Sequence[int] = ()) -> List[int]:
         for sock in held:
             sock.close()
     return ports
+
+
+def _can_bind(port: int) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 def _port_in_use(port: int, host: str = LOOPBACK) -> bool:

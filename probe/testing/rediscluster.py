@@ -9,8 +9,9 @@ import subprocess
 import time
 from typing import Dict, List
 
-from probe.devstack import (LOOPBACK, StackError, _exchange, _find_binary, _free_ports,
-                            _port_in_use, _RedisServer, _start_servers, _stop_servers)
+from probe.devstack import (LOOPBACK, StackError, _ephemeral_ports, _exchange, _find_binary,
+                            _free_ports, _port_in_use, _RedisServer, _start_servers,
+                            _stop_servers)
 
 CLUSTER_BUS_OFFSET = 10000  # Redis listens for its cluster bus on port + 10000
 
@@ -18,10 +19,11 @@ CLUSTER_BUS_OFFSET = 10000  # Redis listens for its cluster bus on port + 10000
 def _free_cluster_ports(count: int) -> List[int]:
     """Free ports p with p + CLUSTER_BUS_OFFSET free too (and below 65536)."""
     ports = []  # type: List[int]
+    below = _ephemeral_ports()[0] - CLUSTER_BUS_OFFSET  # the bus ports stay below it too
     for _ in range(200):
-        for port in _free_ports(count * 4, avoid=ports):
+        for port in _free_ports(count * 4, avoid=ports, below=below):
             bus = port + CLUSTER_BUS_OFFSET
-            if bus < 65536 and not _port_in_use(bus) and len(ports) < count:
+            if not _port_in_use(bus) and len(ports) < count:
                 ports.append(port)
         if len(ports) == count:
             return ports
