@@ -272,6 +272,16 @@ def test_free_port_can_be_bound():
         sock.bind(("127.0.0.1", port))
 
 
+def test_stack_ports_stay_out_of_the_ephemeral_range():
+    """An outgoing connection's local port comes from that range: a server port
+    chosen there could be taken before the server binds it."""
+    from probe.devstack import _ephemeral_ports, _free_ports
+    low, _ = _ephemeral_ports()
+    ports = _free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(port < low for port in ports) and not set(ports) & set(DEV_PORTS.values())
+
+
 # ---------------------------------------------------------------------- ensemble
 
 def test_ensemble_elects_a_new_leader_when_the_leader_dies(tmp_path):
