@@ -477,7 +477,8 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     Returns an instance of a :class:`thriftpy2.thrift.TClient` subclass whose methods
     are the service's. ``socket_timeout`` and ``connect_timeout`` are in
     milliseconds (thriftpy2's convention); every other duration is in seconds,
-    except options whose names end in ``_ms``.
+    except options whose names end in ``_ms``. With ``rpc_tls.<env>`` in the config,
+    every connection is mutual TLS with that certificate (see :mod:`probe.rpctls`).
 
     :param thrift_path: the service's .thrift IDL file; parsed once per process
         (:func:`probe.load_thrift` gives the same module).
@@ -512,7 +513,8 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     :param stats_ttl: seconds the flushed counts are kept in Redis.
     :param slow_call_ms: a call taking at least this many ms is logged (1000).
     :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
-        unreadable IDL or config, before anything is started.
+        unreadable IDL or config (an unusable ``rpc_tls`` file: ``RpcTlsError``),
+        before anything is started.
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)

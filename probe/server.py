@@ -361,7 +361,9 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
 
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
     everywhere in probe). Every option is validated (a named ``ProbeError``) before
-    anything is touched.
+    anything is touched. With ``rpc_tls.<env>`` in the config the provider serves
+    mutual TLS only (see :mod:`probe.rpctls`); a handshake must finish within
+    ``read_timeout``.
 
     :param thrift_path: the IDL file.
     :param appkey: a registered appkey (MySQL ``serviceapp``); else the start is refused.

@@ -248,10 +248,12 @@ class ThriftServer(object):
         self._draining = True
         deadline = time.monotonic() + timeout
         while True:
+            # Count first: a call that ends between the count and the pass below is
+            # then still shut down by this pass, not left open after we return.
+            inflight = self.inflight
             for conn in list(self._connections.values()):
                 if not conn.calling:
                     _shutdown(conn.sock)
-            inflight = self.inflight
             if inflight == 0 or time.monotonic() >= deadline:
                 return inflight
             time.sleep(0.01)

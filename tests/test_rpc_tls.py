@@ -345,7 +345,9 @@ def test_max_connections_holds_over_tls(appkey, providers, tls_files):
 def test_failover_between_two_tls_providers_when_one_stops(appkey, providers, clients):
     first = providers(appkey, name="first")
     providers(appkey, name="second")
-    client = clients(appkey)
+    attempts = []
+    client = clients(appkey, observe=lambda method, node, status, seconds: attempts.append(
+        (node, status)))
     wait_for(lambda: len(client.watcher.table) == 2, message="two nodes")
     seen = {client.whoami() for _ in range(40)}
     assert seen == {"first", "second"}
@@ -353,7 +355,18 @@ def test_failover_between_two_tls_providers_when_one_stops(appkey, providers, cl
     # refused, and every call (none idempotent) moves to the second before sending.
     first.server.stop_accepting()
     first.server.drain(5)
-    assert {client.whoami() for _ in range(20)} == {"second"}
+    wait_for(lambda: first.server.stats()["connections"] == 0, message="first closed its connections")
+    # On a loaded machine even loopback delivers the FIN a moment later; a request
+    # written before it arrives meets the close (that call would fail anywhere).
+    (pool,) = [p for p in client._pools.values() if p.port == first.port]
+    wait_for(lambda: all(conn.is_stale() for conn in list(pool.idle)), message="the close arrived")
+    del attempts[:]
+    try:
+        assert {client.whoami() for _ in range(20)} == {"second"}
+    except Exception as exc:
+        raise AssertionError("%r attempts: %s; first %s %s; pools %s" % (
+            exc, attempts, first.port, first.server.stats(),
+            [(p.port, p.created) for p in client._pools.values()]))
     first.stop(grace=0)
     wait_for(lambda: len(client.watcher.table) == 1, message="one node")
     assert client.say() == "hello world"
@@ -477,3 +490,18 @@ def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path, tls_files):
     with pytest.raises(RpcTlsError) as raised:
         server_context(RpcTls(tls_files["ca"], tls_files["cert"], str(locked)))
     assert "encrypted" in str(raised.value)
+
+
+def test_graceful_stop_drains_a_call_in_flight_over_tls(appkey, providers, clients):
+    import threading
+    provider = providers(appkey)
+    client = clients(appkey, socket_timeout=10000)
+    assert client.say() == "hello world"
+    results = []
+    caller = threading.Thread(target=lambda: results.append(client.slow(400)))
+    caller.start()
+    wait_for(lambda: provider.server.inflight == 1, message="the call in flight")
+    provider.stop(grace=0)
+    caller.join(10)
+    assert results == ["slept 400 ms"]
+    assert provider.server.stats()["connections"] == 0
