@@ -82,7 +82,7 @@ def _common(context, tls, where):
 
 
 def _reason(exc):
-    if isinstance(exc, ssl.SSLError) and exc.reason:
+    if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
         return exc.reason
     return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
 
@@ -92,4 +92,4 @@ def is_refused_handshake(exc):
     TLS 1.3 a consumer learns that its certificate was refused only on its first
     read, after its request was written). A provider sends no alert once a
     connection is established, so such a request never reached a handler."""
-    return isinstance(exc, ssl.SSLError) and "ALERT" in (exc.reason or "")
+    return isinstance(exc, ssl.SSLError) and "ALERT" in (getattr(exc, "reason", None) or "")

@@ -589,8 +589,8 @@ class ThriftServer(object):
                 return data
         except (ssl.SSLWantWriteError, ssl.SSLError, ValueError, AttributeError) as exc:
             # A bad record, an alert, or a socket closed under us (server close).
-            if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError) \
-                    and not conn.closed:
+            if isinstance(exc, ssl.SSLError) and not conn.closed and not isinstance(
+                    exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):  # not a mere close
                 self.protocol_errors += 1
                 self._warn(conn, "TLS error (%s)" % _tls_reason(exc))
             raise OSError("TLS connection failed") from exc
@@ -811,7 +811,7 @@ def _wait_writable(fd, seconds):
 
 def _tls_reason(exc):
     """A short, log-safe description of a TLS failure."""
-    if isinstance(exc, ssl.SSLError) and exc.reason:
+    if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
         return exc.reason
     return type(exc).__name__
 

@@ -505,3 +505,30 @@ def test_graceful_stop_drains_a_call_in_flight_over_tls(appkey, providers, clien
     caller.join(10)
     assert results == ["slept 400 ms"]
     assert provider.server.stats()["connections"] == 0
+
+
+# -- pure logic ---------------------------------------------------------------------
+
+def test_contexts_are_mutual_tls_1_2_or_newer(tls_files):
+    from probe.rpctls import client_context, server_context
+    from probe.settings import RpcTls
+    tls = RpcTls(tls_files["ca"], tls_files["cert"], tls_files["key"])
+    server, client = server_context(tls), client_context(tls)
+    for context in (server, client):
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert client.check_hostname is False  # the CA is the trust boundary (docs/notes/rpc-tls.md)
+    with pytest.raises(RpcTlsError) as raised:
+        server_context(RpcTls(tls_files["ca"], None, tls_files["key"]))
+    assert "'cert' is missing" in str(raised.value)
+
+
+def test_only_a_peer_alert_counts_as_a_refused_handshake():
+    from probe.rpctls import is_refused_handshake
+    alert = ssl.SSLError(1, "tlsv13 alert certificate required")
+    alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    assert is_refused_handshake(alert)
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert not is_refused_handshake(eof)
+    assert not is_refused_handshake(ConnectionResetError())
+    assert not is_refused_handshake(TTransportException(TTransportException.END_OF_FILE, "eof"))
