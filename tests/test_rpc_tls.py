@@ -532,3 +532,29 @@ def test_only_a_peer_alert_counts_as_a_refused_handshake():
     assert not is_refused_handshake(eof)
     assert not is_refused_handshake(ConnectionResetError())
     assert not is_refused_handshake(TTransportException(TTransportException.END_OF_FILE, "eof"))
+
+
+def test_a_reply_bigger_than_the_socket_buffers_reaches_a_slow_reader(appkey, providers, tls_files):
+    """The provider's non-blocking TLS send waits for a reader that is slow to take
+    its reply (within read_timeout), as a blocking send would."""
+    import time
+    provider = providers(appkey, max_message_bytes=64 * 1024 * 1024)
+    text = b"y" * (12 * 1024 * 1024)  # more than loopback's autotuned buffers take
+    call = (struct.pack("!iI", -2147418112 | 1, 4) + b"echo" + struct.pack("!i", 7)
+            + struct.pack("!bh", 11, 1) + struct.pack("!i", len(text)) + text + b"\x00")
+    sock = tls_socket(provider, tls_files["ca"], tls_files["cert"], tls_files["key"], timeout=20)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(call)
+        time.sleep(0.3)  # let the provider fill every buffer between us
+        # message header (16 bytes), field 0 header and length (7), the text, STOP (1)
+        expected = 16 + 7 + len(text) + 1
+        reply = bytearray()
+        while len(reply) < expected:
+            chunk = sock.recv(65536)
+            assert chunk, "closed after %d bytes" % len(reply)
+            reply += chunk
+    finally:
+        sock.close()
+    assert text in reply
+    assert provider.server.stats()["protocol_errors"] == 0
