@@ -19,6 +19,7 @@ Sections:
   6. live governance: admin set_weight to N consumer processes routing by it
   7. config center: `probe config set` to on_change in N consumer processes (bench/configbench.py)
   8. provider threads and RSS with 5,000 idle connections open (bench/idle.py)
+  9. RPC mutual TLS vs plaintext, single thread (bench/tlsbench.py)
 
 Ratios are value / anchor; for throughput higher is better, for latency, CPU and
 time lower is better; the target column says which way. Throughput ratios are the
@@ -63,7 +64,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
 SECTIONS = ("client", "client_cpu", "first_call", "propagation", "server", "balancer", "memory",
-            "config", "idle")
+            "config", "idle", "tls")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
@@ -700,6 +701,10 @@ class Bench(object):
     def section_config(self):  # 7: config propagation (bench/configbench.py)
         from bench import configbench
         configbench.run(self)
+
+    def section_tls(self):  # 9: RPC mutual TLS (bench/tlsbench.py)
+        from bench import tlsbench
+        tlsbench.run(self)
 
 
 def _paired_note(rounds, anchor_rounds):

@@ -34,6 +34,7 @@ from .idl import load_service, module_of
 from .methodspec import method_specs
 from .pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
+from .rpctls import client_context, is_refused_handshake
 from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
 from .thriftserver import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
@@ -104,7 +105,8 @@ class ProbeClient(TClient):
 
     def __init__(self, service, appkey, service_name, env, watcher, zk, socket_timeout=500,
                  connect_timeout=None, balancer="weighted_random", retries=2, idempotent=False,
-                 eject_after=3, eject_backoff=1.0, max_idle=64, observe=None, recorder=None):
+                 eject_after=3, eject_backoff=1.0, max_idle=64, observe=None, recorder=None,
+                 ssl_context=None):
         # TClient state, kept for code that inspects it; there is no single transport.
         self._service = service
         self._iprot = self._oprot = None
@@ -122,6 +124,7 @@ class ProbeClient(TClient):
         self.max_idle = max_idle
         self.observe = observe
         self.recorder = recorder  # probe.metrics.Recorder, None with metrics=False
+        self.ssl_context = ssl_context  # rpc_tls.<env>: every connection is mutual TLS
         self.metrics_endpoint = None
         self.stats_target = None  # (redis settings, env) the recorder flushes to
         self._pools = {}  # znode name -> NodePool
@@ -259,6 +262,14 @@ class ProbeClient(TClient):
             try:
                 outcome = self._recv_reply(conn, method, seqid, node)
             except _TRANSPORT_ERRORS as exc:
+                if is_refused_handshake(exc):
+                    # TLS 1.3: the provider refused our certificate; the request never
+                    # reached a handler. A connect failure, as a refused connection.
+                    self._connect_failed(node)
+                    return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
+                        "TLS handshake with %s:%d refused: %s (node %s of %s/%s)" % (
+                            node.host, node.port, exc.reason, node.name, self.appkey,
+                            self.service_name)))
                 status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
                 return status, None, _Retryable(False, exc)
             status = outcome[0]
@@ -334,7 +345,7 @@ class ProbeClient(TClient):
             pool = self._pools.get(node.name)
             if pool is None:
                 pool = NodePool(node.host, node.port, self.socket_timeout, self.connect_timeout,
-                                self.max_idle)
+                                self.max_idle, self.ssl_context)
                 self._pools[node.name] = pool
             return pool
 
@@ -466,7 +477,8 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     Returns an instance of a :class:`thriftpy2.thrift.TClient` subclass whose methods
     are the service's. ``socket_timeout`` and ``connect_timeout`` are in
     milliseconds (thriftpy2's convention); every other duration is in seconds,
-    except options whose names end in ``_ms``.
+    except options whose names end in ``_ms``. With ``rpc_tls.<env>`` in the config,
+    every connection is mutual TLS with that certificate (see :mod:`probe.rpctls`).
 
     :param thrift_path: the service's .thrift IDL file; parsed once per process
         (:func:`probe.load_thrift` gives the same module).
@@ -501,7 +513,8 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     :param stats_ttl: seconds the flushed counts are kept in Redis.
     :param slow_call_ms: a call taking at least this many ms is logged (1000).
     :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
-        unreadable IDL or config, before anything is started.
+        unreadable IDL or config (an unusable ``rpc_tls`` file: ``RpcTlsError``),
+        before anything is started.
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
@@ -515,6 +528,9 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     chosen = call_metrics.metrics_options(
         metrics=metrics, **{name: value for name, value in given.items() if value is not None})
     settings = load_settings(config_path, env)
+    tls = settings.rpc_tls
+    ssl_context = None if tls is None else client_context(
+        tls, "config %s: 'rpc_tls.%s'" % (settings.path, settings.env))
     recorder = None
     if chosen.enabled:
         recorder = call_metrics.get_recorder("client", appkey, service_name,
@@ -524,7 +540,7 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
         client = ProbeClient(service, appkey, service_name, settings.env, watcher, zk,
-                             recorder=recorder, **client_options)
+                             recorder=recorder, ssl_context=ssl_context, **client_options)
         watcher.start()
     except BaseException:
         release_zookeeper(zk)

@@ -10,10 +10,16 @@ replaced, so the call never sees it. The poll is a syscall, so it is skipped for
 connection put back less than STALE_CHECK_AFTER ago: it answered a call an instant
 before, and a server dying inside that instant is no different from one dying
 while the call is in flight.
+
+TLS (`rpc_tls.<env>`): a pool given an SSLContext opens TLS connections; the
+handshake is part of opening one, so a failed handshake is a ConnectFailed like a
+refused connect (nothing was sent; the call may go elsewhere). A pooled TLS
+connection is stale also when OpenSSL holds decrypted bytes nobody asked for.
 """
 
 import select
 import socket
+import ssl
 import time
 
 from collections import deque
@@ -39,12 +45,15 @@ class Connection(object):
 
     __slots__ = ("transport", "protocol", "sock", "poller", "seqid", "released_at")
 
-    def __init__(self, host: str, port: int, timeout_ms: float, connect_timeout_ms: float) -> None:
+    def __init__(self, host: str, port: int, timeout_ms: float, connect_timeout_ms: float,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         raw = TSocket(host, port, socket_timeout=timeout_ms, connect_timeout=connect_timeout_ms)
         try:
             raw.open()
         except (TTransportException, OSError) as exc:
             raise ConnectFailed("cannot connect to %s:%d: %s" % (host, port, exc))
+        if ssl_context is not None:
+            _handshake(raw, ssl_context, host, port, connect_timeout_ms)
         self.sock = raw.sock
         self.transport = _TRANSPORTS.get_transport(raw)
         self.protocol = _PROTOCOLS.get_protocol(self.transport)
@@ -68,11 +77,41 @@ class Connection(object):
             pass
 
 
+class TlsConnection(Connection):
+    """A Connection over TLS (give it the SSLContext); only its stale check differs."""
+
+    __slots__ = ()
+
+    def is_stale(self) -> bool:
+        # Decrypted bytes waiting inside OpenSSL are invisible to poll().
+        try:
+            return bool(self.sock.pending() or self.poller.poll(0))
+        except (OSError, ValueError, AttributeError):
+            return True
+
+
+def _handshake(raw, context, host, port, connect_timeout_ms):
+    """Replace the connected `raw.sock` by a TLS socket (handshake within
+    connect_timeout); a failure closes it and raises ConnectFailed."""
+    try:
+        raw.sock.settimeout(connect_timeout_ms / 1000.0)
+        # probe's client contexts do not check hostnames (see probe.rpctls): no
+        # server_hostname, providers are named by IP.
+        secure = context.wrap_socket(raw.sock)
+        secure.settimeout(raw.socket_timeout)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raw.close()
+        raise ConnectFailed("TLS handshake with %s:%d failed: %s" % (
+            host, port, getattr(exc, "reason", None) or exc))
+    raw.sock = secure
+
+
 class NodePool(object):
     """Idle connections to one node. Thread-safe: deque append/pop are atomic."""
 
     def __init__(self, host: str, port: int, timeout_ms: float = 500,
-                 connect_timeout_ms: Optional[float] = None, max_idle: int = 64) -> None:
+                 connect_timeout_ms: Optional[float] = None, max_idle: int = 64,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.host = host
         self.port = port
         self.timeout_ms = timeout_ms
@@ -81,6 +120,8 @@ class NodePool(object):
         self.idle = deque()
         self.closed = False
         self.created = 0
+        self.ssl_context = ssl_context
+        self.connection_class = Connection if ssl_context is None else TlsConnection
 
     def acquire(self, now: Optional[float] = None) -> Connection:
         """An open connection: a pooled one that is still sound, else a new one.
@@ -101,7 +142,8 @@ class NodePool(object):
                 continue
             return conn
         self.created += 1
-        return Connection(self.host, self.port, self.timeout_ms, self.connect_timeout_ms)
+        return self.connection_class(self.host, self.port, self.timeout_ms, self.connect_timeout_ms,
+                                     self.ssl_context)
 
     def release(self, conn: Connection, now: Optional[float] = None) -> None:
         """Put back a connection whose last exchange completed cleanly.

@@ -26,6 +26,7 @@ from .idl import load_service
 from .naming import NodeSettings
 from .nodestore import NodeStore
 from .registry import Registration, release_zookeeper, shared_zookeeper
+from .rpctls import server_context
 from .settings import load_settings, outbound_ip
 from .thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
                            DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS, ThriftServer)
@@ -133,6 +134,11 @@ class Provider(object):
         self.bind_host = bind_host
         self.settings = load_settings(config_path, env)
         self.env = self.settings.env
+        # rpc_tls.<env>: serve mutual TLS only. Loaded now, so a bad file refuses the
+        # start before any store is touched.
+        tls = self.settings.rpc_tls
+        self.ssl_context = None if tls is None else server_context(
+            tls, "config %s: 'rpc_tls.%s'" % (self.settings.path, self.env))
         self.advertise_host = advertise_host
         self.shutdown_grace = float(shutdown_grace)
         self.drain_timeout = float(drain_timeout)
@@ -182,7 +188,8 @@ class Provider(object):
         self.host = (self.advertise_host or settings.advertise_host
                      or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
         self.server = ThriftServer(self.service, self.handler, self.bind_host, self.requested_port,
-                                   observe=self.observe, **self.limits)
+                                   observe=self.observe, ssl_context=self.ssl_context,
+                                   **self.limits)
         raise_fd_limit(self.limits["max_connections"])
         try:
             self.server.bind()
@@ -234,8 +241,9 @@ class Provider(object):
         else:
             self.server.start()
         self._started = True
-        log.info("serving %s on %s (bound %s:%d), settings %s", self.describe, self.address,
-                 self.bind_host, self.port, self.node_settings.to_json())
+        log.info("serving %s on %s (bound %s:%d%s), settings %s", self.describe, self.address,
+                 self.bind_host, self.port, ", mutual TLS" if self.ssl_context else "",
+                 self.node_settings.to_json())
         return self
 
     def _record_calls(self):
@@ -353,7 +361,9 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
 
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
     everywhere in probe). Every option is validated (a named ``ProbeError``) before
-    anything is touched.
+    anything is touched. With ``rpc_tls.<env>`` in the config the provider serves
+    mutual TLS only (see :mod:`probe.rpctls`); a handshake must finish within
+    ``read_timeout``.
 
     :param thrift_path: the IDL file.
     :param appkey: a registered appkey (MySQL ``serviceapp``); else the start is refused.

@@ -19,6 +19,16 @@ Limits (see `ThriftServer`): `max_connections`, `idle_timeout`, `read_timeout`,
 `worker_threads`. A peer that breaks them is logged at most once a minute
 (`PeerWarnings`) and its connection closed.
 
+TLS (`ssl_context`): every accepted connection is wrapped, non-blocking, and its
+handshake runs in steps on workers, between which it waits in the epoll set like
+any connection: a peer that stalls its handshake holds no thread, and is cut off
+`read_timeout` seconds after it connected. The selector thread never does TLS
+work (a handshake costs a few hundred microseconds of CPU). The same holds for a
+TLS record that only partly arrived: it starts the message's read_timeout. A
+worker checks `pending()` (bytes OpenSSL has decrypted but not yet handed out)
+before it polls the socket or parks the connection, because epoll only sees the
+raw socket.
+
 An undeclared handler exception becomes a TApplicationException INTERNAL_ERROR
 reply that names the service and method only (its text may hold secrets); the
 traceback is logged here with the method and the peer.
@@ -30,6 +40,7 @@ import operator
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -88,9 +99,10 @@ class _Connection(object):
     the selector thread may then hand it out or expire it)."""
 
     __slots__ = ("sock", "fd", "peer", "host", "buf", "scanner", "message_deadline",
-                 "deadline", "parked", "calling", "closed")
+                 "deadline", "parked", "calling", "closed", "tls", "poller", "handshaking",
+                 "record_deadline")
 
-    def __init__(self, sock, address):
+    def __init__(self, sock, address, tls=False):
         self.sock = sock
         self.fd = sock.fileno()
         self.host = str(address[0]) if address else "?"
@@ -102,6 +114,16 @@ class _Connection(object):
         self.parked = False
         self.calling = False
         self.closed = False
+        # TLS only: a poll object for the socket (a worker waits on it), whether the
+        # handshake is still running, and the deadline of a handshake or of a record
+        # that began to arrive before any of its bytes could be decrypted (0: none).
+        self.tls = tls
+        self.poller = None
+        self.handshaking = False
+        self.record_deadline = 0.0
+        if tls:
+            self.poller = select.poll()
+            self.poller.register(self.fd, select.POLLIN)
 
 
 class ThriftServer(object):
@@ -126,12 +148,14 @@ class ThriftServer(object):
         call may declare; anything bigger closes the connection before it is read.
     :param worker_threads: the most threads running calls at once.
     :param backlog: the listen backlog.
+    :param ssl_context: an ``ssl.SSLContext`` (server side) to serve TLS only, or
+        None for plain TCP (see `probe.rpctls.server_context`).
     """
 
     def __init__(self, service, handler, host="0.0.0.0", port=8081, observe=None, *,
                  max_connections=DEFAULT_MAX_CONNECTIONS, idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  read_timeout=DEFAULT_READ_TIMEOUT, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024):
+                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024, ssl_context=None):
         self.service_name = service.__name__
         missing = [name for name in service.thrift_services if not callable(getattr(handler, name, None))]
         if missing:
@@ -148,6 +172,7 @@ class ThriftServer(object):
         self.max_message_bytes = max_message_bytes
         self.worker_threads = worker_threads
         self.backlog = backlog
+        self.ssl_context = ssl_context
         self.listener = None
         self._active = []  # one item per call in flight: list append/pop are atomic
         self._call_counts = []  # one [count] per worker thread, each written by its owner only
@@ -223,10 +248,12 @@ class ThriftServer(object):
         self._draining = True
         deadline = time.monotonic() + timeout
         while True:
+            # Count first: a call that ends between the count and the pass below is
+            # then still shut down by this pass, not left open after we return.
+            inflight = self.inflight
             for conn in list(self._connections.values()):
                 if not conn.calling:
                     _shutdown(conn.sock)
-            inflight = self.inflight
             if inflight == 0 or time.monotonic() >= deadline:
                 return inflight
             time.sleep(0.01)
@@ -323,13 +350,23 @@ class ThriftServer(object):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                # Blocking sockets with kernel timeouts: one syscall per read or write,
-                # where a Python socket timeout adds a poll() before each.
-                sock.setblocking(True)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HOT_LINGER))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.read_timeout))
-                conn = _Connection(sock, address)
-                conn.deadline = time.monotonic() + self.idle_timeout
+                if self.ssl_context is None:
+                    # Blocking sockets with kernel timeouts: one syscall per read or write,
+                    # where a Python socket timeout adds a poll() before each.
+                    sock.setblocking(True)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HOT_LINGER))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.read_timeout))
+                    conn = _Connection(sock, address)
+                    conn.deadline = time.monotonic() + self.idle_timeout
+                else:
+                    # Non-blocking: OpenSSL then says "want read" instead of waiting, and
+                    # the handshake happens later, on a worker.
+                    sock.setblocking(False)
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                        do_handshake_on_connect=False)
+                    conn = _Connection(sock, address, tls=True)
+                    conn.handshaking = True
+                    conn.deadline = conn.record_deadline = time.monotonic() + self.read_timeout
                 conn.parked = True
                 self._connections[conn.fd] = conn
                 self._epoll.register(conn.fd, _READ)
@@ -362,7 +399,11 @@ class ThriftServer(object):
                     expired.append(conn)
         for conn in expired:
             self.timed_out += 1
-            if conn.buf:
+            if conn.handshaking:
+                self.protocol_errors += 1
+                self._warn(conn, "TLS handshake not complete within read_timeout=%gs"
+                           % self.read_timeout)
+            elif conn.buf or conn.record_deadline:
                 self.protocol_errors += 1
                 self._warn(conn, "message not complete within read_timeout=%gs (%d bytes in)"
                            % (self.read_timeout, len(conn.buf)))
@@ -420,6 +461,9 @@ class ThriftServer(object):
     def _serve(self, conn, protocol, membuf, counter):
         """Serve `conn` while it has requests; park or close it when it goes quiet."""
         sock = conn.sock
+        tls = conn.tls
+        if tls and conn.handshaking and not self._handshake(conn):
+            return
         buf = conn.buf
         scanner = conn.scanner
         if scanner is None:
@@ -456,7 +500,10 @@ class ThriftServer(object):
             else:
                 flags = socket.MSG_DONTWAIT  # others wait for a worker: do not hold one for a quiet socket
             try:
-                data = sock.recv(RECV_SIZE if buf else FIRST_RECV, flags)
+                if tls:
+                    data = self._tls_recv(conn, RECV_SIZE if buf else FIRST_RECV, flags, not buf)
+                else:
+                    data = sock.recv(RECV_SIZE if buf else FIRST_RECV, flags)
             except (BlockingIOError, socket.timeout):
                 conn.buf = buf
                 self._park(conn)
@@ -473,14 +520,111 @@ class ThriftServer(object):
                 buf += data
             else:
                 buf = data
-                conn.message_deadline = monotonic() + self.read_timeout
+                if not tls:  # (_tls_recv set it: the message may have begun earlier)
+                    conn.message_deadline = monotonic() + self.read_timeout
+
+    # -- TLS steps (workers) ---------------------------------------------------------
+    def _handshake(self, conn):
+        """Advance a TLS handshake as far as the peer's bytes allow. True when it is
+        done; False when the connection was parked (waiting for the peer) or closed."""
+        sock = conn.sock
+        while True:
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                if time.monotonic() >= conn.record_deadline:
+                    self.timed_out += 1
+                    self.protocol_errors += 1
+                    self._warn(conn, "TLS handshake not complete within read_timeout=%gs"
+                               % self.read_timeout)
+                    self._close(conn)
+                else:
+                    self._park(conn)
+                return False
+            except ssl.SSLWantWriteError:
+                # Our own flight does not fit the socket buffer (rare: a few KB). Wait
+                # here, bounded by the handshake's deadline.
+                if not _wait_writable(conn.fd, conn.record_deadline - time.monotonic()):
+                    self.timed_out += 1
+                    self._close(conn)
+                    return False
+                continue
+            except (ssl.SSLError, OSError, ValueError, AttributeError) as exc:
+                # A plaintext client, no certificate, one from another CA, garbage.
+                if not conn.closed:
+                    self.protocol_errors += 1
+                    self._warn(conn, "TLS handshake refused (%s)" % _tls_reason(exc))
+                self._close(conn)
+                return False
+            conn.handshaking = False
+            conn.record_deadline = 0.0
+            return True
+
+    def _tls_recv(self, conn, size, flags, starting):
+        """`sock.recv` for a TLS connection: decrypted bytes, b"" at EOF, or
+        BlockingIOError when the connection should be parked. Waits up to HOT_LINGER
+        for the peer unless `flags` (MSG_DONTWAIT) says not to; `starting`: no byte
+        of the current message has arrived yet."""
+        sock = conn.sock
+        wait_ms = 0 if flags else HOT_LINGER * 1000
+        try:
+            while True:
+                # Decrypted bytes may wait inside OpenSSL while the socket is not
+                # readable: look there before waiting on the socket.
+                if not sock.pending() and not conn.poller.poll(wait_ms):
+                    raise BlockingIOError
+                try:
+                    data = sock.recv(size)
+                except ssl.SSLWantReadError:
+                    # Raw bytes came but not a whole record: the message has begun.
+                    if starting and not conn.record_deadline:
+                        conn.record_deadline = time.monotonic() + self.read_timeout
+                    deadline = conn.record_deadline if starting else conn.message_deadline
+                    if not wait_ms or time.monotonic() >= deadline:
+                        raise BlockingIOError  # parked; past its deadline, the sweep cuts it
+                    continue
+                if starting:
+                    conn.message_deadline = conn.record_deadline or time.monotonic() + self.read_timeout
+                conn.record_deadline = 0.0
+                return data
+        except (ssl.SSLWantWriteError, ssl.SSLError, ValueError, AttributeError) as exc:
+            # A bad record, an alert, or a socket closed under us (server close).
+            if isinstance(exc, ssl.SSLError) and not conn.closed and not isinstance(
+                    exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):  # not a mere close
+                self.protocol_errors += 1
+                self._warn(conn, "TLS error (%s)" % _tls_reason(exc))
+            raise OSError("TLS connection failed") from exc
+
+    def _send_tls(self, conn, data):
+        """`sendall` for a non-blocking TLS socket: a peer that does not take its reply
+        within read_timeout is dropped, as SO_SNDTIMEO does for plain sockets.
+        Raises OSError on failure."""
+        sock = conn.sock
+        view = memoryview(data)
+        deadline = None
+        try:
+            while view:
+                try:
+                    sent = sock.send(view)
+                except ssl.SSLWantWriteError:
+                    if deadline is None:
+                        deadline = time.monotonic() + self.read_timeout
+                    if not _wait_writable(conn.fd, deadline - time.monotonic()):
+                        raise socket.timeout("reply not taken within read_timeout")
+                    continue
+                view = view[sent:]
+        except (ssl.SSLError, ValueError, AttributeError) as exc:
+            raise OSError("TLS send failed: %s" % exc) from exc
+        finally:
+            view.release()
 
     def _park(self, conn):
         """Give the connection back to the selector until it is readable again."""
         if self._draining:
             self._close(conn)
             return
-        conn.deadline = conn.message_deadline if conn.buf else time.monotonic() + self.idle_timeout
+        conn.deadline = (conn.message_deadline if conn.buf else
+                         conn.record_deadline or time.monotonic() + self.idle_timeout)
         with self._lock:
             if conn.closed:
                 return
@@ -572,7 +716,10 @@ class ThriftServer(object):
             data = membuf.getvalue()
             membuf.clean()
             try:
-                conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
+                if conn.tls:
+                    self._send_tls(conn, data)
+                else:
+                    conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
             except OSError:
                 return False
             return True
@@ -608,7 +755,10 @@ class ThriftServer(object):
         data = membuf.getvalue()
         membuf.clean()
         try:
-            conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
+            if conn.tls:
+                self._send_tls(conn, data)
+            else:
+                conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
         except OSError:
             return False
         return True
@@ -635,11 +785,35 @@ def _timeval(seconds):
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
+# The plain socket's shutdown, also for an SSLSocket: its own shutdown() drops the
+# TLS state, and a worker still reading it would then read raw ciphertext.
+_raw_shutdown = socket.socket.shutdown
+
+
 def _shutdown(sock):
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        _raw_shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _wait_writable(fd, seconds):
+    """True once `fd` can take bytes, False after `seconds`."""
+    if seconds <= 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return bool(poller.poll(seconds * 1000))
+    except OSError:
+        return False
+
+
+def _tls_reason(exc):
+    """A short, log-safe description of a TLS failure."""
+    if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
+        return exc.reason
+    return type(exc).__name__
 
 
 def _drain_pipe(fd):
