@@ -108,12 +108,18 @@ class Admin(object):
         self.close()
 
     # -- appkeys -----------------------------------------------------------------
-    def add_appkey(self, appkey, description=""):
+    def add_appkey(self, appkey, description="", by=None):
+        """Register `appkey` (True if added); recorded in the audit table as `by`."""
         naming.check_description(description)
-        return self.appkeys.add(naming.check_appkey(appkey), description)
+        if by is not None:
+            naming.check_changed_by(by)
+        return self.appkeys.add(naming.check_appkey(appkey), description, env=self.env, by=by)
 
-    def remove_appkey(self, appkey):
-        return self.appkeys.remove(naming.check_appkey(appkey))
+    def remove_appkey(self, appkey, by=None):
+        """Remove `appkey` (True if it was there); recorded in the audit table as `by`."""
+        if by is not None:
+            naming.check_changed_by(by)
+        return self.appkeys.remove(naming.check_appkey(appkey), env=self.env, by=by)
 
     def list_appkeys(self):
         return self.appkeys.list()

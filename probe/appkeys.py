@@ -16,6 +16,8 @@ log = logging.getLogger("probe.appkeys")
 SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "schema.sql")
 MAX_AUDIT_VALUE_LENGTH = 1024  # governance_audit.old_value / new_value
 MAX_ACTION_LENGTH = 32         # governance_audit.action
+_INSERT_AUDIT = ("INSERT INTO governance_audit (changed_by, env, appkey, service, node, action, "
+                 "old_value, new_value) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
 _NO_SUCH_TABLE = 1146
 
 # Databases whose schema this process has already created or checked, so the DDL
@@ -167,18 +169,44 @@ class AppkeyStore(object):
             raise UnknownAppkey("appkey %r is not registered in MySQL table serviceapp at %s: "
                                 "add it with `probe appkey add %s`" % (appkey, self.address, appkey))
 
-    def add(self, appkey, description=""):
-        """Register `appkey`; True if added, False if it was already there."""
+    def add(self, appkey, description="", env=None, by=None):
+        """Register `appkey`; True if added, False if it was already there. With
+        `env`, an audit row (action ``appkey add``, who: `by` or the OS user) is
+        written in the same transaction: both land or neither."""
         check_appkey(appkey)
         description = naming.check_description(description)
-        return self._with_schema(lambda: self._run(
+        return self._with_schema(lambda: self._audited(
             "INSERT IGNORE INTO serviceapp (appkey, description) VALUES (%s, %s)",
-            (appkey, description)) == 1)
+            (appkey, description), env, appkey, "appkey add", None, description, by))
 
-    def remove(self, appkey):
+    def remove(self, appkey, env=None, by=None):
+        """Remove `appkey`; True if it was there. With `env`, audited as ``add``."""
         check_appkey(appkey)
-        return self._with_schema(
-            lambda: self._run("DELETE FROM serviceapp WHERE appkey = %s", (appkey,)) == 1)
+        return self._with_schema(lambda: self._audited(
+            "DELETE FROM serviceapp WHERE appkey = %s", (appkey,),
+            env, appkey, "appkey remove", None, "", by))
+
+    def _audited(self, statement, args, env, appkey, action, old_value, new_value, by):
+        """Run `statement`; if it changed a row and `env` is given, insert the audit
+        row in the same transaction. Returns whether a row changed."""
+        row = None
+        if env is not None:
+            # An appkey change has no service or node: those columns stay empty.
+            row = (naming.check_changed_by(by or current_user()), naming.check_env(env), appkey,
+                   "", "", action, old_value, new_value)
+
+        def work(cursor):
+            self._connection.begin()
+            try:
+                changed = cursor.execute(statement, args) == 1
+                if changed and row is not None:
+                    cursor.execute(_INSERT_AUDIT, row)
+                self._connection.commit()
+            except BaseException:
+                self._rollback_locked()
+                raise
+            return changed
+        return self._cursor_run(work)
 
     def list(self):
         rows = self._with_schema(lambda: self._run(
@@ -205,9 +233,7 @@ class AppkeyStore(object):
         try:
             def work(cursor):
                 self._connection.begin()
-                cursor.execute("INSERT INTO governance_audit (changed_by, env, appkey, service, "
-                               "node, action, old_value, new_value) VALUES "
-                               "(%s, %s, %s, %s, %s, %s, %s, %s)", row)
+                cursor.execute(_INSERT_AUDIT, row)
             try:
                 self._cursor_run_locked(work)
             except BaseException:

@@ -27,10 +27,10 @@ def _admin(args):
 def cmd_appkey(args):
     with _admin(args) as admin:
         if args.action == "add":
-            added = admin.add_appkey(args.appkey, args.description)
+            added = admin.add_appkey(args.appkey, args.description, by=args.by)
             print("appkey %s %s" % (args.appkey, "added" if added else "already registered"))
         elif args.action == "remove":
-            removed = admin.remove_appkey(args.appkey)
+            removed = admin.remove_appkey(args.appkey, by=args.by)
             print("appkey %s %s" % (args.appkey, "removed" if removed else "was not registered"))
             return 0 if removed else 1
         else:
@@ -297,6 +297,8 @@ def build_parser():
     add.add_argument("--description", default="")
     remove = appkey_sub.add_parser("remove", help="unregister an appkey")
     remove.add_argument("appkey")
+    for one in (add, remove):
+        one.add_argument("--by", help="who makes the change, for the audit log (default: the OS user)")
     listing = appkey_sub.add_parser("list", help="list appkeys")
     listing.add_argument("--json", action="store_true")
     appkey.set_defaults(func=cmd_appkey)

@@ -368,8 +368,13 @@ def test_audit_page_filters_by_appkey_and_appkeys_can_be_added(console_url, page
     _shot(page, tmp_path, "audit")
     page.goto(console_url + "/audit?appkey=%s" % new_key)
     assert page.get_by_role("row").filter(has_text=node.address).count() == 0
+    # The appkey the console added is audited as the logged-in user.
+    added = page.get_by_role("row").filter(has_text="appkey add")
+    assert added.count() == 1 and OPERATOR in added.inner_text()
     with Admin() as admin:
-        admin.remove_appkey(new_key)
+        admin.remove_appkey(new_key, by="tidy-up")
+        assert [(row["action"], row["changed_by"]) for row in admin.audit(new_key)] == [
+            ("appkey remove", "tidy-up"), ("appkey add", OPERATOR)]
 
 
 def test_failed_logins_are_rate_limited(console_url, page, stack):

@@ -226,3 +226,17 @@ def test_warmup_ramps_a_new_nodes_share(appkey, providers, clients):
     late = shares(client, 2000)
     # Warmed up: equal weights, Binomial(2000, .5) sd 22.4; +-6 sd.
     assert 866 <= late["new"] <= 1134, late
+
+
+def test_appkey_add_and_remove_are_audited_and_a_refused_one_writes_nothing(stack, admin):
+    import uuid
+    key = "t_audit_%s" % uuid.uuid4().hex[:8]
+    refused = run_probe("appkey", "add", key, "--by", "x" * 129, check=False)
+    assert refused.returncode != 0 and "changed-by" in refused.stderr
+    assert key not in [row["appkey"] for row in admin.list_appkeys()]
+    assert admin.audit(key) == []
+    run_probe("appkey", "add", key, "--description", "billing", "--by", "carol")
+    run_probe("appkey", "remove", key, "--by", "dave")
+    rows = json.loads(run_probe("audit", key, "--json").stdout)
+    assert [(r["changed_by"], r["action"], r["new"]) for r in rows] == [
+        ("dave", "appkey remove", ""), ("carol", "appkey add", "billing")]

@@ -222,7 +222,7 @@ def add_appkey():
     try:
         if len(description) > 255:
             raise ProbeError("description too long (%d characters): give at most 255" % len(description))
-        added = console().admin().add_appkey(appkey, description)
+        added = console().admin().add_appkey(appkey, description, by=g.session.username)
     except ProbeError as exc:
         _flash_probe_error(exc)
     else:
