@@ -4,7 +4,6 @@ A peer that sends garbage can do so as fast as it can connect; logging every
 occurrence (with a traceback, as a generic `except` would) lets it fill the disk.
 """
 
-import logging
 import time
 from collections import OrderedDict
 

@@ -713,16 +713,7 @@ class ThriftServer(object):
                 log.error("%s.%s returned a value that cannot be encoded (peer %s)",
                           self.service_name, name, conn.peer, exc_info=True)
                 return self._reply_exception(conn, protocol, membuf, name, seqid, self._internal(name))
-            data = membuf.getvalue()
-            membuf.clean()
-            try:
-                if conn.tls:
-                    self._send_tls(conn, data)
-                else:
-                    conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
-            except OSError:
-                return False
-            return True
+            return self._send(conn, membuf)
         finally:
             conn.calling = False
             active.pop()

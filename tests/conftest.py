@@ -57,23 +57,82 @@ def appkey(stack):
     return key
 
 
-@pytest.fixture
-def providers(stack):
-    """Start in-process providers: providers(appkey, name=...) -> Provider."""
+def provider_starter(default_name="node%d", **fixed):
+    """start(appkey, name=None, port=0, handler=None, **options) -> a started
+    in-process Provider of DemoService; `fixed` options (a config path, an env) go
+    to every start. `start.stop_all()` stops them."""
     from demo_server import DemoServiceHandler
     from probe.server import start_service
     started = []
 
     def start(appkey, name=None, port=0, handler=None, **options):
         options.setdefault("shutdown_grace", 0.2)
-        handler = handler or DemoServiceHandler(name or "node%d" % len(started))
-        provider = start_service(IDL, appkey, "DemoService", handler, port=port, block=False, **options)
+        for key, value in fixed.items():
+            if options.get(key) is None:
+                options[key] = value
+        handler = handler or DemoServiceHandler(name or default_name % len(started))
+        provider = start_service(IDL, appkey, "DemoService", handler, port=port, block=False,
+                                 **options)
         started.append(provider)
         return provider
 
+    def stop_all():
+        for provider in started:
+            provider.stop(grace=0)
+    start.stop_all = stop_all
+    return start
+
+
+@pytest.fixture
+def providers(stack):
+    """Start in-process providers: providers(appkey, name=...) -> Provider."""
+    start = provider_starter()
     yield start
-    for provider in started:
-        provider.stop(grace=0)
+    start.stop_all()
+
+
+# -- a secured stack (ZooKeeper digest ACLs, Redis ACL user + TLS, MariaDB TLS, RPC
+# mutual TLS), shared by the security and RPC TLS tests ------------------------------
+SECURE_ENV = "dev"
+
+
+@pytest.fixture(scope="session")
+def secure_stack(tmp_path_factory):
+    """`probe stack up --secure` on free loopback ports: (stack, config path, secrets)."""
+    import json
+    from probe.devstack import Stack
+    state = str(tmp_path_factory.mktemp("secure-stack"))
+    secured = Stack(state_dir=state, ports="free", secure=True)
+    try:
+        secured.up()
+        with open(os.path.join(state, "secrets.json")) as handle:
+            secrets = json.load(handle)
+        yield secured, secured.config_path, secrets
+    finally:
+        secured.down()
+
+
+@pytest.fixture
+def secure_config(secure_stack):
+    return secure_stack[1]
+
+
+@pytest.fixture
+def secure_appkey(secure_config):
+    """A fresh appkey registered in the secured stack."""
+    from probe.admin import Admin
+    key = "s_%s" % uuid.uuid4().hex[:10]
+    with Admin(config_path=secure_config, env=SECURE_ENV) as admin:
+        admin.add_appkey(key)
+    return key
+
+
+@pytest.fixture
+def secure_providers(secure_config):
+    """providers() against the secured stack (a `config_path` option overrides it)."""
+    start = provider_starter("secure%d", config_path=secure_config, env=SECURE_ENV)
+    yield start
+    start.stop_all()
 
 
 @pytest.fixture

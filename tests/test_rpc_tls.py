@@ -11,7 +11,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import uuid
 
 import pytest
 import yaml
@@ -19,7 +18,7 @@ from prometheus_client import REGISTRY
 from thriftpy2.rpc import make_client
 from thriftpy2.transport import TTransportException
 
-from conftest import IDL, ROOT, wait_for
+from conftest import IDL, ROOT, provider_starter, wait_for
 
 from probe import naming
 from probe.certs import make_stack_certs
@@ -32,20 +31,14 @@ SAY_CALL = struct.pack("!iI", -2147418112 | 1, 3) + b"say" + struct.pack("!i", 1
 
 
 @pytest.fixture(scope="session")
-def tls_stack(tmp_path_factory):
-    """A secured stack on free loopback ports (its config has rpc_tls.dev) and a
+def tls_stack(secure_stack, tmp_path_factory):
+    """The secured stack's config (it has rpc_tls.dev), its RPC certificates, and a
     second set of certificates from an unrelated CA."""
-    from probe.devstack import Stack
-    state = str(tmp_path_factory.mktemp("tls-stack"))
-    stack = Stack(state_dir=state, ports="free", secure=True)
-    try:
-        stack.up()
-        with open(stack.config_path) as handle:
-            config = yaml.safe_load(handle)
-        stranger = make_stack_certs(str(tmp_path_factory.mktemp("stranger-certs")))
-        yield stack.config_path, config["rpc_tls"][ENV], stranger
-    finally:
-        stack.down()
+    _, config_path, _ = secure_stack
+    with open(config_path) as handle:
+        config = yaml.safe_load(handle)
+    stranger = make_stack_certs(str(tmp_path_factory.mktemp("stranger-certs")))
+    return config_path, config["rpc_tls"][ENV], stranger
 
 
 @pytest.fixture
@@ -64,31 +57,15 @@ def stranger(tls_stack):
 
 
 @pytest.fixture
-def appkey(config):
-    from probe.admin import Admin
-    key = "r_%s" % uuid.uuid4().hex[:10]
-    with Admin(config_path=config, env=ENV) as admin:
-        admin.add_appkey(key)
-    return key
+def appkey(secure_appkey):
+    return secure_appkey
 
 
 @pytest.fixture
 def providers(config):
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    from demo_server import DemoServiceHandler
-    from probe.server import start_service
-    started = []
-
-    def start(appkey, name="tls", config_path=None, **options):
-        provider = start_service(IDL, appkey, "DemoService", DemoServiceHandler(name), port=0,
-                                 block=False, config_path=config_path or config, env=ENV,
-                                 shutdown_grace=0.2, **options)
-        started.append(provider)
-        return provider
-
+    start = provider_starter("tls%d", config_path=config, env=ENV)
     yield start
-    for provider in started:
-        provider.stop(grace=0)
+    start.stop_all()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
-from conftest import IDL, ROOT, wait_for
+from conftest import IDL, wait_for
 
 from probe import naming, settings as settings_module, zkacl
 from probe.errors import ConfigError, ProbeError, ZooKeeperAuthFailed
@@ -30,57 +30,9 @@ from probe.settings import load_settings
 ENV = "dev"
 
 
-@pytest.fixture(scope="session")
-def secure_stack(tmp_path_factory):
-    """A secured stack on free loopback ports, its config path and its secrets."""
-    from probe.devstack import Stack
-    state = str(tmp_path_factory.mktemp("secure-stack"))
-    stack = Stack(state_dir=state, ports="free", secure=True)
-    try:
-        stack.up()
-        with open(os.path.join(state, "secrets.json")) as handle:
-            secrets = json.load(handle)
-        yield stack, stack.config_path, secrets
-    finally:
-        stack.down()
-
-
-@pytest.fixture
-def secure_config(secure_stack):
-    return secure_stack[1]
-
-
 @pytest.fixture
 def secure_settings(secure_config):
     return load_settings(secure_config, ENV)
-
-
-@pytest.fixture
-def secure_appkey(secure_config):
-    from probe.admin import Admin
-    key = "s_%s" % uuid.uuid4().hex[:10]
-    with Admin(config_path=secure_config, env=ENV) as admin:
-        admin.add_appkey(key)
-    return key
-
-
-@pytest.fixture
-def secure_providers(secure_config, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    from demo_server import DemoServiceHandler
-    from probe.server import start_service
-    started = []
-
-    def start(appkey, name="secure", config_path=None, **options):
-        provider = start_service(IDL, appkey, "DemoService", DemoServiceHandler(name), port=0,
-                                 block=False, config_path=config_path or secure_config, env=ENV,
-                                 shutdown_grace=0.2, **options)
-        started.append(provider)
-        return provider
-
-    yield start
-    for provider in started:
-        provider.stop(grace=0)
 
 
 def anonymous_zookeeper(settings):
