@@ -132,6 +132,9 @@ def test_packaged_config_targets_the_dev_stack(monkeypatch):
     settings = load_settings()
     assert settings.zookeeper.hosts == "127.0.0.1:22181"
     assert settings.redis.port == 26379 and settings.mysql.port == 23306
+    # The local stack is loopback-only: so are the providers of its config.
+    monkeypatch.delenv("PROBE_ADVERTISE_HOST", raising=False)
+    assert settings.advertise_host == "127.0.0.1"
     clear_cache()
 
 
