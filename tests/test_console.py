@@ -478,6 +478,7 @@ def test_operator_sets_edits_and_rolls_back_a_config_key(console_url, page, appk
     try:
         _login(page, console_url, OPERATOR, OPERATOR_PASSWORD)
         page.goto(console_url + "/apps/%s" % appkey)
+        _shot(page, tmp_path, "app-config-link")
         page.get_by_role("link", name="Config", exact=True).click()
         page.wait_for_url(re.compile(r"/apps/%s/config$" % appkey))
         assert "has no config keys yet" in page.locator("main").inner_text()
