@@ -5,6 +5,7 @@ Screenshots (1280x800) go to the test's tmp dir; with PROBE_SCREENSHOT_DIR set, 
 node view is also copied there (that is how docs/images/console-nodes.png is made).
 """
 
+import json
 import os
 import re
 import shutil
@@ -460,3 +461,129 @@ def test_probe_console_command_serves_on_loopback(stack):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
+
+
+# -- the config center's pages -------------------------------------------------------
+def _config_row(page, key):
+    return page.locator("table.config tbody tr").filter(
+        has=page.locator("td.key", has_text=re.compile("^%s$" % re.escape(key))))
+
+
+def test_operator_sets_edits_and_rolls_back_a_config_key(console_url, page, appkey, tmp_path):
+    from probe.admin import Admin
+    from probe.configcenter import live_config
+    from probe.errors import UnknownConfigKey
+    key = "db.pool_size"
+    reader = live_config(appkey, backup_dir=str(tmp_path / "backup"))
+    try:
+        _login(page, console_url, OPERATOR, OPERATOR_PASSWORD)
+        page.goto(console_url + "/apps/%s" % appkey)
+        _shot(page, tmp_path, "app-config-link")
+        page.get_by_role("link", name="Config", exact=True).click()
+        page.wait_for_url(re.compile(r"/apps/%s/config$" % appkey))
+        assert "has no config keys yet" in page.locator("main").inner_text()
+
+        page.get_by_label("Key", exact=True).fill(key)
+        page.locator("#new-value").fill("10")
+        page.get_by_role("button", name="Add").click()
+        page.wait_for_load_state()
+        assert "config key %s set to 10 (version 1)" % key in page.get_by_role("status").inner_text()
+        assert _config_row(page, key).get_by_label("Value").input_value() == "10"
+        with Admin() as admin:
+            assert admin.get_config(appkey, key) == 10
+        wait_for(lambda: reader.get(key) == 10, message="the live reader sees the new key")
+
+        # An edit; the markup inside the value is shown as text, never as markup.
+        edited = {"max": 20, "note": "<b id=injected>x</b>"}
+        _config_row(page, key).get_by_label("Value").fill('{"note": "<b id=injected>x</b>", "max": 20}')
+        _config_row(page, key).get_by_role("button", name="Save").click()
+        page.wait_for_load_state()
+        assert "(version 2)" in page.get_by_role("status").inner_text()
+        assert page.locator("#injected").count() == 0
+        assert json.loads(_config_row(page, key).get_by_label("Value").input_value()) == edited
+        wait_for(lambda: reader.get(key) == edited, message="the live reader sees the edit")
+
+        # A refused value: the CLI's message, and nothing written.
+        _config_row(page, key).get_by_label("Value").fill("{bad")
+        _config_row(page, key).get_by_role("button", name="Save").click()
+        page.wait_for_load_state()
+        shown = page.get_by_role("alert").inner_text()
+        cli = run_probe("config", "set", appkey, key, "{bad", check=False)
+        assert cli.returncode != 0
+        assert shown.startswith("InvalidConfigValue: ") and shown in cli.stderr and "{bad" in shown
+        page.get_by_label("Key", exact=True).fill("bad key!")
+        page.locator("#new-value").fill("1")
+        page.get_by_role("button", name="Add").click()
+        page.wait_for_load_state()
+        assert page.get_by_role("alert").inner_text().startswith("InvalidConfigKey: ")
+        with Admin() as admin:
+            assert admin.get_config(appkey, key) == edited
+            assert [row["version"] for row in admin.config_history(appkey, key)] == [2, 1]
+            assert list(admin.list_config(appkey)) == [key]
+        _shot(page, tmp_path, "config")
+
+        _config_row(page, key).get_by_role("link", name="history").click()
+        page.wait_for_url(re.compile(r"/apps/%s/config/%s/history$" % (appkey, re.escape(key))))
+        rows = page.locator("table.config-history tbody tr")
+        assert rows.count() == 2
+        assert rows.nth(0).locator("td").nth(0).inner_text() == "2"
+        assert rows.nth(1).locator("td").nth(0).inner_text() == "1"
+        assert OPERATOR in rows.nth(0).inner_text() and OPERATOR in rows.nth(1).inner_text()
+        assert "<b id=injected>x</b>" in rows.nth(0).inner_text() and page.locator("#injected").count() == 0
+        _shot(page, tmp_path, "config-history")
+        rows.nth(1).get_by_role("button", name="Roll back").click()
+        page.wait_for_load_state()
+        assert "rollback to version 1: config key %s set to 10 (version 3)" % key in \
+            page.get_by_role("status").inner_text()
+        assert page.locator("table.config-history tbody tr").count() == 3
+        with Admin() as admin:
+            assert admin.get_config(appkey, key) == 10
+            assert [(r["version"], r["action"], r["changed_by"]) for r in admin.config_history(appkey, key)][0] \
+                == (3, "rollback", OPERATOR)
+        wait_for(lambda: reader.get(key) == 10, message="the live reader sees the rollback")
+
+        page.goto(console_url + "/apps/%s/config" % appkey)
+        _config_row(page, key).get_by_role("button", name="Delete").click()
+        page.wait_for_load_state()
+        assert "config key %s deleted (version 4)" % key in page.get_by_role("status").inner_text()
+        assert _config_row(page, key).count() == 0
+        with Admin() as admin, pytest.raises(UnknownConfigKey):
+            admin.get_config(appkey, key)
+        wait_for(lambda: key not in reader, message="the live reader sees the deletion")
+    finally:
+        reader.close()
+    assert page.problems == [], page.problems
+
+
+def test_viewer_sees_config_but_cannot_change_it(console_url, page, appkey, tmp_path):
+    from probe.admin import Admin
+    with Admin() as admin:
+        admin.set_config(appkey, "feature.flag", True, by="someone-else")
+        admin.set_config(appkey, "feature.flag", False, by="someone-else")
+        admin.set_config(appkey, "greeting", "<i id=injected>hi</i>", by="someone-else")
+    _login(page, console_url, VIEWER, VIEWER_PASSWORD)
+    page.goto(console_url + "/apps/%s/config" % appkey)
+    assert _config_row(page, "feature.flag").locator("td.value").inner_text().strip() == "false"
+    assert _config_row(page, "greeting").locator("td.value").inner_text().strip() == \
+        '"<i id=injected>hi</i>"'
+    assert page.locator("#injected").count() == 0
+    for name in ("Save", "Add", "Delete", "Roll back"):
+        assert page.get_by_role("button", name=name).count() == 0
+    assert page.get_by_label("Value").count() == 0 and page.get_by_label("Key").count() == 0
+    _shot(page, tmp_path, "viewer-config")
+    _config_row(page, "feature.flag").get_by_role("link", name="history").click()
+    page.wait_for_load_state()
+    assert page.locator("table.config-history tbody tr").count() == 2
+    assert page.get_by_role("button", name="Roll back").count() == 0
+    assert page.problems == [], page.problems
+
+    token = _csrf(page)  # the viewer's own valid token: the role alone must refuse
+    base = "/apps/%s/config" % appkey
+    assert _post(page, base, {"csrf_token": token, "action": "set", "key": "feature.flag",
+                              "value": "true"}) == 403
+    assert _post(page, base, {"csrf_token": token, "action": "set", "key": "new.key", "value": "1"}) == 403
+    assert _post(page, base, {"csrf_token": token, "action": "delete", "key": "greeting"}) == 403
+    assert _post(page, base + "/feature.flag/rollback", {"csrf_token": token, "version": "1"}) == 403
+    with Admin() as admin:
+        assert admin.list_config(appkey) == {"feature.flag": False, "greeting": "<i id=injected>hi</i>"}
+        assert len(admin.config_history(appkey, "feature.flag")) == 2

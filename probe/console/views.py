@@ -9,6 +9,7 @@ the CLI prints it, and nothing is written.
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -54,8 +55,18 @@ def install(app):
             ("/apps/<appkey>/live", app_live, ("GET",)),
             ("/apps/<appkey>/series/<service>", app_series, ("GET",)),
             ("/apps/<appkey>/node", node_action, ("POST",)),
+            ("/apps/<appkey>/config", config_page, ("GET",)),
+            ("/apps/<appkey>/config", config_action, ("POST",)),
+            ("/apps/<appkey>/config/<key>/history", config_history_page, ("GET",)),
+            ("/apps/<appkey>/config/<key>/rollback", config_rollback, ("POST",)),
             ("/audit", audit, ("GET",))):
         app.add_url_rule(rule, view.__name__, view, methods=list(methods))
+
+
+# Values longer than this are shown cut short and not offered for editing: a console
+# form is at most MAX_FORM_BYTES (see app.py); `probe config set` takes up to 1 MiB.
+EDITABLE_VALUE_CHARS = 8000
+HISTORY_ROWS = 100
 
 
 # -- request plumbing -----------------------------------------------------------
@@ -346,6 +357,102 @@ def _valid_appkey(appkey):
         return True
     except ProbeError:
         return False
+
+
+# -- config center ------------------------------------------------------------------------
+def _value_text(value):
+    """A config value as the JSON text an operator reads and edits."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _value_cell(value):
+    text = _value_text(value)
+    if len(text) <= EDITABLE_VALUE_CHARS:
+        return {"text": text, "editable": True}
+    return {"text": text[:200] + "…", "editable": False, "length": len(text.encode("utf-8"))}
+
+
+def config_page(appkey):
+    message = console().users.pop_flash(g.session)
+    try:
+        naming.check_appkey(appkey)
+        values = console().admin().list_config(appkey)
+    except ComponentUnavailable as exc:
+        log.error("reading the config of %s failed: %s", appkey, exc)
+        return _page("error.html", 503, message=UNAVAILABLE)
+    except ProbeError as exc:
+        return _page("error.html", 404, title="Unknown appkey", message=str(exc))
+    rows = [dict(_value_cell(value), key=key) for key, value in values.items()]
+    return _page("config.html", appkey=appkey, rows=rows, message=message)
+
+
+def config_action(appkey):
+    """Set (add or edit) or delete one key, then back to the config page."""
+    _require_operator()
+    action = request.form.get("action") or ""
+    key = (request.form.get("key") or "").strip()
+    by = g.session.username
+    try:
+        naming.check_appkey(appkey)
+        admin = console().admin()
+        if action == "set":
+            result = admin.set_config_json(appkey, key, request.form.get("value") or "", by=by)
+        elif action == "delete":
+            result = admin.delete_config(appkey, key, by=by)
+        else:
+            abort(400, "Unknown action.")
+    except ProbeError as exc:
+        _flash_probe_error(exc)
+    else:
+        console().users.set_flash(g.session, "ok", _outcome(result))
+    return redirect(url_for("config_page", appkey=appkey) if _valid_appkey(appkey)
+                    else url_for("index"), 303)
+
+
+def config_history_page(appkey, key):
+    message = console().users.pop_flash(g.session)
+    try:
+        naming.check_appkey(appkey)
+        rows = console().admin().config_history(appkey, key, limit=HISTORY_ROWS)
+    except ComponentUnavailable as exc:
+        log.error("reading the history of %s/%s failed: %s", appkey, key, exc)
+        return _page("error.html", 503, message=UNAVAILABLE)
+    except ProbeError as exc:
+        return _page("error.html", 404, title="Unknown appkey or key",
+                     message="%s: %s" % (exc.__class__.__name__, exc))
+    for row in rows:
+        row["text"] = None if row["deleted"] else _value_cell(row["value"])["text"]
+    return _page("config_history.html", appkey=appkey, key=key, rows=rows, message=message,
+                 limit=HISTORY_ROWS)
+
+
+def config_rollback(appkey, key):
+    _require_operator()
+    version = request.form.get("version") or ""
+    try:
+        naming.check_appkey(appkey)
+        naming.check_config_key(key)
+        result = console().admin().rollback_config(appkey, key, version, by=g.session.username)
+    except ProbeError as exc:
+        _flash_probe_error(exc)
+    else:
+        console().users.set_flash(g.session, "ok", "rollback to version %s: %s" % (
+            version, _outcome(result)))
+    if not (_valid_appkey(appkey) and naming.is_config_key(key)):
+        return redirect(url_for("index"), 303)
+    return redirect(url_for("config_history_page", appkey=appkey, key=key), 303)
+
+
+def _outcome(result):
+    if not result["changed"]:
+        return "config key %s unchanged (it already holds that value)" % result["key"]
+    if result["new"] is None:
+        what = "deleted"
+    elif len(result["new"]) <= 200:
+        what = "set to " + result["new"]
+    else:
+        what = "set"
+    return "config key %s %s (version %d)" % (result["key"], what, result["version"])
 
 
 # -- audit ------------------------------------------------------------------------
