@@ -135,19 +135,43 @@ def secure_providers(secure_config):
     start.stop_all()
 
 
-@pytest.fixture
-def clients(stack):
+def client_builder(**fixed):
+    """build(appkey, **options) -> a probe client of DemoService; `fixed` options (a
+    config path, an env) go to every client unless given. `build.close_all()`."""
     from probe.client import build_client
     made = []
 
     def build(appkey, **options):
+        for key, value in fixed.items():
+            if options.get(key) is None:
+                options[key] = value
         client = build_client(IDL, appkey, "DemoService", **options)
         made.append(client)
         return client
 
+    def close_all():
+        for client in made:
+            client.close()
+    build.close_all = close_all
+    return build
+
+
+@pytest.fixture
+def clients(stack):
+    build = client_builder()
     yield build
-    for client in made:
-        client.close()
+    build.close_all()
+
+
+def write_config(path, base, change):
+    """A copy of the YAML config `base` at `path`, with `change(config)` applied."""
+    import yaml
+    with open(base) as handle:
+        config = yaml.safe_load(handle)
+    change(config)
+    with open(path, "w") as out:
+        yaml.safe_dump(config, out)
+    return str(path)
 
 
 @pytest.fixture

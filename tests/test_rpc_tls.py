@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from thriftpy2.rpc import make_client
 from thriftpy2.transport import TTransportException
 
-from conftest import IDL, ROOT, provider_starter, wait_for
+from conftest import IDL, ROOT, client_builder, provider_starter, wait_for, write_config
 
 from probe import naming
 from probe.certs import make_stack_certs
@@ -70,27 +70,9 @@ def providers(config):
 
 @pytest.fixture
 def clients(config):
-    from probe.client import build_client
-    built = []
-
-    def build(appkey, config_path=None, **options):
-        client = build_client(IDL, appkey, "DemoService", config_path=config_path or config,
-                              env=ENV, snapshot_dir=False, **options)
-        built.append(client)
-        return client
-
+    build = client_builder(config_path=config, env=ENV, snapshot_dir=False)
     yield build
-    for client in built:
-        client.close()
-
-
-def write_config(path, base, change):
-    with open(base) as handle:
-        data = yaml.safe_load(handle)
-    change(data)
-    with open(path, "w") as out:
-        yaml.safe_dump(data, out)
-    return str(path)
+    build.close_all()
 
 
 def tls_socket(provider, ca=None, cert=None, key=None, timeout=10.0):

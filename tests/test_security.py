@@ -21,7 +21,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
-from conftest import IDL, wait_for
+from conftest import IDL, wait_for, write_config
 
 from probe import naming, settings as settings_module, zkacl
 from probe.errors import ConfigError, ProbeError, ZooKeeperAuthFailed
@@ -39,15 +39,6 @@ def anonymous_zookeeper(settings):
     client = KazooClient(hosts=settings.zookeeper.hosts, timeout=5)
     client.start(timeout=10)
     return client
-
-
-def write_config(path, base_config, change):
-    with open(base_config) as handle:
-        config = yaml.safe_load(handle)
-    change(config)
-    with open(path, "w") as out:
-        yaml.safe_dump(config, out)
-    return str(path)
 
 
 def run_cli(config, *args):
