@@ -253,10 +253,6 @@ class AppkeyStore(object):
                 # transaction back when the connection goes.
                 self._close_locked()
 
-    def record_change(self, env, appkey, service, node, action, old_value, new_value, by=None):
-        """Insert an audit row on its own (committed at once)."""
-        self.begin_change(env, appkey, service, node, action, old_value, new_value, by).commit()
-
     def audit(self, appkey=None, limit=100):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100000:
             raise ProbeError("bad audit limit %r: give a whole number from 1 to 100000" % (limit,))

@@ -317,7 +317,8 @@ def test_passwords_are_stored_as_argon2_hashes(users):
         assert store.verify(OPERATOR, OPERATOR_PASSWORD) == "operator"
         assert store.verify(OPERATOR, OPERATOR_PASSWORD + "x") is None
         assert store.verify("nobody_here", OPERATOR_PASSWORD) is None
-        for bad in (("bad name", "long-enough-1", "viewer"), ("ok_name", "short", "viewer"),
+        for bad in (("bad name", "long-enough-1", "viewer"), ("nl_name\n", "long-enough-1", "viewer"),
+                    ("ok_name", "short", "viewer"),
                     ("ok_name", "long-enough-1", "admin")):
             with pytest.raises(ConsoleUserError):
                 store.add_user(*bad)

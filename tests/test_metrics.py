@@ -233,8 +233,10 @@ def test_metrics_listens_on_loopback_unless_widened(fresh_metrics, appkey, provi
 @pytest.mark.parametrize("option", [{"stats_interval": 11}, {"stats_interval": 0},
                                     {"slow_call_ms": -1}, {"metrics_port": 70000},
                                     {"metrics_addr": ""}, {"metrics_addr": "a b"},
+                                    {"metrics_addr": "a\n.b"}, {"metrics_addr": "a_b"},
                                     {"metrics_addr": 8080}])
 def test_bad_metrics_options_are_refused(option):
+    # metrics_addr is checked as naming checks every host (full match, no '_').
     with pytest.raises(ProbeError):
         metrics.metrics_options(**option)
 

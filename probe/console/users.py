@@ -26,7 +26,7 @@ log = logging.getLogger("probe.console.users")
 ROLES = ("viewer", "operator")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024  # argon2 hashes any length; a bound keeps a login cheap
-_USERNAME = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
+_USERNAME = re.compile(r"[A-Za-z0-9_.@\-]{1,64}", re.ASCII)
 FLASH_LIMIT = 2000  # characters kept of a message shown after a redirect
 
 
@@ -35,7 +35,7 @@ class ConsoleUserError(ProbeError):
 
 
 def check_username(name):
-    if not isinstance(name, str) or not _USERNAME.match(name):
+    if not isinstance(name, str) or not _USERNAME.fullmatch(name):
         raise ConsoleUserError("bad user name %r: use 1-64 letters, digits, '_', '.', '@' or '-'"
                                % (name,))
     return name
@@ -151,17 +151,11 @@ class UserStore(object):
         self._run("DELETE FROM console_sessions WHERE username = %s", (username,))
         return self._run("DELETE FROM console_users WHERE username = %s", (username,)) == 1
 
-    def list_users(self):
-        self.ensure_schema()
-        rows = self._run("SELECT username, role, created_at FROM console_users ORDER BY username",
-                         fetch=True)
-        return [{"username": r[0], "role": r[1], "created_at": str(r[2])} for r in rows]
-
     def verify(self, username, password):
         """The user's role if `password` is theirs, else None. Never says which part
         was wrong."""
         row = None
-        if isinstance(username, str) and _USERNAME.match(username):
+        if isinstance(username, str) and _USERNAME.fullmatch(username):
             rows = self._run("SELECT password_hash, role FROM console_users WHERE username = %s",
                              (username,), fetch=True)
             row = rows[0] if rows else None

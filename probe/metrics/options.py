@@ -2,10 +2,10 @@
 
 import ipaddress
 import os
-import re
 from typing import NamedTuple, Optional
 
 from ..errors import ProbeError
+from ..naming import is_valid_host
 from ..stats import DEFAULT_TTL, SLOT_SECONDS
 
 DEFAULT_STATS_INTERVAL = 5.0
@@ -26,7 +26,6 @@ METRICS_CLIENT_CAFILE_ENV = "PROBE_METRICS_CLIENT_CAFILE"
 OPTION_NAMES = ("metrics", "metrics_port", "metrics_addr", "stats_interval", "stats_ttl",
                 "slow_call_ms")
 
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
 
 class MetricsOptions(NamedTuple):
@@ -80,8 +79,7 @@ def bind_address(metrics_addr):
         try:
             return str(ipaddress.ip_address(text))
         except ValueError:
-            if len(text) <= 253 and all(_HOST_LABEL.match(label)
-                                        for label in text.rstrip(".").split(".")):
+            if is_valid_host(text.rstrip(".")):
                 return text
     raise ProbeError("bad metrics_addr %r (option or %s): give an IP address or host name to "
                      "bind /metrics to, e.g. 127.0.0.1 (the default) or 0.0.0.0 for every "
