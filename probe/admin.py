@@ -401,7 +401,7 @@ class Admin(object):
         recorded a deletion deletes the key)."""
         naming.check_appkey(appkey)
         naming.check_config_key(key)
-        if isinstance(version, str) and version.strip().isdigit():
+        if isinstance(version, str) and version.strip().isascii() and version.strip().isdigit():
             version = int(version)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise UnknownConfigKey("bad version %r: give a version number from `probe config "

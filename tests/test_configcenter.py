@@ -270,6 +270,8 @@ def test_bad_keys_and_values_are_refused_with_nothing_written(admin, appkey, sta
         admin.set_config("missing_%s" % appkey, "k", 1)
     with pytest.raises(UnknownConfigKey):
         admin.rollback_config(appkey, "big", 1)
+    with pytest.raises(UnknownConfigKey, match="bad version"):
+        admin.rollback_config(appkey, "big", "\u0661")  # ARABIC-INDIC DIGIT ONE
     assert admin.list_config(appkey) == {}
     assert admin.zk.client.exists(naming.config_appkey_path("dev", appkey)) is None
     for key in ("big", "obj", "good", "a"):

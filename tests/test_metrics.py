@@ -234,6 +234,7 @@ def test_metrics_listens_on_loopback_unless_widened(fresh_metrics, appkey, provi
                                     {"slow_call_ms": -1}, {"metrics_port": 70000},
                                     {"metrics_addr": ""}, {"metrics_addr": "a b"},
                                     {"metrics_addr": "a\n.b"}, {"metrics_addr": "a_b"},
+                                    {"metrics_port": "\u0668\u0660\u0668\u0660"},
                                     {"metrics_addr": 8080}])
 def test_bad_metrics_options_are_refused(option):
     # metrics_addr is checked as naming checks every host (full match, no '_').

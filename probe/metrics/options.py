@@ -55,7 +55,8 @@ def metrics_options(metrics=True, metrics_port=None, metrics_addr=DEFAULT_METRIC
         metrics_port = os.environ.get(METRICS_PORT_ENV) or None
     if metrics_port is not None:
         text = str(metrics_port).strip()
-        if isinstance(metrics_port, bool) or not text.isdigit() or not 0 <= int(text) < 65536:
+        ascii_digits = text.isascii() and text.isdigit()  # int() takes other scripts' digits
+        if isinstance(metrics_port, bool) or not ascii_digits or not 0 <= int(text) < 65536:
             raise ProbeError("bad metrics_port %r (option or %s): give a port 0-65535"
                              % (metrics_port, METRICS_PORT_ENV))
         metrics_port = int(text)

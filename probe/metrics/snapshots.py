@@ -54,7 +54,9 @@ def read_snapshots(directory, exclude_pid=None):
     except OSError:
         return snaps
     for name in names:
-        if not name.endswith(".json") or not name[:-5].isdigit() or int(name[:-5]) == exclude_pid:
+        stem = name[:-5]
+        if not name.endswith(".json") or not (stem.isascii() and stem.isdigit()) \
+                or int(stem) == exclude_pid:
             continue
         pid = int(name[:-5])
         try:
