@@ -43,6 +43,7 @@ MAX_VALUE_BYTES = 1024 * 1024 - 1024
 MAX_KEYS = 10000                 # keys watched per appkey; more are ignored, with a warning
 MAX_BACKUP_BYTES = 256 * 1024 * 1024
 DEFAULT_RESYNC_INTERVAL = 15 * 60.0   # seconds
+RESYNC_RETRY_DELAY = 1.0  # seconds before a resync that could not finish runs again
 BACKUP_DELAY = 0.5  # seconds from a change to its backup write (one write per burst)
 _ZK_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
 
@@ -138,6 +139,7 @@ class LiveConfig(Mapping):
         self.resync_interval = float(resync_interval)
         self.stale = False
         self.resyncs = 0
+        self._resync_retry_pending = False
         self._values = {}          # published; never mutated, replaced whole
         self._entries = {}         # key -> canonical text of the published value
         self._bad = {}             # key -> raw data already warned about
@@ -496,7 +498,7 @@ class LiveConfig(Mapping):
                 return False
             fresh = self._read_all()
             if fresh is False:
-                return False
+                return self._resync_again()
             with self._lock:
                 if generation != self._generation or self._closed:
                     return False
@@ -524,8 +526,24 @@ class LiveConfig(Mapping):
             if rewatch:
                 self._establish()
             return True
-        log.info("resync of %s kept racing the watches; they are delivering, so it is skipped",
-                 self.parent)
+        log.info("resync of %s kept racing the watches; trying again in %.0f s", self.parent,
+                 RESYNC_RETRY_DELAY)
+        return self._resync_again()
+
+    def _resync_again(self):
+        """A resync that could not finish (a read failed, or watches kept racing it)
+        runs again shortly, once: the one after a reconnect must not wait for the
+        next interval. False, for the resync that gave up."""
+        with self._lock:
+            if self._closed or self._resync_retry_pending:
+                return False
+            self._resync_retry_pending = True
+
+        def again():
+            with self._lock:
+                self._resync_retry_pending = False
+            self.resync()
+        self._later(RESYNC_RETRY_DELAY, again)
         return False
 
     def _read_all(self):
