@@ -36,7 +36,7 @@ from .pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from .rpctls import client_context, is_refused_handshake
 from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
-from .thriftserver import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
+from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
 log = logging.getLogger("probe.client")
 

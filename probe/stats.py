@@ -23,7 +23,7 @@ import time
 from .errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
 from .naming import parse_stats_field, stats_field, stats_key, stats_pattern  # noqa: F401
-from .thriftserver import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
+from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
 SLOT_SECONDS = 10
 DEFAULT_TTL = 3600  # seconds a slot is kept once its last write is done

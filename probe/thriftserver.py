@@ -53,15 +53,10 @@ from thriftpy2.transport import TCyMemoryBuffer
 from .messagelimits import NEED_MORE, MessageRejected, MessageScanner
 from .methodspec import method_specs
 from .peerwarnings import PeerWarnings
+from .rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK
 
 log = logging.getLogger("probe.server")
 
-# Call outcomes, shared with the client side and the metrics labels.
-OK = "ok"
-DECLARED_EXCEPTION = "exception"
-APPLICATION_ERROR = "error"
-TIMEOUT = "timeout"
-CONNECTION_ERROR = "connection_error"
 
 # Defaults of the provider limits (start_service documents them too).
 # 10,000 connections: an idle one costs an fd and a few KB, no thread, so this is

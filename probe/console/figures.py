@@ -12,7 +12,7 @@ from ..errors import ComponentUnavailable
 from ..nodestore import REDIS_ERRORS
 from ..stats import BOUNDS, SLOT_SECONDS, quantile, slot_of
 from ..naming import parse_stats_field, stats_key
-from ..thriftserver import OK
+from ..rpc.outcomes import OK
 
 WIDTH = len(BOUNDS) + 1
 

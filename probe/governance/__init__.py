@@ -1,0 +1,1 @@
+"""The governance plane: operator changes to nodes, appkeys and config."""

@@ -1,0 +1,1 @@
+"""The routing plane: routing tables, balancers, node health, retry budgets."""

@@ -1,0 +1,1 @@
+"""The storage plane: MySQL (appkeys, config history, console users) and Redis."""

@@ -1,0 +1,1 @@
+"""The ZooKeeper plane: sessions, the mirror engine, registration, ACLs."""
