@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: demo test docs compose-check dist bench bench-smoke deps venv stack-up stack-down clean
+.PHONY: demo test typecheck docs compose-check dist bench bench-smoke deps venv stack-up stack-down clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -24,9 +24,14 @@ venv: $(STAMP)
 demo: deps venv
 	@bash scripts/demo.sh $(VENV)/bin/probe
 
-# The docs and the compose file first, so pytest's summary closes the log.
-test: deps venv docs compose-check
+# The type check, the docs and the compose file first, so pytest's summary closes
+# the log.
+test: deps venv typecheck docs compose-check
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# mypy on the whole package (settings in pyproject.toml); a type regression fails.
+typecheck: venv
+	$(VENV)/bin/mypy probe
 
 docs: venv
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site

@@ -12,7 +12,7 @@ PKI. Made with the `cryptography` package.
 import datetime
 import ipaddress
 import os
-from typing import NamedTuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from .errors import ProbeError
 
@@ -34,7 +34,7 @@ class StackCerts(NamedTuple):
     rpc_consumer: CertPair  # a consumer's
 
 
-def _crypto():
+def _crypto() -> Tuple[Any, Any, Any, Any, Any, Any]:
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -46,7 +46,7 @@ def _crypto():
     return x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
 
 
-def _write(path, data, private=False):
+def _write(path: str, data: bytes, private: bool = False) -> None:
     temporary = path + ".tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     handle = os.open(temporary, flags, 0o600 if private else 0o644)
@@ -58,7 +58,7 @@ def _write(path, data, private=False):
 class _Authority(object):
     """A CA key and certificate that signs leaves."""
 
-    def __init__(self, common_name):
+    def __init__(self, common_name: str) -> None:
         x509, hashes, serialization, ec, _, NameOID = _crypto()
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -78,7 +78,8 @@ class _Authority(object):
                          decipher_only=False), critical=True)
                      .sign(self.key, hashes.SHA256()))
 
-    def issue(self, common_name, server_host=None, client=False):
+    def issue(self, common_name: str, server_host: Optional[str] = None,
+              client: bool = False) -> Tuple[bytes, bytes]:
         """(cert PEM, key PEM) of a leaf: a server certificate for `server_host` (an
         IP or a name, in the SAN), and/or a client certificate."""
         x509, hashes, serialization, ec, EKU, NameOID = _crypto()
@@ -111,9 +112,9 @@ class _Authority(object):
                                   serialization.NoEncryption()))
 
 
-def stack_cert_paths(directory):
+def stack_cert_paths(directory: str) -> StackCerts:
     """The StackCerts paths inside `directory` (whether or not they exist yet)."""
-    def pair(name):
+    def pair(name: str) -> CertPair:
         return CertPair(os.path.join(directory, name + ".pem"),
                         os.path.join(directory, name + "-key.pem"))
     return StackCerts(os.path.join(directory, "ca.pem"), pair("server"), pair("client"),
@@ -121,14 +122,14 @@ def stack_cert_paths(directory):
                       pair("rpc-consumer"))
 
 
-def _all_files(paths):
-    files = []
+def _all_files(paths: Iterable[Union[str, CertPair]]) -> List[str]:
+    files: List[str] = []
     for item in paths:
         files.extend(item if isinstance(item, CertPair) else [item])
     return files
 
 
-def make_stack_certs(directory, host="127.0.0.1"):
+def make_stack_certs(directory: str, host: str = "127.0.0.1") -> StackCerts:
     """Make (once) the certificates of a secured stack bound to `host` in `directory`;
     returns their StackCerts. Existing files are kept, so running servers and
     configs that name them stay valid."""
@@ -137,7 +138,7 @@ def make_stack_certs(directory, host="127.0.0.1"):
         return paths
     os.makedirs(directory, mode=0o700, exist_ok=True)
     _, _, serialization, _, _, _ = _crypto()
-    written = {}  # type: Dict[str, bytes]
+    written: Dict[str, bytes] = {}
     stores = _Authority("probe stack CA")
     rpc = _Authority("probe RPC CA")
     for authority, path in ((stores, paths.ca), (rpc, paths.rpc_ca)):

@@ -9,6 +9,7 @@ znode is written, so versions follow the order of the znode writes.
 import contextlib
 import hashlib
 import logging
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pymysql
 
@@ -19,6 +20,11 @@ log = logging.getLogger("probe.configstore")
 
 LOCK_TIMEOUT = 10  # seconds a writer waits for another writer of the same key
 
+# One change of a key: version, action, old_text, new_text, changed_by, changed_at.
+HistoryRow = Dict[str, Any]
+# record(action, old_text, new_text, by) -> the version it wrote.
+Recorder = Callable[[str, Optional[str], Optional[str], str], int]
+
 
 class ConfigHistory(object):
     """One MySQL connection (its own: a named lock belongs to a connection).
@@ -28,16 +34,16 @@ class ConfigHistory(object):
     :param address: how to name the server in errors.
     """
 
-    def __init__(self, connect, address):
+    def __init__(self, connect: Callable[[], Any], address: str) -> None:
         self._connect = connect
         self.address = address
-        self._connection = None
+        self._connection: Any = None
 
-    def close(self):
+    def close(self) -> None:
         connection, self._connection = self._connection, None
         close_quietly(connection)
 
-    def _cursor(self):
+    def _cursor(self) -> Any:
         if self._connection is not None:
             try:
                 self._connection.ping(reconnect=False)
@@ -47,7 +53,7 @@ class ConfigHistory(object):
             self._connection = self._connect()
         return self._connection.cursor()
 
-    def _query(self, sql, args=None):
+    def _query(self, sql: str, args: Optional[Sequence[object]] = None) -> Any:
         try:
             with self._cursor() as cursor:
                 cursor.execute(sql, args)
@@ -58,7 +64,7 @@ class ConfigHistory(object):
 
     # -- writing ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def change(self, env, appkey, key):
+    def change(self, env: str, appkey: str, key: str) -> Iterator[Recorder]:
         """Hold the key's writer lock and an open transaction; yields `record(action,
         old_text, new_text, by) -> version`. The row commits when the block ends
         without an exception, and is rolled back otherwise."""
@@ -71,7 +77,8 @@ class ConfigHistory(object):
         try:
             connection.begin()
 
-            def record(action, old_text, new_text, by):
+            def record(action: str, old_text: Optional[str], new_text: Optional[str],
+                       by: str) -> int:
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT COALESCE(MAX(version), 0) FROM config_history WHERE "
                                    "env = %s AND appkey = %s AND config_key = %s",
@@ -100,19 +107,19 @@ class ConfigHistory(object):
                     pass  # the lock went with the connection
 
     # -- reading ------------------------------------------------------------------------
-    def history(self, env, appkey, key, limit=100):
+    def history(self, env: str, appkey: str, key: str, limit: int = 100) -> List[HistoryRow]:
         rows = self._query("SELECT version, action, old_value, new_value, changed_by, changed_at "
                            "FROM config_history WHERE env = %s AND appkey = %s AND config_key = %s "
                            "ORDER BY version DESC LIMIT %s", (env, appkey, key, int(limit)))
         return [_row(r) for r in rows]
 
-    def version(self, env, appkey, key, version):
+    def version(self, env: str, appkey: str, key: str, version: int) -> Optional[HistoryRow]:
         rows = self._query("SELECT version, action, old_value, new_value, changed_by, changed_at "
                            "FROM config_history WHERE env = %s AND appkey = %s AND config_key = %s "
                            "AND version = %s", (env, appkey, key, int(version)))
         return _row(rows[0]) if rows else None
 
-    def latest(self, env, appkey):
+    def latest(self, env: str, appkey: str) -> Dict[str, HistoryRow]:
         """{key: newest row} of every key the appkey ever had (deleted ones included)."""
         rows = self._query(
             "SELECT h.config_key, h.version, h.action, h.old_value, h.new_value, h.changed_by, "
@@ -123,7 +130,7 @@ class ConfigHistory(object):
         return {r[0]: _row(r[1:]) for r in rows}
 
 
-def _row(r):
+def _row(r: Sequence[Any]) -> HistoryRow:
     version, action, old_text, new_text, by, at = r
     return {"version": int(version), "action": action, "old_text": old_text,
             "new_text": new_text, "changed_by": by, "changed_at": at}

@@ -14,7 +14,7 @@ the MySQL columns of probe/config/schema.sql.
 import ipaddress
 import json
 import re
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn, Optional, Tuple, Type, Union, cast
 
 from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress, InvalidNodeData,
                      InvalidServiceName, InvalidWeight, ProbeError)
@@ -47,7 +47,7 @@ _WEIGHT = re.compile(r"[0-9]{1,4}")
 _ADDRESS = re.compile(r"\[([0-9A-Fa-f:.]{2,45})\]:([0-9]{1,5})|([A-Za-z0-9.\-]{1,253}):([0-9]{1,5})")
 
 
-def check_service_name(service_name):
+def check_service_name(service_name: object) -> str:
     if not isinstance(service_name, str) or not _SERVICE_NAME.fullmatch(service_name):
         raise InvalidServiceName(
             "bad service_name %r: use 1-%d letters, digits and underscores (ASCII), "
@@ -55,7 +55,7 @@ def check_service_name(service_name):
     return service_name
 
 
-def check_appkey(appkey):
+def check_appkey(appkey: object) -> str:
     if not isinstance(appkey, str) or not _APPKEY.fullmatch(appkey) or appkey in (".", ".."):
         raise InvalidAppkey(
             "bad appkey %r: use 1-%d letters, digits, '_', '.' or '-' (ASCII), "
@@ -63,14 +63,14 @@ def check_appkey(appkey):
     return appkey
 
 
-def check_env(env):
+def check_env(env: object) -> str:
     if not isinstance(env, str) or not _ENV.fullmatch(env):
         raise InvalidEnv("bad env name %r: use 1-%d letters, digits, '_' or '-' (ASCII), "
                          "e.g. 'dev' or 'prod'" % (_short(env), MAX_ENV_LENGTH))
     return env
 
 
-def is_valid_host(host):
+def is_valid_host(host: object) -> bool:
     """True for a DNS host name (RFC 1123 labels, ASCII) or an IPv4/IPv6 literal.
 
     Refused: '_' (node names are split on it), '/', '|', ':' outside an IPv6
@@ -98,9 +98,9 @@ def is_valid_host(host):
     return True
 
 
-def check_host(host, what="host"):
+def check_host(host: object, what: str = "host") -> str:
     """`host` if it is a host name or an IP literal, else InvalidHost."""
-    if not is_valid_host(host):
+    if not isinstance(host, str) or not is_valid_host(host):
         raise InvalidHost(
             "bad %s %r: give a host name (letters, digits, '-' and '.', at most %d characters; "
             "no '_' or '/') or an IP address, e.g. 10.0.0.5 or node1.example.com"
@@ -108,7 +108,7 @@ def check_host(host, what="host"):
     return host
 
 
-def check_port(port):
+def check_port(port: object) -> int:
     """A TCP port 1..65535, as an int or a string of ASCII digits."""
     if isinstance(port, str) and _PORT.fullmatch(port):
         port = int(port)
@@ -117,7 +117,7 @@ def check_port(port):
     return port
 
 
-def check_weight(weight):
+def check_weight(weight: object) -> int:
     """Weights are whole numbers 0..MAX_WEIGHT; bools, floats and non-ASCII digits
     are refused."""
     if isinstance(weight, str) and _WEIGHT.fullmatch(weight):
@@ -128,7 +128,8 @@ def check_weight(weight):
     return weight
 
 
-def check_text(value, what, max_length, error=ProbeError):
+def check_text(value: object, what: str, max_length: int,
+               error: Type[ProbeError] = ProbeError) -> str:
     """Free text bound for a MySQL column: printable, 1..max_length characters."""
     if not isinstance(value, str) or not 0 < len(value) <= max_length or not value.isprintable():
         raise error("bad %s %r: give 1-%d printable characters (no newline or control "
@@ -136,18 +137,18 @@ def check_text(value, what, max_length, error=ProbeError):
     return value
 
 
-def check_changed_by(by):
+def check_changed_by(by: object) -> str:
     """Who made a change (the audit table's changed_by)."""
     return check_text(by, "changed-by name (--by)", MAX_CHANGED_BY_LENGTH)
 
 
-def check_description(description):
+def check_description(description: object) -> str:
     if description in (None, ""):
         return ""
     return check_text(description, "appkey description", MAX_DESCRIPTION_LENGTH)
 
 
-def parse_address(address):
+def parse_address(address: object) -> Tuple[str, int]:
     """'ip:port', 'host:port' or '[v6]:port' -> (host, port)."""
     text = address if isinstance(address, str) else ""
     match = _ADDRESS.fullmatch(text)
@@ -161,26 +162,28 @@ def parse_address(address):
         % (_short(address),))
 
 
-def _short(value, limit=80):
+def _short(value: object, limit: int = 80) -> object:
     """A value cut short for an error message (hostile input can be huge)."""
-    if isinstance(value, (str, bytes)) and len(value) > limit:
-        return value[:limit] + ("..." if isinstance(value, str) else b"...")
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "..."
+    if isinstance(value, bytes) and len(value) > limit:
+        return value[:limit] + b"..."
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return "<%d-bit number>" % value.bit_length()
     return value
 
 
-def appkey_path(env, appkey):
+def appkey_path(env: str, appkey: str) -> str:
     return "%s/%s/%s" % (SERVICES_ROOT, check_env(env), check_appkey(appkey))
 
 
-def node_name(service, ip, port):
+def node_name(service: str, ip: str, port: Union[int, str]) -> str:
     """'DemoService_10.0.0.5_8081'; refuses (InvalidHost, ...) a part that would
     make the name unparsable or nest a znode."""
     return "%s_%s_%d" % (check_service_name(service), check_host(ip), check_port(port))
 
 
-def node_path(env, appkey, service, ip, port):
+def node_path(env: str, appkey: str, service: str, ip: str, port: Union[int, str]) -> str:
     return "%s/%s" % (appkey_path(env, appkey), node_name(service, ip, port))
 
 
@@ -190,7 +193,7 @@ class NodeName(NamedTuple):
     port: int
 
 
-def parse_node_name(name):
+def parse_node_name(name: object) -> Optional["NodeName"]:
     """'Demo_Service_10.0.0.1_8081' -> NodeName; None when it is not a node name.
 
     Service names may hold underscores and hosts never do, so split from the right.
@@ -204,17 +207,18 @@ def parse_node_name(name):
     return NodeName(parts[0], parts[1], int(parts[2]))
 
 
-def is_node_of(name, service):
+def is_node_of(name: object, service: str) -> bool:
     """True when the znode name is a node of `service` (not of 'DemoService2')."""
     parsed = parse_node_name(name)
     return parsed is not None and parsed.service == service
 
 
-def settings_hash(env):
+def settings_hash(env: str) -> str:
     return SETTINGS_HASH_PREFIX + check_env(env)
 
 
-def settings_field(appkey, env, service, ip, port):
+def settings_field(appkey: str, env: str, service: str, ip: str,
+                   port: Union[int, str]) -> str:
     return FIELD_SEPARATOR.join((check_appkey(appkey), check_env(env), check_service_name(service),
                                  check_host(ip), str(check_port(port))))
 
@@ -227,7 +231,7 @@ class SettingsField(NamedTuple):
     port: int
 
 
-def parse_settings_field(field):
+def parse_settings_field(field: object) -> Optional["SettingsField"]:
     """'<appkey>|<env>|<service>|<ip>|<port>' -> SettingsField; None if malformed."""
     if isinstance(field, bytes):
         field = field.decode("utf-8", "replace")
@@ -251,14 +255,14 @@ class NodeSettings(NamedTuple):
     weight: int = DEFAULT_WEIGHT
     valid: int = 1
 
-    def to_json(self):
+    def to_json(self) -> str:
         return json.dumps({"host": self.host, "port": self.port,
                            "weight": self.weight, "valid": self.valid})
 
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         return self.to_json().encode("utf-8")
 
-    def check(self):
+    def check(self) -> "NodeSettings":
         """`self` if every field is in range, else InvalidNodeData."""
         for key, value in (("port", self.port), ("weight", self.weight), ("valid", self.valid)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -276,7 +280,7 @@ class NodeSettings(NamedTuple):
         return self
 
     @classmethod
-    def from_json(cls, raw):
+    def from_json(cls, raw: object) -> "NodeSettings":
         """Parse and check untrusted JSON (znode data, Redis, a snapshot).
 
         Raises InvalidNodeData (a ValueError) for anything wrong, whatever the
@@ -297,7 +301,8 @@ class NodeSettings(NamedTuple):
             host = data.get("host")
             if not isinstance(host, str) or not host:
                 raise InvalidNodeData("node data has no string 'host'")
-            return cls(host, data.get("port"), data.get("weight", DEFAULT_WEIGHT),
+            # Untrusted values: check() refuses any that is not an int in range.
+            return cls(host, cast(int, data.get("port")), data.get("weight", DEFAULT_WEIGHT),
                        data.get("valid", 1)).check()
         except InvalidNodeData:
             raise
@@ -305,11 +310,11 @@ class NodeSettings(NamedTuple):
             raise InvalidNodeData("node data does not parse: %s" % exc.__class__.__name__)
 
 
-def _no_constant(name):
+def _no_constant(name: str) -> NoReturn:
     raise InvalidNodeData("node data holds %s" % name)
 
 
-def parse_node_data(name, raw):
+def parse_node_data(name: object, raw: object) -> NodeSettings:
     """The settings of znode `name` holding `raw`, checked as a consumer must before
     routing to it: the name is a node name, the data parses, and the data's host and
     port are the name's (else a znode could send traffic anywhere while every
@@ -324,26 +329,26 @@ def parse_node_data(name, raw):
     return settings
 
 
-def describe_data(raw, limit=60):
+def describe_data(raw: object, limit: int = 60) -> str:
     """A short, safe rendering of untrusted data for a log line."""
     return repr(_short(raw, limit))
 
 
 # -- call statistics in Redis (written by probe.metrics, read by probe.stats) --
-def stats_key(env, appkey, side, slot):
+def stats_key(env: str, appkey: str, side: str, slot: int) -> str:
     return "%s%s:%s:%s:%d" % (STATS_KEY_PREFIX, env, appkey, side, slot)
 
 
-def stats_pattern(env, appkey):
+def stats_pattern(env: str, appkey: str) -> str:
     """A SCAN pattern for every stats key of an appkey (tests, cleanup tools)."""
     return "%s%s:%s:*" % (STATS_KEY_PREFIX, env, appkey)
 
 
-def stats_field(service, method, node, status, writer):
+def stats_field(service: str, method: str, node: str, status: str, writer: str) -> str:
     return "|".join((service, method, node, status, writer))
 
 
-def parse_stats_field(field):
+def parse_stats_field(field: Union[str, bytes]) -> Optional[Tuple[str, ...]]:
     """-> (service, method, node, status, writer), or None when malformed."""
     if isinstance(field, bytes):
         field = field.decode("utf-8", "replace")
@@ -359,25 +364,25 @@ CONFIG_BACKUP_SUFFIX = ".json"
 _CONFIG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,128}", re.ASCII)
 
 
-def is_config_key(key):
+def is_config_key(key: object) -> bool:
     return isinstance(key, str) and bool(_CONFIG_KEY.fullmatch(key)) and key not in (".", "..")
 
 
-def check_config_key(key):
-    if not is_config_key(key):
+def check_config_key(key: object) -> str:
+    if not isinstance(key, str) or not is_config_key(key):
         raise InvalidConfigKey(
             "bad config key %r: use 1-128 letters, digits, '_', '.' or '-' (it must match "
             "^[A-Za-z0-9_.-]{1,128}$), e.g. 'db.pool_size'" % (key,))
     return key
 
 
-def config_appkey_path(env, appkey):
+def config_appkey_path(env: str, appkey: str) -> str:
     return "%s/%s/%s" % (CONFIGS_ROOT, env, appkey)
 
 
-def config_key_path(env, appkey, key):
+def config_key_path(env: str, appkey: str, key: str) -> str:
     return "%s/%s" % (config_appkey_path(env, appkey), key)
 
 
-def config_backup_file(backup_dir, env, appkey):
+def config_backup_file(backup_dir: str, env: str, appkey: str) -> str:
     return "%s/%s/%s%s" % (backup_dir.rstrip("/"), env, appkey, CONFIG_BACKUP_SUFFIX)

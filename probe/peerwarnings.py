@@ -4,8 +4,10 @@ A peer that sends garbage can do so as fast as it can connect; logging every
 occurrence (with a traceback, as a generic `except` would) lets it fill the disk.
 """
 
+import logging
 import time
 from collections import OrderedDict
+from typing import Hashable
 
 
 class PeerWarnings(object):
@@ -23,18 +25,20 @@ class PeerWarnings(object):
     :param per_interval: lines in all per interval before lines are only counted.
     """
 
-    def __init__(self, logger, interval=60.0, max_peers=4096, per_interval=100):
+    def __init__(self, logger: logging.Logger, interval: float = 60.0, max_peers: int = 4096,
+                 per_interval: int = 100) -> None:
         self.logger = logger
         self.interval = interval
         self.max_peers = max_peers
         self.per_interval = per_interval
         self.suppressed = 0
-        self._last = OrderedDict()  # peer -> monotonic time of its last line
+        # peer -> monotonic time of its last line
+        self._last: "OrderedDict[Hashable, float]" = OrderedDict()
         self._window_start = 0.0
         self._window_lines = 0
         self._window_suppressed = 0
 
-    def warn(self, peer, text, *args):
+    def warn(self, peer: Hashable, text: str, *args: object) -> bool:
         """Log `text % args` about `peer` unless it was logged about recently.
         Returns True if a line was written."""
         now = time.monotonic()

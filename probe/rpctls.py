@@ -15,6 +15,7 @@ certificate (clientAuth) cannot pose as a provider.
 """
 
 import ssl
+from typing import NoReturn, Protocol
 
 from .errors import ConfigError
 
@@ -25,7 +26,20 @@ class RpcTlsError(ConfigError):
     certificate, or a CA file without a certificate."""
 
 
-def server_context(tls, where="rpc_tls"):
+class TlsFiles(Protocol):
+    """What the contexts read: PEM paths (`probe.settings.RpcTls` is one)."""
+
+    @property
+    def ca(self) -> str: ...
+
+    @property
+    def cert(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+
+def server_context(tls: TlsFiles, where: str = "rpc_tls") -> ssl.SSLContext:
     """An SSLContext for a provider: mutual TLS only.
 
     :param tls: a `probe.settings.RpcTls`.
@@ -41,7 +55,7 @@ def server_context(tls, where="rpc_tls"):
     return context
 
 
-def client_context(tls, where="rpc_tls"):
+def client_context(tls: TlsFiles, where: str = "rpc_tls") -> ssl.SSLContext:
     """An SSLContext for a consumer: presents `cert`, verifies providers against
     `ca` (chain and serverAuth purpose; hostname not checked, see the module).
 
@@ -56,7 +70,7 @@ def client_context(tls, where="rpc_tls"):
     return context
 
 
-def _common(context, tls, where):
+def _common(context: ssl.SSLContext, tls: TlsFiles, where: str) -> None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     for name in ("ca", "cert", "key"):
@@ -69,7 +83,7 @@ def _common(context, tls, where):
         raise RpcTlsError("%s: cannot load the CA file %s (%s): give the PEM certificate of "
                           "the CA that signs the fleet's RPC certificates"
                           % (where, tls.ca, _reason(exc)))
-    def encrypted(*_):
+    def encrypted(*_: object) -> NoReturn:
         # Without this, OpenSSL would prompt on the terminal and hang a service's start.
         raise RpcTlsError("%s: the key %s is encrypted: give an unencrypted PEM private key "
                           "(protect it with file permissions)" % (where, tls.key))
@@ -81,13 +95,13 @@ def _common(context, tls, where):
                           % (where, tls.cert, tls.key, _reason(exc)))
 
 
-def _reason(exc):
+def _reason(exc: Exception) -> str:
     if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
         return exc.reason
     return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
 
 
-def is_refused_handshake(exc):
+def is_refused_handshake(exc: BaseException) -> bool:
     """True if `exc` is a TLS alert from the peer: it aborted the handshake (with
     TLS 1.3 a consumer learns that its certificate was refused only on its first
     read, after its request was written). A provider sends no alert once a

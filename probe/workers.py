@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable, Dict, Optional
 
 log = logging.getLogger("probe.workers")
 
@@ -25,29 +26,29 @@ class WorkerPool(object):
     """`count` children each running `body()`; a child that dies unexpectedly is
     replaced. `body` returns when the worker has drained; the child then exits."""
 
-    def __init__(self, count, body, name="worker"):
+    def __init__(self, count: int, body: Callable[[int], object], name: str = "worker") -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError("workers must be a whole number >= 1, got %r" % (count,))
         self.count = count
         self.body = body
         self.name = name
-        self.pids = {}  # pid -> slot index
+        self.pids: Dict[int, int] = {}  # pid -> slot index
         self.respawned = 0
         self._stopping = False
         self._lock = threading.Lock()
-        self._supervisor = None
+        self._supervisor: Optional[threading.Thread] = None
 
-    def start(self):
+    def start(self) -> None:
         for index in range(self.count):
             self._spawn(index)
 
-    def supervise(self):
+    def supervise(self) -> None:
         """Start replacing dead workers (call once the parent may run threads)."""
         self._supervisor = threading.Thread(target=self._supervise, name="probe-workers",
                                             daemon=True)
         self._supervisor.start()
 
-    def _spawn(self, index):
+    def _spawn(self, index: int) -> int:
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -65,7 +66,7 @@ class WorkerPool(object):
         log.info("started %s %d as pid %d", self.name, index, pid)
         return pid
 
-    def _supervise(self):
+    def _supervise(self) -> None:
         while not self._stopping:
             time.sleep(0.2)
             with self._lock:
@@ -86,7 +87,7 @@ class WorkerPool(object):
                 self.respawned += 1
                 self._spawn(index)
 
-    def stop(self, timeout):
+    def stop(self, timeout: float) -> None:
         """Tell every worker to drain, wait up to `timeout` s, then kill what is left."""
         with self._lock:
             self._stopping = True
@@ -118,7 +119,7 @@ class WorkerPool(object):
 _drain_asked = threading.Event()
 
 
-def wait_for_drain_order(poll=0.2):
+def wait_for_drain_order(poll: float = 0.2) -> None:
     """In a worker: block until the parent asks for a drain or disappears."""
     parent = os.getppid()
     while not _drain_asked.wait(poll):
@@ -127,7 +128,7 @@ def wait_for_drain_order(poll=0.2):
             return
 
 
-def _ignore_group_signals():
+def _ignore_group_signals() -> None:
     # First thing in a child: the drain order may come at any moment, and SIGUSR1's
     # default action would kill the worker instead of draining it.
     signal.signal(DRAIN_SIGNAL, lambda signum, frame: _drain_asked.set())
@@ -135,7 +136,7 @@ def _ignore_group_signals():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _signal(pid, signum):
+def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
     except ProcessLookupError:

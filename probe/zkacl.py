@@ -13,6 +13,7 @@ at start with `ZooKeeperAuthFailed`, before anything is registered.
 """
 
 import logging
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
 
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.protocol.serialization import Auth
@@ -21,6 +22,9 @@ from kazoo.security import ACL, Id, Permissions, make_acl, make_digest_acl_crede
 from . import naming
 from .errors import ZooKeeperAuthFailed
 
+if TYPE_CHECKING:
+    from kazoo.client import KazooClient
+
 log = logging.getLogger("probe.zkacl")
 
 # The trees probe creates znodes in: the registry and the config center.
@@ -28,18 +32,18 @@ PROTECTED_ROOTS = (naming.SERVICES_ROOT, "/configs")
 _WRITE_PERMS = Permissions.WRITE | Permissions.CREATE | Permissions.DELETE
 
 
-def split_auth(auth):
+def split_auth(auth: str) -> Tuple[str, str]:
     """("user", "password") from "user:password"."""
     user, _, password = auth.partition(":")
     return user, password
 
 
-def digest_id(auth):
+def digest_id(auth: str) -> str:
     """The identity ZooKeeper gives a session that added `auth`: "user:base64(sha1)"."""
     return make_digest_acl_credential(*split_auth(auth))
 
 
-def znode_acl(auth):
+def znode_acl(auth: Optional[str]) -> Optional[List[ACL]]:
     """The ACL of every znode probe creates with credentials `auth` ("user:password"):
     that digest identity ALL, world READ. None without credentials (ZooKeeper's
     open default). Any code that creates znodes uses this, or a kazoo session made
@@ -54,7 +58,7 @@ class HideAuthPackets(logging.Filter):
     """kazoo logs every request it sends at DEBUG, the digest Auth packet (with the
     password) included: such a record shows the scheme only."""
 
-    def filter(self, record):
+    def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(isinstance(arg, Auth) for arg in record.args):
             record.args = tuple("Auth(scheme=%r, auth=<hidden>)" % arg.scheme
                                 if isinstance(arg, Auth) else arg for arg in record.args)
@@ -64,7 +68,7 @@ class HideAuthPackets(logging.Filter):
 _HIDE_AUTH = HideAuthPackets()
 
 
-def kazoo_logger(name):
+def kazoo_logger(name: str) -> logging.Logger:
     """The logger for a KazooClient that may carry credentials: `name`, filtered so
     no log line shows them."""
     logger = logging.getLogger(name)
@@ -73,14 +77,14 @@ def kazoo_logger(name):
     return logger
 
 
-def kazoo_auth_options(auth):
+def kazoo_auth_options(auth: Optional[str]) -> Dict[str, Any]:
     """KazooClient keyword arguments for credentials `auth` (none without them)."""
     if not auth:
         return {}
     return {"auth_data": [("digest", auth)], "default_acl": znode_acl(auth)}
 
 
-def granted(acls, auth):
+def granted(acls: Optional[Iterable[ACL]], auth: Optional[str]) -> int:
     """The permission bits `acls` give a session holding `auth` (or none)."""
     mine = digest_id(auth) if auth else None
     bits = 0
@@ -91,7 +95,7 @@ def granted(acls, auth):
     return bits
 
 
-def check_credentials(client, auth, where):
+def check_credentials(client: "KazooClient", auth: Optional[str], where: str) -> None:
     """Raise ZooKeeperAuthFailed unless `auth` may write under every existing root
     of PROTECTED_ROOTS. A root that does not exist yet is created later with our
     ACL; an open root (world ALL, an unmigrated registry) is fine too.
@@ -121,7 +125,7 @@ def check_credentials(client, auth, where):
                "password" if known else "user and password"))
 
 
-def secure_tree(client, auth, root, recursive=True):
+def secure_tree(client: "KazooClient", auth: str, root: str, recursive: bool = True) -> int:
     """Set `znode_acl(auth)` on `root` and (`recursive`) every znode below it
     (migrating an open registry). Returns the number of znodes changed. The session
     must have ADMIN permission on each (an open registry's world ALL grants it).

@@ -16,6 +16,11 @@ import sys
 import tempfile
 import threading
 import time
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, NoReturn, Optional
+
+if TYPE_CHECKING:
+    from ..devstack import Stack
 
 DEMO_IDL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.thrift")
 APPKEY = "hello_www"
@@ -35,47 +40,47 @@ class DemoServiceHandler(object):
         server passes its generated ``ttypes``).
     """
 
-    def __init__(self, name="probe demo", errors=None):
+    def __init__(self, name: str = "probe demo", errors: Optional[ModuleType] = None) -> None:
         self.name = name
         self.errors = errors
 
-    def say(self):
+    def say(self) -> str:
         return "hello world"
 
-    def echo(self, text):
+    def echo(self, text: str) -> str:
         return text
 
-    def add(self, a, b):
+    def add(self, a: int, b: int) -> int:
         return a + b
 
-    def fail(self, message):
+    def fail(self, message: str) -> NoReturn:
         errors = self.errors
         if errors is None:
             from ..idl import load_module
             errors = load_module(DEMO_IDL)
         raise errors.DemoError(message=message)
 
-    def slow(self, millis):
+    def slow(self, millis: int) -> str:
         millis = max(0, min(int(millis), MAX_SLOW_MS))  # a caller cannot park a worker for long
         time.sleep(millis / 1000.0)
         return "slept %d ms" % millis
 
-    def whoami(self):
+    def whoami(self) -> str:
         return self.name
 
-    def pid(self):
+    def pid(self) -> int:
         return os.getpid()
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt while the demo runs, so a kill still
     reaches the clean-up below (SIGINT does so already)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum, frame):
+    def interrupt(signum: int, frame: Optional[FrameType]) -> NoReturn:
         raise KeyboardInterrupt("signal %d" % signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -85,7 +90,7 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(out=None, keep_dir=None):
+def run(out: Optional[Callable[[str], object]] = None, keep_dir: Optional[str] = None) -> str:
     """Run the demo; return the answer of ``say()``.
 
     :param out: a callable taking one line of progress (default: print to stdout).
@@ -133,7 +138,7 @@ def run(out=None, keep_dir=None):
             _teardown(client, provider, stack, workdir)
 
 
-def _teardown(client, provider, stack, workdir):
+def _teardown(client: Any, provider: Any, stack: "Stack", workdir: str) -> None:
     """Stop everything the demo started; each step runs even if an earlier one fails."""
     # A second Ctrl-C must not cut the clean-up short.
     previous = None
@@ -153,7 +158,7 @@ def _teardown(client, provider, stack, workdir):
             signal.signal(signal.SIGINT, previous)
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``probe demo``; returns the exit status."""
     from ..errors import ProbeError
     try:

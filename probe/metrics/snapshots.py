@@ -8,13 +8,19 @@ to <dir>/<pid>.json; the process serving /metrics adds the files to its own.
 import json
 import os
 import threading
+from typing import Any, Dict, List, Optional, Tuple
 
 from .recorder import add_cell
 
+# {"calls": {(side, appkey, service, method, node, status): cell},
+#  "inflight": {(side, appkey, service, node): n}}
+Snapshot = Dict[str, Dict[Tuple[Any, ...], Any]]
 
-def merge(*snapshots):
+
+def merge(*snapshots: Snapshot) -> Snapshot:
     """Add snapshots up: counts, sums and buckets add; so do in-flight gauges."""
-    calls, inflight = {}, {}
+    calls: Dict[Tuple[Any, ...], Any] = {}
+    inflight: Dict[Tuple[Any, ...], Any] = {}
     for snap in snapshots:
         for key, cell in snap.get("calls", {}).items():
             add_cell(calls, tuple(key), cell)
@@ -23,7 +29,7 @@ def merge(*snapshots):
     return {"calls": calls, "inflight": inflight}
 
 
-def write_snapshot(directory, snap, pid=None):
+def write_snapshot(directory: str, snap: Snapshot, pid: Optional[int] = None) -> str:
     """Write `snap` to <directory>/<pid>.json (default pid: this process's) atomically."""
     pid = os.getpid() if pid is None else pid
     data = {"pid": pid, "calls": [list(key) + [cell] for key, cell in snap["calls"].items()],
@@ -36,7 +42,7 @@ def write_snapshot(directory, snap, pid=None):
     return path
 
 
-def _pid_alive(pid):
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,9 +52,9 @@ def _pid_alive(pid):
     return True
 
 
-def read_snapshots(directory, exclude_pid=None):
+def read_snapshots(directory: str, exclude_pid: Optional[int] = None) -> List[Snapshot]:
     """The snapshots in `directory`; a dead process keeps its counts, not its gauges."""
-    snaps = []
+    snaps: List[Snapshot] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -71,7 +77,7 @@ def read_snapshots(directory, exclude_pid=None):
     return snaps
 
 
-def wipe_snapshots(directory):
+def wipe_snapshots(directory: str) -> None:
     """Remove the snapshot files of a previous run from `directory`."""
     for name in os.listdir(directory):
         if name.endswith(".json") or name.endswith(".tmp"):

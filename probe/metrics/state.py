@@ -18,15 +18,19 @@ import atexit
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from prometheus_client import REGISTRY
 
 from ..stats import DEFAULT_TTL
-from .exposition import HttpServers, ProbeCollector
+from .exposition import HttpServers, MetricsEndpoint, ProbeCollector
 from .options import DEFAULT_SLOW_CALL_MS, DEFAULT_STATS_INTERVAL, LOCAL_METRICS_ADDR
 from .recorder import Recorder
 from .sink import Pump, RedisSink
-from .snapshots import merge, read_snapshots, wipe_snapshots, write_snapshot
+from .snapshots import Snapshot, merge, read_snapshots, wipe_snapshots, write_snapshot
+
+if TYPE_CHECKING:
+    from ..settings import RedisSettings
 
 log = logging.getLogger("probe.metrics")
 
@@ -43,19 +47,21 @@ class MetricsState(object):
         `enable_multiprocess`); None: PROBE_METRICS_DIR if set.
     """
 
-    def __init__(self, multiprocess_dir=None):
+    def __init__(self, multiprocess_dir: Optional[str] = None) -> None:
         self._lock = threading.RLock()
-        self._recorders = []  # attached: visible to the collector
-        self._shared = {}  # (side, appkey, service, node, slow_call_ms) -> Recorder
-        self._sinks = {}  # (RedisSettings, env) -> RedisSink
+        self._recorders: List[Recorder] = []  # attached: visible to the collector
+        # (side, appkey, service, node, slow_call_ms) -> Recorder
+        self._shared: Dict[Tuple[Any, ...], Recorder] = {}
+        self._sinks: Dict[Tuple["RedisSettings", Optional[str]], RedisSink] = {}
         self.multiprocess_dir = multiprocess_dir or os.environ.get(METRICS_DIR_ENV) or None
-        self.collector = None
+        self.collector: Optional[ProbeCollector] = None
         self.http = HttpServers()
         self.pump = Pump(self.flush_now, lambda: bool(self._sinks or self.multiprocess_dir))
         self.exiting = False
 
     # -- recorders and where they go ---------------------------------------------
-    def get_recorder(self, side, appkey, service, node=None, slow_call_ms=DEFAULT_SLOW_CALL_MS):
+    def get_recorder(self, side: str, appkey: str, service: str, node: Optional[str] = None,
+                     slow_call_ms: float = DEFAULT_SLOW_CALL_MS) -> Recorder:
         """The recorder for these labels, created on first use. Sharing it means a
         client built per request, or a provider restarted on its port, neither piles
         up recorders nor makes a counter go back."""
@@ -67,8 +73,9 @@ class MetricsState(object):
                                                              slow_call_ms)
             return recorder
 
-    def attach(self, recorder, redis_settings=None, env=None,
-               stats_interval=DEFAULT_STATS_INTERVAL, stats_ttl=DEFAULT_TTL):
+    def attach(self, recorder: Recorder, redis_settings: Optional["RedisSettings"] = None,
+               env: Optional[str] = None, stats_interval: float = DEFAULT_STATS_INTERVAL,
+               stats_ttl: float = DEFAULT_TTL) -> Recorder:
         """Make `recorder` visible to the collector and, with `redis_settings`, flush
         it to that Redis every `stats_interval` s."""
         recorder.stats_ttl = int(stats_ttl)
@@ -87,7 +94,8 @@ class MetricsState(object):
         self.pump.want(float(stats_interval))
         return recorder
 
-    def detach(self, recorder, redis_settings=None, env=None):
+    def detach(self, recorder: Recorder, redis_settings: Optional["RedisSettings"] = None,
+               env: Optional[str] = None) -> None:
         """Undo one `attach`. When a Redis has no user left it gets a last flush and
         is forgotten, so a process does not keep writing to a Redis that only a
         long-gone client used."""
@@ -109,7 +117,7 @@ class MetricsState(object):
                     self._sinks.pop((redis_settings, env), None)
 
     # -- writing and reading -------------------------------------------------------
-    def flush_now(self):
+    def flush_now(self) -> bool:
         """Write every sink's pending stats, and this process's snapshot file, now.
         Never raises; True when every write succeeded."""
         with self._lock:
@@ -130,10 +138,11 @@ class MetricsState(object):
                 ok = False
         return ok
 
-    def snapshot(self, other_processes=False):
+    def snapshot(self, other_processes: bool = False) -> Snapshot:
         """This process's snapshot (probe.metrics.snapshots); with `other_processes`,
         plus the snapshot files of the multi-process directory."""
-        calls, inflight = {}, {}
+        calls: Dict[Tuple[Any, ...], Any] = {}
+        inflight: Dict[Tuple[Any, ...], Any] = {}
         with self._lock:
             recorders = list(self._recorders)
             directory = self.multiprocess_dir
@@ -144,7 +153,7 @@ class MetricsState(object):
             return merge(own, *read_snapshots(directory, exclude_pid=os.getpid()))
         return own
 
-    def enable_multiprocess(self, directory, wipe=True):
+    def enable_multiprocess(self, directory: str, wipe: bool = True) -> None:
         """Call in a pre-fork parent before forking: every process then shares its
         snapshot through `directory` (emptied first with `wipe`, so a restart does
         not count the previous run)."""
@@ -155,13 +164,13 @@ class MetricsState(object):
             self.multiprocess_dir = directory
         self.pump.ensure()
 
-    def disable_multiprocess(self):
+    def disable_multiprocess(self) -> None:
         """Stop sharing snapshots (the pre-fork provider that enabled it has stopped)."""
         with self._lock:
             self.multiprocess_dir = None
 
     # -- exposition ----------------------------------------------------------------
-    def register_collector(self):
+    def register_collector(self) -> ProbeCollector:
         """Put this state's collector in prometheus_client's default REGISTRY (once)."""
         with self._lock:
             if self.collector is None:
@@ -172,13 +181,13 @@ class MetricsState(object):
                     log.warning("cannot register probe's metrics in the default registry: %s", exc)
             return self.collector
 
-    def serve(self, port, addr=LOCAL_METRICS_ADDR):
+    def serve(self, port: int, addr: str = LOCAL_METRICS_ADDR) -> MetricsEndpoint:
         """Serve the default REGISTRY as /metrics on addr:port (0 picks a free port)."""
         self.register_collector()
         return self.http.serve(port, addr)
 
     # -- process events --------------------------------------------------------------
-    def after_fork_in_child(self):
+    def after_fork_in_child(self) -> None:
         """A forked worker starts from zero: the parent's counts stay the parent's."""
         self._lock = threading.RLock()
         for recorder in self._recorders + list(self._shared.values()):  # attached or not yet
@@ -188,12 +197,12 @@ class MetricsState(object):
         self.pump.start_over()
         self.http.forget()
 
-    def at_exit(self):
+    def at_exit(self) -> None:
         """The last flush (Redis and the snapshot file) of an exiting process."""
         self.exiting = True
         self.flush_now()
 
-    def close(self):
+    def close(self) -> None:
         """Retire this state (a fresh one replaces it): its thread ends, its collector
         leaves the registry. /metrics servers stay with the endpoints that own them."""
         self.pump.stop()
@@ -206,12 +215,12 @@ class MetricsState(object):
                 pass  # never made it into the registry
 
 
-_state = None
+_state: Optional[MetricsState] = None
 _state_lock = threading.Lock()
 _hooks_installed = False
 
 
-def process_state():
+def process_state() -> MetricsState:
     """This process's metrics state, created (and the process hooks installed) on
     first use."""
     state = _state
@@ -220,7 +229,7 @@ def process_state():
     return state
 
 
-def fresh_state(multiprocess_dir=None):
+def fresh_state(multiprocess_dir: Optional[str] = None) -> MetricsState:
     """Retire this process's metrics state and start an empty one; returns it.
 
     For tests: what was recorded, attached, flushed or shared so far is forgotten
@@ -231,7 +240,8 @@ def fresh_state(multiprocess_dir=None):
     return _replace_state(multiprocess_dir=multiprocess_dir)
 
 
-def _replace_state(only_if_missing=False, multiprocess_dir=None):
+def _replace_state(only_if_missing: bool = False,
+                   multiprocess_dir: Optional[str] = None) -> MetricsState:
     global _state
     with _state_lock:
         if only_if_missing and _state is not None:
@@ -244,7 +254,7 @@ def _replace_state(only_if_missing=False, multiprocess_dir=None):
     return state
 
 
-def _install_hooks():
+def _install_hooks() -> None:
     """Once per process, with the first state: hooks that act on the current one."""
     global _hooks_installed
     if _hooks_installed:
@@ -255,11 +265,11 @@ def _install_hooks():
         os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _at_exit():
+def _at_exit() -> None:
     if _state is not None:
         _state.at_exit()
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     if _state is not None:
         _state.after_fork_in_child()

@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from probe.devstack import (LOOPBACK, StackError, _four_letter_word, _free_ports, _is_alive,
                             _locked, _read_json, _Recorded, _start_servers, _stop_servers,
@@ -76,12 +76,13 @@ class ZooKeeperEnsemble(_Recorded):
                 _is_alive(entry.get("pid"), entry.get("start_time")) for entry in members):
             raise StackError("%s runs an ensemble of %d members, not %d; call down() "
                              "on it first" % (self.state_dir, len(members), size))
+        layout: List[Tuple[int, int, int]]  # (client, quorum, election) port per member
         if len(members) == size:
             layout = [(entry["port"], entry["quorum_port"], entry["election_port"])
                       for entry in members]
         else:
             ports = _free_ports(3 * size)
-            layout = [tuple(ports[3 * i:3 * i + 3]) for i in range(size)]
+            layout = [(ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]) for i in range(size)]
         peers = [(index + 1, quorum, election)
                  for index, (_, quorum, election) in enumerate(layout)]
         self._members = [
@@ -119,7 +120,7 @@ class ZooKeeperEnsemble(_Recorded):
                 for member in self._members:
                     shutil.rmtree(member.home, ignore_errors=True)
 
-    def status(self) -> List[dict]:
+    def status(self) -> List[Dict[str, Any]]:
         """Per member: running, pid, port, address and mode ("leader", ...)."""
         self._restore(_read_json(self._record_path))
         result = []
@@ -171,7 +172,7 @@ class ZooKeeperEnsemble(_Recorded):
                              % (index, len(self._members) - 1))
         return self._members[index]
 
-    def _restore(self, record: dict) -> None:
+    def _restore(self, record: Dict[str, Any]) -> None:
         entries = record.get("members", [])
         for index, member in enumerate(self._members):
             entry = entries[index] if index < len(entries) else None
