@@ -78,7 +78,7 @@ def load_service(thrift_path: str, service_name: str) -> type:
     return service
 
 
-def module_of(service: type) -> Optional[ModuleType]:
+def module_of(service: object) -> Optional[ModuleType]:
     """The module loaded here that defines the service class `service`, or None."""
     with _lock:
         modules = list(_modules.values())
