@@ -338,6 +338,14 @@ class NodeSettings(NamedTuple):
             raise InvalidNodeData("node data does not parse: %s" % exc.__class__.__name__)
 
 
+_METHOD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def is_method_name(name) -> bool:
+    """A Thrift method name (an identifier of at most 128 characters)."""
+    return isinstance(name, str) and _METHOD.fullmatch(name) is not None
+
+
 def check_dialect(transport: str, protocol: str) -> Tuple[str, str]:
     """(transport, protocol) if both are known names, else InvalidNodeData naming them."""
     NodeSettings("127.0.0.1", 1, transport=transport, protocol=protocol).check()
