@@ -81,6 +81,19 @@ def test_codecs_are_shared_per_dialect_and_refuse_unknown_names():
         codec_for("framed", "json")
 
 
+def test_the_disk_snapshot_carries_the_dialect():
+    from probe.registry import _snapshot_node
+    entry = {"name": "DemoService_10.0.0.5_81", "host": "10.0.0.5", "port": 81, "weight": 10,
+             "valid": 1, "registered_at": 1.0, "transport": "framed", "protocol": "compact"}
+    node = _snapshot_node(entry, "DemoService")
+    assert (node.transport, node.protocol) == ("framed", "compact")
+    assert _snapshot_node(node._asdict(), "DemoService") == node  # what the watcher writes
+    old = {key: value for key, value in entry.items() if key not in ("transport", "protocol")}
+    assert _snapshot_node(old, "DemoService").transport == "buffered"  # written before dialects
+    with pytest.raises(ValueError):
+        _snapshot_node(dict(entry, protocol="thrift-json"), "DemoService")
+
+
 def test_a_node_tuple_defaults_to_buffered_binary():
     node = Node("S_10.0.0.1_1", "10.0.0.1", 1, 10, 1)
     assert (node.transport, node.protocol) == ("buffered", "binary")
@@ -245,6 +258,14 @@ def test_one_client_speaks_each_node_its_own_dialect(appkey, providers, clients,
         with pytest.raises(Exception) as raised:
             client.fail("x")
         assert type(raised.value).__name__ == "DemoError"
+    # The same metrics in every dialect: each node's calls are counted under its name.
+    from prometheus_client import REGISTRY
+    counted = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == "probe_client_requests_total" and sample.labels.get("appkey") == appkey:
+                counted[sample.labels["status"]] = counted.get(sample.labels["status"], 0) + sample.value
+    assert counted.get("ok", 0) >= 240 and counted.get("exception", 0) == 40, counted
 
 
 def test_failover_from_a_dead_framed_node_to_a_compact_one(appkey, providers, clients):
