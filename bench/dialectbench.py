@@ -107,8 +107,10 @@ def provider(conn, kind, transport, protocol, appkey=None):
     from thriftpy2.rpc import make_server
     trans_factory, proto_factory = _factories(transport, protocol)
     port = _free_port()
+    # client_timeout=None: thriftpy2 drops a connection idle for 3 s by default, and
+    # the anchor's client waits out the other rounds between its own.
     server = make_server(_bare_service(), handler, "127.0.0.1", port, proto_factory=proto_factory,
-                         trans_factory=trans_factory)
+                         trans_factory=trans_factory, client_timeout=None)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

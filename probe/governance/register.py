@@ -38,7 +38,7 @@ from thriftpy2.transport import TSocket
 
 from .. import naming
 from ..appkeys import AppkeyStore
-from ..errors import ProbeError
+from ..errors import ProbeError, RegisterError
 from ..naming import NodeSettings
 from ..nodestore import NodeStore
 from ..registry import Registration, release_zookeeper, shared_zookeeper
@@ -53,10 +53,6 @@ DEFAULT_RISE = 1
 DEFAULT_FALL = 2
 MAX_REPLY_BYTES = 65536  # read of a check's reply: its header is all that is looked at
 _PURE_PROTOCOLS = {"binary": PureBinaryProtocol, "compact": PureCompactProtocol}
-
-
-class RegisterError(ProbeError):
-    """A `probe register` argument is unusable; nothing was written."""
 
 
 class ForeignNode(object):
