@@ -453,10 +453,14 @@ def test_register_comes_back_when_the_server_answers_again(appkey, providers):
     try:
         wait_for(lambda: zk.client.exists(path), message="registration")
         assert json.loads(zk.client.get(path)[0])["transport"] == "framed"
+        run_probe("node", "weight", appkey, "OtherService", "%s:%d" % (provider.host, port), "42")
         provider.stop(grace=0)
         wait_for(lambda: not zk.client.exists(path), message="deregistration")
         providers(appkey, name="back", port=port)
         wait_for(lambda: zk.client.exists(path), message="registration again")
+        # The operator's edit came back from Redis, the dialect from the command line.
+        again = json.loads(zk.client.get(path)[0])
+        assert (again["weight"], again["transport"]) == (42, "framed")
     finally:
         node.stop()
         runner.join(10)
