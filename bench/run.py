@@ -64,7 +64,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
 SECTIONS = ("client", "client_cpu", "first_call", "propagation", "server", "balancer", "memory",
-            "config", "idle", "tls")
+            "config", "idle", "tls", "dialects")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
@@ -705,6 +705,10 @@ class Bench(object):
     def section_tls(self):  # 9: RPC mutual TLS (bench/tlsbench.py)
         from bench import tlsbench
         tlsbench.run(self)
+
+    def section_dialects(self):  # 10: framed / compact (bench/dialectbench.py)
+        from bench import dialectbench
+        dialectbench.run(self)
 
 
 def _paired_note(rounds, anchor_rounds):

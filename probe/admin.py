@@ -187,6 +187,8 @@ class Admin(object):
             row = {"service": svc, "address": "%s:%d" % (ip, port), "live": key in live,
                    "weight": getattr(shown, "weight", None), "valid": getattr(shown, "valid", None),
                    "stored": isinstance(kept, NodeSettings), "problem": None}
+            if isinstance(shown, NodeSettings):
+                row["transport"], row["protocol"] = shown.dialect
             if isinstance(now_live, ValueError):
                 row["problem"] = "unusable znode data, skipped by consumers: %s" % now_live
             elif isinstance(kept, ValueError):

@@ -96,3 +96,8 @@ class ConfigUnavailable(ProbeError):
 class ZooKeeperAuthFailed(ComponentUnavailable):
     """ZooKeeper refused the configured `zkserver.<env>.auth` credentials, or they
     do not match the ACL of the registry's znodes (a wrong user or password)."""
+
+
+class RegisterError(ProbeError):
+    """A `probe register` argument is unusable (a check method, an interval, ...);
+    nothing was written."""
