@@ -96,3 +96,7 @@ class ConfigUnavailable(ProbeError):
 class ZooKeeperAuthFailed(ComponentUnavailable):
     """ZooKeeper refused the configured `zkserver.<env>.auth` credentials, or they
     do not match the ACL of the registry's znodes (a wrong user or password)."""
+
+
+class InvalidArgument(ProbeError):
+    """A command-line or API argument is not a number, or out of its range."""
