@@ -187,6 +187,10 @@ class BoundedHttpServer(object):
     def server_port(self) -> int:
         return self.port
 
+    @property
+    def server_address(self) -> Tuple[str, int]:
+        return (self.host, self.port)
+
     def connection_count(self) -> int:
         return len(self._conns)
 
