@@ -29,6 +29,15 @@ worker checks `pending()` (bytes OpenSSL has decrypted but not yet handed out)
 before it polls the socket or parks the connection, because epoll only sees the
 raw socket.
 
+Replies. A worker sends a reply without waiting (MSG_DONTWAIT, or a non-blocking
+TLS socket). What a peer does not take parks the connection for EPOLLOUT with a
+write deadline (`read_timeout` from the reply) and is sent as the peer reads, by
+whichever worker the selector hands it to; while a reply is pending nothing more
+is read from that connection. The unsent replies of all connections are bounded
+(PARKED_REPLY_FACTOR × max_message_bytes); past that, or past the deadline, the
+connection is closed. So a caller that never reads pins no worker (Netty and
+Thrift's selector servers do the same).
+
 An undeclared handler exception becomes a TApplicationException INTERNAL_ERROR
 reply that names the service and method only (its text may hold secrets); the
 traceback is logged here with the method and the peer.
@@ -257,9 +266,12 @@ class ThriftServer(object):
         while True:
             # Count first: a call that ends between the count and the pass below is
             # then still shut down by this pass, not left open after we return.
+            # A reply still being taken by its peer counts as a call in flight.
             inflight = self.inflight
             for conn in list(self._connections.values()):
-                if not conn.calling:
+                if conn.out is not None:
+                    inflight += 1
+                elif not conn.calling:
                     _shutdown(conn.sock)
             if inflight == 0 or time.monotonic() >= deadline:
                 return inflight
@@ -615,32 +627,37 @@ class ThriftServer(object):
     def _flush(self, conn, data, deadline=None):
         """Send what the peer takes of `data` without waiting. True: all sent; None:
         the rest is parked until the socket is writable, by `deadline` (None: a new
-        reply, read_timeout from now) and within the reply byte bounds; False: the
-        connection failed or broke a bound: close it."""
+        reply, read_timeout from now); False: the connection failed, or the unsent
+        replies of all connections would pass max_parked_reply_bytes: close it.
+        (A connection holds at most one unsent reply: it is not read meanwhile.)"""
         sock = conn.sock
-        view = memoryview(data)
         sent = 0
         try:
-            while sent < len(view):
-                try:
+            if not conn.tls:  # the common case: one syscall, as sendall would
+                sent = sock.send(data, socket.MSG_DONTWAIT)
+                if sent == len(data) and conn.out is None:
+                    return True
+            view = memoryview(data)
+            try:
+                while sent < len(view):
                     if conn.tls:  # an SSL retry must repeat the same bytes: one chunk at a time
                         sent += sock.send(view[sent:sent + SEND_CHUNK])
                     else:
                         sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
-                    break
+            finally:
+                view.release()
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            pass
         except (OSError, ValueError, AttributeError):  # ssl.SSLError is an OSError
             return False
-        finally:
-            view.release()
-        self._set_out(conn, None)
+        if conn.out is not None:
+            self._set_out(conn, None)
         if sent == len(data):
             return True
         rest = data[sent:] if sent else data
-        if len(rest) > self.max_message_bytes or \
-                self._parked_reply_bytes + len(rest) > self.max_parked_reply_bytes:
-            self._warn(conn, "peer does not read its reply (%d bytes left, over the bound of "
-                             "replies waiting to be sent)" % len(rest))
+        if self._parked_reply_bytes + len(rest) > self.max_parked_reply_bytes:
+            self._warn(conn, "peer does not read its reply (%d bytes left; the unsent replies "
+                             "of all connections are at their bound)" % len(rest))
             return False
         self._set_out(conn, rest)
         self._park(conn, _WRITE, deadline or time.monotonic() + self.read_timeout)

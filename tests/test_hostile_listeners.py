@@ -569,3 +569,120 @@ def test_zookeeper_tls_settings_are_checked(tmp_path):
         with pytest.raises(ConfigError) as refused:
             settings(bad)
         assert "zkserver.dev" in str(refused.value)
+
+
+# -- the bounded HTTP server itself (no stack needed) ----------------------------------------
+def _wsgi_app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    if environ["PATH_INFO"] == "/big":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [b"x" * (8 * 1024 * 1024)]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"path=%s body=%s" % (environ["PATH_INFO"].encode(), body)]
+
+
+@pytest.fixture
+def http_server():
+    from probe.rpc.httpserver import BoundedHttpServer, HttpLimits
+    started = []
+
+    def start(**limits):
+        server = BoundedHttpServer(_wsgi_app, "127.0.0.1", 0, limits=HttpLimits(**limits)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _connect_from(source, port):
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _ask(sock, request=b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"):
+    sock.settimeout(5)
+    sock.sendall(request)
+    return sock.recv(65536)
+
+
+def test_http_caps_connections_per_address_and_in_all(http_server):
+    server = http_server(max_per_address=4, max_connections=6)
+    mine = [_connect_from("127.0.0.1", server.port) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        over = _connect_from("127.0.0.1", server.port)
+        assert _closed_by_server(over, 5)  # a fifth from the same address: closed at accept
+        other = _connect_from("127.0.0.2", server.port)
+        assert _ask(other).startswith(b"HTTP/1.1 200 ")  # another address is still served
+        more = [_connect_from("127.0.0.3", server.port)]
+        time.sleep(0.2)
+        full = _connect_from("127.0.0.4", server.port)
+        assert _closed_by_server(full, 5)  # 6 open in all
+        assert server.refused == 2
+        _close_all([over, other, full] + more)
+    finally:
+        _close_all(mine)
+
+
+def test_http_reply_not_read_is_dropped_by_the_write_deadline(http_server):
+    server = http_server(write_timeout=1.0)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", server.port))
+    try:
+        reader.sendall(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        time.sleep(0.3)
+        other = socket.create_connection(("127.0.0.1", server.port))
+        assert _ask(other).startswith(b"HTTP/1.1 200 ")
+        other.close()
+        wait_for(lambda: server.connection_count() == 0, timeout=10,
+                 message="the non-reading connection closed")
+    finally:
+        reader.close()
+
+
+def test_http_keep_alive_pipelining_body_and_idle_reclaim(http_server):
+    server = http_server(idle_timeout=0.5)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.settimeout(5)
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b HTTP/1.1\r\nHost: h\r\n"
+                     b"Content-Length: 3\r\n\r\nabc")
+        replies = b""
+        while replies.count(b"HTTP/1.1 200 ") < 2 or not replies.endswith(b"body=abc"):
+            replies += sock.recv(65536)
+        assert b"path=/a body=" in replies and b"path=/b body=abc" in replies
+        assert _closed_by_server(sock, 5)  # idle after its replies: reclaimed
+    finally:
+        sock.close()
+
+
+def test_http_expect_100_continue_and_body_cap(http_server):
+    server = http_server(max_body_bytes=100)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.settimeout(5)
+        sock.sendall(b"POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"ok")
+        assert b"body=ok" in sock.recv(65536)
+    finally:
+        sock.close()
+    big = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        assert _ask(big, b"POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n") \
+            .startswith(b"HTTP/1.1 413 ")
+    finally:
+        big.close()
+
+
+def test_http_limits_are_checked():
+    from probe.errors import ProbeError
+    from probe.rpc.httpserver import HttpLimits
+    for bad in ({"workers": 0}, {"request_timeout": -1}, {"max_header_bytes": True}):
+        with pytest.raises(ProbeError):
+            HttpLimits(**bad).check()

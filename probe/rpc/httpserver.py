@@ -338,6 +338,8 @@ class BoundedHttpServer(object):
                 if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
                     self._refuse(conn, 413)
                     return False
+                if conn.h11.they_are_waiting_for_100_continue:
+                    self._continue(conn)
             elif isinstance(event, h11.Data):
                 conn.body_size += len(event.data)
                 if conn.body_size > limits.max_body_bytes:
@@ -353,6 +355,14 @@ class BoundedHttpServer(object):
             else:  # ConnectionClosed or PAUSED: nothing more to read here
                 self._close(conn)
                 return False
+
+    def _continue(self, conn: _Conn) -> None:
+        """Tell a client that waits (`Expect: 100-continue`) to send its body; best
+        effort: if the socket cannot take 25 bytes now, the client sends anyway."""
+        try:
+            conn.sock.send(conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+        except (OSError, ValueError, h11.LocalProtocolError):
+            pass
 
     def _refuse(self, conn: _Conn, status: int) -> None:
         reason = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large",
