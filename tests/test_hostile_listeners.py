@@ -610,22 +610,28 @@ def _ask(sock, request=b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"):
 
 
 def test_http_caps_connections_per_address_and_in_all(http_server):
+    """Past a cap, a newcomer replaces the oldest connection still waiting for its
+    request: a flood of idle connections never locks a real client out."""
     server = http_server(max_per_address=4, max_connections=6)
     mine = [_connect_from("127.0.0.1", server.port) for _ in range(4)]
+    others = []
     try:
         time.sleep(0.2)
-        over = _connect_from("127.0.0.1", server.port)
-        assert _closed_by_server(over, 5)  # a fifth from the same address: closed at accept
-        other = _connect_from("127.0.0.2", server.port)
-        assert _ask(other).startswith(b"HTTP/1.1 200 ")  # another address is still served
-        more = [_connect_from("127.0.0.3", server.port)]
+        newcomer = _connect_from("127.0.0.1", server.port)
+        others.append(newcomer)
+        assert _ask(newcomer).startswith(b"HTTP/1.1 200 ")
+        assert _closed_by_server(mine[0], 5)  # the oldest of that address made room
+        assert server.connection_count() == 4
+        others += [_connect_from("127.0.0.3", server.port) for _ in range(2)]
         time.sleep(0.2)
-        full = _connect_from("127.0.0.4", server.port)
-        assert _closed_by_server(full, 5)  # 6 open in all
-        assert server.refused == 2
-        _close_all([over, other, full] + more)
+        assert server.connection_count() == 6
+        last = _connect_from("127.0.0.4", server.port)  # 6 in all: the oldest waiting goes
+        others.append(last)
+        assert _ask(last).startswith(b"HTTP/1.1 200 ")
+        assert _closed_by_server(mine[1], 5)
+        assert server.connection_count() <= 6 and server.evicted == 2
     finally:
-        _close_all(mine)
+        _close_all(mine + others)
 
 
 def test_http_reply_not_read_is_dropped_by_the_write_deadline(http_server):

@@ -35,6 +35,7 @@ log = logging.getLogger("probe.http")
 _RECV = 64 * 1024
 _SEND = 256 * 1024
 _HANDSHAKE, _READ, _WORK, _WRITE = "handshake", "read", "work", "write"
+_ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
 
 
 class HttpLimits(NamedTuple):
@@ -48,8 +49,10 @@ class HttpLimits(NamedTuple):
     :param max_header_bytes: request line plus headers (431 beyond)
     :param max_body_bytes: request body (413 beyond)
     :param max_response_bytes: what the app may answer (500 beyond)
-    :param max_connections: open connections in all (more are closed at accept)
-    :param max_per_address: open connections from one peer address
+    :param max_connections: open connections in all
+    :param max_per_address: open connections from one peer address; past either cap a
+        new connection replaces the oldest one still waiting for its request (or is
+        closed at accept when every one is busy)
     :param workers: threads running the app
     """
 
@@ -72,7 +75,7 @@ class HttpLimits(NamedTuple):
 
 
 class _Conn(object):
-    __slots__ = ("sock", "host", "port", "tls", "h11", "state", "deadline", "started",
+    __slots__ = ("sock", "host", "port", "tls", "h11", "state", "deadline", "started", "accepted",
                  "request", "body", "body_size", "out", "sent", "close_after", "registered",
                  "closed")
 
@@ -84,6 +87,7 @@ class _Conn(object):
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.state = _HANDSHAKE if tls else _READ
         self.deadline = 0.0
+        self.accepted = time.monotonic()
         self.started = False
         self.request = None
         self.body = []
@@ -131,7 +135,9 @@ class BoundedHttpServer(object):
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="probe-http-worker")
         self._stopping = False
         self._thread = None  # type: Optional[threading.Thread]
-        self.refused = 0  # connections closed at accept by a cap
+        self.refused = 0  # new connections closed at accept by a cap (all others busy)
+        self.evicted = 0  # waiting connections closed to make room for a new one
+        self._accept_paused_until = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> "BoundedHttpServer":
@@ -154,6 +160,9 @@ class BoundedHttpServer(object):
                         self._on_event(key.data)
                 self._take_replies()
                 now = time.monotonic()
+                if self._accept_paused_until and now >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    self._selector.register(self._listener, selectors.EVENT_READ, "accept")
                 if now - last_sweep >= 0.2:
                     last_sweep = now
                     for conn in [c for c in self._conns if c.state != _WORK and c.deadline <= now]:
@@ -213,15 +222,28 @@ class BoundedHttpServer(object):
         for _ in range(64):
             try:
                 sock, addr = self._listener.accept()
-            except OSError:  # nothing more, or out of descriptors: the backlog waits
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # out of descriptors: let some free up, then accept again
+                log.warning("%s: cannot accept on port %d (%s); pausing accepts for %.1f s",
+                            self.server_name, self.port, exc, _ACCEPT_PAUSE)
+                self._selector.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
                 return
             host = addr[0]
-            if len(self._conns) >= limits.max_connections or \
-                    self._per_address.get(host, 0) >= limits.max_per_address:
-                self.refused += 1
-                log.debug("%s: refusing %s (connection cap)", self.server_name, host)
-                sock.close()
-                continue
+            over_address = self._per_address.get(host, 0) >= limits.max_per_address
+            if over_address or len(self._conns) >= limits.max_connections:
+                # Make room by closing the oldest connection still waiting for its
+                # request (of that address, or of all): a flood of idle or trickling
+                # connections then cannot lock a newcomer out.
+                victim = self._oldest_waiting(host if over_address else None)
+                if victim is None:
+                    self.refused += 1
+                    log.debug("%s: refusing %s (connection cap)", self.server_name, host)
+                    sock.close()
+                    continue
+                self.evicted += 1
+                self._close(victim)
             sock.setblocking(False)
             tls = self.ssl_context is not None
             if tls:
@@ -237,6 +259,16 @@ class BoundedHttpServer(object):
             self._conns.add(conn)
             self._per_address[host] = self._per_address.get(host, 0) + 1
             self._watch(conn, selectors.EVENT_READ)
+
+    def _oldest_waiting(self, host: Optional[str]) -> Optional[_Conn]:
+        """The connection (of `host`, or of any) that has waited longest for its
+        request: in a TLS handshake, or reading with no request complete."""
+        oldest = None
+        for conn in self._conns:
+            if conn.state in (_HANDSHAKE, _READ) and (host is None or conn.host == host) and \
+                    (oldest is None or conn.accepted < oldest.accepted):
+                oldest = conn
+        return oldest
 
     def _watch(self, conn: _Conn, events: int) -> None:
         if conn.registered == events:
