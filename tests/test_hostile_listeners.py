@@ -318,6 +318,57 @@ def test_callers_that_never_read_replies_pin_no_worker(stack, appkey):
         provider.stop(grace=0)
 
 
+def test_tls_callers_that_never_read_replies_pin_no_worker(certs):
+    """The same over mutual TLS, on the provider's server itself."""
+    from probe.rpctls import client_context, server_context
+    from probe.settings import RpcTls
+    from probe.thriftserver import ThriftServer
+    module = thriftpy2.load(HOSTILE_IDL, module_name="hostile_echo_tls_thrift")
+    tls = RpcTls(certs.rpc_ca, certs.rpc_provider.cert, certs.rpc_provider.key)
+    server = ThriftServer(module.HostileService, EchoHandler(), "127.0.0.1", 0,
+                          worker_threads=4, read_timeout=8, ssl_context=server_context(tls))
+    server.bind()
+    server.start()
+    request = _echo_request(module.HostileService, 3 * 1024 * 1024)
+    attackers = []
+    try:
+        def attack():
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(("127.0.0.1", server.port))
+            sock = client_context(tls).wrap_socket(raw)
+            attackers.append(sock)
+            try:
+                sock.settimeout(20)
+                sock.sendall(request)
+            except OSError:
+                pass
+
+        senders = [threading.Thread(target=attack, daemon=True) for _ in range(8)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(30)
+        wait_for(lambda: server.calls >= 8, message="the echo calls served")
+        raw = socket.create_connection(("127.0.0.1", server.port))
+        good = client_context(tls).wrap_socket(raw)
+        good.settimeout(ANSWER_WITHIN)
+        membuf = TCyMemoryBuffer()
+        protocol = TCyBinaryProtocol(membuf)
+        protocol.write_message_begin("say", TMessageType.CALL, 1)
+        protocol.write_struct(module.HostileService.say_args())
+        protocol.write_message_end()
+        good.sendall(membuf.getvalue())
+        assert b"hello world" in good.recv(4096)  # 4 workers, 8 non-readers: still answered
+        good.close()
+        assert server.inflight == 0
+        wait_for(lambda: server.stats()["connections"] == 0, timeout=25,
+                 message="non-reading TLS callers closed by the write deadline")
+    finally:
+        _close_all(attackers)
+        server.close()
+
+
 # -- console login ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def login_app(stack):
