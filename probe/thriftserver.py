@@ -100,8 +100,8 @@ _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 # peer may still read, and RDHUP would wake us again at once).
 _WRITE = select.EPOLLOUT | select.EPOLLONESHOT
 SEND_CHUNK = 256 * 1024  # one TLS write: a retry after "want write" repeats at most this
-# The reply bytes all parked connections may hold together, as a multiple of
-# max_message_bytes (each one holds at most max_message_bytes).
+# The unsent reply bytes all parked connections may hold together, as a multiple of
+# max_message_bytes (a connection holds at most one reply: it is not read meanwhile).
 PARKED_REPLY_FACTOR = 16
 
 

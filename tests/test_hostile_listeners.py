@@ -361,7 +361,7 @@ def test_tls_callers_that_never_read_replies_pin_no_worker(certs):
         good.sendall(membuf.getvalue())
         assert b"hello world" in good.recv(4096)  # 4 workers, 8 non-readers: still answered
         good.close()
-        assert server.inflight == 0
+        wait_for(lambda: server.inflight == 0, message="no call pinned on a send")
         wait_for(lambda: server.stats()["connections"] == 0, timeout=25,
                  message="non-reading TLS callers closed by the write deadline")
     finally:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 from urllib.parse import unquote_to_bytes
 
 import h11
@@ -129,12 +129,12 @@ class BoundedHttpServer(object):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._ready = deque()  # type: Deque[Tuple[_Conn, bytes, bool]]
-        self._conns = set()  # type: set
-        self._per_address = {}  # type: Dict[str, int]
+        self._ready: Deque[Tuple[_Conn, bytes, bool]] = deque()
+        self._conns: Set[_Conn] = set()
+        self._per_address: Dict[str, int] = {}
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="probe-http-worker")
         self._stopping = False
-        self._thread = None  # type: Optional[threading.Thread]
+        self._thread: Optional[threading.Thread] = None
         self.refused = 0  # new connections closed at accept by a cap (all others busy)
         self.evicted = 0  # waiting connections closed to make room for a new one
         self._accept_paused_until = 0.0
@@ -457,8 +457,8 @@ class BoundedHttpServer(object):
         if environ is None:
             return (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                     True)
-        reply = {}  # type: Dict[str, Any]
-        chunks = []  # type: List[bytes]
+        reply: Dict[str, Any] = {}
+        chunks: List[bytes] = []
 
         def start_response(status, headers, exc_info=None):
             if exc_info and reply:
@@ -499,7 +499,7 @@ class BoundedHttpServer(object):
         if not target.startswith(b"/"):
             return None
         path, _, query = target.partition(b"?")
-        environ = {
+        environ: Dict[str, Any] = {
             "REQUEST_METHOD": request.method.decode("latin-1"),
             "SCRIPT_NAME": "",
             "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
@@ -516,7 +516,7 @@ class BoundedHttpServer(object):
             "wsgi.multithread": True,
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
-        }  # type: Dict[str, Any]
+        }
         for name, value in request.headers:
             if b"_" in name:  # HTTP_X_A would be ambiguous between X-A and X_A: dropped
                 continue
