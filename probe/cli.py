@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Callable
 
 from .errors import InvalidArgument, InvalidConfigValue, ProbeError
 
@@ -398,9 +399,9 @@ def build_parser():
     return parser
 
 
-def whole_number(name, low, high):
+def whole_number(name: str, low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number low..high in ASCII digits, else InvalidArgument."""
-    def parse(text):
+    def parse(text: str) -> int:
         stripped = text.strip()
         digits = stripped[1:] if stripped.startswith("-") else stripped
         if not (digits.isascii() and digits.isdigit()) or len(digits) > 20 \
@@ -410,9 +411,10 @@ def whole_number(name, low, high):
     return parse
 
 
-def number(name, low, high, low_inclusive=False):
+def number(name: str, low: float, high: float,
+           low_inclusive: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number in (low, high] (or [low, high]), else InvalidArgument."""
-    def parse(text):
+    def parse(text: str) -> float:
         try:
             value = float(text) if text.strip().isascii() and len(text) <= 32 else None
         except ValueError:

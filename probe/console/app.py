@@ -9,6 +9,7 @@ through probe.admin.Admin, exactly as the CLI does.
 import logging
 import os
 import threading
+from typing import Any, Callable, Optional
 
 from flask import Flask
 
@@ -93,8 +94,10 @@ class ConsoleServer(object):
     :param limits: deadlines and caps of the listener (probe.rpc.httpserver.HttpLimits)
     """
 
-    def __init__(self, app=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, cert=None, key=None,
-                 threads=8, config_path=None, env=None, limits=None, **options):
+    def __init__(self, app: Optional[Flask] = None, bind: str = DEFAULT_BIND,
+                 port: int = DEFAULT_PORT, cert: Optional[str] = None, key: Optional[str] = None,
+                 threads: int = 8, config_path: Optional[str] = None, env: Optional[str] = None,
+                 limits: Optional[HttpLimits] = None, **options: Any) -> None:
         if bool(cert) != bool(key):
             from ..errors import ConfigError
             raise ConfigError("TLS needs both --cert and --key (got cert=%r key=%r)" % (cert, key))
@@ -114,21 +117,21 @@ class ConsoleServer(object):
         self._bind = bind
 
     @property
-    def port(self):
+    def port(self) -> int:
         return self.server.port
 
     @property
-    def url(self):
+    def url(self) -> str:
         host = self._bind
         host = "[%s]" % host if ":" in host else host
         return "%s://%s:%d" % ("https" if self.tls else "http", host, self.port)
 
-    def start(self):
+    def start(self) -> "ConsoleServer":
         """Serve in a background thread; the port is already open."""
         self.server.start()
         return self
 
-    def serve_forever(self, on_ready=None):
+    def serve_forever(self, on_ready: Optional[Callable[[str], Any]] = None) -> None:
         """Call `on_ready(url)`, serve until interrupted, then stop."""
         if on_ready is not None:
             on_ready(self.url)
@@ -137,6 +140,6 @@ class ConsoleServer(object):
         finally:
             self.stop()
 
-    def stop(self):
+    def stop(self) -> None:
         self.server.stop()
         self.app.extensions["probe_console"].close()

@@ -79,8 +79,9 @@ class _Conn(object):
                  "request", "body", "body_size", "out", "sent", "close_after", "registered",
                  "closed")
 
-    def __init__(self, sock, host, port, tls, max_header_bytes):
-        self.sock = sock
+    def __init__(self, sock: socket.socket, host: str, port: int, tls: bool,
+                 max_header_bytes: int) -> None:
+        self.sock: Any = sock  # an ssl.SSLSocket once wrapped
         self.host = host
         self.port = port
         self.tls = tls
@@ -89,8 +90,8 @@ class _Conn(object):
         self.deadline = 0.0
         self.accepted = time.monotonic()
         self.started = False
-        self.request = None
-        self.body = []
+        self.request: Optional[h11.Request] = None
+        self.body: List[bytes] = []
         self.body_size = 0
         self.out = b""
         self.sent = 0
@@ -245,11 +246,12 @@ class BoundedHttpServer(object):
                 self.evicted += 1
                 self._close(victim)
             sock.setblocking(False)
-            tls = self.ssl_context is not None
-            if tls:
+            context = self.ssl_context
+            tls = context is not None
+            if context is not None:
                 try:
-                    sock = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                        do_handshake_on_connect=False)
+                    sock = context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
                 except (OSError, ValueError):
                     sock.close()
                     continue
@@ -381,7 +383,9 @@ class BoundedHttpServer(object):
             elif isinstance(event, h11.EndOfMessage):
                 conn.state = _WORK
                 self._unwatch(conn)
-                self._pool.submit(self._respond, conn, conn.request, b"".join(conn.body))
+                request = conn.request
+                assert request is not None  # h11 sends Request before EndOfMessage
+                self._pool.submit(self._respond, conn, request, b"".join(conn.body))
                 conn.request, conn.body = None, []
                 return False
             else:  # ConnectionClosed or PAUSED: nothing more to read here
@@ -460,7 +464,8 @@ class BoundedHttpServer(object):
         reply: Dict[str, Any] = {}
         chunks: List[bytes] = []
 
-        def start_response(status, headers, exc_info=None):
+        def start_response(status: str, headers: List[Tuple[str, str]],
+                           exc_info: Any = None) -> Callable[[bytes], None]:
             if exc_info and reply:
                 raise exc_info[1].with_traceback(exc_info[2])
             reply["status"], reply["headers"] = status, headers
