@@ -128,7 +128,7 @@ def cmd_console(args):
         except KeyboardInterrupt:
             pass
         return 0
-    from .console.users import UserStore
+    from .console.users import UserStore, normalize_username
     from .settings import load_settings
     store = UserStore(load_settings(args.config, args.env).mysql)
     try:
@@ -139,7 +139,8 @@ def cmd_console(args):
             else:
                 password = sys.stdin.readline().rstrip("\r\n")
             added = store.add_user(args.name, password, args.role)
-            print("console user %s %s (role %s)" % (args.name, "added" if added else "updated", args.role))
+            print("console user %s %s (role %s)" % (normalize_username(args.name),
+                                                    "added" if added else "updated", args.role))
         else:
             removed = store.remove_user(args.name)
             print("console user %s %s" % (args.name, "removed" if removed else "did not exist"))
@@ -213,7 +214,8 @@ def _print_stack(status):
 
 def _config_value(args):
     """The JSON text of `probe config set`: the argument, or with `-` standard input,
-    or with `--file PATH` a file; at most MAX_VALUE_BYTES (one more byte is read to tell)."""
+    or with `--file PATH` (or `@PATH`: no JSON text starts with @) a file; at most
+    MAX_VALUE_BYTES (one more byte is read to tell)."""
     from .configcenter import MAX_VALUE_BYTES
     if args.file is not None and args.value is not None:
         raise InvalidArgument("give the value as an argument, as - (standard input) or with "
@@ -221,7 +223,9 @@ def _config_value(args):
     if args.file is None and args.value is None:
         raise InvalidArgument("give the value: as JSON text, as - to read standard input, or "
                               "with --file PATH")
-    if args.file is None and args.value != "-":
+    if args.file is None and args.value.startswith("@") and len(args.value) > 1:
+        args.file = args.value[1:]
+    elif args.file is None and args.value != "-":
         return args.value
     try:
         if args.file is None:
@@ -305,7 +309,8 @@ def _add_config_commands(sub):
             one.add_argument("value", nargs="?",
                              help="JSON, e.g. 42, '\"text\"', '[1, 2]', '{\"a\": 1}'; - reads it "
                                   "from standard input (up to 1 MiB)")
-            one.add_argument("--file", metavar="PATH", help="read the JSON value from a file")
+            one.add_argument("--file", metavar="PATH",
+                             help="read the JSON value from a file (also: @PATH as the value)")
         if action == "rollback":
             one.add_argument("version", type=whole_number("version", 1, 2 ** 63 - 1))
         if action in ("set", "delete", "rollback", "restore"):

@@ -466,6 +466,9 @@ def test_config_set_reads_the_value_from_stdin_and_a_file(appkey, tmp_path):
     path.write_text('{"a": [1, 2]}\n')
     run_probe("config", "set", appkey, "fromfile", "--file", str(path))
     assert json.loads(run_probe("config", "get", appkey, "fromfile").stdout) == {"a": [1, 2]}
+    path.write_text('[3]')
+    run_probe("config", "set", appkey, "fromfile", "@" + str(path))
+    assert json.loads(run_probe("config", "get", appkey, "fromfile").stdout) == [3]
     over = subprocess.run([sys.executable, "-m", "probe.cli", "config", "set", appkey, "big", "-"],
                           input=b'"' + b"x" * MAX_VALUE_BYTES + b'"', capture_output=True, timeout=60)
     assert over.returncode == 2 and b"InvalidConfigValue" in over.stderr
