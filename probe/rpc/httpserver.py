@@ -158,7 +158,7 @@ class BoundedHttpServer(object):
                     elif key.data == "wake":
                         self._drain_wake()
                     else:
-                        self._on_event(key.data)
+                        self._guarded(self._on_event, key.data)
                 self._take_replies()
                 now = time.monotonic()
                 if self._accept_paused_until and now >= self._accept_paused_until:
@@ -410,7 +410,17 @@ class BoundedHttpServer(object):
         while self._ready:
             conn, data, close_after = self._ready.popleft()
             if not conn.closed:
-                self._send_reply(conn, data, close_after)
+                self._guarded(self._send_reply, conn, data, close_after)
+
+    def _guarded(self, step: Callable[..., None], conn: _Conn, *args: Any) -> None:
+        """Run one step for `conn`; whatever it raises closes that connection only:
+        the loop serves everyone else."""
+        try:
+            step(conn, *args)
+        except Exception:
+            log.exception("%s: unexpected error on the connection from %s; closing it",
+                          self.server_name, conn.host)
+            self._close(conn)
 
     def _send_reply(self, conn: _Conn, data: bytes, close_after: bool) -> None:
         conn.state = _WRITE
