@@ -56,7 +56,7 @@ setup(
         "PyYAML>=5.1",
         "prometheus_client>=0.16",
         "Flask>=2.3",
-        "cheroot>=10",
+        "h11>=0.14",  # HTTP/1.1 parsing of the console and /metrics listeners (probe.rpc.httpserver)
         "argon2-cffi>=21.3",
         "cryptography>=3.1",  # certificates for `probe stack up --secure`
     ],

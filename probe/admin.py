@@ -34,7 +34,7 @@ from . import naming, zkacl
 from .appkeys import AppkeyStore, current_user
 from .configcenter import MAX_VALUE_BYTES, canonical_text, parse_value
 from .configstore import ConfigHistory
-from .errors import (ComponentUnavailable, ConfigConflict, InvalidConfigValue,
+from .errors import (ComponentUnavailable, ConfigConflict, InvalidArgument, InvalidConfigValue,
                      NodeSettingsConflict, ProbeError, UnknownConfigKey, UnknownNode)
 from .naming import NodeSettings
 from .nodestore import NodeStore
@@ -216,6 +216,8 @@ class Admin(object):
     def audit(self, appkey=None, limit=100):
         if appkey is not None:
             naming.check_appkey(appkey)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
+            raise InvalidArgument("bad audit limit %r: give a whole number 1..10000" % (limit,))
         return self.appkeys.audit(appkey, limit)
 
     def _change(self, appkey, service, address, key, value, create, by):
@@ -394,6 +396,8 @@ class Admin(object):
         changed_by, changed_at, action, old_value and deleted."""
         naming.check_appkey(appkey)
         naming.check_config_key(key)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
+            raise InvalidArgument("bad history limit %r: give a whole number 1..10000" % (limit,))
         self.appkeys.require(appkey)
         return [_history_entry(row) for row in
                 self._config_store().history(self.env, appkey, key, limit)]

@@ -4,8 +4,11 @@ import argparse
 import json
 import logging
 import sys
+from typing import Callable
 
-from .errors import ProbeError
+from .errors import InvalidArgument, InvalidConfigValue, ProbeError
+
+MAX_LIST_LIMIT = 10000  # rows a listing (--limit) may ask for
 
 
 def _print_table(rows, columns):
@@ -192,7 +195,7 @@ def cmd_console(args):
         except KeyboardInterrupt:
             pass
         return 0
-    from .console.users import UserStore
+    from .console.users import UserStore, normalize_username
     from .settings import load_settings
     store = UserStore(load_settings(args.config, args.env).mysql)
     try:
@@ -203,7 +206,8 @@ def cmd_console(args):
             else:
                 password = sys.stdin.readline().rstrip("\r\n")
             added = store.add_user(args.name, password, args.role)
-            print("console user %s %s (role %s)" % (args.name, "added" if added else "updated", args.role))
+            print("console user %s %s (role %s)" % (normalize_username(args.name),
+                                                    "added" if added else "updated", args.role))
         else:
             removed = store.remove_user(args.name)
             print("console user %s %s" % (args.name, "removed" if removed else "did not exist"))
@@ -216,11 +220,13 @@ def cmd_console(args):
 def _add_console_parser(sub):
     console = sub.add_parser("console", help="serve the web console; manage its users")
     console.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    console.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    console.add_argument("--port", type=whole_number("--port", 0, 65535), default=8080,
+                         help="TCP port (default 8080)")
     console.add_argument("--cert", help="PEM certificate: serve HTTPS (with --key)")
     console.add_argument("--key", help="PEM private key of --cert")
-    console.add_argument("--session-ttl", type=int, default=8 * 3600, help="seconds a login lasts (default 28800)")
-    console.add_argument("--warmup", type=float, default=0.0,
+    console.add_argument("--session-ttl", type=whole_number("--session-ttl", 60, 30 * 86400),
+                         default=8 * 3600, help="seconds a login lasts (default 28800)")
+    console.add_argument("--warmup", type=number("--warmup", 0, 3600, low_inclusive=True), default=0.0,
                          help="consumers' warm-up in seconds: younger live nodes are marked (default 0)")
     console_sub = console.add_subparsers(dest="console_action", metavar="ACTION")
     user = console_sub.add_parser("user", help="add or remove console users (MySQL console_users)")
@@ -273,10 +279,41 @@ def _print_stack(status):
                         ("pid", "PID")])
 
 
+def _config_value(args):
+    """The JSON text of `probe config set`: the argument, or with `-` standard input,
+    or with `--file PATH` (or `@PATH`: no JSON text starts with @) a file; at most
+    MAX_VALUE_BYTES (one more byte is read to tell)."""
+    from .configcenter import MAX_VALUE_BYTES
+    if args.file is not None and args.value is not None:
+        raise InvalidArgument("give the value as an argument, as - (standard input) or with "
+                              "--file PATH, not two of them")
+    if args.file is None and args.value is None:
+        raise InvalidArgument("give the value: as JSON text, as - to read standard input, or "
+                              "with --file PATH")
+    if args.file is None and args.value.startswith("@") and len(args.value) > 1:
+        args.file = args.value[1:]
+    elif args.file is None and args.value != "-":
+        return args.value
+    try:
+        if args.file is None:
+            data = sys.stdin.buffer.read(MAX_VALUE_BYTES + 1)
+        else:
+            with open(args.file, "rb") as handle:
+                data = handle.read(MAX_VALUE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidArgument("cannot read the value from %s: %s" % (
+            "standard input" if args.file is None else repr(args.file), exc.strerror or exc))
+    if len(data) > MAX_VALUE_BYTES:
+        raise InvalidConfigValue("config value is over the limit of %d bytes (1 MiB less 1 KiB "
+                                 "for the znode path)" % MAX_VALUE_BYTES)
+    return data.rstrip(b"\r\n")  # a file's or a heredoc's last newline is not part of it
+
+
 def cmd_config(args):
+    value = _config_value(args) if args.action == "set" else None  # before any connection
     with _admin(args) as admin:
         if args.action == "set":
-            change = admin.set_config_json(args.appkey, args.key, args.value, by=args.by)
+            change = admin.set_config_json(args.appkey, args.key, value, by=args.by)
         elif args.action == "delete":
             change = admin.delete_config(args.appkey, args.key, by=args.by)
         elif args.action == "rollback":
@@ -336,15 +373,19 @@ def _add_config_commands(sub):
         if action not in ("list", "restore"):
             one.add_argument("key")
         if action == "set":
-            one.add_argument("value", help="JSON, e.g. 42, '\"text\"', '[1, 2]', '{\"a\": 1}'")
+            one.add_argument("value", nargs="?",
+                             help="JSON, e.g. 42, '\"text\"', '[1, 2]', '{\"a\": 1}'; - reads it "
+                                  "from standard input (up to 1 MiB)")
+            one.add_argument("--file", metavar="PATH",
+                             help="read the JSON value from a file (also: @PATH as the value)")
         if action == "rollback":
-            one.add_argument("version", type=int)
+            one.add_argument("version", type=whole_number("version", 1, 2 ** 63 - 1))
         if action in ("set", "delete", "rollback", "restore"):
             one.add_argument("--by", help="who makes the change (default: the OS user)")
         if action in ("list", "history"):
             one.add_argument("--json", action="store_true")
         if action == "history":
-            one.add_argument("--limit", type=int, default=100)
+            one.add_argument("--limit", type=whole_number("--limit", 1, MAX_LIST_LIMIT), default=100)
     config.set_defaults(func=cmd_config)
 
 
@@ -394,14 +435,14 @@ def build_parser():
 
     audit = sub.add_parser("audit", help="list governance changes")
     audit.add_argument("appkey", nargs="?")
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--limit", type=whole_number("--limit", 1, MAX_LIST_LIMIT), default=50)
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(func=cmd_audit)
 
     stats = sub.add_parser("stats", help="calls, errors and latency per method and node")
     stats.add_argument("appkey")
     stats.add_argument("service", nargs="?")
-    stats.add_argument("--minutes", type=float, default=5)
+    stats.add_argument("--minutes", type=number("--minutes", 0, 24 * 60), default=5)
     stats.add_argument("--side", choices=("server", "client"), default="server")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
@@ -431,9 +472,41 @@ def build_parser():
     return parser
 
 
+def whole_number(name: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number low..high in ASCII digits, else InvalidArgument."""
+    def parse(text: str) -> int:
+        stripped = text.strip()
+        digits = stripped[1:] if stripped.startswith("-") else stripped
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 20 \
+                or not low <= int(stripped) <= high:
+            raise InvalidArgument("bad %s %r: give a whole number %d..%d" % (name, text, low, high))
+        return int(stripped)
+    return parse
+
+
+def number(name: str, low: float, high: float,
+           low_inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in (low, high] (or [low, high]), else InvalidArgument."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text) if text.strip().isascii() and len(text) <= 32 else None
+        except ValueError:
+            value = None
+        if value is None or value != value or not (low <= value if low_inclusive else low < value) \
+                or value > high:
+            raise InvalidArgument("bad %s %r: give a number %s %g and <= %g" % (
+                name, text, ">=" if low_inclusive else ">", low, high))
+        return value
+    return parse
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ProbeError as exc:  # a bad numeric argument (argparse calls its type)
+        print("probe: %s: %s" % (exc.__class__.__name__, exc), file=sys.stderr)
+        return 2
     if args.verbose:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -445,6 +518,14 @@ def main(argv=None):
     except ProbeError as exc:
         print("probe: %s: %s" % (exc.__class__.__name__, exc), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback (it names internals): --verbose logs it
+        if args.verbose:
+            logging.getLogger("probe.cli").error("unexpected error", exc_info=True)
+        print("probe: unexpected %s; run with --verbose for details" % type(exc).__name__,
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,14 +32,12 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from . import naming
 from .errors import ComponentUnavailable, ConfigUnavailable, InvalidConfigValue
+from .governance.configvalue import MAX_VALUE_BYTES, canonical_text, parse_value
 from .registry import release_zookeeper, shared_zookeeper
 from .settings import load_settings
 
 log = logging.getLogger("probe.configcenter")
 
-# ZooKeeper refuses a request larger than its jute.maxbuffer (1 MiB by default),
-# path included: 1 KiB of that is left for the path and the request's header.
-MAX_VALUE_BYTES = 1024 * 1024 - 1024
 MAX_KEYS = 10000                 # keys watched per appkey; more are ignored, with a warning
 MAX_BACKUP_BYTES = 256 * 1024 * 1024
 DEFAULT_RESYNC_INTERVAL = 15 * 60.0   # seconds
@@ -48,64 +46,8 @@ BACKUP_DELAY = 0.5  # seconds from a change to its backup write (one write per b
 _ZK_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
 
 
-# -- values ------------------------------------------------------------------------
-
-def _refuse_constant(name):
-    raise ValueError("%s is not JSON" % name)
-
-
-def parse_value(raw):
-    """(value, canonical text) of a JSON value given as text or bytes.
-
-    Raises InvalidConfigValue naming what is wrong: too big, not UTF-8, not JSON
-    (NaN and Infinity are not JSON), or nested too deep to parse.
-    """
-    if isinstance(raw, str):
-        data = raw.encode("utf-8")
-    elif isinstance(raw, (bytes, bytearray)):
-        data = bytes(raw)
-    else:
-        raise InvalidConfigValue("config value must be JSON text, got %s" % type(raw).__name__)
-    if len(data) > MAX_VALUE_BYTES:
-        raise InvalidConfigValue("config value is %d bytes; the limit is %d bytes (1 MiB less "
-                                 "1 KiB for the znode path): keep big data elsewhere and put its "
-                                 "location in the config" % (len(data), MAX_VALUE_BYTES))
-    try:
-        text = data.decode("utf-8")
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except UnicodeDecodeError:
-        raise InvalidConfigValue("config value is not UTF-8 text")
-    except RecursionError:
-        raise InvalidConfigValue("config value is nested too deeply to parse")
-    except ValueError as exc:
-        raise InvalidConfigValue("config value %s is not valid JSON (%s): quote strings, e.g. "
-                                 "'\"text\"', and write numbers, true/false/null, [...] or {...} "
-                                 "as JSON" % (_preview(text), exc))
-    return value, canonical_text(value)
-
-
-def canonical_text(value):
-    """The one JSON spelling of `value` that probe stores and compares."""
-    if value is None:
-        # A callback's `new` is None for a deleted key: a null value would look the same.
-        raise InvalidConfigValue("null is not a config value: delete the key instead "
-                                 "(`probe config delete`)")
-    try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
-                          allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidConfigValue("config value %r cannot be written as JSON: %s"
-                                 % (_preview(repr(value)), exc))
-    if len(text.encode("utf-8")) > MAX_VALUE_BYTES:
-        raise InvalidConfigValue("config value is larger than the limit of %d bytes as JSON: keep "
-                                 "big data elsewhere and put its location in the config"
-                                 % MAX_VALUE_BYTES)
-    return text
-
-
-def _preview(text, limit=80):
-    text = str(text)
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+# -- values: one validator for writers and readers (probe.governance.configvalue) --
+__all__ = ["MAX_VALUE_BYTES", "parse_value", "canonical_text", "LiveConfig", "live_config"]
 
 
 def default_backup_dir():

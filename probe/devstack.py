@@ -472,6 +472,15 @@ class _Server:
             time.sleep(_POLL_INTERVAL)
 
 
+def _netty_jars() -> List[str]:
+    """The Netty jars ZooKeeper's secure port needs (Debian's libnetty-java)."""
+    found = [os.path.join("/usr/share/java", "netty-%s.jar" % part) for part in (
+        "buffer", "codec", "common", "handler", "resolver", "transport",
+        "transport-native-epoll", "transport-native-unix-common")]
+    return [path for path in found if os.path.isfile(path)] or (
+        ["/usr/share/java/netty-all.jar"] if os.path.isfile("/usr/share/java/netty-all.jar") else [])
+
+
 class _ZooKeeperServer(_Server):
     """A standalone ZooKeeper server (probe.testing adds ensemble members)."""
 
@@ -480,10 +489,33 @@ class _ZooKeeperServer(_Server):
     # (recovery when an ACL names lost credentials). Digest auth itself needs no
     # server setting.
     super_digest = None  # type: Optional[str]
+    # Set for a secured stack: (ca, cert, key) PEM paths, and the port of ZooKeeper's
+    # secure client port (Netty, TLS with client certificates). The plain clientPort
+    # stays for the health check; probe's config names the secure one.
+    tls = None  # type: Optional[Tuple[str, str, str]]
+    secure_port = None  # type: Optional[int]
 
     @property
     def config_path(self) -> str:
         return os.path.join(self.home, "zoo.cfg")
+
+    @property
+    def keystore_path(self) -> str:
+        return os.path.join(self.home, "keystore.pem")
+
+    def ports(self) -> List[int]:
+        return [self.port] + ([self.secure_port] if self.tls and self.secure_port else [])
+
+    def record(self) -> dict:
+        record = super().record()
+        if self.secure_port:
+            record["secure_port"] = self.secure_port
+        return record
+
+    def restore(self, record: dict) -> None:
+        super().restore(record)
+        if isinstance(record.get("secure_port"), int) and self.secure_port is None:
+            self.secure_port = record["secure_port"]
 
     def check_installed(self) -> None:
         if _find_binary(SERVER_BINARIES["java"]) is None:
@@ -496,6 +528,12 @@ class _ZooKeeperServer(_Server):
 
     def prepare(self) -> None:
         super().prepare()
+        if self.tls:
+            # ZooKeeper reads a PEM key store (ssl.keyStore.type=PEM): key and chain in
+            # one file, so no keytool and no PKCS12 conversion are needed.
+            with open(self.tls[2], "rb") as key, open(self.tls[1], "rb") as cert:
+                _write_file(self.keystore_path, (key.read() + b"\n" + cert.read()).decode("ascii"),
+                            private=True)
         _write_file(self.config_path, "\n".join(self.config_lines()) + "\n")
 
     def config_lines(self) -> List[str]:
@@ -514,6 +552,22 @@ class _ZooKeeperServer(_Server):
             # Tests open many sessions from 127.0.0.1; the default cap is 60.
             "maxClientCnxns=0",
             "4lw.commands.whitelist=ruok,srvr,stat,mntr,cons,dump,wchs,conf",
+        ] + self._tls_lines()
+
+    def _tls_lines(self) -> List[str]:
+        if not (self.tls and self.secure_port):
+            return []
+        return [
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+            "secureClientPort=%d" % self.secure_port,
+            "secureClientPortAddress=%s" % self.host,
+            "ssl.keyStore.location=%s" % self.keystore_path,
+            "ssl.keyStore.type=PEM",
+            "ssl.trustStore.location=%s" % self.tls[0],
+            "ssl.trustStore.type=PEM",
+            "ssl.clientAuth=need",
+            # Clients connect by IP from loopback: their certificates name no host.
+            "ssl.hostnameVerification=false",
         ]
 
     def command(self) -> List[str]:
@@ -522,6 +576,8 @@ class _ZooKeeperServer(_Server):
             classpath.append(SLF4J_SIMPLE_JAR)
         if os.path.isdir(ZOOKEEPER_CONF_DIR):
             classpath.append(ZOOKEEPER_CONF_DIR)
+        if self.tls:
+            classpath.extend(_netty_jars())
         return [
             _find_binary(SERVER_BINARIES["java"]) or "java",
             "-Xmx256m",
@@ -829,6 +885,9 @@ class Stack(_Recorded):
                     "before moving it to port %d" % (name, entry["port"], entry["pid"],
                                                      self.state_dir, chosen[name]))
         self._restore(record)
+        zookeeper = self._servers["zookeeper"]
+        if self.secure and not zookeeper.secure_port:  # type: ignore[attr-defined]
+            zookeeper.secure_port = _free_ports(1, avoid=list(chosen.values()))[0]  # type: ignore
 
     def __repr__(self) -> str:
         return "Stack(%r, ports=%r, env=%r%s)" % (self.state_dir, self.ports, self.env,
@@ -860,6 +919,7 @@ class Stack(_Recorded):
         from kazoo.security import make_digest_acl_credential
         zookeeper.super_digest = make_digest_acl_credential(  # type: ignore[attr-defined]
             "super", stored["zookeeper_super"])
+        zookeeper.tls = (certs.ca, certs.server.cert, certs.server.key)  # type: ignore
         redis_server = self._servers["redis"]
         redis_server.tls = (certs.ca, certs.server.cert, certs.server.key)  # type: ignore
         redis_server.client_pair = tuple(certs.client)  # type: ignore[attr-defined]
@@ -956,6 +1016,12 @@ class Stack(_Recorded):
             ssl_ca_certs=certs.ca, ssl_certfile=certs.client.cert,
             ssl_keyfile=certs.client.key)
         config["zkserver"][env]["auth"] = "%s:%s" % (SECURE_USER, self._secrets["zookeeper"])
+        zookeeper = self._servers["zookeeper"]
+        if zookeeper.secure_port:  # type: ignore[attr-defined]
+            # The digest password only over TLS: the secure client port, kazoo's use_ssl.
+            config["zkserver"][env].update(
+                port=zookeeper.secure_port, use_ssl=True, ca=certs.ca,  # type: ignore
+                certfile=certs.client.cert, keyfile=certs.client.key)
         # One certificate for both ends (it is made for server and client use); the
         # consumer-only pair rpc-consumer*.pem sits beside it for a second config.
         config["rpc_tls"] = {env: {"ca": certs.rpc_ca, "cert": certs.rpc_provider.cert,

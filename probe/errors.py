@@ -101,3 +101,7 @@ class ZooKeeperAuthFailed(ComponentUnavailable):
 class RegisterError(ProbeError):
     """A `probe register` argument is unusable (a check method, an interval, ...);
     nothing was written."""
+
+
+class InvalidArgument(ProbeError):
+    """A command-line or API argument is not a number, or out of its range."""

@@ -15,7 +15,7 @@ import random
 import tempfile
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (BadVersionError, KazooException, NoAuthError, NoNodeError,
@@ -49,17 +49,21 @@ class ZooKeeper(object):
     """
 
     def __init__(self, hosts: str, session_timeout: float = 6.0,
-                 auth: Optional[str] = None) -> None:
+                 auth: Optional[str] = None, tls: Optional[Any] = None) -> None:
         self.hosts = hosts
         self.session_timeout = float(session_timeout)
         # Digest credentials "user:password": every znode this session creates gets
         # zkacl.znode_acl(auth) (kazoo's default_acl, also for makepath/ensure_path).
-        self.share_key = (hosts, zkacl.digest_id(auth) if auth else None)
+        # `tls` (settings.ZooKeeperTls): kazoo's use_ssl, so the digest never crosses
+        # the wire in clear.
+        self.share_key = (hosts, zkacl.digest_id(auth) if auth else None, tls)
+        tls_options = tls.kazoo_options() if tls is not None else {}
         self.client = KazooClient(
             hosts=hosts, timeout=self.session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_delay=1.0),
             command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
-            logger=zkacl.kazoo_logger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth))
+            logger=zkacl.kazoo_logger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth),
+            **tls_options)
         self._callbacks = []
         self._reconnect_callbacks = []
         self._callbacks_lock = threading.Lock()
@@ -232,7 +236,8 @@ def shared_zookeeper(zk_settings, timeout: float = 3.0, keep_trying: bool = Fals
     """The process's one ZooKeeper session for these hosts, started on first use.
     Pair every call with `release_zookeeper`."""
     auth = getattr(zk_settings, "auth", None)
-    key = (zk_settings.hosts, zkacl.digest_id(auth) if auth else None)
+    tls = getattr(zk_settings, "tls", None)
+    key = (zk_settings.hosts, zkacl.digest_id(auth) if auth else None, tls)
     with _shared_lock:
         entry = _shared.get(key)
         if entry is not None and not keep_trying and not entry[0].connected:
@@ -242,7 +247,7 @@ def shared_zookeeper(zk_settings, timeout: float = 3.0, keep_trying: bool = Fals
                 raise ComponentUnavailable("ZooKeeper at %s did not answer within %.1f s"
                                            % (zk_settings.hosts, timeout))
         if entry is None:
-            zk = ZooKeeper(zk_settings.hosts, zk_settings.session_timeout, auth=auth)
+            zk = ZooKeeper(zk_settings.hosts, zk_settings.session_timeout, auth=auth, tls=tls)
             if zk.start(timeout, keep_trying=keep_trying):
                 try:
                     zkacl.check_credentials(zk.client, auth, zk_settings.hosts)

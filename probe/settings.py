@@ -74,10 +74,25 @@ class RedisSettings(NamedTuple):
                     self.ssl_certfile, self.ssl_keyfile))
 
 
+class ZooKeeperTls(NamedTuple):
+    """`zkserver.<env>` TLS keys, kazoo's KazooClient names: `use_ssl` (bool), `ca`,
+    `certfile`, `keyfile` (PEM paths; the pair when the server wants client
+    certificates), `verify_certs` (default true)."""
+    ca: Optional[str] = None
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
+    verify_certs: bool = True
+
+    def kazoo_options(self) -> dict:
+        return {"use_ssl": True, "ca": self.ca, "certfile": self.certfile,
+                "keyfile": self.keyfile, "verify_certs": self.verify_certs}
+
+
 class ZooKeeperSettings(NamedTuple):
     hosts: str
     session_timeout: float
     auth: Optional[str] = None  # "user:password" for ZooKeeper's digest scheme
+    tls: Optional[ZooKeeperTls] = None  # None: plain TCP
 
     @property
     def auth_user(self):
@@ -85,9 +100,9 @@ class ZooKeeperSettings(NamedTuple):
         return self.auth.split(":", 1)[0] if self.auth else None
 
     def __repr__(self):
-        return "ZooKeeperSettings(hosts=%r, session_timeout=%r, auth=%s)" % (
+        return "ZooKeeperSettings(hosts=%r, session_timeout=%r, auth=%s, tls=%r)" % (
             self.hosts, self.session_timeout,
-            None if self.auth is None else repr("%s:%s" % (self.auth_user, HIDDEN)))
+            None if self.auth is None else repr("%s:%s" % (self.auth_user, HIDDEN)), self.tls)
 
 
 class RpcTls(NamedTuple):
@@ -246,7 +261,35 @@ class Settings(object):
             raise ConfigError("config %s: 'zkserver.%s.auth' must be \"user:password\" (a user "
                               "without ':' or spaces, then a password without spaces)"
                               % (self.path, self.env))
-        return ZooKeeperSettings(hosts, float(timeout), auth)
+        return ZooKeeperSettings(hosts, float(timeout), auth, self._zookeeper_tls(section))
+
+    def _zookeeper_tls(self, section):
+        """ZooKeeperTls from `use_ssl`, `ca`, `certfile`, `keyfile`, `verify_certs`."""
+        use_ssl = section.get("use_ssl", False)
+        if use_ssl not in (True, False, 0, 1) or isinstance(use_ssl, float):
+            raise ConfigError("config %s: 'zkserver.%s.use_ssl' must be true or false, got %r"
+                              % (self.path, self.env, use_ssl))
+        paths = {key: self._pem_path("zkserver", section, key) for key in ("ca", "certfile", "keyfile")}
+        verify = section.get("verify_certs", True)
+        if verify not in (True, False):
+            raise ConfigError("config %s: 'zkserver.%s.verify_certs' must be true or false, got "
+                              "%r" % (self.path, self.env, verify))
+        if not use_ssl:
+            given = [key for key, path in paths.items() if path]
+            if given:
+                raise ConfigError("config %s: 'zkserver.%s' names %s but not 'use_ssl: true': "
+                                  "set use_ssl to talk TLS to ZooKeeper's secure port, or drop "
+                                  "them" % (self.path, self.env, ", ".join(given)))
+            return None
+        if bool(paths["certfile"]) != bool(paths["keyfile"]):
+            raise ConfigError("config %s: 'zkserver.%s' needs both certfile and keyfile (a "
+                              "client certificate and its key), or neither"
+                              % (self.path, self.env))
+        if verify and not paths["ca"]:
+            raise ConfigError("config %s: 'zkserver.%s.use_ssl' needs 'ca' (the PEM file of "
+                              "the CA that signed ZooKeeper's certificate) to verify the server"
+                              % (self.path, self.env))
+        return ZooKeeperTls(paths["ca"], paths["certfile"], paths["keyfile"], bool(verify))
 
     @property
     def rpc_tls(self):

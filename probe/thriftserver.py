@@ -29,6 +29,15 @@ worker checks `pending()` (bytes OpenSSL has decrypted but not yet handed out)
 before it polls the socket or parks the connection, because epoll only sees the
 raw socket.
 
+Replies. A worker sends a reply without waiting (MSG_DONTWAIT, or a non-blocking
+TLS socket). What a peer does not take parks the connection for EPOLLOUT with a
+write deadline (`read_timeout` from the reply) and is sent as the peer reads, by
+whichever worker the selector hands it to; while a reply is pending nothing more
+is read from that connection. The unsent replies of all connections are bounded
+(PARKED_REPLY_FACTOR × max_message_bytes); past that, or past the deadline, the
+connection is closed. So a caller that never reads pins no worker (Netty and
+Thrift's selector servers do the same).
+
 An undeclared handler exception becomes a TApplicationException INTERNAL_ERROR
 reply that names the service and method only (its text may hold secrets); the
 traceback is logged here with the method and the peer.
@@ -88,6 +97,13 @@ REPLY = TMessageType.REPLY
 _new_thread = threading.Thread  # a seam for the test of thread exhaustion
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 _FRAME_LENGTH = struct.Struct("!i")
+# A reply the peer has not taken waits for writability (not RDHUP: a half-closed
+# peer may still read, and RDHUP would wake us again at once).
+_WRITE = select.EPOLLOUT | select.EPOLLONESHOT
+SEND_CHUNK = 256 * 1024  # one TLS write: a retry after "want write" repeats at most this
+# The unsent reply bytes all parked connections may hold together, as a multiple of
+# max_message_bytes (a connection holds at most one reply: it is not read meanwhile).
+PARKED_REPLY_FACTOR = 16
 
 
 class _Connection(object):
@@ -97,7 +113,7 @@ class _Connection(object):
 
     __slots__ = ("sock", "fd", "peer", "host", "buf", "scanner", "message_deadline",
                  "deadline", "parked", "calling", "closed", "tls", "poller", "handshaking",
-                 "record_deadline", "framed")
+                 "record_deadline", "framed", "out")
 
     def __init__(self, sock, address, tls=False):
         self.sock = sock
@@ -119,6 +135,9 @@ class _Connection(object):
         self.handshaking = False
         self.record_deadline = 0.0
         self.framed = False
+        # The part of a reply the peer has not taken yet (None: nothing pending); the
+        # connection then waits for writability, not for requests.
+        self.out = None
         if tls:
             self.poller = select.poll()
             self.poller.register(self.fd, select.POLLIN)
@@ -189,6 +208,8 @@ class ThriftServer(object):
         self._idle_workers = []  # one item per worker waiting for work (append/pop are atomic)
         self._queue = SimpleQueue()
         self._accept_paused_until = 0.0
+        self._parked_reply_bytes = 0  # sum of len(conn.out) over connections
+        self.max_parked_reply_bytes = PARKED_REPLY_FACTOR * max_message_bytes
         self._sweep_every = max(0.02, min(1.0, self.read_timeout / 4, self.idle_timeout / 4))
 
     # -- lifecycle -----------------------------------------------------------
@@ -248,9 +269,12 @@ class ThriftServer(object):
         while True:
             # Count first: a call that ends between the count and the pass below is
             # then still shut down by this pass, not left open after we return.
+            # A reply still being taken by its peer counts as a call in flight.
             inflight = self.inflight
             for conn in list(self._connections.values()):
-                if not conn.calling:
+                if conn.out is not None:
+                    inflight += 1
+                elif not conn.calling:
                     _shutdown(conn.sock)
             if inflight == 0 or time.monotonic() >= deadline:
                 return inflight
@@ -397,7 +421,10 @@ class ThriftServer(object):
                     expired.append(conn)
         for conn in expired:
             self.timed_out += 1
-            if conn.handshaking:
+            if conn.out is not None:
+                self._warn(conn, "reply not taken within read_timeout=%gs (%d bytes left)"
+                           % (self.read_timeout, len(conn.out)))
+            elif conn.handshaking:
                 self.protocol_errors += 1
                 self._warn(conn, "TLS handshake not complete within read_timeout=%gs"
                            % self.read_timeout)
@@ -462,6 +489,12 @@ class ThriftServer(object):
         tls = conn.tls
         if tls and conn.handshaking and not self._handshake(conn):
             return
+        if conn.out is not None:  # woken because the peer can take more of its reply
+            sent = self._flush(conn, conn.out, conn.deadline)
+            if not sent:
+                if sent is False:
+                    self._close(conn)
+                return
         buf = conn.buf
         scanner = conn.scanner
         monotonic = time.monotonic
@@ -487,10 +520,14 @@ class ThriftServer(object):
                         message, buf = buf, b""
                     else:
                         message, buf = bytes(buf[skip:end]), buf[end:]
+                    conn.buf = buf  # before the reply: once parked, another worker may take it
                     # thriftpy2's compact protocol is pure Python and keeps decode
                     # state: a fresh one per message on the worker's buffer.
                     proto = TCompactProtocol(membuf) if scanner.compact else protocol
-                    if not self._call(conn, proto, membuf, message, counter) or self._draining:
+                    answered = self._call(conn, proto, membuf, message, counter)
+                    if answered is None:  # parked until the peer reads its reply
+                        return
+                    if not answered or self._draining:
                         self._close(conn)
                         return
                     continue
@@ -548,13 +585,10 @@ class ThriftServer(object):
                     self._park(conn)
                 return False
             except ssl.SSLWantWriteError:
-                # Our own flight does not fit the socket buffer (rare: a few KB). Wait
-                # here, bounded by the handshake's deadline.
-                if not _wait_writable(conn.fd, conn.record_deadline - time.monotonic()):
-                    self.timed_out += 1
-                    self._close(conn)
-                    return False
-                continue
+                # Our own flight does not fit the socket buffer (a peer with a tiny
+                # window): wait in the epoll set, by the handshake's deadline.
+                self._park(conn, _WRITE, conn.record_deadline)
+                return False
             except (ssl.SSLError, OSError, ValueError, AttributeError) as exc:
                 # A plaintext client, no certificate, one from another CA, garbage.
                 if not conn.closed:
@@ -601,42 +635,69 @@ class ThriftServer(object):
                 self._warn(conn, "TLS error (%s)" % _tls_reason(exc))
             raise OSError("TLS connection failed") from exc
 
-    def _send_tls(self, conn, data):
-        """`sendall` for a non-blocking TLS socket: a peer that does not take its reply
-        within read_timeout is dropped, as SO_SNDTIMEO does for plain sockets.
-        Raises OSError on failure."""
+    def _flush(self, conn, data, deadline=None):
+        """Send what the peer takes of `data` without waiting. True: all sent; None:
+        the rest is parked until the socket is writable, by `deadline` (None: a new
+        reply, read_timeout from now); False: the connection failed, or the unsent
+        replies of all connections would pass max_parked_reply_bytes: close it.
+        (A connection holds at most one unsent reply: it is not read meanwhile.)"""
         sock = conn.sock
-        view = memoryview(data)
-        deadline = None
+        sent = 0
         try:
-            while view:
-                try:
-                    sent = sock.send(view)
-                except ssl.SSLWantWriteError:
-                    if deadline is None:
-                        deadline = time.monotonic() + self.read_timeout
-                    if not _wait_writable(conn.fd, deadline - time.monotonic()):
-                        raise socket.timeout("reply not taken within read_timeout")
-                    continue
-                view = view[sent:]
-        except (ssl.SSLError, ValueError, AttributeError) as exc:
-            raise OSError("TLS send failed: %s" % exc) from exc
-        finally:
-            view.release()
+            if not conn.tls:  # the common case: one syscall, as sendall would
+                sent = sock.send(data, socket.MSG_DONTWAIT)
+                if sent == len(data) and conn.out is None:
+                    return True
+            view = memoryview(data)
+            try:
+                while sent < len(view):
+                    if conn.tls:  # an SSL retry must repeat the same bytes: one chunk at a time
+                        sent += sock.send(view[sent:sent + SEND_CHUNK])
+                    else:
+                        sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
+            finally:
+                view.release()
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            pass
+        except (OSError, ValueError, AttributeError):  # ssl.SSLError is an OSError
+            return False
+        if conn.out is not None:
+            self._set_out(conn, None)
+        if sent == len(data):
+            return True
+        rest = data[sent:] if sent else data
+        if self._parked_reply_bytes + len(rest) > self.max_parked_reply_bytes:
+            self._warn(conn, "peer does not read its reply (%d bytes left; the unsent replies "
+                             "of all connections are at their bound)" % len(rest))
+            return False
+        self._set_out(conn, rest)
+        self._park(conn, _WRITE, deadline or time.monotonic() + self.read_timeout)
+        return None
 
-    def _park(self, conn):
-        """Give the connection back to the selector until it is readable again."""
-        if self._draining:
+    def _set_out(self, conn, data):
+        with self._lock:
+            if conn.out is not None:
+                self._parked_reply_bytes -= len(conn.out)
+            conn.out = data
+            if data is not None:
+                self._parked_reply_bytes += len(data)
+
+    def _park(self, conn, events=_READ, deadline=None):
+        """Give the connection back to the selector until it is readable again (or,
+        with `events=_WRITE`, writable) or `deadline` passes."""
+        if self._draining and events == _READ:
             self._close(conn)
             return
-        conn.deadline = (conn.message_deadline if conn.buf else
-                         conn.record_deadline or time.monotonic() + self.idle_timeout)
+        if deadline is None:
+            deadline = (conn.message_deadline if conn.buf else
+                        conn.record_deadline or time.monotonic() + self.idle_timeout)
+        conn.deadline = deadline
         with self._lock:
             if conn.closed:
                 return
             conn.parked = True
             try:
-                self._epoll.modify(conn.fd, _READ)
+                self._epoll.modify(conn.fd, events)
             except (OSError, ValueError):
                 conn.parked = False
                 conn.closed = True
@@ -658,6 +719,8 @@ class ThriftServer(object):
         _shutdown(conn.sock)
         conn.sock.close()
         conn.buf = b""
+        if conn.out is not None:
+            self._set_out(conn, None)
 
     def _warn(self, conn, reason):
         self.peer_warnings.warn(conn.host, "protocol error from %s: %s; closing the connection "
@@ -749,18 +812,13 @@ class ThriftServer(object):
         return self._send(conn, membuf)
 
     def _send(self, conn, membuf):
+        """Send a reply without waiting for the peer: True sent, None parked for
+        writability (the connection now belongs to the selector), False close."""
         data = membuf.getvalue()
         membuf.clean()
         if conn.framed:  # the caller's dialect: a framed call gets a framed reply
             data = _FRAME_LENGTH.pack(len(data)) + data
-        try:
-            if conn.tls:
-                self._send_tls(conn, data)
-            else:
-                conn.sock.sendall(data)  # SO_SNDTIMEO: a peer not reading gets read_timeout
-        except OSError:
-            return False
-        return True
+        return self._flush(conn, data)
 
 
 def _invoker(spec, func):
@@ -794,18 +852,6 @@ def _shutdown(sock):
         _raw_shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-def _wait_writable(fd, seconds):
-    """True once `fd` can take bytes, False after `seconds`."""
-    if seconds <= 0:
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    try:
-        return bool(poller.poll(seconds * 1000))
-    except OSError:
-        return False
 
 
 def _tls_reason(exc):

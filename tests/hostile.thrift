@@ -1,4 +1,4 @@
-// A test-only service for the hostile-input tests (tests/test_hostile_server.py).
+// A test-only service for the hostile-input tests (tests/test_hostile_server.py, tests/test_hostile_listeners.py).
 
 struct Node {
     1: optional Node child
@@ -8,4 +8,5 @@ service HostileService {
     string say();
     string boom(1: string text);
     i32 depth(1: Node node);
+    string echo(1: string text);
 }

@@ -430,7 +430,8 @@ def test_a_bad_pem_refuses_the_start_before_anything_is_registered(appkey, confi
                       config_path=write_config(tmp_path / "missing.yml", config, missing), env=ENV)
     assert "nowhere.pem" in str(raised.value)
     from kazoo.client import KazooClient
-    zk = KazooClient(hosts=settings.zookeeper.hosts)
+    tls = settings.zookeeper.tls  # the secured stack's ZooKeeper speaks TLS
+    zk = KazooClient(hosts=settings.zookeeper.hosts, **(tls.kazoo_options() if tls else {}))
     zk.start(10)
     try:
         parent = naming.appkey_path(ENV, appkey)

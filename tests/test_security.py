@@ -35,8 +35,14 @@ def secure_settings(secure_config):
     return load_settings(secure_config, ENV)
 
 
+def _zk_tls(settings):
+    """kazoo's TLS options when the config says use_ssl (the secured stack does)."""
+    tls = settings.zookeeper.tls
+    return tls.kazoo_options() if tls is not None else {}
+
+
 def anonymous_zookeeper(settings):
-    client = KazooClient(hosts=settings.zookeeper.hosts, timeout=5)
+    client = KazooClient(hosts=settings.zookeeper.hosts, timeout=5, **_zk_tls(settings))
     client.start(timeout=10)
     return client
 
@@ -71,7 +77,7 @@ def test_anonymous_client_reads_the_registry_but_cannot_change_it(
         anonymous.stop()
         anonymous.close()
     # Every znode probe made, parents included, carries the one ACL.
-    owner = KazooClient(hosts=secure_settings.zookeeper.hosts,
+    owner = KazooClient(hosts=secure_settings.zookeeper.hosts, **_zk_tls(secure_settings),
                         auth_data=[("digest", secure_settings.zookeeper.auth)])
     owner.start(timeout=10)
     try:
@@ -95,7 +101,7 @@ def test_config_center_znodes_carry_the_acl_and_anonymous_writes_are_refused(
     finally:
         cfg.close()
     parent = naming.config_appkey_path(ENV, secure_appkey)
-    owner = KazooClient(hosts=secure_settings.zookeeper.hosts,
+    owner = KazooClient(hosts=secure_settings.zookeeper.hosts, **_zk_tls(secure_settings),
                         auth_data=[("digest", secure_settings.zookeeper.auth)])
     owner.start(timeout=10)
     try:
@@ -224,7 +230,7 @@ def test_probe_zk_secure_migrates_an_open_registry(secure_config, secure_setting
     legacy_app = "s_legacy_%s" % uuid.uuid4().hex[:6]
     parent = naming.appkey_path(ENV, legacy_app)
     node = parent + "/DemoService_127.0.0.1_4321"
-    owner = KazooClient(hosts=secure_settings.zookeeper.hosts,
+    owner = KazooClient(hosts=secure_settings.zookeeper.hosts, **_zk_tls(secure_settings),
                         auth_data=[("digest", secure_settings.zookeeper.auth)])
     owner.start(timeout=10)
     anonymous = anonymous_zookeeper(secure_settings)

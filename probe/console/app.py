@@ -1,17 +1,20 @@
 """The console's Flask application and the WSGI server that runs it.
 
-Flask renders the pages and routes the requests; cheroot (CherryPy's production
-WSGI server, a bounded thread pool, TLS built in) serves them. Every change goes
+Flask renders the pages and routes the requests; probe.rpc.httpserver (a selector
+that parks connections until a whole request has arrived, h11 parsing, deadlines
+and connection caps; shared with /metrics) serves them. Every change goes
 through probe.admin.Admin, exactly as the CLI does.
 """
 
 import logging
 import os
 import threading
+from typing import Any, Callable, Optional
 
 from flask import Flask
 
 from ..admin import Admin
+from ..rpc.httpserver import BoundedHttpServer, HttpLimits, server_ssl_context
 from .auth import LoginThrottle
 from .users import UserStore
 
@@ -78,24 +81,23 @@ def _is_loopback(host):
         return host == "localhost"
 
 
-def _server_log(msg="", level=logging.INFO, traceback=False):
-    """cheroot's own messages (dropped clients, failed TLS handshakes) go to the
-    console's logger instead of straight to stderr."""
-    log.log(level, "server: %s", msg, exc_info=traceback)
+CONSOLE_LIMITS = HttpLimits(max_body_bytes=MAX_FORM_BYTES, workers=8)
 
 
 class ConsoleServer(object):
-    """The console behind cheroot: `start()` in a thread, or `serve_forever()`.
+    """The console on probe's bounded HTTP server: `start()` in a thread, or `serve_forever()`.
 
     :param bind: address to listen on (loopback by default: expose it on purpose)
     :param port: TCP port; 0 picks a free one (see `.port` after `start`)
     :param cert: PEM certificate path; with `key`, serve HTTPS only and mark cookies Secure
-    :param threads: request threads (each open request holds one)
+    :param threads: request threads (a request holds one only while the app runs)
+    :param limits: deadlines and caps of the listener (probe.rpc.httpserver.HttpLimits)
     """
 
-    def __init__(self, app=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, cert=None, key=None,
-                 threads=8, config_path=None, env=None, **options):
-        from cheroot import wsgi
+    def __init__(self, app: Optional[Flask] = None, bind: str = DEFAULT_BIND,
+                 port: int = DEFAULT_PORT, cert: Optional[str] = None, key: Optional[str] = None,
+                 threads: int = 8, config_path: Optional[str] = None, env: Optional[str] = None,
+                 limits: Optional[HttpLimits] = None, **options: Any) -> None:
         if bool(cert) != bool(key):
             from ..errors import ConfigError
             raise ConfigError("TLS needs both --cert and --key (got cert=%r key=%r)" % (cert, key))
@@ -104,49 +106,40 @@ class ConsoleServer(object):
             log.warning("serving plain HTTP on %s: passwords and session cookies would cross the "
                         "network in clear; serve TLS (--cert/--key) or put an HTTPS proxy in front",
                         bind)
+        context = server_ssl_context(cert, key) if self.tls else None
         if app is None:
             options.setdefault("secure_cookies", self.tls)
             app = create_app(config_path=config_path, env=env, **options)
         self.app = app
-        self.server = wsgi.Server((bind, int(port)), app, numthreads=int(threads),
-                                  server_name="probe-console", request_queue_size=32,
-                                  timeout=10, shutdown_timeout=2)
-        self.server.error_log = _server_log
-        if self.tls:
-            from cheroot.ssl.builtin import BuiltinSSLAdapter
-            self.server.ssl_adapter = BuiltinSSLAdapter(cert, key)
-        self._thread = None
+        limits = (limits or CONSOLE_LIMITS)._replace(workers=int(threads))
+        self.server = BoundedHttpServer(app, bind, int(port), context, limits,
+                                        server_name="probe-console")
+        self._bind = bind
 
     @property
-    def port(self):
-        return self.server.bind_addr[1]
+    def port(self) -> int:
+        return self.server.port
 
     @property
-    def url(self):
-        host = self.server.bind_addr[0]
+    def url(self) -> str:
+        host = self._bind
         host = "[%s]" % host if ":" in host else host
         return "%s://%s:%d" % ("https" if self.tls else "http", host, self.port)
 
-    def start(self):
-        """Bind and serve in a background thread; returns once the port is open."""
-        self.server.prepare()
-        self._thread = threading.Thread(target=self.server.serve, name="probe-console", daemon=True)
-        self._thread.start()
+    def start(self) -> "ConsoleServer":
+        """Serve in a background thread; the port is already open."""
+        self.server.start()
         return self
 
-    def serve_forever(self, on_ready=None):
-        """Bind, call `on_ready(url)`, serve until interrupted, then stop."""
-        self.server.prepare()
+    def serve_forever(self, on_ready: Optional[Callable[[str], Any]] = None) -> None:
+        """Call `on_ready(url)`, serve until interrupted, then stop."""
         if on_ready is not None:
             on_ready(self.url)
         try:
-            self.server.serve()
+            self.server.serve_forever()
         finally:
             self.stop()
 
-    def stop(self):
+    def stop(self) -> None:
         self.server.stop()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
         self.app.extensions["probe_console"].close()

@@ -8,6 +8,35 @@ per console process: a restart forgets it.
 import threading
 import time
 from collections import OrderedDict
+from typing import Optional
+from urllib.parse import urlsplit
+
+MAX_NEXT_LENGTH = 1024
+
+
+def throttle_key(username: str) -> str:
+    """The name a login is throttled on: case-folded, as users are stored, so case
+    variants of a locked name share its count."""
+    return username.casefold() if isinstance(username, str) else ""
+
+
+def same_site_path(target: object) -> Optional[str]:
+    """`target` if it is a path on this site to go to after login, else None.
+
+    Refused: anything not starting with one `/`, scheme-relative forms (`//host`),
+    backslashes (browsers read them as `/`), and every control character or space
+    (browsers drop tabs and newlines, so a tab between two slashes would become `//host`).
+    """
+    if not isinstance(target, str) or not target.startswith("/") or len(target) > MAX_NEXT_LENGTH:
+        return None
+    if target.startswith("//") or "\\" in target:
+        return None
+    if any(ord(char) <= 0x20 or 0x7f <= ord(char) <= 0x9f for char in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/") or parts.path.startswith("//"):
+        return None
+    return target
 
 
 class _Window(object):

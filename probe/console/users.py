@@ -41,6 +41,13 @@ def check_username(name):
     return name
 
 
+def normalize_username(name: str) -> str:
+    """The one identity of a user name: checked, then case-folded, so `Carol`, `CAROL`
+    and `carol` are one user everywhere (MySQL's collation already matches them
+    case-insensitively; the throttle and the sessions must agree with it)."""
+    return check_username(name).casefold()
+
+
 def check_role(role):
     if role not in ROLES:
         raise ConsoleUserError("bad role %r: use one of %s" % (role, ", ".join(ROLES)))
@@ -132,7 +139,7 @@ class UserStore(object):
     def add_user(self, username, password, role):
         """Create a user or replace the password and role of an existing one.
         Returns True if the user is new."""
-        check_username(username)
+        username = normalize_username(username)
         check_role(role)
         check_password(password)
         self.ensure_schema()
@@ -146,7 +153,7 @@ class UserStore(object):
 
     def remove_user(self, username):
         """Delete the user and end their sessions. True if the user existed."""
-        check_username(username)
+        username = normalize_username(username)
         self.ensure_schema()
         self._run("DELETE FROM console_sessions WHERE username = %s", (username,))
         return self._run("DELETE FROM console_users WHERE username = %s", (username,)) == 1
@@ -156,6 +163,7 @@ class UserStore(object):
         was wrong."""
         row = None
         if isinstance(username, str) and _USERNAME.fullmatch(username):
+            username = username.casefold()
             rows = self._run("SELECT password_hash, role FROM console_users WHERE username = %s",
                              (username,), fetch=True)
             row = rows[0] if rows else None
@@ -170,6 +178,7 @@ class UserStore(object):
     # -- sessions -----------------------------------------------------------
     def create_session(self, username, ttl):
         """A new session for `username` lasting `ttl` s: (cookie token, Session)."""
+        username = normalize_username(username)
         now = int(time.time())
         self._run("DELETE FROM console_sessions WHERE expires_at < %s", (now,))
         token = secrets.token_urlsafe(32)

@@ -22,6 +22,7 @@ from .. import naming
 from ..errors import ComponentUnavailable, ProbeError
 from ..registry import read_children_with_data
 from .figures import node_figures, service_series
+from .auth import same_site_path, throttle_key
 
 log = logging.getLogger("probe.console.views")
 
@@ -149,11 +150,8 @@ def _flash_probe_error(exc):
 
 
 def _safe_next(target):
-    """Only a local path is a place to go after login (no open redirect)."""
-    if isinstance(target, str) and target.startswith("/") and not target.startswith("//") \
-            and "\\" not in target and len(target) < 1024:
-        return target
-    return url_for("index")
+    """Only a same-site path is a place to go after login (no open redirect)."""
+    return same_site_path(target) or url_for("index")
 
 
 # -- login ------------------------------------------------------------------------
@@ -174,6 +172,7 @@ def login():
     password = request.form.get("password") or ""
     address = request.remote_addr or "?"
     next_page = _safe_next(request.form.get("next"))
+    username = throttle_key(username)  # one identity whatever the case
     wait = state.throttle.retry_after(username, address)
     if wait > 0:  # logged once, when the limit was reached
         log.debug("login for %r from %s refused: too many failed logins", username, address)

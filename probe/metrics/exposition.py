@@ -10,16 +10,20 @@ process.
 import logging
 import threading
 
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from ..errors import ProbeError
+from ..rpc.httpserver import BoundedHttpServer, HttpLimits, server_ssl_context
 from ..stats import BOUNDS, SIDES
 from .options import METRICS_ADDR_ENV, METRICS_PORT_ENV, tls_options
 from .recorder import add_cell
 
 log = logging.getLogger("probe.metrics")
+
+# A scrape is one small GET; replies may be large (many series).
+METRICS_LIMITS = HttpLimits(max_body_bytes=1024, workers=2)
 
 _LE = [floatToGoString(bound) for bound in BOUNDS] + ["+Inf"]
 
@@ -114,7 +118,12 @@ class HttpServers(object):
                 return MetricsEndpoint(self, (addr, port), entry[0])
             tls = tls_options()
             try:
-                httpd, _ = start_http_server(port, addr, **tls)
+                # prometheus_client's own server is a thread per connection with no
+                # deadline: /metrics runs on the bounded server the console uses.
+                context = server_ssl_context(tls["certfile"], tls["keyfile"],
+                                             tls.get("client_cafile")) if tls else None
+                httpd = BoundedHttpServer(make_wsgi_app(REGISTRY), addr, port, context,
+                                          METRICS_LIMITS, server_name="metrics").start()
             except OSError as exc:  # ssl.SSLError (a bad PEM file) too
                 raise ProbeError("cannot serve /metrics on %s:%s: %s (is another process using "
                                  "the port, or is the address not this host's? pick another "
