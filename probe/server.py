@@ -64,6 +64,61 @@ def raise_fd_limit(connections):
         log.warning("cannot raise the open-file limit: %s", exc)
 
 
+def node_zookeeper_settings(settings, session_timeout=None):
+    """The config's ZooKeeper settings, with a provider's own session timeout."""
+    if session_timeout:
+        return settings.zookeeper._replace(session_timeout=float(session_timeout))
+    return settings.zookeeper
+
+
+def check_stores(settings, appkey: str, connect_timeout: float) -> NodeStore:
+    """The first steps of every provider start (sync or asyncio): refuse an appkey
+    missing from MySQL, then reach Redis. Returns the node store. Blocking.
+
+    :param connect_timeout: seconds to reach each store."""
+    appkeys = AppkeyStore(settings.mysql, connect_timeout)
+    try:
+        appkeys.require(appkey)
+    finally:
+        appkeys.close()
+    store = NodeStore(settings.redis, settings.env, connect_timeout)
+    store.ping()
+    return store
+
+
+def advertised_host(settings, zk_settings, advertise_host: Optional[str] = None) -> str:
+    """The address a provider registers: the option, the config, else the outbound IP."""
+    return (advertise_host or settings.advertise_host
+            or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
+
+
+def register_node(zk_settings, store: NodeStore, connect_timeout: float, path: str, field: str,
+                  defaults: NodeSettings):
+    """Read (or create) the node's settings in Redis and create its ephemeral znode,
+    kept registered across sessions. Returns (zk, node settings, Registration);
+    on failure nothing is left registered and the ZooKeeper handle is released.
+    Blocking: an asyncio provider runs it in an executor."""
+    # ZooKeeper before the Redis default: a refused start writes nothing.
+    zk = shared_zookeeper(zk_settings, timeout=connect_timeout)
+    try:
+        node_settings = store.get_or_create(field, defaults)
+
+        def reload_settings():
+            try:
+                return store.get(field)
+            except (ProbeError, ValueError) as exc:
+                log.warning("cannot re-read %s from Redis (%s): keeping the last known "
+                            "settings", field, exc)
+                return None
+
+        registration = Registration(zk, path, node_settings, reload_settings)
+        registration.register()
+    except BaseException:
+        release_zookeeper(zk)
+        raise
+    return zk, node_settings, registration
+
+
 class Provider(object):
     """One governed thrift service in this process. `start()` returns once the node is
     registered and serving; `stop()` shuts it down gracefully; `wait()` blocks.
@@ -175,18 +230,9 @@ class Provider(object):
 
     def start(self):
         settings = self.settings
-        zk_settings = settings.zookeeper
-        if self.session_timeout:
-            zk_settings = zk_settings._replace(session_timeout=float(self.session_timeout))
-        appkeys = AppkeyStore(settings.mysql, self.connect_timeout)
-        try:
-            appkeys.require(self.appkey)
-        finally:
-            appkeys.close()
-        store = NodeStore(settings.redis, self.env, self.connect_timeout)
-        store.ping()
-        self.host = (self.advertise_host or settings.advertise_host
-                     or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
+        zk_settings = node_zookeeper_settings(settings, self.session_timeout)
+        store = check_stores(settings, self.appkey, self.connect_timeout)
+        self.host = advertised_host(settings, zk_settings, self.advertise_host)
         self.server = ThriftServer(self.service, self.handler, self.bind_host, self.requested_port,
                                    observe=self.observe, ssl_context=self.ssl_context,
                                    **self.limits)
@@ -210,21 +256,9 @@ class Provider(object):
         try:
             if self.metrics.port is not None:
                 self.metrics_endpoint = call_metrics.serve(self.metrics.port, self.metrics.addr)
-            # ZooKeeper before the Redis default: a refused start writes nothing.
-            self.zk = shared_zookeeper(zk_settings, timeout=self.connect_timeout)
-            self.node_settings = store.get_or_create(self.field, NodeSettings(self.host, self.port))
-            field = self.field
-
-            def reload_settings():
-                try:
-                    return store.get(field)
-                except (ProbeError, ValueError) as exc:
-                    log.warning("cannot re-read %s from Redis (%s): keeping the last known "
-                                "settings", field, exc)
-                    return None
-
-            self.registration = Registration(self.zk, self.path, self.node_settings, reload_settings)
-            self.registration.register()
+            self.zk, self.node_settings, self.registration = register_node(
+                zk_settings, store, self.connect_timeout, self.path, self.field,
+                NodeSettings(self.host, self.port))
         except BaseException:
             if self.worker_pool is not None:
                 self.worker_pool.stop(timeout=5)
@@ -232,9 +266,6 @@ class Provider(object):
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
                 self.metrics_endpoint = None
-            if self.zk is not None:
-                release_zookeeper(self.zk)
-                self.zk = None
             raise
         if self.worker_pool is not None:
             self.worker_pool.supervise()

@@ -1,0 +1,434 @@
+"""The asyncio client: `await build_client(...)` gives an object whose service
+methods are coroutines, routed and governed as probe.client's threaded client.
+
+The call path: read the routing table (one attribute read: kazoo's threads swap
+it, the loop reads it without a lock) → pick a node (the same balancers) → take
+a pooled connection of that node (probe.aio.pool: one call per connection, as many
+connections as calls in flight) → write the request, await the reply → put the
+connection back, or close it after any failure, timeout or cancellation.
+
+Failover is the threaded client's: a failure before the request left (connect
+refused, a pooled connection found closed) moves to another node for any method;
+one after it left (timeout, reset while waiting) only for idempotent methods.
+Node health (consecutive connect failures eject a node with backoff) is the
+threaded client's too, shared by borrowing its methods.
+
+Threading: everything runs on the loop that built the client; the watcher's
+change callback (a kazoo thread) only schedules the pool clean-up on that loop.
+"""
+
+import asyncio
+import logging
+import struct
+import threading
+import time
+from types import ModuleType
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
+
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.transport import TCyMemoryBuffer
+
+from .. import metrics as call_metrics
+from .. import naming
+from ..balancer import make_balancer
+from ..client import (Observer, ProbeClient, _check_client_options, _check_number, _ClientMethod,
+                      _idempotent_names, _Retryable)
+from ..errors import NoAvailableNode, NodeUnreachable, ProbeError
+from ..idl import load_service, module_of
+from ..methodspec import method_specs
+from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
+from ..rpc.outcomes import CONNECTION_ERROR, OK, TIMEOUT
+from ..rpctls import client_context, is_refused_handshake
+from ..settings import DEFAULT_CONNECT_TIMEOUT, load_settings
+from .pool import AsyncNodePool, ConnectFailed, ConnectionLost, ReplyTimeout
+
+log = logging.getLogger("probe.aio.client")
+
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024
+_SEQID_THEN_STOP = struct.Struct("!iB")
+_SEQID = struct.Struct("!i")
+_perf_counter = time.perf_counter
+
+
+class _Decoder(object):
+    """A memory buffer and the binary protocol over it, with `protocol` as
+    ProbeClient._recv_reply expects of a connection."""
+
+    __slots__ = ("membuf", "protocol")
+
+    def __init__(self) -> None:
+        self.membuf = TCyMemoryBuffer()
+        self.protocol = TCyBinaryProtocol(self.membuf)
+
+
+class _AsyncMethod(_ClientMethod):
+    """A method as the asyncio client calls it: the threaded client's, plus its
+    reply timeout in seconds."""
+
+    __slots__ = ("timeout",)
+
+    def __init__(self, spec: Any, idempotent: bool, timeout: float) -> None:
+        _ClientMethod.__init__(self, spec, idempotent)
+        self.timeout = timeout
+
+
+class AsyncProbeClient(object):
+    """The asyncio client of one service: one coroutine attribute per thrift method.
+
+    Use it from the loop that built it (:func:`build_client`); any number of
+    calls may be in flight at once. ``await client.close()`` releases it.
+    """
+
+    # Node health and routing helpers shared with the threaded client (same state names).
+    _connect_failed = ProbeClient._connect_failed
+    _connected = ProbeClient._connected
+    _avoid_ejected = ProbeClient._avoid_ejected
+    _recv_reply = staticmethod(ProbeClient._recv_reply)
+
+    def __init__(self, service: Any, appkey: str, service_name: str, env: str,
+                 watcher: ServiceWatcher, zk: Any, loop: asyncio.AbstractEventLoop,
+                 socket_timeout: float = 500, connect_timeout: Optional[float] = None,
+                 balancer: str = "weighted_random", retries: int = 2,
+                 idempotent: Union[bool, str, Iterable[str]] = False, eject_after: int = 3,
+                 eject_backoff: float = 1.0, max_idle: int = 64,
+                 observe: Optional[Observer] = None, recorder: Any = None,
+                 ssl_context: Any = None, timeouts: Optional[Mapping[str, float]] = None,
+                 max_message_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
+        self._service = service
+        self.appkey = appkey
+        self.service_name = service_name
+        self.env = env
+        self.watcher = watcher
+        self._zk = zk
+        self._loop = loop
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout or socket_timeout
+        self.retries = int(retries)
+        self.eject_after = int(eject_after)
+        self.eject_backoff = float(eject_backoff)
+        self.max_idle = max_idle
+        self.max_message_bytes = max_message_bytes
+        self.observe = observe
+        self.recorder = recorder
+        self.ssl_context = ssl_context
+        self.metrics_endpoint = None
+        self.stats_target = None
+        self._pools = {}  # type: Dict[str, AsyncNodePool]
+        self._inflight = {}  # type: Dict[str, int]
+        self._health = {}
+        self._health_lock = threading.Lock()  # uncontended: only the loop's thread takes it
+        self._closed = False
+        self._decoder = _Decoder()
+        self._encoder = _Decoder()
+        self.balancer = make_balancer(balancer, inflight=self._inflight_of)
+        self._pick = self.balancer.pick
+        self._track_inflight = self.balancer.name == "least_inflight"
+        specs = method_specs(service)
+        idempotent_names = _idempotent_names(idempotent, list(specs))
+        timeouts = dict(timeouts or {})
+        self._methods = {}
+        for name, spec in specs.items():
+            method = _AsyncMethod(spec, name in idempotent_names,
+                                  timeouts.get(name, socket_timeout) / 1000.0)
+            self._methods[name] = method
+            # 'close' is the client's own coroutine; the RPC is 'tclose', as in probe.client.
+            setattr(self, "tclose" if name == "close" else name, self._bind(method))
+        watcher.on_change = self._on_table
+
+    @property
+    def thrift_module(self) -> Optional[ModuleType]:
+        """The thriftpy2 module of the IDL (its structs and declared exceptions)."""
+        return module_of(self._service)
+
+    def _bind(self, method: _AsyncMethod) -> Any:
+        call = self._call
+
+        async def rpc(*args: Any, **kwargs: Any) -> Any:
+            return await call(method, args, kwargs)
+        rpc.__name__ = method.name
+        rpc.__qualname__ = "%s.%s" % (self.service_name, method.name)
+        return rpc
+
+    def __dir__(self) -> Iterable[str]:
+        return list(self._service.thrift_services)
+
+    def __repr__(self) -> str:
+        return "<AsyncProbeClient %s/%s env=%s nodes=%d>" % (
+            self.appkey, self.service_name, self.env, len(self.watcher.table))
+
+    async def __aenter__(self) -> "AsyncProbeClient":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # -- the call path -------------------------------------------------------
+    async def _call(self, method: _AsyncMethod, args: tuple, kwargs: dict) -> Any:
+        if self._closed:
+            raise ProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
+        if args or kwargs or not method.takes_nothing:
+            try:
+                payload = method.args_cls(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
+        else:
+            payload = None
+        state = self.recorder.thread_state() if self.recorder is not None else None
+        watcher = self.watcher
+        tried = None
+        attempt = 0
+        while True:
+            table = watcher.table
+            if table.refresh_at is not None and time.time() >= table.refresh_at:
+                watcher.refresh()
+                table = watcher.table
+            node = self._pick(table, tried)
+            if self._health and node.name in self._health:
+                node = self._avoid_ejected(table, node, tried)
+            status, value, error = await self._attempt(node, method, payload, state)
+            if error is None:
+                return value
+            if error.__class__ is not _Retryable:
+                raise error
+            attempt += 1
+            if attempt > self.retries or not (error.before_send or method.idempotent):
+                raise error.error
+            tried = (tried or set()) | {node.name}
+            if len(tried) >= len(table.nodes):
+                tried = None
+            log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
+                     method.name, node.name, error.error, attempt, self.retries)
+
+    async def _attempt(self, node: Any, method: _AsyncMethod, payload: Any, state: Any) -> tuple:
+        """One try on one node: (status, value, error) as in the threaded client. The
+        one place an attempt is observed and its connection released or closed
+        (closed after anything but a clean exchange, cancellation included)."""
+        pool = self._pools.get(node.name)
+        if pool is None:
+            pool = self._pool_for(node)
+        if self._track_inflight:
+            self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
+        loop = self._loop
+        conn = None
+        reusable = False
+        status = CONNECTION_ERROR
+        started = _perf_counter()
+        try:
+            try:
+                conn = await pool.acquire(loop)
+            except ConnectFailed as exc:
+                self._connect_failed(node)
+                return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
+                    "%s (node %s of %s/%s)" % (exc, node.name, self.appkey, self.service_name)))
+            if self._health:
+                self._connected(node)
+            seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
+            try:
+                conn.send(self._encode(method, payload, seqid, pool.transport == "framed"), loop)
+            except ConnectionLost as exc:
+                return CONNECTION_ERROR, None, _Retryable(True, exc)
+            if method.oneway:
+                reusable = True
+                status = OK
+                return OK, None, None
+            try:
+                reply = await conn.reply(method.timeout, loop)
+            except ReplyTimeout:
+                status = TIMEOUT
+                return TIMEOUT, None, _Retryable(False, ReplyTimeout(
+                    "%s.%s: no reply from %s within %g ms" % (
+                        self.service_name, method.name, node.name, method.timeout * 1000)))
+            except ConnectionLost as exc:
+                if exc.cause is not None and is_refused_handshake(exc.cause):
+                    self._connect_failed(node)
+                    return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
+                        "TLS handshake with %s:%d refused (node %s of %s/%s)" % (
+                            node.host, node.port, node.name, self.appkey, self.service_name)))
+                return CONNECTION_ERROR, None, _Retryable(False, exc)
+            decoder = self._decoder
+            decoder.membuf.setvalue(reply[4:] if pool.transport == "framed" else reply)
+            try:
+                outcome = self._recv_reply(decoder, method, seqid, node)
+            finally:
+                decoder.membuf.clean()
+            status = outcome[0]
+            reusable = status != CONNECTION_ERROR
+            return outcome
+        finally:
+            ended = _perf_counter()
+            if conn is not None:
+                if reusable:
+                    pool.release(conn)
+                else:
+                    pool.discard(conn)
+            seconds = ended - started
+            if state is not None:
+                self.recorder.observe_in(state, method.name, node.name, status, seconds)
+            if self.observe is not None:
+                self.observe(method.name, node.name, status, seconds)
+            if self._track_inflight:
+                self._inflight[node.name] -= 1
+
+    def _encode(self, method: _AsyncMethod, payload: Any, seqid: int, framed: bool) -> bytes:
+        """One request in the binary protocol (framed: with its length first)."""
+        if payload is None:
+            data = method.header + _SEQID_THEN_STOP.pack(seqid, 0)
+        else:
+            membuf = self._encoder.membuf
+            membuf.write(method.header + _SEQID.pack(seqid))
+            self._encoder.protocol.write_struct(payload)
+            data = membuf.getvalue()
+            membuf.clean()
+        if framed:
+            return len(data).to_bytes(4, "big") + data
+        return data
+
+    # -- pools, routing-table changes ------------------------------------------
+    def _pool_for(self, node: Any) -> AsyncNodePool:
+        pool = AsyncNodePool(node.host, node.port, self.connect_timeout / 1000.0, self.max_idle,
+                             self.ssl_context, getattr(node, "transport", "buffered"),
+                             getattr(node, "protocol", "binary"), self.max_message_bytes)
+        self._pools[node.name] = pool
+        return pool
+
+    def _inflight_of(self, node: Any) -> int:
+        return self._inflight.get(node.name, 0)
+
+    def _on_table(self, table: Any) -> None:
+        # A kazoo thread: the pools belong to the loop, so prune them there.
+        try:
+            self._loop.call_soon_threadsafe(self._prune, table)
+        except RuntimeError:
+            pass  # the loop is closed: nothing left to prune
+
+    def _prune(self, table: Any) -> None:
+        live = {node.name: (node.host, node.port, getattr(node, "transport", "buffered"),
+                            getattr(node, "protocol", "binary")) for node in table.all_nodes}
+        for name, pool in list(self._pools.items()):
+            if live.get(name) != (pool.host, pool.port, pool.transport, pool.protocol):
+                self._pools.pop(name).close()
+        if any(name not in live for name in self._health):
+            with self._health_lock:
+                self._health = {name: h for name, h in self._health.items() if name in live}
+
+    async def close(self) -> None:
+        """Release the connections and the watch. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watcher.close()
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        loop = asyncio.get_running_loop()
+        if self.recorder is not None and self.stats_target is not None:
+            await loop.run_in_executor(None, call_metrics.detach, self.recorder,
+                                       *self.stats_target)
+        if self._zk is not None:
+            zk, self._zk = self._zk, None
+            await loop.run_in_executor(None, release_zookeeper, zk)
+
+
+def _check_timeouts(service: Any, timeouts: Optional[Mapping[str, float]]) -> None:
+    if timeouts is None:
+        return
+    if not isinstance(timeouts, Mapping):
+        raise ProbeError("timeouts must be a mapping {method: ms}, got %r" % (timeouts,))
+    names = set(service.thrift_services)
+    for name, value in timeouts.items():
+        if name not in names:
+            raise ProbeError("timeouts names an unknown method %r (the service has: %s)"
+                             % (name, ", ".join(sorted(names))))
+        _check_number("timeouts[%r]" % name, value, 0, "ms", allow_equal=False)
+
+
+async def build_client(thrift_path: str, appkey: str, service_name: str,
+                       socket_timeout: float = 500, *,
+                       connect_timeout: Optional[float] = None,
+                       balancer: str = "weighted_random",
+                       retries: int = 2,
+                       idempotent: Union[bool, str, Iterable[str]] = False,
+                       timeouts: Optional[Mapping[str, float]] = None,
+                       eject_after: int = 3,
+                       eject_backoff: float = 1.0,
+                       max_idle: int = 64,
+                       max_message_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+                       warmup: float = 0.0,
+                       config_path: Optional[str] = None,
+                       env: Optional[str] = None,
+                       snapshot_dir: Union[str, bool, None] = None,
+                       zk_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                       observe: Optional[Observer] = None,
+                       metrics: bool = True,
+                       metrics_port: Optional[int] = None,
+                       metrics_addr: Optional[str] = None,
+                       stats_interval: Optional[float] = None,
+                       stats_ttl: Optional[int] = None,
+                       slow_call_ms: Optional[float] = None) -> AsyncProbeClient:
+    """An asyncio client for `service_name` of `appkey`, routed by probe: its methods
+    are coroutines; ``await client.close()`` when done. Use it on the loop that
+    awaited this.
+
+    The options are those of :func:`probe.client.build_client` (same names, units
+    and defaults; ``socket_timeout``, ``connect_timeout`` and ``timeouts`` in ms),
+    plus:
+
+    :param timeouts: ``{method: ms}``: a method's own reply timeout instead of
+        ``socket_timeout``.
+    :param max_message_bytes: the largest reply accepted (64 MiB); a bigger one
+        closes its connection and fails the call.
+    :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
+        unreadable IDL or config, before anything is started.
+    """
+    naming.check_appkey(appkey)
+    service = load_service(thrift_path, service_name)
+    client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+                          balancer=balancer, retries=retries, idempotent=idempotent,
+                          eject_after=eject_after, eject_backoff=eject_backoff,
+                          max_idle=max_idle, observe=observe)
+    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **client_options)
+    _check_timeouts(service, timeouts)
+    _check_number("max_message_bytes", max_message_bytes, 64, "bytes", integer=True)
+    given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
+             "stats_interval": stats_interval, "stats_ttl": stats_ttl,
+             "slow_call_ms": slow_call_ms}
+    chosen = call_metrics.metrics_options(
+        metrics=metrics, **{name: value for name, value in given.items() if value is not None})
+    settings = load_settings(config_path, env)
+    tls = settings.rpc_tls
+    ssl_context = None if tls is None else client_context(
+        tls, "config %s: 'rpc_tls.%s'" % (settings.path, settings.env))
+    loop = asyncio.get_running_loop()
+    recorder = None
+    if chosen.enabled:
+        recorder = call_metrics.get_recorder("client", appkey, service_name,
+                                             slow_call_ms=chosen.slow_call_ms)
+    # Connecting and the first listing block: they run in the loop's executor.
+    zk = await loop.run_in_executor(None, lambda: shared_zookeeper(
+        settings.zookeeper, timeout=zk_timeout, keep_trying=True))
+    try:
+        watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
+                                 snapshot_dir=snapshot_dir)
+        client = AsyncProbeClient(service, appkey, service_name, settings.env, watcher, zk, loop,
+                                  recorder=recorder, ssl_context=ssl_context, timeouts=timeouts,
+                                  max_message_bytes=max_message_bytes, **client_options)
+        await loop.run_in_executor(None, watcher.start)
+    except BaseException:
+        await loop.run_in_executor(None, release_zookeeper, zk)
+        raise
+    if chosen.port is not None:
+        try:
+            client.metrics_endpoint = call_metrics.serve(chosen.port, chosen.addr)
+        except BaseException:
+            await client.close()
+            raise
+    if recorder is not None:
+        client.stats_target = (call_metrics.redis_settings_or_none(settings), settings.env)
+        call_metrics.attach(recorder, client.stats_target[0], settings.env,
+                            chosen.stats_interval, chosen.stats_ttl)
+    return client
+
+
+__all__ = ["build_client", "AsyncProbeClient", "NoAvailableNode", "NodeUnreachable"]
