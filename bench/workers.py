@@ -410,6 +410,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
     from thriftpy2.thrift import TClient, TMessageType
     from thriftpy2.transport import TBufferedTransportFactory, TMemoryBuffer, TSocket
     from probe import pool as probe_pool
+    from probe.rpc.codec import DEFAULT_CODEC
     from probe.client import build_client
     from probe.idl import load_service
 
@@ -462,6 +463,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
             self.sock = sock
             self.transport = TBufferedTransportFactory().get_transport(TSocket(sock=sock))
             self.protocol = TBinaryProtocolFactory().get_protocol(self.transport)
+            self.send_call = DEFAULT_CODEC.send_call
             self.poller = None
             self.seqid = 0
             self.released_at = 0.0

@@ -290,7 +290,7 @@ class Admin(object):
                 % (key, value, node, self.zk.hosts, live_error.__class__.__name__))
         return {"appkey": appkey, "service": service, "address": node,
                 "key": key, "old": old_value, "new": value, "live": applied_live,
-                "settings": updated._asdict()}
+                "settings": json.loads(updated.to_json())}
 
     def _update_live(self, path, name, field, key, value, attempts=20):
         """Bring a live znode's weight and switch in line with Redis, version-checked.

@@ -23,6 +23,8 @@ class Node(NamedTuple):
     weight: int        # the configured weight
     valid: int         # 1 = enabled
     registered_at: float = 0.0  # epoch seconds the znode was created (for warm-up)
+    transport: str = "buffered"  # what the node speaks: "buffered" | "framed"
+    protocol: str = "binary"     # "binary" | "compact"
 
     @property
     def address(self):

@@ -74,6 +74,70 @@ def cmd_node(args):
     return 0
 
 
+def cmd_register(args):
+    """Keep a node registered for a server in another language while it answers."""
+    import signal
+    from . import naming
+    from .governance.register import ForeignNode
+    host, port = naming.parse_address(args.address)
+    node = ForeignNode(args.appkey, args.service, host, port, transport=args.transport,
+                       protocol=args.protocol, weight=args.weight, check=args.check,
+                       interval=args.interval, check_timeout=args.check_timeout,
+                       rise=args.rise, fall=args.fall, config_path=args.config, env=args.env)
+    previous = {sig: signal.signal(sig, lambda signum, frame: node.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        node.open()
+        print("keeping %s registered while %s:%d answers its %s (%s + %s); stop with SIGTERM"
+              % (node.path, host, port, "call of %s()" % args.check if args.check
+                 else "TCP connect", args.transport, args.protocol), flush=True)
+        node.run()
+    finally:
+        node.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("deregistered %s" % node.path, flush=True)
+    return 0
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+    return value
+
+
+def _add_register_parser(sub):
+    from .governance.register import (DEFAULT_CHECK_TIMEOUT, DEFAULT_FALL, DEFAULT_INTERVAL,
+                                      DEFAULT_RISE)
+    register = sub.add_parser(
+        "register", help="keep a node registered for a server probe did not start (another "
+                         "language), while it answers its check; SIGTERM deregisters")
+    register.add_argument("appkey")
+    register.add_argument("service", help="the service name, as in the IDL")
+    register.add_argument("address", help="host:port the server listens on (as consumers reach it)")
+    register.add_argument("--transport", choices=("buffered", "framed"), default="buffered",
+                          help="what the server speaks (default buffered)")
+    register.add_argument("--protocol", choices=("binary", "compact"), default="binary",
+                          help="what the server speaks (default binary)")
+    register.add_argument("--weight", help="weight stored when Redis has none for the node "
+                                           "yet (0..1000, default 10); operator edits win")
+    register.add_argument("--check", metavar="METHOD",
+                          help="check with a real Thrift call of METHOD (no arguments; any "
+                               "reply, a TApplicationException included, counts as alive) "
+                               "instead of a TCP connect")
+    register.add_argument("--interval", type=_seconds, default=DEFAULT_INTERVAL,
+                          help="seconds between checks (%g)" % DEFAULT_INTERVAL)
+    register.add_argument("--check-timeout", type=_seconds, default=DEFAULT_CHECK_TIMEOUT,
+                          help="seconds one check may take (%g)" % DEFAULT_CHECK_TIMEOUT)
+    register.add_argument("--rise", type=int, default=DEFAULT_RISE,
+                          help="passing checks that register the node (%d)" % DEFAULT_RISE)
+    register.add_argument("--fall", type=int, default=DEFAULT_FALL,
+                          help="failing checks that deregister it (%d)" % DEFAULT_FALL)
+    register.set_defaults(func=cmd_register)
+
+
 def cmd_audit(args):
     with _admin(args) as admin:
         rows = admin.audit(args.appkey, args.limit)
@@ -360,6 +424,7 @@ def build_parser():
     demo.set_defaults(func=lambda args: demo_main())
     _add_console_parser(sub)
     _add_config_commands(sub)
+    _add_register_parser(sub)
     return parser
 
 

@@ -16,13 +16,11 @@ health is copied on write, so the watcher thread iterates a dict nobody mutates.
 """
 
 import logging
-import struct
 import threading
 import time
 from types import ModuleType
 from typing import Callable, Iterable, Optional, Union
 
-from thriftpy2.protocol.binary import VERSION_1
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
 
@@ -34,6 +32,7 @@ from .idl import load_service, module_of
 from .methodspec import method_specs
 from .pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
+from .rpc.codec import binary_header, codec_for
 from .rpctls import client_context, is_refused_handshake
 from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
 from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
@@ -41,8 +40,6 @@ from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTIO
 log = logging.getLogger("probe.client")
 
 _TRANSPORT_ERRORS = (TTransportException, OSError, EOFError)
-_SEQID_THEN_STOP = struct.Struct("!iB")  # seqid, then the empty args struct's STOP byte
-_SEQID = struct.Struct("!i")
 _perf_counter = time.perf_counter
 
 #: A user's per-attempt hook: observe(method, node name, status, seconds).
@@ -51,11 +48,12 @@ Observer = Callable[[str, str, str, float], None]
 
 class _ClientMethod(object):
     """One method as this client calls it: its MethodSpec's shape, whether it is
-    idempotent, and the start of its request message encoded once (binary protocol:
-    version|type, name length, name; the seqid follows per call)."""
+    idempotent, and the start of its binary-protocol request message encoded once
+    (probe.rpc.codec writes it for binary nodes; other protocols use the name and
+    message type)."""
 
     __slots__ = ("name", "args_cls", "result_cls", "oneway", "has_success", "void",
-                 "exception_fields", "idempotent", "header", "takes_nothing")
+                 "exception_fields", "idempotent", "header", "takes_nothing", "message_type")
 
     def __init__(self, spec, idempotent):
         self.name = spec.name
@@ -66,8 +64,8 @@ class _ClientMethod(object):
         self.void = spec.void
         self.exception_fields = tuple(field for field, _ in spec.exceptions)
         self.idempotent = idempotent
-        name = spec.name.encode("utf-8")
-        self.header = struct.pack("!iI", VERSION_1 | spec.message_type, len(name)) + name
+        self.message_type = spec.message_type
+        self.header = binary_header(spec.name, spec.message_type)
         # No fields, hence no defaults either: the args struct is the STOP byte alone.
         self.takes_nothing = not spec.arg_names
 
@@ -251,7 +249,7 @@ class ProbeClient(TClient):
                 self._connected(node)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
             try:
-                self._send_call(conn, method, payload, seqid)
+                conn.send_call(conn, method, payload, seqid)
             except _TRANSPORT_ERRORS as exc:
                 # The peer closed or reset before our bytes were taken: nothing ran.
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
@@ -298,19 +296,9 @@ class ProbeClient(TClient):
                     self._inflight[node.name] -= 1
 
     @staticmethod
-    def _send_call(conn, method, payload, seqid):
-        """Write and flush one request (binary protocol)."""
-        transport = conn.transport
-        if payload is None:
-            transport.write(method.header + _SEQID_THEN_STOP.pack(seqid, 0))
-        else:
-            transport.write(method.header + _SEQID.pack(seqid))
-            conn.protocol.write_struct(payload)
-        transport.flush()
-
-    @staticmethod
     def _recv_reply(conn, method, seqid, node):
-        """Read one reply: (status, value, error). Raises transport errors."""
+        """Read one reply: (status, value, error). Raises transport errors. (The
+        connection's protocol is its node's: probe.rpc.codec made it.)"""
         protocol = conn.protocol
         _, message_type, reply_seqid = protocol.read_message_begin()
         if reply_seqid != seqid:
@@ -345,7 +333,8 @@ class ProbeClient(TClient):
             pool = self._pools.get(node.name)
             if pool is None:
                 pool = NodePool(node.host, node.port, self.socket_timeout, self.connect_timeout,
-                                self.max_idle, self.ssl_context)
+                                self.max_idle, self.ssl_context,
+                                codec_for(node.transport, node.protocol))
                 self._pools[node.name] = pool
             return pool
 
@@ -393,11 +382,13 @@ class ProbeClient(TClient):
 
     def _on_table(self, table):
         # Pools are keyed by znode name (cheaper than building an address tuple per
-        # call); a node that left, or whose data now names another address, loses them.
-        live = {node.name: (node.host, node.port) for node in table.all_nodes}
+        # call); a node that left, or whose data now names another address or
+        # dialect, loses them.
+        live = {node.name: (node.host, node.port, node.transport, node.protocol)
+                for node in table.all_nodes}
         with self._pools_lock:
             for name, pool in list(self._pools.items()):
-                if live.get(name) != (pool.host, pool.port):
+                if live.get(name) != (pool.host, pool.port) + pool.codec.dialect:
                     self._pools.pop(name).close()
         with self._health_lock:
             health = self._health

@@ -1,5 +1,7 @@
-"""Check a thrift binary-protocol CALL against size and nesting limits before it is
-decoded, so a hostile peer cannot make the provider allocate what it declares.
+"""Check a thrift CALL against size and nesting limits before it is decoded, so a
+hostile peer cannot make the provider allocate what it declares. Binary
+(`MessageScanner`) and compact (`CompactScanner`) protocols, unframed or framed
+(`FramedScanner`); `scanner_for` picks one from a connection's first byte.
 
 thriftpy2 0.7.1's Cython protocol mallocs a string's declared length (and its
 buffered transport grows its buffer to it, then asks the socket for that much)
@@ -61,6 +63,9 @@ class MessageScanner(object):
     """
 
     __slots__ = ("max_bytes", "max_depth", "pos", "stack", "depth", "body")
+
+    compact = False  # the protocol it scans (see CompactScanner)
+    header = 0       # bytes before the message (FramedScanner: the frame length)
 
     def __init__(self, max_bytes, max_depth=64):
         self.max_bytes = max_bytes
@@ -222,3 +227,277 @@ def _check_container(etype, count, per_item, room):
 def _check_depth(depth, max_depth):
     if depth > max_depth:
         raise MessageRejected("structs and containers nested deeper than %d" % max_depth)
+
+
+# -- the compact protocol -------------------------------------------------------------
+# Compact-protocol type ids (a field header's or container header's low nibble).
+(C_STOP, C_TRUE, C_FALSE, C_BYTE, C_I16, C_I32, C_I64, C_DOUBLE, C_BINARY, C_LIST, C_SET,
+ C_MAP, C_STRUCT) = range(13)
+COMPACT_PROTOCOL_ID = 0x82
+COMPACT_VERSION = 1
+_VARINT_BYTES = {C_I16: 3, C_I32: 5, C_I64: 10}  # the longest varint each may take
+_MAX_VARINT = 10
+
+
+def _varint(buf, pos, n, longest=_MAX_VARINT):
+    """(value, position after it) of the unsigned varint at `pos`, or None when its
+    last byte has not arrived; MessageRejected for one longer than `longest` bytes."""
+    value = 0
+    shift = 0
+    start = pos
+    while pos < n:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if pos - start >= longest:
+            break
+    if pos - start >= longest:
+        raise MessageRejected("a varint longer than %d bytes" % longest)
+    return None
+
+
+class CompactScanner(object):
+    """`MessageScanner` for the compact protocol: the same interface and limits
+    (every declared length and container size against what is left of
+    `max_bytes`, nesting against `max_depth`), resumable in the same way.
+
+    A step that needs bytes not yet in moves nothing, so `scan` resumes there."""
+
+    __slots__ = ("max_bytes", "max_depth", "pos", "stack", "depth")
+
+    compact = True
+    header = 0
+
+    def __init__(self, max_bytes, max_depth=64):
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+        self.reset()
+
+    def reset(self):
+        self.pos = 0
+        self.stack = None
+        self.depth = 0
+
+    def scan(self, buf):
+        n = len(buf)
+        limit = self.max_bytes
+        if self.stack is None:
+            if n >= 1 and buf[0] != COMPACT_PROTOCOL_ID:
+                raise MessageRejected("not a thrift compact-protocol message (first byte 0x%02x)"
+                                      % buf[0])
+            if n < 2:
+                return NEED_MORE
+            if buf[1] & 0x1F != COMPACT_VERSION or (buf[1] >> 5) not in (CALL, ONEWAY):
+                raise MessageRejected("compact message header 0x%02x is not a version-1 CALL "
+                                      "or ONEWAY" % buf[1])
+            seqid = _varint(buf, 2, n, 5)
+            if seqid is None:
+                return NEED_MORE
+            name = _varint(buf, seqid[1], n, 5)
+            if name is None:
+                return NEED_MORE
+            name_length, pos = name
+            _check_length(name_length, min(limit - pos, 1024), "a method name")
+            if n < pos + name_length:
+                return NEED_MORE
+            self.pos = pos + name_length
+            self.depth = 1
+            self.stack = [[_FIELDS]]
+        stack = self.stack
+        pos = self.pos
+        depth = self.depth
+        max_depth = self.max_depth
+        while stack:
+            frame = stack[-1]
+            kind = frame[0]
+            if kind == _FIELDS:
+                if pos >= n:
+                    break
+                header = buf[pos]
+                ftype = header & 0x0F
+                if ftype == C_STOP:
+                    pos += 1
+                    stack.pop()
+                    depth -= 1
+                    continue
+                if header >> 4:
+                    after = pos + 1
+                else:  # no delta: a zigzag i16 field id follows
+                    fid = _varint(buf, pos + 1, n, 3)
+                    if fid is None:
+                        break
+                    after = fid[1]
+                if ftype == C_TRUE or ftype == C_FALSE:  # the value is in the type
+                    pos = after
+                    continue
+                pos = after
+                stack.append([_VALUE, ftype])
+                continue
+            if kind == _ITEMS or kind == _ENTRIES:
+                if frame[1] == 0:
+                    stack.pop()
+                    depth -= 1
+                    continue
+                frame[1] -= 1
+                if kind == _ITEMS:
+                    stack.append([_VALUE, frame[2]])
+                else:
+                    stack.append([_VALUE, frame[2] if frame[1] % 2 else frame[3]])
+                continue
+            vtype = frame[1]
+            if vtype == C_TRUE or vtype == C_FALSE or vtype == C_BYTE:
+                if pos + 1 > n:
+                    break
+                pos += 1
+                stack.pop()
+            elif vtype in _VARINT_BYTES:
+                value = _varint(buf, pos, n, _VARINT_BYTES[vtype])
+                if value is None:
+                    break
+                pos = value[1]
+                stack.pop()
+            elif vtype == C_DOUBLE:
+                if pos + 8 > n:
+                    break
+                pos += 8
+                stack.pop()
+            elif vtype == C_BINARY:
+                length = _varint(buf, pos, n, 5)
+                if length is None:
+                    break
+                _check_length(length[0], limit - length[1], "a string/binary")
+                if length[1] + length[0] > n:
+                    break
+                pos = length[1] + length[0]
+                stack.pop()
+            elif vtype == C_STRUCT:
+                depth += 1
+                _check_depth(depth, max_depth)
+                frame[0] = _FIELDS
+            elif vtype == C_LIST or vtype == C_SET:
+                if pos >= n:
+                    break
+                header = buf[pos]
+                etype = header & 0x0F
+                count = header >> 4
+                after = pos + 1
+                if count == 15:
+                    size = _varint(buf, after, n, 5)
+                    if size is None:
+                        break
+                    count, after = size
+                _check_compact_container(etype, count, 1, limit - after)
+                if count == 0:
+                    pos = after
+                    stack.pop()
+                    continue
+                depth += 1
+                _check_depth(depth, max_depth)
+                pos = after
+                stack[-1] = [_ITEMS, count, etype]
+            elif vtype == C_MAP:
+                size = _varint(buf, pos, n, 5)
+                if size is None:
+                    break
+                count, after = size
+                if count == 0:  # an empty map has no type byte
+                    pos = after
+                    stack.pop()
+                    continue
+                if after >= n:
+                    break
+                types = buf[after]
+                ktype, vtype2 = types >> 4, types & 0x0F
+                _check_compact_container(ktype, count, 2, limit - after - 1)
+                _check_compact_container(vtype2, count, 2, limit - after - 1)
+                depth += 1
+                _check_depth(depth, max_depth)
+                pos = after + 1
+                stack[-1] = [_ENTRIES, 2 * count, ktype, vtype2]
+            else:
+                raise MessageRejected("unknown compact type id %d" % vtype)
+        self.pos = pos
+        self.depth = depth
+        if pos > limit or (stack and n > limit):
+            raise MessageRejected("a message longer than max_message_bytes=%d" % limit)
+        return NEED_MORE if stack else pos
+
+
+# The fewest bytes one compact value of a type takes (a container's element).
+_COMPACT_MIN_SIZE = {C_TRUE: 1, C_FALSE: 1, C_BYTE: 1, C_I16: 1, C_I32: 1, C_I64: 1,
+                     C_DOUBLE: 8, C_BINARY: 1, C_LIST: 1, C_SET: 1, C_MAP: 1, C_STRUCT: 1}
+
+
+def _check_compact_container(etype, count, per_item, room):
+    smallest = _COMPACT_MIN_SIZE.get(etype)
+    if smallest is None:
+        raise MessageRejected("unknown compact type id %d in a container" % etype)
+    if count * smallest > room // per_item:
+        raise MessageRejected("a container declares %d items, more than fit in the %d bytes "
+                              "left of max_message_bytes" % (count, max(room, 0)))
+
+
+class FramedScanner(object):
+    """A message inside a frame (a 4-byte big-endian length, then the message): the
+    length is checked against `max_bytes` the moment its 4 bytes are in, before
+    anything is allocated for the frame; the complete frame is then scanned by the
+    scanner of its protocol (binary or compact, told by its first byte), which must
+    end exactly at the frame's end. `header` is the prefix to strip (4)."""
+
+    __slots__ = ("max_bytes", "max_depth", "inner")
+
+    header = 4
+
+    def __init__(self, max_bytes, max_depth=64):
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+        self.inner = None
+
+    @property
+    def compact(self):
+        return self.inner is not None and self.inner.compact
+
+    def reset(self):
+        if self.inner is not None:
+            self.inner.reset()
+
+    def scan(self, buf):
+        n = len(buf)
+        if n < 4:
+            return NEED_MORE
+        length = _i32(buf, 0)[0]
+        if length <= 0 or length > self.max_bytes:
+            raise MessageRejected("a frame declares %d bytes, not within 1..max_message_bytes=%d"
+                                  % (length, self.max_bytes))
+        if n < 5:
+            return NEED_MORE
+        if self.inner is None:
+            self.inner = scanner_for(buf[4], self.max_bytes, self.max_depth, framed_ok=False)
+        if n < 4 + length:
+            return NEED_MORE
+        self.inner.reset()
+        with memoryview(buf) as view:  # released at once: a bytearray buf must stay growable
+            with view[4:4 + length] as frame:
+                end = self.inner.scan(frame)
+        if end != length:
+            raise MessageRejected("a frame of %d bytes holds %s" % (
+                length, "an incomplete message" if end == NEED_MORE else
+                "a message of %d bytes" % end))
+        return 4 + length
+
+
+def scanner_for(first_byte, max_bytes, max_depth=64, framed_ok=True):
+    """The scanner for a connection whose first byte is `first_byte`: 0x80 unframed
+    binary, 0x82 unframed compact, else a frame length (framed: its 5th byte says
+    which protocol). MessageRejected for a byte no thrift dialect starts with."""
+    if first_byte == 0x80:
+        return MessageScanner(max_bytes, max_depth)
+    if first_byte == COMPACT_PROTOCOL_ID:
+        return CompactScanner(max_bytes, max_depth)
+    if framed_ok and first_byte < 0x80:  # a frame length's high byte (lengths are < 2 GiB)
+        return FramedScanner(max_bytes, max_depth)
+    raise MessageRejected("not a thrift binary or compact message%s (first byte 0x%02x)"
+                          % ("" if framed_ok else " in the frame", first_byte))

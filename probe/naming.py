@@ -14,7 +14,7 @@ the MySQL columns of probe/config/schema.sql.
 import ipaddress
 import json
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress, InvalidNodeData,
                      InvalidServiceName, InvalidWeight, ProbeError)
@@ -36,6 +36,12 @@ MAX_CHANGED_BY_LENGTH = 128  # governance_audit.changed_by
 MAX_DESCRIPTION_LENGTH = 255  # serviceapp.description
 # Node data is ~80 bytes of JSON; anything far bigger is refused before parsing.
 MAX_NODE_DATA_BYTES = 4096
+
+# A node's dialect (node data fields "transport" and "protocol"; absent means the
+# first of each, so every znode written before dialects existed stays valid).
+TRANSPORTS = ("buffered", "framed")
+PROTOCOLS = ("binary", "compact")
+_OWN_FIELDS = frozenset(("host", "port", "weight", "valid", "transport", "protocol"))
 
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_]{1,%d}" % MAX_SERVICE_LENGTH)
 # An appkey becomes a znode path segment and a part of a '|'-separated field.
@@ -245,15 +251,33 @@ def parse_settings_field(field):
 
 
 class NodeSettings(NamedTuple):
-    """A node's governance settings: the JSON kept in Redis and in its znode."""
+    """A node's governance settings: the JSON kept in Redis and in its znode.
+
+    `transport` / `protocol` are None when the data does not name them (buffered /
+    binary then); `extra` holds every other field, in order, so that an edit of
+    weight or switch writes back what it does not own untouched."""
     host: str
     port: int
     weight: int = DEFAULT_WEIGHT
     valid: int = 1
+    transport: Optional[str] = None
+    protocol: Optional[str] = None
+    extra: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def dialect(self) -> Tuple[str, str]:
+        """(transport, protocol) this node speaks."""
+        return (self.transport or TRANSPORTS[0], self.protocol or PROTOCOLS[0])
 
     def to_json(self):
-        return json.dumps({"host": self.host, "port": self.port,
-                           "weight": self.weight, "valid": self.valid})
+        data = {"host": self.host, "port": self.port, "weight": self.weight, "valid": self.valid}
+        if self.transport is not None:
+            data["transport"] = self.transport
+        if self.protocol is not None:
+            data["protocol"] = self.protocol
+        for key, value in self.extra:
+            data.setdefault(key, value)
+        return json.dumps(data)
 
     def to_bytes(self):
         return self.to_json().encode("utf-8")
@@ -273,6 +297,12 @@ class NodeSettings(NamedTuple):
                                   % (MAX_WEIGHT, _short(self.weight)))
         if self.valid not in (0, 1):
             raise InvalidNodeData("node data valid must be 0 or 1, got %r" % (_short(self.valid),))
+        if self.transport is not None and self.transport not in TRANSPORTS:
+            raise InvalidNodeData("node data transport must be one of %s, got %r"
+                                  % ("/".join(TRANSPORTS), _short(self.transport)))
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise InvalidNodeData("node data protocol must be one of %s, got %r"
+                                  % ("/".join(PROTOCOLS), _short(self.protocol)))
         return self
 
     @classmethod
@@ -281,7 +311,8 @@ class NodeSettings(NamedTuple):
 
         Raises InvalidNodeData (a ValueError) for anything wrong, whatever the
         cause: oversized data (checked before parsing), bad UTF-8, deep nesting
-        (RecursionError), huge numbers, a non-object, a field out of range.
+        (RecursionError), huge numbers, a non-object, a field out of range, an
+        unknown transport or protocol.
         """
         try:
             if isinstance(raw, str):
@@ -297,12 +328,28 @@ class NodeSettings(NamedTuple):
             host = data.get("host")
             if not isinstance(host, str) or not host:
                 raise InvalidNodeData("node data has no string 'host'")
+            extra = tuple((key, value) for key, value in data.items() if key not in _OWN_FIELDS)
             return cls(host, data.get("port"), data.get("weight", DEFAULT_WEIGHT),
-                       data.get("valid", 1)).check()
+                       data.get("valid", 1), data.get("transport"), data.get("protocol"),
+                       extra).check()
         except InvalidNodeData:
             raise
         except Exception as exc:  # RecursionError, UnicodeDecodeError, ValueError, ...
             raise InvalidNodeData("node data does not parse: %s" % exc.__class__.__name__)
+
+
+_METHOD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def is_method_name(name) -> bool:
+    """A Thrift method name (an identifier of at most 128 characters)."""
+    return isinstance(name, str) and _METHOD.fullmatch(name) is not None
+
+
+def check_dialect(transport: str, protocol: str) -> Tuple[str, str]:
+    """(transport, protocol) if both are known names, else InvalidNodeData naming them."""
+    NodeSettings("127.0.0.1", 1, transport=transport, protocol=protocol).check()
+    return transport, protocol
 
 
 def _no_constant(name):

@@ -25,14 +25,13 @@ import time
 from collections import deque
 from typing import Optional
 
-from thriftpy2.protocol import TBinaryProtocolFactory
-from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
+from thriftpy2.transport import TSocket, TTransportException
+
+from .rpc.codec import DEFAULT_CODEC, Codec
 
 STALE_CHECK_AFTER = 0.0002  # seconds idle before a pooled connection is polled
 
 perf_counter = time.perf_counter  # the client's clock: it passes its own readings
-_PROTOCOLS = TBinaryProtocolFactory()
-_TRANSPORTS = TBufferedTransportFactory()
 
 
 class ConnectFailed(Exception):
@@ -40,13 +39,14 @@ class ConnectFailed(Exception):
 
 
 class Connection(object):
-    """One open connection: a buffered transport and the binary protocol over it
-    (the client pre-encodes its message headers for that protocol)."""
+    """One open connection: the transport and protocol of its node's dialect
+    (`codec`), and `send_call(conn, method, payload, seqid)`, the codec's writer."""
 
-    __slots__ = ("transport", "protocol", "sock", "poller", "seqid", "released_at")
+    __slots__ = ("transport", "protocol", "sock", "poller", "seqid", "released_at", "send_call")
 
     def __init__(self, host: str, port: int, timeout_ms: float, connect_timeout_ms: float,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 codec: Codec = DEFAULT_CODEC) -> None:
         raw = TSocket(host, port, socket_timeout=timeout_ms, connect_timeout=connect_timeout_ms)
         try:
             raw.open()
@@ -55,8 +55,8 @@ class Connection(object):
         if ssl_context is not None:
             _handshake(raw, ssl_context, host, port, connect_timeout_ms)
         self.sock = raw.sock
-        self.transport = _TRANSPORTS.get_transport(raw)
-        self.protocol = _PROTOCOLS.get_protocol(self.transport)
+        self.transport, self.protocol = codec.wrap(raw)
+        self.send_call = codec.send_call
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self.seqid = 0
@@ -111,8 +111,10 @@ class NodePool(object):
 
     def __init__(self, host: str, port: int, timeout_ms: float = 500,
                  connect_timeout_ms: Optional[float] = None, max_idle: int = 64,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 codec: Codec = DEFAULT_CODEC) -> None:
         self.host = host
+        self.codec = codec  # the node's dialect: every connection of this pool speaks it
         self.port = port
         self.timeout_ms = timeout_ms
         self.connect_timeout_ms = connect_timeout_ms or timeout_ms
@@ -143,7 +145,7 @@ class NodePool(object):
             return conn
         self.created += 1
         return self.connection_class(self.host, self.port, self.timeout_ms, self.connect_timeout_ms,
-                                     self.ssl_context)
+                                     self.ssl_context, self.codec)
 
     def release(self, conn: Connection, now: Optional[float] = None) -> None:
         """Put back a connection whose last exchange completed cleanly.

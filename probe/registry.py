@@ -294,8 +294,11 @@ class Registration(object):
         self._foreign_seen = False
 
     def _own(self, settings):
-        """`settings` with this node's own address; InvalidNodeData if out of range."""
-        return settings._replace(host=self.host, port=self.port).check()
+        """`settings` with this node's own address and dialect; InvalidNodeData if out
+        of range. (What the node speaks is the process's to say, never the data's.)"""
+        dialect = getattr(self, "data", settings)
+        return settings._replace(host=self.host, port=self.port, transport=dialect.transport,
+                                 protocol=dialect.protocol).check()
 
     def register(self):
         self._create()
@@ -748,21 +751,24 @@ def _snapshot_node(entry, service):
     name = entry["name"]
     if not naming.is_node_of(name, service):
         raise ValueError("not a node of %s" % service)
-    settings = naming.parse_node_data(name, json.dumps(
-        {key: entry[key] for key in ("host", "port", "weight", "valid")}))
+    fields = {key: entry[key] for key in ("host", "port", "weight", "valid")}
+    for key in ("transport", "protocol"):  # absent in snapshots written before dialects
+        if key in entry:
+            fields[key] = entry[key]
+    settings = naming.parse_node_data(name, json.dumps(fields))
     registered_at = entry.get("registered_at", 0.0)
     if isinstance(registered_at, bool) or not isinstance(registered_at, (int, float)) \
             or not 0 <= registered_at < 1e11:
         raise ValueError("bad registered_at")
     return Node(name, settings.host, settings.port, settings.weight, settings.valid,
-                float(registered_at))
+                float(registered_at), *settings.dialect)
 
 
 def _node(name, settings, stat):
     """The routing-table entry for znode `name` holding `settings` (warm-up counts
     from the znode's creation time)."""
     return Node(name, settings.host, settings.port, settings.weight, settings.valid,
-                stat.ctime / 1000.0)
+                stat.ctime / 1000.0, *settings.dialect)
 
 
 def default_snapshot_dir():

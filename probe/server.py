@@ -101,7 +101,9 @@ def register_node(zk_settings, store: NodeStore, connect_timeout: float, path: s
     # ZooKeeper before the Redis default: a refused start writes nothing.
     zk = shared_zookeeper(zk_settings, timeout=connect_timeout)
     try:
-        node_settings = store.get_or_create(field, defaults)
+        # The dialect is the provider's own, whatever Redis holds.
+        node_settings = store.get_or_create(field, defaults)._replace(
+            transport=defaults.transport, protocol=defaults.protocol)
 
         def reload_settings():
             try:
@@ -149,8 +151,11 @@ class Provider(object):
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 worker_threads: int = DEFAULT_WORKER_THREADS) -> None:
+                 worker_threads: int = DEFAULT_WORKER_THREADS,
+                 transport: str = "buffered",
+                 protocol: str = "binary") -> None:
         naming.check_service_name(service_name)
+        naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
         if handler is None:
             raise ProbeError("handler is None: pass an object implementing %s's methods" % service_name)
@@ -187,6 +192,10 @@ class Provider(object):
         self.handler = handler
         self.requested_port = port
         self.bind_host = bind_host
+        # What the node advertises; the server itself accepts every dialect. Left
+        # out of the data when it is the default, so existing readers see no change.
+        self.transport = None if transport == naming.TRANSPORTS[0] else transport
+        self.protocol = None if protocol == naming.PROTOCOLS[0] else protocol
         self.settings = load_settings(config_path, env)
         self.env = self.settings.env
         # rpc_tls.<env>: serve mutual TLS only. Loaded now, so a bad file refuses the
@@ -256,9 +265,9 @@ class Provider(object):
         try:
             if self.metrics.port is not None:
                 self.metrics_endpoint = call_metrics.serve(self.metrics.port, self.metrics.addr)
+            own = NodeSettings(self.host, self.port, transport=self.transport, protocol=self.protocol)
             self.zk, self.node_settings, self.registration = register_node(
-                zk_settings, store, self.connect_timeout, self.path, self.field,
-                NodeSettings(self.host, self.port))
+                zk_settings, store, self.connect_timeout, self.path, self.field, own)
         except BaseException:
             if self.worker_pool is not None:
                 self.worker_pool.stop(timeout=5)
@@ -387,7 +396,9 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                   idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                   read_timeout: float = DEFAULT_READ_TIMEOUT,
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                  worker_threads: int = DEFAULT_WORKER_THREADS) -> "Provider":
+                  worker_threads: int = DEFAULT_WORKER_THREADS,
+                  transport: str = "buffered",
+                  protocol: str = "binary") -> "Provider":
     """Register `handler` as a node of `service_name` under `appkey` and serve it.
 
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
@@ -434,6 +445,12 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
         connection before anything is allocated.
     :param worker_threads: threads running calls at once per process (default 64);
         idle connections use none.
+    :param transport: the transport the node advertises to consumers, ``"buffered"``
+        (default) or ``"framed"``. The provider accepts both on its port either way
+        (each connection's first bytes say which), so this only says what consumers
+        use.
+    :param protocol: the protocol the node advertises, ``"binary"`` (default) or
+        ``"compact"``; both are accepted either way.
     """
     provider = Provider(thrift_path, appkey, service_name, handler, port,
                         bind_host=bind_host, advertise_host=advertise_host,
@@ -445,7 +462,8 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                         slow_call_ms=slow_call_ms, workers=workers,
                         max_connections=max_connections, idle_timeout=idle_timeout,
                         read_timeout=read_timeout, max_message_bytes=max_message_bytes,
-                        worker_threads=worker_threads)
+                        worker_threads=worker_threads, transport=transport,
+                        protocol=protocol)
     if not block:
         return provider.start()
     _setup_file_log(provider.settings, appkey, service_name)

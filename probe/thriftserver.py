@@ -46,11 +46,11 @@ import threading
 import time
 from queue import SimpleQueue
 
-from thriftpy2.protocol import TBinaryProtocolFactory
+from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
-from .messagelimits import NEED_MORE, MessageRejected, MessageScanner
+from .messagelimits import NEED_MORE, MessageRejected, scanner_for
 from .methodspec import method_specs
 from .peerwarnings import PeerWarnings
 from .rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK
@@ -87,15 +87,17 @@ perf_counter = time.perf_counter
 REPLY = TMessageType.REPLY
 _new_thread = threading.Thread  # a seam for the test of thread exhaustion
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_FRAME_LENGTH = struct.Struct("!i")
 
 
 class _Connection(object):
     """One accepted socket. `parked` is True while it waits in the epoll set (only
-    the selector thread may then hand it out or expire it)."""
+    the selector thread may then hand it out or expire it). `scanner` is None until
+    the first bytes say the connection's dialect; `framed`: replies get a length."""
 
     __slots__ = ("sock", "fd", "peer", "host", "buf", "scanner", "message_deadline",
                  "deadline", "parked", "calling", "closed", "tls", "poller", "handshaking",
-                 "record_deadline")
+                 "record_deadline", "framed")
 
     def __init__(self, sock, address, tls=False):
         self.sock = sock
@@ -116,6 +118,7 @@ class _Connection(object):
         self.poller = None
         self.handshaking = False
         self.record_deadline = 0.0
+        self.framed = False
         if tls:
             self.poller = select.poll()
             self.poller.register(self.fd, select.POLLIN)
@@ -461,12 +464,16 @@ class ThriftServer(object):
             return
         buf = conn.buf
         scanner = conn.scanner
-        if scanner is None:
-            scanner = conn.scanner = MessageScanner(self.max_message_bytes, MAX_DEPTH)
         monotonic = time.monotonic
         while True:
             if buf:
                 try:
+                    if scanner is None:
+                        # The first bytes say the dialect: 0x80 binary, 0x82 compact,
+                        # else a frame length (framed). Fixed for the connection.
+                        scanner = conn.scanner = scanner_for(buf[0], self.max_message_bytes,
+                                                             MAX_DEPTH)
+                        conn.framed = scanner.header > 0
                     end = scanner.scan(buf)
                 except MessageRejected as exc:
                     self.protocol_errors += 1
@@ -475,11 +482,15 @@ class ThriftServer(object):
                     return
                 if end != NEED_MORE:
                     scanner.reset()
-                    if end == len(buf):
+                    skip = scanner.header
+                    if end == len(buf) and not skip:
                         message, buf = buf, b""
                     else:
-                        message, buf = bytes(buf[:end]), buf[end:]
-                    if not self._call(conn, protocol, membuf, message, counter) or self._draining:
+                        message, buf = bytes(buf[skip:end]), buf[end:]
+                    # thriftpy2's compact protocol is pure Python and keeps decode
+                    # state: a fresh one per message on the worker's buffer.
+                    proto = TCompactProtocol(membuf) if scanner.compact else protocol
+                    if not self._call(conn, proto, membuf, message, counter) or self._draining:
                         self._close(conn)
                         return
                     continue
@@ -740,6 +751,8 @@ class ThriftServer(object):
     def _send(self, conn, membuf):
         data = membuf.getvalue()
         membuf.clean()
+        if conn.framed:  # the caller's dialect: a framed call gets a framed reply
+            data = _FRAME_LENGTH.pack(len(data)) + data
         try:
             if conn.tls:
                 self._send_tls(conn, data)

@@ -18,7 +18,7 @@ import sys
 import threading
 
 import pytest
-from thrift.protocol import TBinaryProtocol
+from thrift.protocol import TBinaryProtocol, TCompactProtocol
 from thrift.server import TServer
 from thrift.Thrift import TApplicationException, TMessageType
 from thrift.transport import TSocket, TTransport
@@ -55,21 +55,33 @@ def apache(tmp_path_factory):
             del sys.modules[name]
 
 
-def apache_client(service_module, host, port):
-    """An Apache Thrift client: TSocket + TBufferedTransport + TBinaryProtocol."""
-    transport = TTransport.TBufferedTransport(TSocket.TSocket(host, port))
-    protocol = TBinaryProtocol.TBinaryProtocol(transport)
+DIALECTS = [("buffered", "binary"), ("buffered", "compact"), ("framed", "binary"),
+            ("framed", "compact")]
+_TRANSPORTS = {"buffered": TTransport.TBufferedTransport, "framed": TTransport.TFramedTransport}
+_PROTOCOLS = {"binary": TBinaryProtocol.TBinaryProtocol, "compact": TCompactProtocol.TCompactProtocol}
+_TRANSPORT_FACTORIES = {"buffered": TTransport.TBufferedTransportFactory,
+                        "framed": TTransport.TFramedTransportFactory}
+_PROTOCOL_FACTORIES = {"binary": TBinaryProtocol.TBinaryProtocolFactory,
+                       "compact": TCompactProtocol.TCompactProtocolFactory}
+
+
+def apache_client(service_module, host, port, transport="buffered", protocol="binary"):
+    """An Apache Thrift client: TSocket + the transport + the protocol."""
+    transport = _TRANSPORTS[transport](TSocket.TSocket(host, port))
+    protocol = _PROTOCOLS[protocol](transport)
     transport.open()
     return service_module.Client(protocol), protocol, transport
 
 
 # ------------------------------------------------------- Apache client -> probe provider
 
-def test_apache_thrift_client_calls_a_probe_provider(apache, appkey, providers):
+@pytest.mark.parametrize("dialect", DIALECTS, ids="+".join)
+def test_apache_thrift_client_calls_a_probe_provider(apache, appkey, providers, dialect):
     service_module, ttypes = apache
     provider = providers(appkey, name="probe")
     assert provider.host == ADVERTISED_HOST
-    client, protocol, transport = apache_client(service_module, provider.host, provider.port)
+    client, protocol, transport = apache_client(service_module, provider.host, provider.port,
+                                                *dialect)
     try:
         assert client.say() == "hello world"
         text = "h\u00e9llo \u2713 " + "x" * 5000  # UTF-8 and longer than one buffer
@@ -101,7 +113,7 @@ def test_apache_thrift_client_calls_a_probe_provider(apache, appkey, providers):
     finally:
         transport.close()
     # A fresh connection is served as before.
-    again, _, transport = apache_client(service_module, provider.host, provider.port)
+    again, _, transport = apache_client(service_module, provider.host, provider.port, *dialect)
     try:
         assert again.say() == "hello world"
     finally:
@@ -126,24 +138,24 @@ class _StoppableServerSocket(TSocket.TServerSocket):
 
 
 class ApacheProvider(object):
-    """A TThreadedServer (binary protocol, buffered transport) on 127.0.0.1, with
-    its node registered under an appkey the way a probe provider registers."""
+    """A TThreadedServer (the dialect's transport and protocol) on 127.0.0.1, with
+    its node registered under an appkey the way a probe provider registers,
+    declaring its dialect."""
 
-    def __init__(self, apache, appkey, name="apache"):
+    def __init__(self, apache, appkey, name="apache", transport="buffered", protocol="binary"):
         service_module, ttypes = apache
         self.host, self.port = ADVERTISED_HOST, free_port()
         self._socket = _StoppableServerSocket(host=self.host, port=self.port)
         self._server = TServer.TThreadedServer(
             service_module.Processor(DemoServiceHandler(name, errors=ttypes)), self._socket,
-            TTransport.TBufferedTransportFactory(), TBinaryProtocol.TBinaryProtocolFactory(),
-            daemon=True)
+            _TRANSPORT_FACTORIES[transport](), _PROTOCOL_FACTORIES[protocol](), daemon=True)
         self._thread = threading.Thread(target=self._serve, name="apache-thrift", daemon=True)
         self._thread.start()
         wait_for(self._listening, message="the Apache Thrift server listening")
         self._zk = shared_zookeeper(load_settings().zookeeper)
         self.registration = Registration(
             self._zk, naming.node_path("dev", appkey, "DemoService", self.host, self.port),
-            naming.NodeSettings(self.host, self.port))
+            naming.NodeSettings(self.host, self.port, transport=transport, protocol=protocol))
         self.registration.register()
 
     def _serve(self):
@@ -176,8 +188,8 @@ class ApacheProvider(object):
 def apache_provider(apache, appkey):
     started = []
 
-    def start(name="apache"):
-        provider = ApacheProvider(apache, appkey, name)
+    def start(name="apache", transport="buffered", protocol="binary"):
+        provider = ApacheProvider(apache, appkey, name, transport, protocol)
         started.append(provider)
         return provider
 
@@ -186,8 +198,9 @@ def apache_provider(apache, appkey):
         provider.stop()
 
 
-def test_probe_client_calls_an_apache_thrift_server(appkey, apache_provider, clients):
-    apache_provider()
+@pytest.mark.parametrize("dialect", DIALECTS, ids="+".join)
+def test_probe_client_calls_an_apache_thrift_server(appkey, apache_provider, clients, dialect):
+    apache_provider("apache", *dialect)
     client = clients(appkey)
     wait_for(lambda: len(client.watcher.table) == 1, message="the Apache Thrift node")
     assert client.say() == "hello world"
@@ -207,11 +220,14 @@ def test_apache_and_probe_providers_side_by_side_behind_one_client(
         appkey, providers, apache_provider, clients):
     providers(appkey, name="probe")
     apache_provider("apache")
+    apache_provider("framed-compact", "framed", "compact")
     client = clients(appkey)
-    wait_for(lambda: len(client.watcher.table) == 2, message="both nodes")
+    wait_for(lambda: len(client.watcher.table) == 3, message="the three nodes")
     for node in client.watcher.table.nodes:
         assert node.host == ADVERTISED_HOST
-    assert {client.whoami() for _ in range(100)} == {"probe", "apache"}
+    assert {(n.transport, n.protocol) for n in client.watcher.table.nodes} == {
+        ("buffered", "binary"), ("framed", "compact")}
+    assert {client.whoami() for _ in range(150)} == {"probe", "apache", "framed-compact"}
     DemoError = load_module(IDL).DemoError
     for _ in range(20):  # either node: the same class, the same message
         with pytest.raises(DemoError) as declared:
