@@ -19,14 +19,14 @@ change callback (a kazoo thread) only schedules the pool clean-up on that loop.
 
 import asyncio
 import logging
-import struct
 import threading
 import time
 from types import ModuleType
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
+from thriftpy2.protocol import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
-from thriftpy2.transport import TCyMemoryBuffer
+from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
 
 from .. import metrics as call_metrics
 from .. import naming
@@ -37,6 +37,7 @@ from ..errors import NoAvailableNode, NodeUnreachable, ProbeError
 from ..idl import load_service, module_of
 from ..methodspec import method_specs
 from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
+from ..rpc.codec import codec_for
 from ..rpc.outcomes import CONNECTION_ERROR, OK, TIMEOUT
 from ..rpctls import client_context, is_refused_handshake
 from ..settings import DEFAULT_CONNECT_TIMEOUT, load_settings
@@ -45,20 +46,63 @@ from .pool import AsyncNodePool, ConnectFailed, ConnectionLost, ReplyTimeout
 log = logging.getLogger("probe.aio.client")
 
 DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024
-_SEQID_THEN_STOP = struct.Struct("!iB")
-_SEQID = struct.Struct("!i")
 _perf_counter = time.perf_counter
 
 
-class _Decoder(object):
-    """A memory buffer and the binary protocol over it, with `protocol` as
-    ProbeClient._recv_reply expects of a connection."""
+class _Wire(object):
+    """One dialect's requests and replies as bytes (probe.rpc.codec writes the
+    request; the frame length, when framed, is added here). Used between two awaits
+    only: one per client and dialect."""
 
-    __slots__ = ("membuf", "protocol")
+    __slots__ = ("framed", "compact", "send_call", "transport", "protocol", "_in", "_in_protocol")
 
-    def __init__(self) -> None:
-        self.membuf = TCyMemoryBuffer()
-        self.protocol = TCyBinaryProtocol(self.membuf)
+    def __init__(self, transport: str, protocol: str) -> None:
+        self.framed = transport == "framed"
+        self.compact = protocol == "compact"
+        self.send_call = codec_for(None, protocol).send_call
+        if self.compact:
+            self._in = self._in_protocol = None
+            self._fresh_output()
+        else:
+            self.transport = TCyMemoryBuffer()
+            self.protocol = TCyBinaryProtocol(self.transport)
+            self._in = TCyMemoryBuffer()
+            self._in_protocol = TCyBinaryProtocol(self._in)
+
+    def _fresh_output(self) -> None:
+        self.transport = TMemoryBuffer()
+        self.protocol = TCompactProtocol(self.transport)
+
+    def encode(self, method: Any, payload: Any, seqid: int) -> bytes:
+        self.send_call(self, method, payload, seqid)  # writes to self.transport
+        data = self.transport.getvalue()
+        if self.compact:
+            self._fresh_output()
+        else:
+            self.transport.clean()
+        if self.framed:
+            return len(data).to_bytes(4, "big") + data
+        return data
+
+    def reader(self, reply: bytes) -> Any:
+        """Something with a `protocol` reading `reply` (ProbeClient._recv_reply's
+        view of a connection)."""
+        body = reply[4:] if self.framed else reply
+        if self.compact:
+            return _Reader(TCompactProtocol(TMemoryBuffer(body)))
+        self._in.setvalue(body)
+        return _Reader(self._in_protocol)
+
+    def done(self) -> None:
+        if self._in is not None:
+            self._in.clean()
+
+
+class _Reader(object):
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
 
 
 class _AsyncMethod(_ClientMethod):
@@ -118,8 +162,7 @@ class AsyncProbeClient(object):
         self._health = {}
         self._health_lock = threading.Lock()  # uncontended: only the loop's thread takes it
         self._closed = False
-        self._decoder = _Decoder()
-        self._encoder = _Decoder()
+        self._wires = {}  # type: Dict[tuple, _Wire]
         self.balancer = make_balancer(balancer, inflight=self._inflight_of)
         self._pick = self.balancer.pick
         self._track_inflight = self.balancer.name == "least_inflight"
@@ -223,8 +266,9 @@ class AsyncProbeClient(object):
             if self._health:
                 self._connected(node)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
+            wire = pool.wire
             try:
-                conn.send(self._encode(method, payload, seqid, pool.transport == "framed"), loop)
+                conn.send(wire.encode(method, payload, seqid), loop)
             except ConnectionLost as exc:
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
             if method.oneway:
@@ -245,12 +289,10 @@ class AsyncProbeClient(object):
                         "TLS handshake with %s:%d refused (node %s of %s/%s)" % (
                             node.host, node.port, node.name, self.appkey, self.service_name)))
                 return CONNECTION_ERROR, None, _Retryable(False, exc)
-            decoder = self._decoder
-            decoder.membuf.setvalue(reply[4:] if pool.transport == "framed" else reply)
             try:
-                outcome = self._recv_reply(decoder, method, seqid, node)
+                outcome = self._recv_reply(wire.reader(reply), method, seqid, node)
             finally:
-                decoder.membuf.clean()
+                wire.done()
             status = outcome[0]
             reusable = status != CONNECTION_ERROR
             return outcome
@@ -269,25 +311,16 @@ class AsyncProbeClient(object):
             if self._track_inflight:
                 self._inflight[node.name] -= 1
 
-    def _encode(self, method: _AsyncMethod, payload: Any, seqid: int, framed: bool) -> bytes:
-        """One request in the binary protocol (framed: with its length first)."""
-        if payload is None:
-            data = method.header + _SEQID_THEN_STOP.pack(seqid, 0)
-        else:
-            membuf = self._encoder.membuf
-            membuf.write(method.header + _SEQID.pack(seqid))
-            self._encoder.protocol.write_struct(payload)
-            data = membuf.getvalue()
-            membuf.clean()
-        if framed:
-            return len(data).to_bytes(4, "big") + data
-        return data
-
     # -- pools, routing-table changes ------------------------------------------
     def _pool_for(self, node: Any) -> AsyncNodePool:
         pool = AsyncNodePool(node.host, node.port, self.connect_timeout / 1000.0, self.max_idle,
                              self.ssl_context, getattr(node, "transport", "buffered"),
                              getattr(node, "protocol", "binary"), self.max_message_bytes)
+        dialect = (pool.transport, pool.protocol)
+        wire = self._wires.get(dialect)
+        if wire is None:
+            wire = self._wires[dialect] = _Wire(*dialect)
+        pool.wire = wire
         self._pools[node.name] = pool
         return pool
 

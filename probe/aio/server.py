@@ -31,7 +31,7 @@ from .. import metrics as call_metrics
 from .. import naming
 from ..errors import ProbeError
 from ..idl import load_service
-from ..messagelimits import NEED_MORE, MessageRejected
+from ..messagelimits import NEED_MORE, MessageRejected, scanner_for
 from ..methodspec import method_specs
 from ..naming import NodeSettings
 from ..peerwarnings import PeerWarnings
@@ -43,7 +43,6 @@ from ..server import (DEFAULT_CONNECT_TIMEOUT_MS, _check_int, _check_number, adv
 from ..settings import load_settings
 from ..thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                             DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH, _invoker)
-from .framing import scanner_for
 
 log = logging.getLogger("probe.aio.server")
 
@@ -151,7 +150,7 @@ class _Connection(asyncio.Protocol):
             scanner = self.scanner
             if scanner is None:
                 scanner = self.scanner = scanner_for(buf[0], server.max_message_bytes, MAX_DEPTH)
-                self.framed = scanner.framed
+                self.framed = scanner.header == 4
             end = scanner.scan(buf)
         except MessageRejected as exc:
             server.protocol_errors += 1
