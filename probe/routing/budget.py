@@ -54,7 +54,7 @@ class RetryBudget(object):
         self._lock = threading.Lock()
         self._deposits = 0  # calls deposited since the start (written without the lock)
         self._counted = 0  # of them, already turned into tokens
-        self._tokens = 0.0
+        self._tokens = self.max_banked  # a new client may retry at once (as Finagle)
         self._at = clock()
         self.withdrawn = 0  # retries allowed
         self.refused = 0  # retries refused: the budget was spent
