@@ -335,6 +335,7 @@ class ServiceHealth(object):
                 states = dict(self._states)
                 states[name] = state
                 self._states = states
+                self._invalidate()  # the view's expiry may depend on it (latency factors)
             return state
 
     def _invalidate(self) -> None:
