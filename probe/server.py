@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Union
 
 from . import metrics as call_metrics
 from . import naming
@@ -26,6 +26,7 @@ from .idl import load_service
 from .naming import NodeSettings
 from .nodestore import NodeStore
 from .registry import Registration, release_zookeeper, shared_zookeeper
+from .rpc.overload import make_limiter
 from .rpctls import server_context
 from .settings import load_settings, outbound_ip
 from .thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
@@ -153,7 +154,9 @@ class Provider(object):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  worker_threads: int = DEFAULT_WORKER_THREADS,
                  transport: str = "buffered",
-                 protocol: str = "binary") -> None:
+                 protocol: str = "binary",
+                 max_inflight: Optional[int] = None,
+                 max_inflight_per_method: Union[None, int, Mapping[str, int]] = None) -> None:
         naming.check_service_name(service_name)
         naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
@@ -186,6 +189,9 @@ class Provider(object):
                                                     stats_interval, stats_ttl, slow_call_ms,
                                                     port_from_env=True)
         self.service = load_service(thrift_path, service_name)
+        # Checked here, with the service's method names known, before anything starts.
+        self.limiter = make_limiter(max_inflight, max_inflight_per_method,
+                                    self.service.thrift_services)
         self.thrift_path = thrift_path
         self.appkey = appkey
         self.service_name = service_name
@@ -244,7 +250,7 @@ class Provider(object):
         self.host = advertised_host(settings, zk_settings, self.advertise_host)
         self.server = ThriftServer(self.service, self.handler, self.bind_host, self.requested_port,
                                    observe=self.observe, ssl_context=self.ssl_context,
-                                   **self.limits)
+                                   limiter=self.limiter, **self.limits)
         raise_fd_limit(self.limits["max_connections"])
         try:
             self.server.bind()
@@ -398,7 +404,10 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   worker_threads: int = DEFAULT_WORKER_THREADS,
                   transport: str = "buffered",
-                  protocol: str = "binary") -> "Provider":
+                  protocol: str = "binary",
+                  max_inflight: Optional[int] = None,
+                  max_inflight_per_method: Union[None, int, Mapping[str, int]] = None
+                  ) -> "Provider":
     """Register `handler` as a node of `service_name` under `appkey` and serve it.
 
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
@@ -451,6 +460,12 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
         use.
     :param protocol: the protocol the node advertises, ``"binary"`` (default) or
         ``"compact"``; both are accepted either way.
+    :param max_inflight: calls running at once per process, all methods together
+        (default: no cap). A call beyond it is not run: it gets the "overloaded,
+        not executed" reply at once (`probe.rpc.overload`), which probe consumers
+        retry on another node even for non-idempotent methods.
+    :param max_inflight_per_method: the same cap per method: an int for every
+        method, or ``{method: calls}`` for the methods named.
     """
     provider = Provider(thrift_path, appkey, service_name, handler, port,
                         bind_host=bind_host, advertise_host=advertise_host,
@@ -463,7 +478,8 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                         max_connections=max_connections, idle_timeout=idle_timeout,
                         read_timeout=read_timeout, max_message_bytes=max_message_bytes,
                         worker_threads=worker_threads, transport=transport,
-                        protocol=protocol)
+                        protocol=protocol, max_inflight=max_inflight,
+                        max_inflight_per_method=max_inflight_per_method)
     if not block:
         return provider.start()
     _setup_file_log(provider.settings, appkey, service_name)

@@ -158,8 +158,11 @@ def test_method_timeout_and_reply_timeout(appkey):
         client = await client_for(appkey, socket_timeout=5000, timeouts={"slow": 100}, retries=0)
         try:
             from probe.aio import ReplyTimeout
-            with pytest.raises(ReplyTimeout):
+            from probe.errors import NodeCallFailed
+            with pytest.raises(NodeCallFailed) as failed:
                 await client.slow(1000)
+            assert isinstance(failed.value.__cause__, ReplyTimeout)
+            assert failed.value.type == failed.value.TIMED_OUT
             assert await client.slow(10) == "slept 10 ms"
         finally:
             await client.close()

@@ -7,11 +7,13 @@ a pooled connection of that node (probe.aio.pool: one call per connection, as ma
 connections as calls in flight) → write the request, await the reply → put the
 connection back, or close it after any failure, timeout or cancellation.
 
-Failover is the threaded client's: a failure before the request left (connect
-refused, a pooled connection found closed) moves to another node for any method;
-one after it left (timeout, reset while waiting) only for idempotent methods.
-Node health (consecutive connect failures eject a node with backoff) is the
-threaded client's too, shared by borrowing its methods.
+Governance is the threaded client's, by the same engines: node health
+(probe.routing.health: ejection, panic mode, half-open probes, latency scaling),
+the retry budget (probe.routing.budget), per-method timeouts, overload replies
+retried elsewhere. Failover: a failure before the request left (connect refused,
+a pooled connection found closed, an overload reply) moves to another node for
+any method; one after it left (timeout, reset while waiting) only for idempotent
+methods.
 
 Threading: everything runs on the loop that built the client; the watcher's
 change callback (a kazoo thread) only schedules the pool clean-up on that loop.
@@ -19,7 +21,6 @@ change callback (a kazoo thread) only schedules the pool clean-up on that loop.
 
 import asyncio
 import logging
-import threading
 import time
 from types import ModuleType
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
@@ -32,13 +33,18 @@ from .. import metrics as call_metrics
 from .. import naming
 from ..balancer import make_balancer
 from ..client import (Observer, ProbeClient, _check_client_options, _check_number, _ClientMethod,
-                      _idempotent_names, _Retryable)
-from ..errors import NoAvailableNode, NodeUnreachable, ProbeError
+                      _health_policy, _idempotent_names, _method_timeouts, _retry_budget,
+                      _Retryable)
+from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from ..idl import load_service, module_of
 from ..methodspec import method_specs
 from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from ..rpc.codec import codec_for
-from ..rpc.outcomes import CONNECTION_ERROR, OK, TIMEOUT
+from ..peerwarnings import PeerWarnings
+from ..routing.budget import RetryBudget
+from ..routing.health import HealthPolicy, ServiceHealth
+from ..rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, NOT_SENT, OK, OVERLOADED, TIMEOUT
+from ..rpc.overload import is_overload_reply
 from ..rpctls import client_context, is_refused_handshake
 from ..settings import DEFAULT_CONNECT_TIMEOUT, load_settings
 from .pool import AsyncNodePool, ConnectFailed, ConnectionLost, ReplyTimeout
@@ -105,17 +111,6 @@ class _Reader(object):
         self.protocol = protocol
 
 
-class _AsyncMethod(_ClientMethod):
-    """A method as the asyncio client calls it: the threaded client's, plus its
-    reply timeout in seconds."""
-
-    __slots__ = ("timeout",)
-
-    def __init__(self, spec: Any, idempotent: bool, timeout: float) -> None:
-        _ClientMethod.__init__(self, spec, idempotent)
-        self.timeout = timeout
-
-
 class AsyncProbeClient(object):
     """The asyncio client of one service: one coroutine attribute per thrift method.
 
@@ -123,20 +118,19 @@ class AsyncProbeClient(object):
     calls may be in flight at once. ``await client.close()`` releases it.
     """
 
-    # Node health and routing helpers shared with the threaded client (same state names).
-    _connect_failed = ProbeClient._connect_failed
-    _connected = ProbeClient._connected
-    _avoid_ejected = ProbeClient._avoid_ejected
+    # The threaded client's reply reader and health figures (same state names).
     _recv_reply = staticmethod(ProbeClient._recv_reply)
+    health_report = ProbeClient.health_report
 
     def __init__(self, service: Any, appkey: str, service_name: str, env: str,
                  watcher: ServiceWatcher, zk: Any, loop: asyncio.AbstractEventLoop,
                  socket_timeout: float = 500, connect_timeout: Optional[float] = None,
                  balancer: str = "weighted_random", retries: int = 2,
-                 idempotent: Union[bool, str, Iterable[str]] = False, eject_after: int = 3,
-                 eject_backoff: float = 1.0, max_idle: int = 64,
+                 idempotent: Union[bool, str, Iterable[str]] = False, max_idle: int = 64,
                  observe: Optional[Observer] = None, recorder: Any = None,
-                 ssl_context: Any = None, timeouts: Optional[Mapping[str, float]] = None,
+                 ssl_context: Any = None, health: Optional[ServiceHealth] = None,
+                 retry_budget: Optional[RetryBudget] = None,
+                 timeouts: Optional[Mapping[str, float]] = None,
                  max_message_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
         self._service = service
         self.appkey = appkey
@@ -148,8 +142,6 @@ class AsyncProbeClient(object):
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout or socket_timeout
         self.retries = int(retries)
-        self.eject_after = int(eject_after)
-        self.eject_backoff = float(eject_backoff)
         self.max_idle = max_idle
         self.max_message_bytes = max_message_bytes
         self.observe = observe
@@ -159,20 +151,27 @@ class AsyncProbeClient(object):
         self.stats_target = None
         self._pools = {}  # type: Dict[str, AsyncNodePool]
         self._inflight = {}  # type: Dict[str, int]
-        self._health = {}
-        self._health_lock = threading.Lock()  # uncontended: only the loop's thread takes it
         self._closed = False
         self._wires = {}  # type: Dict[tuple, _Wire]
-        self.balancer = make_balancer(balancer, inflight=self._inflight_of)
+        # Node health (None: off) and the retry budget (None: only `retries` bounds them).
+        self.health = health
+        self.retry_budget = retry_budget
+        self.budget_exhausted = 0
+        self.node_warnings = PeerWarnings(
+            log, interval=health.policy.warn_interval_s if health is not None else 10.0)
+        self.balancer = make_balancer(balancer, inflight=self._inflight_of,
+                                      cost=health.cost if health is not None else None)
         self._pick = self.balancer.pick
         self._track_inflight = self.balancer.name == "least_inflight"
+        if health is not None and self.balancer.name == "p2c_ewma":
+            health.track_inflight = True
         specs = method_specs(service)
         idempotent_names = _idempotent_names(idempotent, list(specs))
         timeouts = dict(timeouts or {})
         self._methods = {}
         for name, spec in specs.items():
-            method = _AsyncMethod(spec, name in idempotent_names,
-                                  timeouts.get(name, socket_timeout) / 1000.0)
+            method = _ClientMethod(spec, name in idempotent_names,
+                                   timeouts.get(name, socket_timeout) / 1000.0)
             self._methods[name] = method
             # 'close' is the client's own coroutine; the RPC is 'tclose', as in probe.client.
             setattr(self, "tclose" if name == "close" else name, self._bind(method))
@@ -183,7 +182,7 @@ class AsyncProbeClient(object):
         """The thriftpy2 module of the IDL (its structs and declared exceptions)."""
         return module_of(self._service)
 
-    def _bind(self, method: _AsyncMethod) -> Any:
+    def _bind(self, method: _ClientMethod) -> Any:
         call = self._call
 
         async def rpc(*args: Any, **kwargs: Any) -> Any:
@@ -206,7 +205,7 @@ class AsyncProbeClient(object):
         await self.close()
 
     # -- the call path -------------------------------------------------------
-    async def _call(self, method: _AsyncMethod, args: tuple, kwargs: dict) -> Any:
+    async def _call(self, method: _ClientMethod, args: tuple, kwargs: dict) -> Any:
         if self._closed:
             raise ProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
         if args or kwargs or not method.takes_nothing:
@@ -218,6 +217,10 @@ class AsyncProbeClient(object):
             payload = None
         state = self.recorder.thread_state() if self.recorder is not None else None
         watcher = self.watcher
+        health = self.health
+        budget = self.retry_budget
+        if budget is not None:
+            budget.deposit()
         tried = None
         attempt = 0
         while True:
@@ -225,9 +228,10 @@ class AsyncProbeClient(object):
             if table.refresh_at is not None and time.time() >= table.refresh_at:
                 watcher.refresh()
                 table = watcher.table
-            node = self._pick(table, tried)
-            if self._health and node.name in self._health:
-                node = self._avoid_ejected(table, node, tried)
+            if health is None:
+                node = self._pick(table, tried)
+            else:
+                node = health.choose(table, self._pick, tried)
             status, value, error = await self._attempt(node, method, payload, state)
             if error is None:
                 return value
@@ -236,40 +240,48 @@ class AsyncProbeClient(object):
             attempt += 1
             if attempt > self.retries or not (error.before_send or method.idempotent):
                 raise error.error
+            if budget is not None and not budget.try_withdraw():
+                self.budget_exhausted += 1
+                log.debug("%s.%s failed on %s; the retry budget is spent: not retried",
+                          self.service_name, method.name, node.name)
+                raise error.error
             tried = (tried or set()) | {node.name}
             if len(tried) >= len(table.nodes):
                 tried = None
             log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
                      method.name, node.name, error.error, attempt, self.retries)
 
-    async def _attempt(self, node: Any, method: _AsyncMethod, payload: Any, state: Any) -> tuple:
+    async def _attempt(self, node: Any, method: _ClientMethod, payload: Any, state: Any) -> tuple:
         """One try on one node: (status, value, error) as in the threaded client. The
-        one place an attempt is observed and its connection released or closed
-        (closed after anything but a clean exchange, cancellation included)."""
+        one place an attempt is observed (metrics, node health, `observe`) and its
+        connection released or closed (closed after anything but a clean exchange,
+        cancellation included)."""
         pool = self._pools.get(node.name)
         if pool is None:
             pool = self._pool_for(node)
+        health = self.health
+        if health is not None and health.track_inflight:
+            health.begin(node)
         if self._track_inflight:
             self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
         loop = self._loop
         conn = None
         reusable = False
         status = CONNECTION_ERROR
+        verdict = None  # what node health hears, when it is not `status`
         started = _perf_counter()
         try:
             try:
                 conn = await pool.acquire(loop)
             except ConnectFailed as exc:
-                self._connect_failed(node)
                 return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
                     "%s (node %s of %s/%s)" % (exc, node.name, self.appkey, self.service_name)))
-            if self._health:
-                self._connected(node)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
             wire = pool.wire
             try:
                 conn.send(wire.encode(method, payload, seqid), loop)
             except ConnectionLost as exc:
+                verdict = NOT_SENT  # found closed before our bytes went: nothing ran
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
             if method.oneway:
                 reusable = True
@@ -277,24 +289,33 @@ class AsyncProbeClient(object):
                 return OK, None, None
             try:
                 reply = await conn.reply(method.timeout, loop)
-            except ReplyTimeout:
-                status = TIMEOUT
-                return TIMEOUT, None, _Retryable(False, ReplyTimeout(
-                    "%s.%s: no reply from %s within %g ms" % (
-                        self.service_name, method.name, node.name, method.timeout * 1000)))
-            except ConnectionLost as exc:
-                if exc.cause is not None and is_refused_handshake(exc.cause):
-                    self._connect_failed(node)
+            except (ReplyTimeout, ConnectionLost) as exc:
+                if exc.__class__ is ConnectionLost and exc.cause is not None \
+                        and is_refused_handshake(exc.cause):
+                    # TLS 1.3: the provider refused our certificate; no handler ran.
                     return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
                         "TLS handshake with %s:%d refused (node %s of %s/%s)" % (
                             node.host, node.port, node.name, self.appkey, self.service_name)))
-                return CONNECTION_ERROR, None, _Retryable(False, exc)
+                status = TIMEOUT if exc.__class__ is ReplyTimeout else CONNECTION_ERROR
+                failed = NodeCallFailed(node.name, "%s/%s" % (self.appkey, self.service_name),
+                                        method.name, exc)
+                failed.__cause__ = exc
+                if not self.node_warnings.warn(node.name, "%s (further failures on this node "
+                                               "are not logged for a while)", failed):
+                    log.debug("%s", failed)
+                return status, None, _Retryable(False, failed)
             try:
                 outcome = self._recv_reply(wire.reader(reply), method, seqid, node)
             finally:
                 wire.done()
             status = outcome[0]
             reusable = status != CONNECTION_ERROR
+            if status == APPLICATION_ERROR:
+                if is_overload_reply(outcome[2]):
+                    status = OVERLOADED  # nothing ran on the node: any method may go elsewhere
+                    return OVERLOADED, None, _Retryable(True, outcome[2])
+                if not outcome[2].type:
+                    verdict = OK  # the handler raised TApplicationException(UNKNOWN): an answer
             return outcome
         finally:
             ended = _perf_counter()
@@ -304,6 +325,8 @@ class AsyncProbeClient(object):
                 else:
                     pool.discard(conn)
             seconds = ended - started
+            if health is not None:
+                health.end(node, verdict or status, seconds)
             if state is not None:
                 self.recorder.observe_in(state, method.name, node.name, status, seconds)
             if self.observe is not None:
@@ -340,9 +363,8 @@ class AsyncProbeClient(object):
         for name, pool in list(self._pools.items()):
             if live.get(name) != (pool.host, pool.port, pool.transport, pool.protocol):
                 self._pools.pop(name).close()
-        if any(name not in live for name in self._health):
-            with self._health_lock:
-                self._health = {name: h for name, h in self._health.items() if name in live}
+        if self.health is not None:
+            self.health.forget(live)
 
     async def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""
@@ -350,6 +372,8 @@ class AsyncProbeClient(object):
             return
         self._closed = True
         self.watcher.close()
+        if self.recorder is not None:
+            self.recorder.forget_health_source(self)
         pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.close()
@@ -364,28 +388,17 @@ class AsyncProbeClient(object):
             await loop.run_in_executor(None, release_zookeeper, zk)
 
 
-def _check_timeouts(service: Any, timeouts: Optional[Mapping[str, float]]) -> None:
-    if timeouts is None:
-        return
-    if not isinstance(timeouts, Mapping):
-        raise ProbeError("timeouts must be a mapping {method: ms}, got %r" % (timeouts,))
-    names = set(service.thrift_services)
-    for name, value in timeouts.items():
-        if name not in names:
-            raise ProbeError("timeouts names an unknown method %r (the service has: %s)"
-                             % (name, ", ".join(sorted(names))))
-        _check_number("timeouts[%r]" % name, value, 0, "ms", allow_equal=False)
-
-
 async def build_client(thrift_path: str, appkey: str, service_name: str,
                        socket_timeout: float = 500, *,
                        connect_timeout: Optional[float] = None,
                        balancer: str = "weighted_random",
                        retries: int = 2,
                        idempotent: Union[bool, str, Iterable[str]] = False,
+                       eject_after: Optional[int] = None,
+                       eject_backoff: Optional[float] = None,
+                       health: Union[bool, HealthPolicy] = True,
+                       retry_budget: Union[bool, RetryBudget] = True,
                        timeouts: Optional[Mapping[str, float]] = None,
-                       eject_after: int = 3,
-                       eject_backoff: float = 1.0,
                        max_idle: int = 64,
                        max_message_bytes: int = DEFAULT_MAX_REPLY_BYTES,
                        warmup: float = 0.0,
@@ -405,11 +418,9 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
     awaited this.
 
     The options are those of :func:`probe.client.build_client` (same names, units
-    and defaults; ``socket_timeout``, ``connect_timeout`` and ``timeouts`` in ms),
-    plus:
+    and defaults; ``socket_timeout``, ``connect_timeout`` and ``timeouts`` in ms;
+    node ``health``, ``retry_budget``, ``balancer`` including ``"p2c_ewma"``), plus:
 
-    :param timeouts: ``{method: ms}``: a method's own reply timeout instead of
-        ``socket_timeout``.
     :param max_message_bytes: the largest reply accepted (64 MiB); a bigger one
         closes its connection and fails the call.
     :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
@@ -419,10 +430,14 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
     service = load_service(thrift_path, service_name)
     client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
                           balancer=balancer, retries=retries, idempotent=idempotent,
-                          eject_after=eject_after, eject_backoff=eject_backoff,
                           max_idle=max_idle, observe=observe)
-    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **client_options)
-    _check_timeouts(service, timeouts)
+    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout,
+                          eject_after=eject_after, eject_backoff=eject_backoff, **client_options)
+    policy = _health_policy(health, eject_after, eject_backoff)
+    if balancer == "p2c_ewma" and policy is None:
+        raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
+    budget = _retry_budget(retry_budget)
+    client_options["timeouts"] = _method_timeouts(timeouts, service.thrift_services)
     _check_number("max_message_bytes", max_message_bytes, 64, "bytes", integer=True)
     given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
              "stats_interval": stats_interval, "stats_ttl": stats_ttl,
@@ -444,9 +459,14 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
     try:
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
+        engine = None if policy is None else ServiceHealth(
+            policy, describe="%s/%s" % (appkey, service_name))
         client = AsyncProbeClient(service, appkey, service_name, settings.env, watcher, zk, loop,
-                                  recorder=recorder, ssl_context=ssl_context, timeouts=timeouts,
-                                  max_message_bytes=max_message_bytes, **client_options)
+                                  recorder=recorder, ssl_context=ssl_context, health=engine,
+                                  retry_budget=budget, max_message_bytes=max_message_bytes,
+                                  **client_options)
+        if recorder is not None:
+            recorder.add_health_source(client)
         await loop.run_in_executor(None, watcher.start)
     except BaseException:
         await loop.run_in_executor(None, release_zookeeper, zk)

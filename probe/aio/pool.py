@@ -20,6 +20,8 @@ import time
 from collections import deque
 from typing import Any, Optional
 
+from thriftpy2.transport import TTransportException
+
 from ..errors import ProbeError
 from ..messagelimits import NEED_MORE, MessageRejected
 from .framing import reply_scanner
@@ -41,7 +43,10 @@ class ConnectionLost(ProbeError, ConnectionError):
 
 
 class ReplyTimeout(ProbeError, TimeoutError):
-    """No complete reply within the call's timeout."""
+    """No complete reply within the call's timeout (callers get it as the cause of
+    a probe.errors.NodeCallFailed, whose `type` is then TIMED_OUT)."""
+
+    type = TTransportException.TIMED_OUT
 
 
 class AsyncConnection(asyncio.Protocol):

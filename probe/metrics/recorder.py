@@ -78,6 +78,9 @@ class Recorder(object):
         # Called when a thread records its first call here: the process state uses
         # it to restart its background thread in a forked child.
         self.on_new_thread = None
+        # Client side: objects with `health_report()` (probe clients) whose node
+        # health this recorder's labels expose; not forgotten by a fork.
+        self.health_sources = []
         self.start_over()
 
     def start_over(self):
@@ -88,6 +91,19 @@ class Recorder(object):
         self._retired = {}
         self._adopted = 0
         self._labels = {}
+
+    def add_health_source(self, source):
+        """Expose `source.health_report()` under this recorder's labels."""
+        with self._lock:
+            self.health_sources = self.health_sources + [source]
+
+    def forget_health_source(self, source):
+        with self._lock:
+            self.health_sources = [s for s in self.health_sources if s is not source]
+
+    def health_reports(self):
+        """The current reports of this recorder's health sources."""
+        return [source.health_report() for source in self.health_sources]
 
     def __repr__(self):
         return "<Recorder %s %s/%s %s>" % (self.side, self.appkey, self.service, self.node or "")
