@@ -95,7 +95,12 @@ class RetryBudget(object):
         # timestamped: over a longer gap they count pro rata), so a busy client is
         # never held to `max_banked` alone while savings cannot pile up.
         recent = earned if elapsed <= 1.0 else earned / elapsed
-        return min(tokens + earned + elapsed * self.min_per_second, self.max_banked + recent)
+        # The cap stops growth only: tokens banked by an earlier refill are not taken
+        # back by the next withdrawal (a burst of failures at once, as an asyncio
+        # client with many calls in flight sees when a node dies, would otherwise get
+        # max_banked retries in all).
+        cap = max(self.max_banked + recent, tokens)
+        return min(tokens + earned + elapsed * self.min_per_second, cap)
 
 
 __all__ = ["RetryBudget"]
