@@ -497,3 +497,171 @@ def test_retry_budget_covers_a_burst_of_failures_at_one_instant():
     now[0] += 1.0
     assert sum(budget.try_withdraw() for _ in range(150)) == 150  # 20% of 1000 + banked
     assert sum(budget.try_withdraw() for _ in range(200)) < 70     # then it is spent
+
+
+# -- dialects, overload, TLS, metrics, drain -----------------------------------------
+
+def test_async_provider_advertises_a_dialect_and_every_client_speaks_it(appkey, looped):
+    from thriftpy2.protocol import TCompactProtocolFactory
+    from thriftpy2.rpc import make_client
+    from thriftpy2.transport import TFramedTransportFactory
+    from probe.client import build_client as build_sync
+    served = looped(appkey, transport="framed", protocol="compact")
+
+    async def main():
+        client = await client_for(appkey)
+        try:
+            node = client.watcher.table.nodes[0]
+            assert (node.transport, node.protocol) == ("framed", "compact")
+            assert await client.add(40, 2) == 42
+            with pytest.raises(demo.DemoError):
+                await client.fail("compact")
+            replies = await asyncio.gather(*[client.echo("c%d" % i) for i in range(30)])
+            assert replies == ["c%d" % i for i in range(30)]
+        finally:
+            await client.close()
+    looped.loop.run(main())  # the client on the provider's loop: both share it
+    sync = build_sync(IDL, appkey, "DemoService")
+    try:
+        wait_for(lambda: len(sync.watcher.table) == 1, message="routed")
+        assert sync.echo("sync framed compact") == "sync framed compact"
+    finally:
+        sync.close()
+    # Whatever it advertises, the port takes every dialect (first bytes tell).
+    for transport, protocol in ((None, None), (TFramedTransportFactory(), None),
+                                (None, TCompactProtocolFactory())):
+        options = {"timeout": 5000}
+        if transport is not None:
+            options["trans_factory"] = transport
+        if protocol is not None:
+            options["proto_factory"] = protocol
+        raw = make_client(demo.DemoService, "127.0.0.1", served.port, **options)
+        try:
+            assert raw.add(1, 2) == 3
+        finally:
+            raw.close()
+
+
+def test_overload_reply_moves_a_non_idempotent_call_to_another_node(appkey):
+    async def main():
+        capped = await provider(appkey, name="capped", max_inflight=1)
+        other = await provider(appkey, name="other")
+        client = await client_for(appkey, nodes=2, socket_timeout=5000)
+        try:
+            replies = await asyncio.gather(*[client.slow(100) for _ in range(20)])
+            assert replies == ["slept 100 ms"] * 20  # not idempotent, none failed
+            assert capped.server.stats()["overloaded"] >= 1
+            assert capped.handler.most_inflight == 1
+            assert capped.handler.calls + other.handler.calls == 20
+        finally:
+            await client.close()
+            await capped.stop()
+            await other.stop()
+    asyncio.run(main())
+
+
+def test_mutual_tls_between_async_client_and_async_provider(secure_config, secure_appkey):
+    from probe.client import build_client as build_sync
+
+    async def main():
+        served = await provider(secure_appkey, config_path=secure_config, env="dev")
+        client = await client_for(secure_appkey, config_path=secure_config, env="dev",
+                                  snapshot_dir=False)
+        try:
+            assert await client.say() == "hello world"
+            results = await asyncio.gather(*[client.add(i, i) for i in range(50)])
+            assert results == [2 * i for i in range(50)]
+            pool = next(iter(client._pools.values()))
+            assert pool.created <= 50
+            # A plaintext client gets nothing through the TLS-only port.
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(_header("say") + b"\x00")
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            # The threaded probe client reaches the async provider over TLS too.
+            loop = asyncio.get_running_loop()
+            sync = await loop.run_in_executor(None, lambda: build_sync(
+                IDL, secure_appkey, "DemoService", config_path=secure_config, env="dev",
+                snapshot_dir=False))
+            try:
+                await until(lambda: len(sync.watcher.table) == 1)
+                assert await loop.run_in_executor(None, sync.say) == "hello world"
+            finally:
+                sync.close()
+        finally:
+            await client.close()
+            await served.stop()
+    asyncio.run(main())
+
+
+def test_metrics_count_calls_on_both_sides(appkey):
+    from prometheus_client import REGISTRY
+
+    def total(side, status=None):
+        count = 0.0
+        for family in REGISTRY.collect():
+            for sample in family.samples:
+                if sample.name == "probe_%s_requests_total" % side \
+                        and sample.labels.get("appkey") == appkey \
+                        and (status is None or sample.labels.get("status") == status):
+                    count += sample.value
+        return count
+
+    async def main():
+        served = await provider(appkey)
+        client = await client_for(appkey)
+        try:
+            await asyncio.gather(*[client.say() for _ in range(30)])
+            with pytest.raises(demo.DemoError):
+                await client.fail("counted")
+        finally:
+            await client.close()
+            await served.stop()
+    asyncio.run(main())
+    assert total("client") == 31 and total("client", "exception") == 1
+    assert total("server") == 31 and total("server", "ok") == 30
+
+
+def test_stop_deregisters_then_drains_calls_in_flight(appkey):
+    async def main():
+        served = await provider(appkey, shutdown_grace=0.3)
+        client = await client_for(appkey, socket_timeout=5000)
+        try:
+            calls = [asyncio.ensure_future(client.slow(500)) for _ in range(5)]
+            await until(lambda: served.handler.inflight == 5, message="5 calls running")
+            await served.stop()
+            assert [await call for call in calls] == ["slept 500 ms"] * 5  # drained, not cut
+            await until(lambda: len(client.watcher.table.all_nodes) == 0, message="deregistered")
+            assert served.stopped
+        finally:
+            await client.close()
+    asyncio.run(main())
+
+
+def test_start_service_runs_until_cancelled_and_refuses_bad_options(appkey):
+    from probe.aio import start_service
+
+    async def main():
+        started = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(start_service(
+            IDL, appkey, "DemoService", AsyncDemoHandler("svc"), port=0, shutdown_grace=0,
+            on_started=started.set_result))
+        served = await asyncio.wait_for(started, 30)
+        client = await client_for(appkey)
+        try:
+            assert await client.whoami() == "svc"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert served.stopped
+            await until(lambda: len(client.watcher.table.all_nodes) == 0, message="deregistered")
+        finally:
+            await client.close()
+    asyncio.run(main())
+    for bad in ({"max_connections": 0}, {"read_timeout": -1}, {"transport": "zmq"},
+                {"max_message_bytes": "4MB"}, {"max_inflight": 0}):
+        with pytest.raises(ProbeError):
+            asyncio.run(start_service(IDL, appkey, "DemoService", AsyncDemoHandler(), **bad))
+    with pytest.raises(ProbeError):  # an appkey MySQL does not know: refused before serving
+        asyncio.run(start_service(IDL, "no_such_" + appkey, "DemoService", AsyncDemoHandler(),
+                                  port=0))

@@ -20,7 +20,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 
 from thriftpy2.protocol import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
@@ -36,7 +36,8 @@ from ..methodspec import method_specs
 from ..naming import NodeSettings
 from ..peerwarnings import PeerWarnings
 from ..registry import release_zookeeper
-from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK
+from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
+from ..rpc.overload import make_limiter, overload_reply, unforgeable
 from ..rpctls import server_context
 from ..server import (DEFAULT_CONNECT_TIMEOUT_MS, _check_int, _check_number, advertised_host,
                       check_stores, node_zookeeper_settings, raise_fd_limit, register_node)
@@ -216,8 +217,9 @@ class AsyncThriftServer(object):
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 backlog: int = 1024, ssl_context: Any = None) -> None:
+                 backlog: int = 1024, ssl_context: Any = None, limiter: Any = None) -> None:
         self.service_name = service.__name__
+        self.limiter = limiter  # probe.rpc.overload.InflightLimiter, or None: no cap
         missing = [name for name in service.thrift_services
                    if not callable(getattr(handler, name, None))]
         if missing:
@@ -262,7 +264,8 @@ class AsyncThriftServer(object):
         """Counters for tests and operators."""
         return {"connections": len(self.connections), "inflight": self.inflight,
                 "calls": self.calls, "rejected": self.rejected,
-                "protocol_errors": self.protocol_errors, "timed_out": self.timed_out}
+                "protocol_errors": self.protocol_errors, "timed_out": self.timed_out,
+                "overloaded": self.limiter.refused if self.limiter is not None else 0}
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -329,6 +332,14 @@ class AsyncThriftServer(object):
             conn.replied(self._exception(codec, name, seqid, framed, TApplicationException(
                 TApplicationException.UNKNOWN_METHOD, "unknown method %r" % name)))
             return
+        limiter = self.limiter
+        if limiter is not None:
+            refused = limiter.enter(name)
+            if refused is not None:  # over a cap: answer at once, run nothing
+                self._observe(name, OVERLOADED, _perf_counter())
+                conn.replied(None if spec.oneway else self._exception(
+                    codec, name, seqid, framed, overload_reply(self.service_name, name, *refused)))
+                return
         self.inflight += 1
         status = OK
         started = _perf_counter()
@@ -343,7 +354,7 @@ class AsyncThriftServer(object):
             except TApplicationException as exc:  # raised on purpose: the handler chose its text
                 self._observe(spec.name, APPLICATION_ERROR, started)
                 conn.replied(None if spec.oneway else
-                             self._exception(codec, name, seqid, framed, exc))
+                             self._exception(codec, name, seqid, framed, unforgeable(exc)))
                 return
             except Exception as exc:
                 for field, exc_class in spec.exceptions:
@@ -379,6 +390,8 @@ class AsyncThriftServer(object):
         finally:
             self.inflight -= 1
             self.calls += 1
+            if limiter is not None:
+                limiter.exit(name)
 
     def _observe(self, method: str, status: str, started: float) -> None:
         if self.observe is not None:
@@ -433,8 +446,13 @@ class AsyncProvider(object):
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_inflight: Optional[int] = None,
+                 max_inflight_per_method: Union[None, int, Mapping[str, int]] = None,
+                 transport: str = "buffered",
+                 protocol: str = "binary") -> None:
         naming.check_service_name(service_name)
+        naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
         if handler is None:
             raise ProbeError("handler is None: pass an object implementing %s's methods"
@@ -460,6 +478,12 @@ class AsyncProvider(object):
                                                     stats_interval, stats_ttl, slow_call_ms,
                                                     port_from_env=True)
         self.service = load_service(thrift_path, service_name)
+        self.limiter = make_limiter(max_inflight, max_inflight_per_method,
+                                    self.service.thrift_services)
+        # What the node advertises (None: the default, left out of the data); the
+        # server accepts every dialect on its port whatever this says.
+        self.transport = None if transport == naming.TRANSPORTS[0] else transport
+        self.protocol = None if protocol == naming.PROTOCOLS[0] else protocol
         self.appkey = appkey
         self.service_name = service_name
         self.handler = handler
@@ -505,7 +529,8 @@ class AsyncProvider(object):
         self.host = advertised_host(settings, zk_settings, self.advertise_host)
         self.server = AsyncThriftServer(self.service, self.handler, self.bind_host,
                                         self.requested_port, self.observe,
-                                        ssl_context=self.ssl_context, **self.limits)
+                                        ssl_context=self.ssl_context, limiter=self.limiter,
+                                        **self.limits)
         raise_fd_limit(self.limits["max_connections"])
         try:
             self.port = await self.server.start()
@@ -522,7 +547,8 @@ class AsyncProvider(object):
                                           self.port)
             self.zk, self.node_settings, self.registration = await loop.run_in_executor(
                 None, register_node, zk_settings, store, self.connect_timeout, path, field,
-                NodeSettings(self.host, self.port))
+                NodeSettings(self.host, self.port, transport=self.transport,
+                             protocol=self.protocol))
         except BaseException:
             self.server.close()
             if self.metrics_endpoint is not None:
@@ -602,7 +628,11 @@ async def start_service(thrift_path: str, appkey: str, service_name: str, handle
     connection; run one process per core): ``bind_host``, ``advertise_host``,
     ``config_path``, ``env``, ``shutdown_grace``, ``drain_timeout``,
     ``connect_timeout`` (ms), ``session_timeout``, ``observe``, the metrics options,
-    ``max_connections``, ``idle_timeout``, ``read_timeout``, ``max_message_bytes``.
+    ``max_connections``, ``idle_timeout``, ``read_timeout``, ``max_message_bytes``,
+    ``max_inflight``, ``max_inflight_per_method`` (a call over a cap gets the
+    "overloaded, not executed" reply, probe.rpc.overload), and the advertised
+    dialect ``transport`` / ``protocol`` (every dialect is accepted on the port,
+    told by each connection's first bytes).
     Plain ``def`` handler methods work too, but block the loop while they run.
 
     :param on_started: called with the started :class:`AsyncProvider` (its
