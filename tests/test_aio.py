@@ -665,3 +665,18 @@ def test_start_service_runs_until_cancelled_and_refuses_bad_options(appkey):
     with pytest.raises(ProbeError):  # an appkey MySQL does not know: refused before serving
         asyncio.run(start_service(IDL, "no_such_" + appkey, "DemoService", AsyncDemoHandler(),
                                   port=0))
+
+
+def test_the_fastapi_example_calls_a_probe_service(appkey, looped, monkeypatch):
+    """examples/fastapi_app.py as a user runs it: its lifespan builds the async
+    client, each request awaits the provider (here the async one)."""
+    from fastapi.testclient import TestClient
+    import fastapi_app
+    looped(appkey, name="behind-fastapi")
+    monkeypatch.setenv("PROBE_APPKEY", appkey)
+    with TestClient(fastapi_app.app) as http:
+        wait_for(lambda: http.get("/hello").status_code == 200, message="routed")
+        assert http.get("/hello").json() == {"message": "hello world", "node": "behind-fastapi"}
+        assert http.get("/add", params={"a": 2, "b": 40}).json() == {"sum": 42}
+        assert http.get("/fail", params={"message": "nope"}).json() == {
+            "failed": True, "message": "nope"}
