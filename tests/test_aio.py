@@ -680,3 +680,22 @@ def test_the_fastapi_example_calls_a_probe_service(appkey, looped, monkeypatch):
         assert http.get("/add", params={"a": 2, "b": 40}).json() == {"sum": 42}
         assert http.get("/fail", params={"message": "nope"}).json() == {
             "failed": True, "message": "nope"}
+
+
+def test_a_peer_that_never_reads_its_replies_is_cut_after_read_timeout(appkey, looped):
+    import struct
+    served = looped(appkey, read_timeout=0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", served.port))
+    text = b"x" * (3 * 1024 * 1024)
+    call = _header("echo") + struct.pack("!bhi", 11, 1, len(text)) + text + b"\x00"
+    sock.sendall(call)
+    for index in range(2, 6):  # more calls queued behind the unread reply
+        sock.sendall(_header("echo", index) + struct.pack("!bhi", 11, 1, 3) + b"abc\x00")
+    wait_for(lambda: served.server.stats()["timed_out"] >= 1, message="the reader cut off")
+    assert served.handler.calls == 0  # echo() is not counted; slow() is
+    assert served.server.stats()["calls"] == 1  # the calls behind it never ran
+    assert _closed_by_peer(sock, timeout=5)
+    sock.close()
+    assert _sync_say(served.port) == "hello world"

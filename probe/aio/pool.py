@@ -68,7 +68,13 @@ class AsyncConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        self.buf = buf = buf + data if buf else data
+        if not buf:
+            self.buf = buf = data
+        else:
+            if buf.__class__ is bytes:
+                buf = bytearray(buf)  # grows in place: a big reply is copied once
+            buf += data
+            self.buf = buf
         if self.waiter is None:
             # Bytes nobody asked for (a stray reply): the connection is out of step.
             self._fail(ConnectionLost("unexpected bytes from the server"))
@@ -130,7 +136,7 @@ class AsyncConnection(asyncio.Protocol):
         self.buf = b""
         if end != len(buf):
             raise ConnectionLost("the server sent more than one reply")
-        return buf
+        return buf if buf.__class__ is bytes else bytes(buf)
 
     def close(self) -> None:
         self.closed = True

@@ -101,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self.reading = False
         self.calling = False
         self.closed = False
+        self.write_deadline = 0.0  # set while the peer leaves our replies unread
 
     # -- asyncio callbacks ------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -131,8 +132,27 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         buf = self.buf
-        self.buf = buf + data if buf else data
-        if not self.calling:
+        if not buf:
+            self.buf = data
+        else:
+            if buf.__class__ is bytes:
+                buf = bytearray(buf)  # grows in place: a big message is copied once
+            buf += data
+            self.buf = buf
+        if not self.calling and not self.write_deadline:
+            self._advance()
+
+    def pause_writing(self) -> None:
+        # The peer does not take its replies: read_timeout to do so, and no new call
+        # meanwhile (a peer that only writes cannot pile up replies here).
+        self.write_deadline = _monotonic() + self.server.read_timeout
+        if not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_deadline = 0.0
+        if not self.closed and not self.calling:
+            self.transport.resume_reading()
             self._advance()
 
     def eof_received(self) -> Optional[bool]:
@@ -165,7 +185,7 @@ class _Connection(asyncio.Protocol):
             return
         scanner.reset()
         if end == len(buf):
-            message, self.buf = buf, b""
+            message, self.buf = bytes(buf), b""
         else:
             message, self.buf = bytes(buf[:end]), buf[end:]
         self.reading = False
@@ -184,14 +204,17 @@ class _Connection(asyncio.Protocol):
         if self.server.draining:
             transport.close()  # after the reply is written
             return
+        if self.write_deadline:
+            return  # resume_writing() goes on once the peer has read
         transport.resume_reading()
         self._advance()
-        if not self.calling and not self.reading and transport.get_write_buffer_size():
-            # The peer has not taken its reply yet: it gets read_timeout to do so.
-            self.deadline = _monotonic() + self.server.read_timeout
 
     def expired(self, now: float) -> bool:
-        return not self.calling and not self.closed and self.deadline <= now
+        if self.closed:
+            return False
+        if self.write_deadline:
+            return self.write_deadline <= now
+        return not self.calling and self.deadline <= now
 
     def abort(self) -> None:
         if not self.closed:
@@ -301,7 +324,9 @@ class AsyncThriftServer(object):
             now = _monotonic()
             for conn in [c for c in self.connections if c.expired(now)]:
                 self.timed_out += 1
-                if conn.reading:
+                if conn.write_deadline:
+                    conn.warn("replies not read within read_timeout=%gs" % self.read_timeout)
+                elif conn.reading:
                     self.protocol_errors += 1
                     conn.warn("message not complete within read_timeout=%gs (%d bytes in)"
                               % (self.read_timeout, len(conn.buf)))
