@@ -187,6 +187,8 @@ class Admin(object):
             row = {"service": svc, "address": "%s:%d" % (ip, port), "live": key in live,
                    "weight": getattr(shown, "weight", None), "valid": getattr(shown, "valid", None),
                    "stored": isinstance(kept, NodeSettings), "problem": None}
+            if isinstance(shown, NodeSettings):
+                row["transport"], row["protocol"] = shown.dialect
             if isinstance(now_live, ValueError):
                 row["problem"] = "unusable znode data, skipped by consumers: %s" % now_live
             elif isinstance(kept, ValueError):
@@ -290,7 +292,7 @@ class Admin(object):
                 % (key, value, node, self.zk.hosts, live_error.__class__.__name__))
         return {"appkey": appkey, "service": service, "address": node,
                 "key": key, "old": old_value, "new": value, "live": applied_live,
-                "settings": json.loads(updated.to_json())}
+                "settings": updated._asdict()}
 
     def _update_live(self, path, name, field, key, value, attempts=20):
         """Bring a live znode's weight and switch in line with Redis, version-checked.

@@ -52,9 +52,12 @@ def cmd_nodes(args):
     for row in rows:
         row["live"] = "up" if row["live"] else "down"
         row["valid"] = {1: "enabled", 0: "disabled"}.get(row["valid"], row["valid"])
+        if "transport" in row:
+            row["dialect"] = "%s+%s" % (row["transport"], row["protocol"])
     print("env %s, appkey %s" % (admin.env, args.appkey))
     _print_table(rows, [("service", "SERVICE"), ("address", "ADDRESS"), ("live", "STATE"),
-                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("problem", "NOTE")])
+                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("dialect", "DIALECT"),
+                        ("problem", "NOTE")])
     return 0
 
 

@@ -126,3 +126,8 @@ class NodeCallFailed(ProbeError, TTransportException):
 
     def __str__(self) -> str:
         return self.message
+
+
+class RegisterError(ProbeError):
+    """A `probe register` argument is unusable (a check method, an interval, ...);
+    nothing was written."""

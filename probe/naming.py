@@ -250,7 +250,7 @@ def parse_settings_field(field):
         return None
 
 
-class NodeSettings(NamedTuple):
+class _NodeFields(NamedTuple):
     """A node's governance settings: the JSON kept in Redis and in its znode.
 
     `transport` / `protocol` are None when the data does not name them (buffered /
@@ -350,6 +350,16 @@ def check_dialect(transport: str, protocol: str) -> Tuple[str, str]:
     """(transport, protocol) if both are known names, else InvalidNodeData naming them."""
     NodeSettings("127.0.0.1", 1, transport=transport, protocol=protocol).check()
     return transport, protocol
+
+
+class NodeSettings(_NodeFields):
+    __doc__ = _NodeFields.__doc__
+    __slots__ = ()
+
+    def _asdict(self):
+        """The node data as a dict: what `to_json` writes (dialect fields only when
+        set, then the fields probe does not own)."""
+        return json.loads(self.to_json())
 
 
 def _no_constant(name):

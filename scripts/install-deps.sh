@@ -16,6 +16,14 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the console's browser tests
 # The interop tests generate Apache Thrift's own Python code from idl/demo.thrift.
 command -v thrift >/dev/null 2>&1 || missing+=(thrift-compiler)
+# The polyglot tests (tests/test_polyglot.py) build Java and Node clients and servers
+# from idl/polyglot.thrift: javac, Apache Thrift's Java library, Node and npm (npm's
+# `thrift`, pinned to the compiler's version, is installed by the test itself).
+command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+[ -f /usr/share/java/thrift.jar ] || missing+=(libthrift-java)
+[ -f /usr/share/java/slf4j-nop.jar ] || missing+=(libslf4j-java)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

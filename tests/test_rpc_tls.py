@@ -521,3 +521,22 @@ def test_a_reply_bigger_than_the_socket_buffers_reaches_a_slow_reader(appkey, pr
         sock.close()
     assert text in reply
     assert provider.server.stats()["protocol_errors"] == 0
+
+
+@pytest.mark.parametrize("dialect", [("buffered", "compact"), ("framed", "binary"),
+                                     ("framed", "compact")], ids="+".join)
+def test_mutual_tls_under_every_dialect(appkey, providers, clients, dialect):
+    transport, protocol = dialect
+    provider = providers(appkey, name="tls-" + transport, transport=transport, protocol=protocol)
+    client = clients(appkey)
+    wait_for(lambda: len(client.watcher.table) == 1, message="the node")
+    (node,) = client.watcher.table.nodes
+    assert (node.transport, node.protocol) == dialect
+    assert client.echo("x" * 100000) == "x" * 100000
+    with pytest.raises(Exception) as raised:
+        client.fail("declared")
+    assert type(raised.value).__name__ == "DemoError" and raised.value.message == "declared"
+    assert [client.add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+    (pool,) = client._pools.values()
+    assert pool.created == 1 and isinstance(pool.idle[0].sock, ssl.SSLSocket)
+    assert provider.server.stats()["protocol_errors"] == 0

@@ -24,16 +24,21 @@ thread (or a signal handler); the ZooKeeper session keeps the node meanwhile
 through probe.registry.Registration.
 """
 
+import io
 import logging
+import struct
 import threading
+import time
 from typing import Optional
 
+from thriftpy2.protocol.binary import TBinaryProtocol as PureBinaryProtocol
+from thriftpy2.protocol.compact import TCompactProtocol as PureCompactProtocol
 from thriftpy2.thrift import TMessageType
 from thriftpy2.transport import TSocket
 
 from .. import naming
 from ..appkeys import AppkeyStore
-from ..errors import ProbeError
+from ..errors import ProbeError, RegisterError
 from ..naming import NodeSettings
 from ..nodestore import NodeStore
 from ..registry import Registration, release_zookeeper, shared_zookeeper
@@ -46,10 +51,8 @@ DEFAULT_INTERVAL = 0.5       # seconds between two checks (a connect costs next 
 DEFAULT_CHECK_TIMEOUT = 1.0  # seconds one check may take (connect + reply)
 DEFAULT_RISE = 1
 DEFAULT_FALL = 2
-
-
-class RegisterError(ProbeError):
-    """A `probe register` argument is unusable; nothing was written."""
+MAX_REPLY_BYTES = 65536  # read of a check's reply: its header is all that is looked at
+_PURE_PROTOCOLS = {"binary": PureBinaryProtocol, "compact": PureCompactProtocol}
 
 
 class ForeignNode(object):
@@ -152,20 +155,45 @@ class ForeignNode(object):
                 pass
 
     def _call(self, raw) -> Optional[str]:
-        """A real call of the check method with no arguments, in the node's dialect."""
-        transport, protocol = self.codec.wrap(raw)
+        """A real call of the check method with no arguments, in the node's dialect.
+
+        The reply is read raw, at most MAX_REPLY_BYTES, and decoded by thriftpy2's
+        pure-Python protocols from memory: a server (or impostor) declaring a huge
+        frame or name costs nothing."""
+        transport, protocol = self.codec.dialect
         self._seqid = (self._seqid + 1) & 0x7FFFFFFF
+        out = io.BytesIO()
+        writer = _PURE_PROTOCOLS[protocol](out)
+        writer.write_message_begin(self.check_method, TMessageType.CALL, self._seqid)
+        writer.write_struct(_NoArgs())
+        writer.write_message_end()
+        request = out.getvalue()
+        if transport == "framed":
+            request = struct.pack("!i", len(request)) + request
+        sock = raw.sock
+        received = b""
         try:
-            protocol.write_message_begin(self.check_method, TMessageType.CALL, self._seqid)
-            protocol.write_struct(_NoArgs())
-            protocol.write_message_end()
-            transport.flush()
-            _, message_type, seqid = protocol.read_message_begin()
-        except Exception as exc:  # timeouts, resets, bytes of another dialect
+            sock.sendall(request)
+            deadline = time.monotonic() + self.check_timeout
+            while True:
+                header = _reply_header(received, transport, protocol)
+                if header is not None:
+                    break
+                if len(received) >= MAX_REPLY_BYTES:
+                    return "no Thrift reply to %s() in its first %d bytes" % (
+                        self.check_method, MAX_REPLY_BYTES)
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = sock.recv(MAX_REPLY_BYTES - len(received))
+                if not chunk:
+                    return "connection closed before a reply to %s()" % self.check_method
+                received += chunk
+        except (OSError, ValueError) as exc:  # timeouts, resets
             return "no Thrift reply to %s() (%s)" % (self.check_method, exc.__class__.__name__)
-        if seqid != self._seqid or message_type not in (TMessageType.REPLY, TMessageType.EXCEPTION):
-            return "a reply to %s() that is not one (type %s, seqid %s)" % (
-                self.check_method, message_type, seqid)
+        name, message_type, seqid = header
+        if name != self.check_method or seqid != self._seqid or \
+                message_type not in (TMessageType.REPLY, TMessageType.EXCEPTION):
+            return "an answer that is not a reply to %s() in %s + %s" % (
+                self.check_method, transport, protocol)
         return None
 
     # -- the loop ---------------------------------------------------------------
@@ -231,6 +259,29 @@ class ForeignNode(object):
         if registration is not None:
             registration.close()
             log.info("deregistered %s", self.path)
+
+
+def _reply_header(data: bytes, transport: str, protocol: str):
+    """(name, type, seqid) of the message at the start of `data`, None while it is
+    incomplete; a ("", -1, -1) header for bytes that are no message of the dialect."""
+    if transport == "framed":
+        if len(data) < 4:
+            return None
+        (length,) = struct.unpack("!i", data[:4])
+        if not 0 < length:
+            return ("", -1, -1)
+        data = data[4:4 + length]
+    if not data:
+        return None
+    try:
+        name, message_type, seqid = _PURE_PROTOCOLS[protocol](io.BytesIO(data)).read_message_begin()
+    except Exception:  # struct.error, EOF, a bad version: more bytes may complete it
+        if data[:1] not in (b"\x80", b"\x82"):
+            return ("", -1, -1)
+        return None
+    if not isinstance(name, str):
+        name = name.decode("utf-8", "replace")
+    return name, message_type, seqid
 
 
 class _NoArgs(object):
