@@ -52,9 +52,12 @@ def cmd_nodes(args):
     for row in rows:
         row["live"] = "up" if row["live"] else "down"
         row["valid"] = {1: "enabled", 0: "disabled"}.get(row["valid"], row["valid"])
+        row["health"] = ("ejected by %d consumer(s): %s" % (
+            row["ejected_by"], "; ".join(row["ejected_reasons"]))) if row["ejected_by"] else "ok"
     print("env %s, appkey %s" % (admin.env, args.appkey))
     _print_table(rows, [("service", "SERVICE"), ("address", "ADDRESS"), ("live", "STATE"),
-                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("problem", "NOTE")])
+                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("health", "HEALTH"),
+                        ("problem", "NOTE")])
     return 0
 
 
