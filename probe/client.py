@@ -237,7 +237,9 @@ class ProbeClient(TClient):
             attempt += 1
             if attempt > self.retries or not (error.before_send or method.idempotent):
                 raise error.error
-            if budget is not None and not budget.try_withdraw():
+            # An overload reply ran nothing: moving it elsewhere adds no work, so it
+            # does not draw on the budget (`retries` still bounds it).
+            if budget is not None and status != OVERLOADED and not budget.try_withdraw():
                 self.budget_exhausted += 1
                 log.debug("%s.%s failed on %s; the retry budget is spent: not retried",
                           self.service_name, method.name, node.name)
@@ -300,7 +302,8 @@ class ProbeClient(TClient):
                             self.service_name)))
                 status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
                 failed = NodeCallFailed(node.name, "%s/%s" % (self.appkey, self.service_name),
-                                        method.name, exc)
+                                        method.name, exc, TTransportException.TIMED_OUT
+                                        if status == TIMEOUT else None)
                 if not self.node_warnings.warn(node.name, "%s (further failures on this node "
                                                "are not logged for a while)", failed):
                     log.debug("%s", failed)

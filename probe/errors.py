@@ -1,6 +1,8 @@
 """The named errors probe raises. Every message says what was wrong, with which
 value, and what to do about it."""
 
+from typing import Optional
+
 from thriftpy2.transport import TTransportException
 
 
@@ -111,8 +113,10 @@ class NodeCallFailed(ProbeError, TTransportException):
     `TTransportException` too (same `type`), so code catching that still works; the
     original error is its `__cause__`."""
 
-    def __init__(self, node: str, service: str, method: str, cause: BaseException) -> None:
-        kind = getattr(cause, "type", TTransportException.UNKNOWN)
+    def __init__(self, node: str, service: str, method: str, cause: BaseException,
+                 kind: Optional[int] = None) -> None:
+        if kind is None:
+            kind = getattr(cause, "type", TTransportException.UNKNOWN)
         if not isinstance(kind, int):
             kind = TTransportException.UNKNOWN
         reason = getattr(cause, "message", None) or str(cause) or type(cause).__name__

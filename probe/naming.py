@@ -22,6 +22,7 @@ from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress,
 SERVICES_ROOT = "/services"
 SETTINGS_HASH_PREFIX = "thriftprobe_"
 STATS_KEY_PREFIX = "thriftprobe_stats_"
+HEALTH_KEY_PREFIX = "thriftprobe_health_"
 FIELD_SEPARATOR = "|"
 
 DEFAULT_WEIGHT = 10
@@ -406,6 +407,24 @@ def parse_stats_field(field):
         field = field.decode("utf-8", "replace")
     parts = field.split("|")
     return tuple(parts) if len(parts) == 5 else None
+
+
+# -- node health as consumers see it (written by probe.metrics, read by probe.stats) --
+def health_key(env, appkey):
+    """The Redis hash of the nodes an appkey's consumers have ejected."""
+    return "%s%s:%s" % (HEALTH_KEY_PREFIX, env, appkey)
+
+
+def health_field(service, node, writer):
+    return "|".join((service, node, writer))
+
+
+def parse_health_field(field):
+    """-> (service, node, writer), or None when malformed."""
+    if isinstance(field, bytes):
+        field = field.decode("utf-8", "replace")
+    parts = field.split("|")
+    return tuple(parts) if len(parts) == 3 else None
 
 
 # -- the config center: /configs/<env>/<appkey>/<key> ---------------------------

@@ -131,6 +131,7 @@ def test_half_open_sends_one_probe_at_a_time_and_readmits_on_an_answer():
         health.end(a, TIMEOUT, 0.5)
     assert a.name not in picks(health, table, 100)
     clock.now += 1.01  # the ejection is over: half-open
+    health.end(b, OK, 0.001)  # the engine learns the time from attempts that end
     chosen = [health.choose(table, pick).name for _ in range(200)]
     assert chosen.count(a.name) == 1  # one probe; the rest avoid it while it is out
     health.end(a, OK, 0.001)
@@ -264,6 +265,8 @@ def test_p2c_ewma_prefers_the_lower_latency_times_inflight():
         for node, seconds in ((fast, 0.001), (slow, 0.004)):
             health.begin(node)
             health.end(node, OK, seconds)
+    clock.now += 0.2
+    health.choose(table, make_balancer(None).pick)  # latency samples are folded in
     balancer = make_balancer("p2c_ewma", cost=health.cost, rng=random.Random(2))
     counted = Counter(balancer.pick(table).name for _ in range(1000))
     assert counted[fast.name] >= 700  # every draw of both picks fast

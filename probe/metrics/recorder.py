@@ -154,6 +154,10 @@ class Recorder(object):
                     seconds * 1000.0, status)
 
     # -- readers ----------------------------------------------------------------
+    def node_label(self, node):
+        """A client node's label "host:port" from its znode name."""
+        return self._label(node)
+
     def _label(self, node):
         """The node label "host:port": the own address (server) or a znode name's."""
         if node is None:

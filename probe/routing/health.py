@@ -41,6 +41,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Collection, Dict, Iterable, List, Optional
 
@@ -114,18 +115,23 @@ class _NodeState(object):
     """What the engine knows about one node. Success-path fields are written without
     the lock; state changes (ejection, probe, sickness) only under it."""
 
-    __slots__ = ("name", "consecutive", "ids", "oks", "fails", "ewma", "ewma_at", "inflight",
-                 "ejected_until", "ejections", "probing", "probe_started", "sick", "reason",
-                 "readmitted_at", "last_failure")
+    __slots__ = ("name", "consecutive", "bucket", "oks", "fails", "ring", "lat_sum", "lat_n",
+                 "ewma", "ewma_at", "inflight", "ejected_until", "ejections", "probing",
+                 "probe_started", "sick", "reason", "readmitted_at", "last_failure")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.consecutive = 0
-        self.ids = [-1] * _BUCKETS
-        self.oks = [0] * _BUCKETS
-        self.fails = [0] * _BUCKETS
+        # The failure-rate window: this bucket's counts, and the closed buckets.
+        self.bucket = -1
+        self.oks = 0
+        self.fails = 0
+        self.ring = deque(maxlen=_BUCKETS)  # (bucket, oks, fails)
+        # Latency: the call path adds samples; `fold` turns them into the EWMA.
+        self.lat_sum = 0.0
+        self.lat_n = 0
         self.ewma = 0.0
-        self.ewma_at = None  # clock of the last latency sample; None: no sample yet
+        self.ewma_at = None  # clock of the last fold with samples; None: no sample yet
         self.inflight = 0
         self.ejected_until = 0.0  # 0: not ejected
         self.ejections = 0  # ejections in a row (the backoff exponent)
@@ -137,9 +143,43 @@ class _NodeState(object):
         self.last_failure = ""
 
     def clear_window(self) -> None:
-        for i in range(_BUCKETS):
-            self.ids[i] = -1
-            self.oks[i] = self.fails[i] = 0
+        self.ring.clear()
+        self.oks = self.fails = 0
+
+    def roll(self, bucket: int) -> None:
+        """Close the current bucket if `bucket` is a later one."""
+        if bucket != self.bucket:
+            if self.bucket < 0:  # the first roll: what was counted so far is this bucket's
+                self.bucket = bucket
+                return
+            if self.oks or self.fails:
+                self.ring.append((self.bucket, self.oks, self.fails))
+            self.bucket = bucket
+            self.oks = self.fails = 0
+
+    def window(self, bucket: int):
+        """(failures, calls) in the window ending with `bucket`."""
+        oldest = bucket - _BUCKETS
+        fails, total = self.fails, self.oks + self.fails
+        for closed, oks, failed in self.ring:
+            if closed > oldest:
+                fails += failed
+                total += oks + failed
+        return fails, total
+
+    def fold(self, now: float, decay_s: float) -> None:
+        """Turn the latency samples since the last fold into the time-decayed EWMA."""
+        count = self.lat_n
+        if not count:
+            return
+        mean = self.lat_sum / count
+        self.lat_sum, self.lat_n = 0.0, 0
+        if self.ewma_at is None:
+            self.ewma = mean
+        else:
+            keep = math.exp(-max(now - self.ewma_at, 0.0) / decay_s)
+            self.ewma = self.ewma * keep + mean * (1.0 - keep)
+        self.ewma_at = now
 
 
 class _View(object):
@@ -198,7 +238,9 @@ class ServiceHealth(object):
         self._factors = {}  # node name -> latency factor < 1 (absent: 1)
         self._factors_at = -1.0
         self._bucket_s = self.policy.failure_window_s / _BUCKETS
-        self._warned = {}  # node name -> clock of its last failure WARNING
+        # The clock as of the last attempt that ended: `choose` reads it instead of
+        # the clock (a syscall on some hosts); a view is at worst one call late.
+        self._now = clock()
         # Counters for metrics (monotonic).
         self.ejections = 0
         self.readmissions = 0
@@ -212,7 +254,7 @@ class ServiceHealth(object):
         most one half-open probe at a time, scaling weights by latency, and routing
         across all nodes in panic mode. Raises NoAvailableNode like `pick`."""
         view = self._view
-        if view.base is not table or self._clock() >= view.expires:
+        if view.base is not table or self._now >= view.expires:
             view = self._rebuild(table)
         routed = view.table
         try:
@@ -243,8 +285,17 @@ class ServiceHealth(object):
         if self.track_inflight:
             with self._lock:
                 state.inflight -= 1
-        if now is None:
-            now = self._clock()
+        self._now = now = self._clock() if now is None else now
+        if outcome in _SUCCESS:
+            # The common path: a few increments, no lock, no clock (the window and
+            # the EWMA are brought up to date when the view is rebuilt).
+            state.consecutive = 0
+            state.oks += 1
+            state.lat_sum += seconds
+            state.lat_n += 1
+            if state.sick:
+                self._recovered(state, now)
+            return
         if outcome in _NEUTRAL:
             if outcome == OVERLOADED:
                 self.overloads += 1
@@ -253,25 +304,9 @@ class ServiceHealth(object):
                     state.probing = False
                     self._invalidate()
             return
-        at = state.ewma_at
-        if at is None:
-            state.ewma = seconds
-        else:
-            keep = math.exp(-max(now - at, 0.0) / self.policy.latency_decay_s)
-            state.ewma = state.ewma * keep + seconds * (1.0 - keep)
-        state.ewma_at = now
-        bucket = int(now / self._bucket_s)
-        slot = bucket % _BUCKETS
-        if state.ids[slot] != bucket:
-            state.ids[slot] = bucket
-            state.oks[slot] = state.fails[slot] = 0
-        if outcome in _SUCCESS:
-            state.consecutive = 0
-            state.oks[slot] += 1
-            if state.sick:
-                self._recovered(state, now)
-            return
-        self._failed(state, outcome, now, slot)
+        state.lat_sum += seconds
+        state.lat_n += 1
+        self._failed(state, outcome, now)
 
     def cost(self, node: Node) -> float:
         """EWMA latency × (calls in flight + 1): the `p2c_ewma` balancer's load."""
@@ -279,18 +314,6 @@ class ServiceHealth(object):
         if state is None:
             return 0.0
         return (state.ewma + 1e-7) * (state.inflight + 1)
-
-    def should_warn(self, node_name: str, now: Optional[float] = None) -> bool:
-        """True at most once per `warn_interval_s` per node: whether a failure on
-        it may be logged at WARNING (the rest go to DEBUG)."""
-        now = self._clock() if now is None else now
-        last = self._warned.get(node_name)
-        if last is not None and now - last < self.policy.warn_interval_s:
-            return False
-        if len(self._warned) > 4096:
-            self._warned.clear()  # bounded: node names come from the registry
-        self._warned[node_name] = now
-        return True
 
     # -- read-only views --------------------------------------------------------
     def ejected(self) -> Dict[str, str]:
@@ -312,7 +335,8 @@ class ServiceHealth(object):
         return dict(self._factors)
 
     def latency(self, node_name: str) -> Optional[float]:
-        """A node's EWMA latency in seconds, None before its first sample."""
+        """A node's EWMA latency in seconds (as of the last fold, at most 0.1 s old),
+        None before its first sample."""
         state = self._states.get(node_name)
         return None if state is None or state.ewma_at is None else state.ewma
 
@@ -323,8 +347,6 @@ class ServiceHealth(object):
             if any(name not in live for name in self._states):
                 self._states = {n: s for n, s in self._states.items() if n in live}
                 self._invalidate()
-            for name in [n for n in self._warned if n not in live]:
-                self._warned.pop(name, None)
 
     # -- state changes (under the lock) ----------------------------------------
     def _state(self, name: str) -> _NodeState:
@@ -354,11 +376,13 @@ class ServiceHealth(object):
             self._invalidate()
             return True
 
-    def _failed(self, state: _NodeState, outcome: str, now: float, slot: int) -> None:
+    def _failed(self, state: _NodeState, outcome: str, now: float) -> None:
         policy = self.policy
         with self._lock:
+            bucket = int(now / self._bucket_s)
+            state.roll(bucket)
             state.consecutive += 1
-            state.fails[slot] += 1
+            state.fails += 1
             state.last_failure = outcome
             if state.probing:
                 state.probing = False
@@ -370,13 +394,7 @@ class ServiceHealth(object):
             if state.consecutive >= policy.consecutive_failures:
                 reason = "%d consecutive failures (last: %s)" % (state.consecutive, outcome)
             else:
-                oldest = int(now / self._bucket_s) - _BUCKETS
-                fails = oks = 0
-                for i in range(_BUCKETS):
-                    if state.ids[i] > oldest:
-                        fails += state.fails[i]
-                        oks += state.oks[i]
-                total = fails + oks
+                fails, total = state.window(bucket)
                 if total >= policy.failure_min_calls \
                         and fails * 100.0 >= policy.failure_rate_percent * total:
                     reason = "%d of %d calls failed in %g s (last: %s)" % (
@@ -442,10 +460,16 @@ class ServiceHealth(object):
             view = self._view
             if view.base is table and now < view.expires:
                 return view  # another thread rebuilt it
+            self._now = now
             nodes = table.nodes
             self._size = len(nodes)
             states = self._states
             if now >= self._factors_at:
+                bucket = int(now / self._bucket_s)
+                decay_s = self.policy.latency_decay_s
+                for state in states.values():
+                    state.roll(bucket)
+                    state.fold(now, decay_s)
                 self._factors = self._latency_factors(nodes, states, now)
                 self._factors_at = now + _FACTOR_EVERY_S
             expires = self._factors_at if states else now + 3600.0
