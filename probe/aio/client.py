@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 from thriftpy2.protocol import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
-from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
+from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer, TTransportException
 
 from .. import metrics as call_metrics
 from .. import naming
@@ -240,7 +240,9 @@ class AsyncProbeClient(object):
             attempt += 1
             if attempt > self.retries or not (error.before_send or method.idempotent):
                 raise error.error
-            if budget is not None and not budget.try_withdraw():
+            # An overload reply ran nothing: moving it adds no work, so it does not
+            # draw on the budget (`retries` still bounds it), as in probe.client.
+            if budget is not None and status != OVERLOADED and not budget.try_withdraw():
                 self.budget_exhausted += 1
                 log.debug("%s.%s failed on %s; the retry budget is spent: not retried",
                           self.service_name, method.name, node.name)
@@ -298,8 +300,8 @@ class AsyncProbeClient(object):
                             node.host, node.port, node.name, self.appkey, self.service_name)))
                 status = TIMEOUT if exc.__class__ is ReplyTimeout else CONNECTION_ERROR
                 failed = NodeCallFailed(node.name, "%s/%s" % (self.appkey, self.service_name),
-                                        method.name, exc)
-                failed.__cause__ = exc
+                                        method.name, exc, TTransportException.TIMED_OUT
+                                        if status == TIMEOUT else None)
                 if not self.node_warnings.warn(node.name, "%s (further failures on this node "
                                                "are not logged for a while)", failed):
                     log.debug("%s", failed)
@@ -326,7 +328,7 @@ class AsyncProbeClient(object):
                     pool.discard(conn)
             seconds = ended - started
             if health is not None:
-                health.end(node, verdict or status, seconds)
+                health.end(node, verdict or status, seconds, ended)  # its clock is perf_counter
             if state is not None:
                 self.recorder.observe_in(state, method.name, node.name, status, seconds)
             if self.observe is not None:
