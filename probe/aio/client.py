@@ -43,7 +43,8 @@ from ..rpc.codec import codec_for
 from ..peerwarnings import PeerWarnings
 from ..routing.budget import RetryBudget
 from ..routing.health import HealthPolicy, ServiceHealth
-from ..rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, NOT_SENT, OK, OVERLOADED, TIMEOUT
+from ..rpc.outcomes import (APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK,
+                            OVERLOADED, TIMEOUT)
 from ..rpc.overload import is_overload_reply
 from ..rpctls import client_context, is_refused_handshake
 from ..settings import DEFAULT_CONNECT_TIMEOUT, load_settings
@@ -319,6 +320,12 @@ class AsyncProbeClient(object):
                 if not outcome[2].type:
                     verdict = OK  # the handler raised TApplicationException(UNKNOWN): an answer
             return outcome
+        except asyncio.CancelledError:
+            # The caller gave up (its own timeout, a closing request): the node is not
+            # at fault, so health hears a neutral outcome; the connection is closed below.
+            status = CANCELLED
+            verdict = NOT_SENT
+            raise
         finally:
             ended = _perf_counter()
             if conn is not None:
