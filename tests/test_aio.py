@@ -701,3 +701,20 @@ def test_a_peer_that_never_reads_its_replies_is_cut_after_read_timeout(appkey, l
     assert _closed_by_peer(sock, timeout=5)
     sock.close()
     assert _sync_say(served.port) == "hello world"
+
+
+@pytest.mark.parametrize("balancer", ["round_robin", "least_inflight", "p2c_ewma"])
+def test_every_balancer_routes_async_calls(appkey, balancer):
+    async def main():
+        a = await provider(appkey, name="a")
+        b = await provider(appkey, name="b")
+        client = await client_for(appkey, nodes=2, balancer=balancer)
+        try:
+            answers = await asyncio.gather(*[client.whoami() for _ in range(200)])
+            assert set(answers) == {"a", "b"}
+            assert min(answers.count("a"), answers.count("b")) >= 20
+        finally:
+            await client.close()
+            await a.stop()
+            await b.stop()
+    asyncio.run(main())
