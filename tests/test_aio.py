@@ -375,6 +375,8 @@ def test_sync_probe_client_calls_the_async_provider(appkey, looped):
         with pytest.raises(demo.DemoError):
             client.fail("x")
         assert client.echo("y" * 100000) == "y" * 100000
+        # (counted on the provider's loop thread just after the reply is written)
+        wait_for(lambda: served.server.stats()["calls"] == 4, message="4 calls counted")
     finally:
         client.close()
 

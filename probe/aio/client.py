@@ -150,10 +150,10 @@ class AsyncProbeClient(object):
         self.ssl_context = ssl_context
         self.metrics_endpoint = None
         self.stats_target = None
-        self._pools = {}  # type: Dict[str, AsyncNodePool]
-        self._inflight = {}  # type: Dict[str, int]
+        self._pools: Dict[str, AsyncNodePool] = {}
+        self._inflight: Dict[str, int] = {}
         self._closed = False
-        self._wires = {}  # type: Dict[tuple, _Wire]
+        self._wires: Dict[tuple, _Wire] = {}
         # Node health (None: off) and the retry budget (None: only `retries` bounds them).
         self.health = health
         self.retry_budget = retry_budget

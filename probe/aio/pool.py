@@ -56,9 +56,9 @@ class AsyncConnection(asyncio.Protocol):
         self.transport = None
         self.scanner = scanner
         self.buf = b""
-        self.waiter = None  # type: Optional[asyncio.Future]
+        self.waiter: Optional[asyncio.Future] = None
         self.end = NEED_MORE
-        self.error = None  # type: Optional[BaseException]
+        self.error: Optional[BaseException] = None
         self.closed = False
         self.seqid = 0
 

@@ -259,7 +259,7 @@ class AsyncThriftServer(object):
         self.max_message_bytes = max_message_bytes
         self.backlog = backlog
         self.ssl_context = ssl_context
-        self.connections = set()  # type: Set[_Connection]
+        self.connections: Set[_Connection] = set()
         self.inflight = 0
         self.calls = 0
         self.rejected = 0
@@ -527,14 +527,14 @@ class AsyncProvider(object):
         self.observe = observe
         self.recorder = None
         self.metrics_endpoint = None
-        self.host = None  # type: Optional[str]
-        self.port = None  # type: Optional[int]
+        self.host: Optional[str] = None
+        self.port: Optional[int] = None
         self.node_settings = None
-        self.server = None  # type: Optional[AsyncThriftServer]
+        self.server: Optional[AsyncThriftServer] = None
         self.zk = None
         self.registration = None
         self._started = False
-        self._stopping = None  # type: Optional[asyncio.Future]
+        self._stopping: Optional[asyncio.Future] = None
 
     @property
     def describe(self) -> str:
