@@ -720,3 +720,26 @@ def test_every_balancer_routes_async_calls(appkey, balancer):
             await a.stop()
             await b.stop()
     asyncio.run(main())
+
+
+def test_pipelined_and_half_closed_requests_are_answered_in_order(appkey, looped):
+    import struct
+    served = looped(appkey)
+    sock = _connect(served.port)
+    calls = b"".join(_header("echo", seqid) + struct.pack("!bhi", 11, 1, 2) +
+                     b"%02d" % seqid + b"\x00" for seqid in range(1, 4))
+    sock.sendall(calls)
+    sock.shutdown(socket.SHUT_WR)  # nothing more to say: the replies must still come
+    received = b""
+    sock.settimeout(10)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    replies = [received[i:i + 26] for i in range(0, len(received), 26)]  # 26 bytes each
+    assert replies == [struct.pack("!iI", -2147418112 | 2, 4) + b"echo" +
+                       struct.pack("!ibhi", seqid, 11, 0, 2) + b"%02d" % seqid + b"\x00"
+                       for seqid in range(1, 4)]
+    assert served.server.stats()["calls"] == 3

@@ -5,8 +5,9 @@ One `asyncio.Protocol` per connection, no task while it is idle. Bytes are
 checked by the message scanners of probe.messagelimits as they arrive (so
 `max_message_bytes` and the nesting depth are enforced before anything is
 decoded), and one complete message starts one task running the handler; the
-connection stops reading until that call has replied, so a client that pipelines
-cannot queue work without bound. A sweeper task closes connections past their
+connection starts no other call until that one has replied, and reads at most
+PIPELINE_BYTES ahead meanwhile, so a client that pipelines cannot queue work or
+memory without bound. A sweeper task closes connections past their
 deadline: `idle_timeout` between messages, `read_timeout` for one message to
 arrive in full once it began, and for a reply to be taken by the peer.
 
@@ -51,6 +52,8 @@ REPLY = TMessageType.REPLY
 EXCEPTION = TMessageType.EXCEPTION
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
+# Bytes a peer may send ahead while its connection's call runs, before reading pauses.
+PIPELINE_BYTES = 65536
 
 
 class _Codec(object):
@@ -102,6 +105,8 @@ class _Connection(asyncio.Protocol):
         self.calling = False
         self.closed = False
         self.write_deadline = 0.0  # set while the peer leaves our replies unread
+        self.paused = False  # reading paused (see data_received, pause_writing)
+        self.eof = False  # the peer half-closed: close once the call in flight replied
 
     # -- asyncio callbacks ------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -141,22 +146,37 @@ class _Connection(asyncio.Protocol):
             self.buf = buf
         if not self.calling and not self.write_deadline:
             self._advance()
+        elif len(buf) > PIPELINE_BYTES and not self.paused:
+            # A call runs (or a reply waits): what the peer sends meanwhile is held,
+            # up to this much; then it waits in the kernel until the call is done.
+            self.paused = True
+            self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         # The peer does not take its replies: read_timeout to do so, and no new call
         # meanwhile (a peer that only writes cannot pile up replies here).
         self.write_deadline = _monotonic() + self.server.read_timeout
-        if not self.closed:
+        if not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_deadline = 0.0
         if not self.closed and not self.calling:
-            self.transport.resume_reading()
+            self._resume()
             self._advance()
+            if self.eof and not self.calling:
+                self.transport.close()
+
+    def _resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> Optional[bool]:
-        return False  # close our side too; a call in flight loses its reply
+        # The peer will send nothing more: answer the call in flight, then close.
+        self.eof = True
+        return self.calling
 
     # -- messages --------------------------------------------------------------------
     def _advance(self) -> None:
@@ -190,7 +210,6 @@ class _Connection(asyncio.Protocol):
             message, self.buf = bytes(buf[:end]), buf[end:]
         self.reading = False
         self.calling = True
-        self.transport.pause_reading()
         server.loop.create_task(server.call(self, message, scanner.compact, self.framed))
 
     def replied(self, reply: Optional[bytes]) -> None:
@@ -206,8 +225,10 @@ class _Connection(asyncio.Protocol):
             return
         if self.write_deadline:
             return  # resume_writing() goes on once the peer has read
-        transport.resume_reading()
+        self._resume()
         self._advance()
+        if self.eof and not self.calling:
+            transport.close()  # the half-closed peer's last complete call was answered
 
     def expired(self, now: float) -> bool:
         if self.closed:
