@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterable, List, Optional
+from typing import Callable, Collection, Dict, Iterable, Optional
 
 from ..balancer import Node, RoutingTable
 from ..errors import InvalidHealthPolicy, NoAvailableNode
