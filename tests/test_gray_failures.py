@@ -45,9 +45,15 @@ class Attempts(object):
 
     def __init__(self):
         self.items = []  # list.append is atomic
+        self.began = []  # (node, perf_counter when the attempt began)
 
     def __call__(self, method, node, status, seconds):
+        self.began.append((node, time.perf_counter() - seconds))
         self.items.append((node, status))
+
+    def started_after(self, node, moment):
+        """Attempts on `node` that began after `moment` (perf_counter)."""
+        return sum(1 for n, began in list(self.began) if n == node and began > moment)
 
     def count(self, node=None, status=None, since=0):
         return sum(1 for n, s in self.items[since:]
@@ -152,12 +158,12 @@ def test_a_hung_node_costs_a_few_calls_not_its_duration(appkey, providers, clien
             os.kill(hung.process.pid, signal.SIGSTOP)
             try:
                 wait_for(lambda: hung_node in client.health.ejected(), message="ejection")
-                ejected_at = len(attempts.items)
+                detected = time.perf_counter()
                 load.reset_seen()
                 load.wait_calls(2000)
                 # Still stopped (its session outlives this): the znode is still there.
                 assert inspector.exists(hung.path())
-                after = attempts.count(hung_node, since=ejected_at)
+                after = attempts.started_after(hung_node, detected)
             finally:
                 os.kill(hung.process.pid, signal.SIGCONT)
             failed = load.failed
