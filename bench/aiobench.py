@@ -20,7 +20,7 @@ import time
 from bench.common import IDL, SERVICE, cpu_seconds, median
 from bench.workers import _free_port, _wait_for_stop
 
-SECTION = "11. asyncio (one loop)"
+SECTION = "12. asyncio (one loop)"
 INFLIGHT = (1, 10, 100)
 
 

@@ -14,7 +14,7 @@ the MySQL columns of probe/config/schema.sql.
 import ipaddress
 import json
 import re
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress, InvalidNodeData,
                      InvalidServiceName, InvalidWeight, ProbeError)
@@ -410,16 +410,16 @@ def parse_stats_field(field):
 
 
 # -- node health as consumers see it (written by probe.metrics, read by probe.stats) --
-def health_key(env, appkey):
+def health_key(env: str, appkey: str) -> str:
     """The Redis hash of the nodes an appkey's consumers have ejected."""
     return "%s%s:%s" % (HEALTH_KEY_PREFIX, env, appkey)
 
 
-def health_field(service, node, writer):
+def health_field(service: str, node: str, writer: str) -> str:
     return "|".join((service, node, writer))
 
 
-def parse_health_field(field):
+def parse_health_field(field: Union[str, bytes]) -> Optional[Tuple[str, ...]]:
     """-> (service, node, writer), or None when malformed."""
     if isinstance(field, bytes):
         field = field.decode("utf-8", "replace")

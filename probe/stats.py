@@ -19,6 +19,7 @@ a Redis cluster.
 
 import json
 import time
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
@@ -80,7 +81,8 @@ def write_slot(redis_client, env, slot, deltas, writer, ttl=DEFAULT_TTL, ttls=No
     return len(by_key)
 
 
-def write_health(redis_client, env, current, previous):
+def write_health(redis_client: Any, env: str, current: Dict[str, Dict[str, str]],
+                 previous: Dict[str, Dict[str, str]]) -> Dict[str, Dict[str, str]]:
     """Write one consumer process's ejected nodes; returns what is now written.
 
     current/previous: {appkey: {field: JSON}}, `previous` being what the last
@@ -104,12 +106,14 @@ def write_health(redis_client, env, current, previous):
     return current
 
 
-def health_entry(reason, now):
+def health_entry(reason: str, now: float) -> str:
+    """The JSON of one consumer's report that a node is ejected (for `write_health`)."""
     return json.dumps({"reason": str(reason)[:MAX_REASON], "at": round(now, 3)},
                       separators=(",", ":"))
 
 
-def read_node_health(redis_client, env, appkey, now=None, max_age=HEALTH_MAX_AGE):
+def read_node_health(redis_client: Any, env: str, appkey: str, now: Optional[float] = None,
+                     max_age: float = HEALTH_MAX_AGE) -> Dict[Tuple[str, str], List[str]]:
     """{(service, "ip:port"): [why, ...]}: one reason per consumer process that
     reports the node ejected now. Malformed entries are skipped (Redis data is
     not trusted)."""

@@ -45,9 +45,15 @@ class Attempts(object):
 
     def __init__(self):
         self.items = []  # list.append is atomic
+        self.began = []  # (node, perf_counter when the attempt began)
 
     def __call__(self, method, node, status, seconds):
+        self.began.append((node, time.perf_counter() - seconds))
         self.items.append((node, status))
+
+    def started_after(self, node, moment):
+        """Attempts on `node` that began after `moment` (perf_counter)."""
+        return sum(1 for n, began in list(self.began) if n == node and began > moment)
 
     def count(self, node=None, status=None, since=0):
         return sum(1 for n, s in self.items[since:]
@@ -116,8 +122,11 @@ def raising_handler():
 
     class Broken(DemoServiceHandler):
         calls = 0
+        fixed = False
 
         def whoami(self):
+            if self.fixed:
+                return "fixed"
             Broken.calls += 1
             raise RuntimeError("database is down")
     return Broken("broken")
@@ -149,12 +158,12 @@ def test_a_hung_node_costs_a_few_calls_not_its_duration(appkey, providers, clien
             os.kill(hung.process.pid, signal.SIGSTOP)
             try:
                 wait_for(lambda: hung_node in client.health.ejected(), message="ejection")
-                ejected_at = len(attempts.items)
+                detected = time.perf_counter()
                 load.reset_seen()
                 load.wait_calls(2000)
                 # Still stopped (its session outlives this): the znode is still there.
                 assert inspector.exists(hung.path())
-                after = attempts.count(hung_node, since=ejected_at)
+                after = attempts.started_after(hung_node, detected)
             finally:
                 os.kill(hung.process.pid, signal.SIGCONT)
             failed = load.failed
@@ -480,3 +489,36 @@ def test_ejections_show_in_metrics_and_probe_nodes(appkey, providers, clients, f
     assert by_port["127.0.0.1:%d" % bad.port]["ejected_by"] == 1
     assert all(row["ejected_by"] == 0 for addr, row in by_port.items()
                if addr != "127.0.0.1:%d" % bad.port)
+
+
+def test_fleet_health_reports_are_cleared_on_readmission_and_checked(appkey, providers, clients,
+                                                                    fresh_metrics):
+    from probe.nodestore import connect_redis
+    from probe.settings import load_settings
+    from probe.stats import read_node_health
+    redis_client = connect_redis(load_settings().redis)
+    broken = raising_handler()
+    bad = providers(appkey, handler=broken)
+    providers(appkey, name="good")
+    client = clients(appkey, stats_interval=0.2,
+                     health=HealthPolicy(base_ejection_s=0.2, max_ejection_s=0.2))
+    routed(client, 2)
+    for _ in range(20):
+        try:
+            client.whoami()
+        except TApplicationException:
+            pass
+    key = ("DemoService", "127.0.0.1:%d" % bad.port)
+    metrics.flush_now()
+    assert list(read_node_health(redis_client, "dev", appkey)) == [key]
+    # Untrusted entries: malformed or stale ones are skipped, never raise.
+    hash_key = naming.health_key("dev", appkey)
+    redis_client.hset(hash_key, mapping={"garbage": "{", "DemoService|1.2.3.4:5|w": "[]",
+                                         "DemoService|1.2.3.4:6|w": '{"reason": "x", "at": 0}'})
+    assert list(read_node_health(redis_client, "dev", appkey)) == [key]
+    # The handler is fixed: a half-open probe re-admits the node, the report goes.
+    broken.fixed = True
+    wait_for(lambda: client.whoami() and client.health.readmissions >= 1, timeout=20,
+             message="re-admission")
+    metrics.flush_now()
+    assert read_node_health(redis_client, "dev", appkey) == {}

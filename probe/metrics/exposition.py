@@ -9,6 +9,7 @@ process.
 
 import logging
 import threading
+from typing import Any, Dict, List, Tuple
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -68,7 +69,7 @@ class ProbeCollector(object):
         return result
 
     @staticmethod
-    def health_families(health):
+    def health_families(health: Dict[Tuple[str, str], Dict[str, Any]]) -> List[Any]:
         """The consumers' node-health counters and gauges (probe.routing.health)."""
         labels = ("appkey", "service")
         counters = [("ejections", "probe_client_ejections", "Nodes ejected by passive health"),

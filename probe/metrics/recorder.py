@@ -13,6 +13,7 @@ are folded into a retired total, so counters never go back.
 
 import logging
 import threading
+from typing import Any, Dict, List, Tuple
 from bisect import bisect_left
 
 from ..naming import parse_node_name
@@ -92,16 +93,17 @@ class Recorder(object):
         self._adopted = 0
         self._labels = {}
 
-    def add_health_source(self, source):
+    def add_health_source(self, source: Any) -> None:
         """Expose `source.health_report()` under this recorder's labels."""
         with self._lock:
             self.health_sources = self.health_sources + [source]
 
-    def forget_health_source(self, source):
+    def forget_health_source(self, source: Any) -> None:
+        """Stop exposing `source` (a closed client)."""
         with self._lock:
             self.health_sources = [s for s in self.health_sources if s is not source]
 
-    def health_reports(self):
+    def health_reports(self) -> List[Dict[str, Any]]:
         """The current reports of this recorder's health sources."""
         return [source.health_report() for source in self.health_sources]
 
@@ -154,7 +156,7 @@ class Recorder(object):
                     seconds * 1000.0, status)
 
     # -- readers ----------------------------------------------------------------
-    def node_label(self, node):
+    def node_label(self, node: str) -> str:
         """A client node's label "host:port" from its znode name."""
         return self._label(node)
 

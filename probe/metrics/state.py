@@ -18,6 +18,7 @@ import atexit
 import logging
 import os
 import threading
+from typing import Any, Dict, List, Tuple
 
 from prometheus_client import REGISTRY
 
@@ -216,7 +217,7 @@ _state_lock = threading.Lock()
 _hooks_installed = False
 
 
-def health_into(health, recorder):
+def health_into(health: Dict[Tuple[str, str], Dict[str, Any]], recorder: Any) -> None:
     """Add the node health of `recorder`'s clients to `health`:
     {(appkey, service): {counter: n, "panic": 0|1, "ejected": {"ip:port": reason}}}."""
     key = (recorder.appkey, recorder.service)

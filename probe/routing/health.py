@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterable, List, Optional
+from typing import Callable, Collection, Dict, Iterable, Optional
 
 from ..balancer import Node, RoutingTable
 from ..errors import InvalidHealthPolicy, NoAvailableNode
@@ -115,21 +115,22 @@ class _NodeState(object):
     """What the engine knows about one node. Success-path fields are written without
     the lock; state changes (ejection, probe, sickness) only under it."""
 
-    __slots__ = ("name", "consecutive", "bucket", "oks", "fails", "ring", "lat_sum", "lat_n",
+    __slots__ = ("name", "consecutive", "bucket", "oks", "fails", "marks", "lat_sum", "folded",
                  "ewma", "ewma_at", "inflight", "ejected_until", "ejections", "probing",
                  "probe_started", "sick", "reason", "readmitted_at", "last_failure")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.consecutive = 0
-        # The failure-rate window: this bucket's counts, and the closed buckets.
-        self.bucket = -1
+        # Answers and failures, counted since the start (the call path only adds);
+        # the window is the difference with the marks taken as each bucket began.
         self.oks = 0
         self.fails = 0
-        self.ring = deque(maxlen=_BUCKETS)  # (bucket, oks, fails)
-        # Latency: the call path adds samples; `fold` turns them into the EWMA.
+        self.bucket = -1
+        self.marks = deque(maxlen=_BUCKETS + 1)  # (bucket, oks, fails) at its start
+        # Latency: the call path adds up seconds; `fold` turns them into the EWMA.
         self.lat_sum = 0.0
-        self.lat_n = 0
+        self.folded = 0  # oks + fails at the last fold
         self.ewma = 0.0
         self.ewma_at = None  # clock of the last fold with samples; None: no sample yet
         self.inflight = 0
@@ -143,37 +144,35 @@ class _NodeState(object):
         self.last_failure = ""
 
     def clear_window(self) -> None:
-        self.ring.clear()
-        self.oks = self.fails = 0
+        self.marks.clear()
+        self.marks.append((self.bucket, self.oks, self.fails))
 
     def roll(self, bucket: int) -> None:
-        """Close the current bucket if `bucket` is a later one."""
+        """Start bucket `bucket` if it is a later one (what was counted before the
+        first roll belongs to the first bucket)."""
         if bucket != self.bucket:
-            if self.bucket < 0:  # the first roll: what was counted so far is this bucket's
-                self.bucket = bucket
-                return
-            if self.oks or self.fails:
-                self.ring.append((self.bucket, self.oks, self.fails))
+            first = self.bucket < 0
             self.bucket = bucket
-            self.oks = self.fails = 0
+            self.marks.append((bucket, 0, 0) if first else (bucket, self.oks, self.fails))
 
     def window(self, bucket: int):
-        """(failures, calls) in the window ending with `bucket`."""
+        """(failures, calls) in the window ending with `bucket` (rolled to)."""
         oldest = bucket - _BUCKETS
-        fails, total = self.fails, self.oks + self.fails
-        for closed, oks, failed in self.ring:
-            if closed > oldest:
-                fails += failed
-                total += oks + failed
-        return fails, total
+        for start, oks, fails in self.marks:
+            if start > oldest:
+                break
+        else:
+            start, oks, fails = self.marks[-1]
+        return self.fails - fails, self.oks + self.fails - oks - fails
 
     def fold(self, now: float, decay_s: float) -> None:
         """Turn the latency samples since the last fold into the time-decayed EWMA."""
-        count = self.lat_n
-        if not count:
+        calls = self.oks + self.fails
+        count = calls - self.folded
+        if count <= 0:
             return
         mean = self.lat_sum / count
-        self.lat_sum, self.lat_n = 0.0, 0
+        self.lat_sum, self.folded = 0.0, calls
         if self.ewma_at is None:
             self.ewma = mean
         else:
@@ -233,14 +232,15 @@ class ServiceHealth(object):
         self._log = logger
         self._lock = threading.Lock()
         self._states = {}  # node name -> _NodeState; replaced (copy on write) to add/remove
-        self._view = _View(None, None, -1.0)
+        # What `choose` reads (see its fast path): the published view, and the clock
+        # as of the last attempt that ended (`choose` reads it instead of the clock,
+        # a syscall on some hosts; a view is at worst one call late).
+        self.view = _View(None, None, -1.0)
         self._size = 0  # nodes in the last base table
         self._factors = {}  # node name -> latency factor < 1 (absent: 1)
         self._factors_at = -1.0
         self._bucket_s = self.policy.failure_window_s / _BUCKETS
-        # The clock as of the last attempt that ended: `choose` reads it instead of
-        # the clock (a syscall on some hosts); a view is at worst one call late.
-        self._now = clock()
+        self.now = clock()
         # Counters for metrics (monotonic).
         self.ejections = 0
         self.readmissions = 0
@@ -252,9 +252,14 @@ class ServiceHealth(object):
                tried: Optional[Collection[str]] = None) -> Node:
         """Pick a node of `table` with `pick`, skipping ejected nodes, sending at
         most one half-open probe at a time, scaling weights by latency, and routing
-        across all nodes in panic mode. Raises NoAvailableNode like `pick`."""
-        view = self._view
-        if view.base is not table or self._now >= view.expires:
+        across all nodes in panic mode. Raises NoAvailableNode like `pick`.
+
+        Fast path for a hot caller (the sync client inlines it): while
+        ``view.base is table and now < view.expires and not view.due``, a pick
+        from ``view.table`` is what this returns (fall back to `choose` when that
+        pick raises NoAvailableNode)."""
+        view = self.view
+        if view.base is not table or self.now >= view.expires:
             view = self._rebuild(table)
         routed = view.table
         try:
@@ -266,7 +271,7 @@ class ServiceHealth(object):
         if view.due and node.name in view.due and not self._claim_probe(node.name):
             exclude = set(tried or ()) | {node.name}
             try:
-                node = pick(self._view.table if self._view.base is table else routed, exclude)
+                node = pick(self.view.table if self.view.base is table else routed, exclude)
             except NoAvailableNode:
                 node = pick(table, tried)
         return node
@@ -285,14 +290,13 @@ class ServiceHealth(object):
         if self.track_inflight:
             with self._lock:
                 state.inflight -= 1
-        self._now = now = self._clock() if now is None else now
+        self.now = now = self._clock() if now is None else now
         if outcome in _SUCCESS:
             # The common path: a few increments, no lock, no clock (the window and
             # the EWMA are brought up to date when the view is rebuilt).
             state.consecutive = 0
             state.oks += 1
             state.lat_sum += seconds
-            state.lat_n += 1
             if state.sick:
                 self._recovered(state, now)
             return
@@ -305,7 +309,6 @@ class ServiceHealth(object):
                     self._invalidate()
             return
         state.lat_sum += seconds
-        state.lat_n += 1
         self._failed(state, outcome, now)
 
     def cost(self, node: Node) -> float:
@@ -328,7 +331,7 @@ class ServiceHealth(object):
     @property
     def panic(self) -> bool:
         """True while too few nodes are healthy and calls go to all of them."""
-        return self._view.panic
+        return self.view.panic
 
     def factors(self) -> Dict[str, float]:
         """Node name -> its latency health factor, for nodes scaled below 1."""
@@ -361,8 +364,8 @@ class ServiceHealth(object):
             return state
 
     def _invalidate(self) -> None:
-        view = self._view
-        self._view = _View(view.table, view.base, -1.0, view.due, view.panic)
+        view = self.view
+        self.view = _View(view.table, view.base, -1.0, view.due, view.panic)
 
     def _claim_probe(self, name: str) -> bool:
         now = self._clock()
@@ -457,10 +460,10 @@ class ServiceHealth(object):
     def _rebuild(self, table: RoutingTable) -> _View:
         with self._lock:
             now = self._clock()
-            view = self._view
+            view = self.view
             if view.base is table and now < view.expires:
                 return view  # another thread rebuilt it
-            self._now = now
+            self.now = now
             nodes = table.nodes
             self._size = len(nodes)
             states = self._states
@@ -509,7 +512,7 @@ class ServiceHealth(object):
             else:
                 routed = derived_table(table, weights)
             view = _View(routed, table, expires, frozenset(due), panic)
-            self._view = view
+            self.view = view
             return view
 
     def _latency_factors(self, nodes, states, now) -> Dict[str, float]:
