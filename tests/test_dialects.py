@@ -453,13 +453,29 @@ def test_register_comes_back_when_the_server_answers_again(appkey, providers):
     try:
         wait_for(lambda: zk.client.exists(path), message="registration")
         assert json.loads(zk.client.get(path)[0])["transport"] == "framed"
+        run_probe("node", "weight", appkey, "OtherService", "%s:%d" % (provider.host, port), "42")
         provider.stop(grace=0)
         wait_for(lambda: not zk.client.exists(path), message="deregistration")
         providers(appkey, name="back", port=port)
         wait_for(lambda: zk.client.exists(path), message="registration again")
+        # The operator's edit came back from Redis, the dialect from the command line.
+        again = json.loads(zk.client.get(path)[0])
+        assert (again["weight"], again["transport"]) == (42, "framed")
     finally:
         node.stop()
         runner.join(10)
         node.close()
         assert not zk.client.exists(path)
         release_zookeeper(zk)
+
+
+def test_a_frame_that_never_completes_is_cut_at_read_timeout(appkey, providers):
+    provider = providers(appkey, name="slow", read_timeout=0.3)
+    sock = socket.create_connection((provider.host, provider.port), timeout=10)
+    try:
+        message = encode_call("compact", "say", SERVICE.say_args())
+        sock.sendall(struct.pack("!i", len(message) + 100) + message)  # 100 bytes short
+        assert sock.recv(100) == b""  # closed by the provider, not by our timeout
+    finally:
+        sock.close()
+    wait_for(lambda: provider.server.stats()["timed_out"] == 1, message="the cut")

@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Optional
 
+from kazoo.exceptions import KazooException
+from kazoo.handlers.threading import KazooTimeoutError
 from thriftpy2.protocol.binary import TBinaryProtocol as PureBinaryProtocol
 from thriftpy2.protocol.compact import TCompactProtocol as PureCompactProtocol
 from thriftpy2.thrift import TMessageType
@@ -109,6 +111,7 @@ class ForeignNode(object):
         self.store = None
         self._stop = threading.Event()
         self._seqid = 0
+        self._last_data: Optional[NodeSettings] = None
 
     @property
     def registered(self) -> bool:
@@ -208,7 +211,12 @@ class ForeignNode(object):
                 if why is None:
                     passes, fails = passes + 1, 0
                     if not self.registered and passes >= self.rise:
-                        self._register()
+                        try:
+                            self._register()
+                        except (ProbeError, KazooException, KazooTimeoutError) as exc:
+                            # Redis or ZooKeeper failing: the next passing check tries again.
+                            log.warning("cannot register %s yet (%s: %s); retrying", self.path,
+                                        exc.__class__.__name__, exc)
                 else:
                     passes, fails = 0, fails + 1
                     if first or (self.registered and fails >= self.fall):
@@ -238,7 +246,14 @@ class ForeignNode(object):
 
     def _register(self) -> None:
         own = self.default_settings()
-        stored = self.store.get_or_create(self.field, own)
+        try:
+            stored = self.store.get_or_create(self.field, own)
+        except ProbeError as exc:
+            if self._last_data is None:
+                raise
+            log.warning("cannot read %s from Redis (%s): registering with the last known "
+                        "settings", self.field, exc)
+            stored = self._last_data
         data = stored._replace(transport=own.transport, protocol=own.protocol)
         store, field = self.store, self.field
 
@@ -251,12 +266,14 @@ class ForeignNode(object):
         registration = Registration(self.zk, self.path, data, reload_settings)
         registration.register()
         self.registration = registration
+        self._last_data = registration.data
         log.info("%s:%d answers: registered %s %s", self.host, self.port, self.path,
                  registration.data.to_json())
 
     def _deregister(self) -> None:
         registration, self.registration = self.registration, None
         if registration is not None:
+            self._last_data = registration.data  # operator edits seen while registered
             registration.close()
             log.info("deregistered %s", self.path)
 
