@@ -218,6 +218,8 @@ def test_failover_after_kill_9_of_one_of_two_async_providers(appkey, tmp_path):
             for _ in range(20):
                 seen.add(await client.whoami())
             assert seen == {"b"}
+            # Node health saw it (until the registry drops the node, it stays ejected).
+            assert client.health_report()["ejections"] >= 1
         finally:
             await client.close()
     try:
