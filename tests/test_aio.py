@@ -304,16 +304,23 @@ def _sync_say(port):
 
 
 def test_idle_flood_and_max_connections(appkey, looped):
-    served = looped(appkey, max_connections=300)
+    import threading
+    served = looped(appkey, max_connections=1000)
+    threads_before = threading.active_count()
     flood = []
     try:
-        for _ in range(300):
+        for _ in range(1000):
             flood.append(_connect(served.port))
-        wait_for(lambda: served.server.stats()["connections"] == 300, message="300 connections")
+        wait_for(lambda: served.server.stats()["connections"] == 1000, message="1000 connections")
+        assert threading.active_count() - threads_before < 3  # idle ones cost no thread
         extra = _connect(served.port)
         assert _closed_by_peer(extra, timeout=5)  # over max_connections: closed at once
         extra.close()
         assert served.server.stats()["rejected"] >= 1
+        for sock in flood[:10]:  # room again: a real client is served meanwhile
+            sock.close()
+        wait_for(lambda: served.server.stats()["connections"] <= 990, message="room")
+        assert _sync_say(served.port) == "hello world"
     finally:
         for sock in flood:
             sock.close()
