@@ -752,3 +752,20 @@ def test_pipelined_and_half_closed_requests_are_answered_in_order(appkey, looped
                        struct.pack("!ibhi", seqid, 11, 0, 2) + b"%02d" % seqid + b"\x00"
                        for seqid in range(1, 4)]
     assert served.server.stats()["calls"] == 3
+
+
+def test_calls_still_running_after_drain_timeout_are_cancelled_at_close(appkey):
+    async def main():
+        served = await provider(appkey, shutdown_grace=0, drain_timeout=0.2)
+        client = await client_for(appkey, socket_timeout=5000, retries=0)
+        try:
+            call = asyncio.ensure_future(client.slow(3000))
+            await until(lambda: served.handler.inflight == 1, message="slow() running")
+            await served.stop()
+            assert served.handler.inflight == 0  # cancelled, not left running
+            from probe.errors import NodeCallFailed
+            with pytest.raises(NodeCallFailed):
+                await call
+        finally:
+            await client.close()
+    asyncio.run(main())

@@ -106,6 +106,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.write_deadline = 0.0  # set while the peer leaves our replies unread
         self.paused = False  # reading paused (see data_received, pause_writing)
+        self.task: Optional[asyncio.Task] = None  # the call running, while `calling`
         self.eof = False  # the peer half-closed: close once the call in flight replied
 
     # -- asyncio callbacks ------------------------------------------------------------
@@ -210,7 +211,8 @@ class _Connection(asyncio.Protocol):
             message, self.buf = bytes(buf[:end]), buf[end:]
         self.reading = False
         self.calling = True
-        server.loop.create_task(server.call(self, message, scanner.compact, self.framed))
+        self.task = server.loop.create_task(server.call(self, message, scanner.compact,
+                                                        self.framed))
 
     def replied(self, reply: Optional[bytes]) -> None:
         """The call ended: send its reply, then look at the next message."""
@@ -336,6 +338,8 @@ class AsyncThriftServer(object):
             self._sweeper.cancel()
             self._sweeper = None
         for conn in list(self.connections):
+            if conn.calling and conn.task is not None:
+                conn.task.cancel()  # still running after the drain: its reply has nowhere to go
             conn.abort()
 
     async def _sweep_loop(self) -> None:
