@@ -38,11 +38,11 @@ from ..client import (Observer, ProbeClient, _check_client_options, _check_numbe
 from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from ..idl import load_service, module_of
 from ..methodspec import method_specs
-from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
-from ..rpc.codec import codec_for
 from ..peerwarnings import PeerWarnings
+from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from ..routing.budget import RetryBudget
 from ..routing.health import HealthPolicy, ServiceHealth
+from ..rpc.codec import codec_for
 from ..rpc.outcomes import (APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK,
                             OVERLOADED, TIMEOUT)
 from ..rpc.overload import is_overload_reply
