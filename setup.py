@@ -30,6 +30,10 @@ TYPECHECK = ["mypy>=2.4,<2.5; python_version >= '3.10'"]
 # the docs build.
 TEST = ["pytest>=7", "build>=1.0", "twine>=4", "pypiserver>=2.0", "passlib>=1.7",
         "virtualenv>=20", "playwright>=1.40", "thrift>=0.16"] + DOCS + TYPECHECK
+# `probe[fastapi]`: what examples/fastapi_app.py needs (probe.aio itself needs nothing
+# beyond the core); the test suite runs that example, so the test extra has it too.
+FASTAPI = ["fastapi>=0.100", "uvicorn>=0.20"]
+TEST += FASTAPI + ["httpx>=0.24"]  # FastAPI's TestClient
 
 setup(
     name="thriftprobe",
@@ -60,7 +64,7 @@ setup(
         "argon2-cffi>=21.3",
         "cryptography>=3.1",  # certificates for `probe stack up --secure`
     ],
-    extras_require={"test": TEST, "docs": DOCS},
+    extras_require={"test": TEST, "docs": DOCS, "fastapi": FASTAPI},
     entry_points={"console_scripts": ["probe = probe.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -20,6 +20,12 @@ Sections:
   7. config center: `probe config set` to on_change in N consumer processes (bench/configbench.py)
   8. provider threads and RSS with 5,000 idle connections open (bench/idle.py)
   9. RPC mutual TLS vs plaintext, single thread (bench/tlsbench.py)
+ 10. gray failures of one of two nodes: hang, slow node, error storm, every node
+     failing, with 4 calling threads (bench/graybench.py)
+ 11. node dialects: framed / compact beside bare thriftpy2 (bench/dialectbench.py)
+ 12. asyncio: one loop with 1, 10, 100 calls in flight, probe.aio's client vs bare
+     thriftpy2 make_aio_client, probe.aio's provider vs bare make_aio_server
+     (bench/aiobench.py)
 
 Ratios are value / anchor; for throughput higher is better, for latency, CPU and
 time lower is better; the target column says which way. Throughput ratios are the
@@ -64,7 +70,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2)
 SECTIONS = ("client", "client_cpu", "first_call", "propagation", "server", "balancer", "memory",
-            "config", "idle", "tls", "dialects")
+            "config", "idle", "tls", "gray", "dialects", "aio")
 
 TARGETS = {
     "client_single": 1.0,      # probe >= 1.0x bare, single thread
@@ -134,6 +140,8 @@ def _fmt(value, unit):
         return "%.1f KB" % value
     if unit == "s":
         return "%.2f s" % value
+    if unit == "%":
+        return "%.2f%%" % value
     return "%s %s" % (value, unit)
 
 
@@ -702,13 +710,21 @@ class Bench(object):
         from bench import configbench
         configbench.run(self)
 
+    def section_gray(self):  # 10: gray failures (bench/graybench.py)
+        from bench.graybench import run
+        run(self)
+
     def section_tls(self):  # 9: RPC mutual TLS (bench/tlsbench.py)
         from bench import tlsbench
         tlsbench.run(self)
 
-    def section_dialects(self):  # 10: framed / compact (bench/dialectbench.py)
+    def section_dialects(self):  # 11: framed / compact (bench/dialectbench.py)
         from bench import dialectbench
         dialectbench.run(self)
+
+    def section_aio(self):  # 12: asyncio client and provider (bench/aiobench.py)
+        from bench import aiobench
+        aiobench.run(self)
 
 
 def _paired_note(rounds, anchor_rounds):

@@ -548,3 +548,35 @@ def client_cpu(conn, appkey, host, port, rounds, calls, warmup_calls):
             client.close()
     conn.send(out)
     _wait_for_stop(conn)
+
+
+# -- gray failures (bench/graybench.py) -------------------------------------------------
+
+def gray_provider(conn, appkey, label):
+    """A probe provider whose whoami() the driver switches between answering,
+    raising (an undeclared exception) and sleeping: {"mode": "ok"|"raise"|"slow",
+    "delay": seconds}. Hangs are the driver's SIGSTOP on this process."""
+    from probe.demo import DemoServiceHandler
+    from probe.server import start_service
+    state = {"mode": "ok", "delay": 0.0}
+
+    class Gray(DemoServiceHandler):
+        def whoami(self):
+            mode = state["mode"]
+            if mode == "raise":
+                raise RuntimeError("database is down")
+            if mode == "slow":
+                time.sleep(state["delay"])
+            return label
+
+    served = start_service(IDL, appkey, SERVICE, Gray(label), port=0, block=False,
+                           shutdown_grace=0, metrics=False)
+    conn.send({"host": served.host, "port": served.port, "pid": os.getpid()})
+
+    def answer(message):
+        state.update(message)
+        conn.send({"ok": True})
+    try:
+        serve_until_stopped(conn, answer)
+    finally:
+        served.stop(grace=0)

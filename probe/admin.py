@@ -40,6 +40,7 @@ from .naming import NodeSettings
 from .nodestore import NodeStore
 from .registry import read_children_with_data, release_zookeeper, shared_zookeeper
 from .settings import load_settings
+from .stats import read_node_health
 
 log = logging.getLogger("probe.admin")
 
@@ -154,7 +155,9 @@ class Admin(object):
     # -- nodes ---------------------------------------------------------------
     def nodes(self, appkey, service=None):
         """Every node of `appkey` (and `service`) that is live or has stored settings:
-        dicts with service, address, live, weight, valid, source and any mismatch."""
+        dicts with service, address, live, weight, valid, source and any mismatch,
+        plus `ejected_by` (consumer processes that have the node ejected now) and
+        `ejected_reasons` (why, as they report it)."""
         naming.check_appkey(appkey)
         if service is not None:
             naming.check_service_name(service)
@@ -201,6 +204,12 @@ class Admin(object):
                 row["problem"] = "live differs from Redis (weight %s/%s valid %s/%s)" % (
                     now_live.weight, kept.weight, now_live.valid, kept.valid)
             rows.append(row)
+        # Node health as consumers see it (their stats flushes report ejected nodes).
+        ejected = read_node_health(self.nodestore.redis, self.env, appkey)
+        for row in rows:
+            reasons = ejected.get((row["service"], row["address"]), [])
+            row["ejected_by"] = len(reasons)
+            row["ejected_reasons"] = sorted(set(reasons))
         return rows
 
     def set_weight(self, appkey, service, address, weight, create=False, by=None):

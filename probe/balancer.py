@@ -13,7 +13,7 @@ from typing import Callable, Collection, Iterable, NamedTuple, Optional, Sequenc
 
 from .errors import NoAvailableNode, ProbeError
 
-BALANCERS = ("weighted_random", "round_robin", "least_inflight")
+BALANCERS = ("weighted_random", "round_robin", "least_inflight", "p2c_ewma")
 
 
 class Node(NamedTuple):
@@ -247,12 +247,43 @@ class LeastInFlight(object):
         return first
 
 
-Balancer = Union["WeightedRandom", "SmoothRoundRobin", "LeastInFlight"]
+class P2CEwma(object):
+    """Finagle's P2C with peak-EWMA load: draw two distinct nodes by weight and take
+    the one with the lower `cost(node)` (the client's health engine gives EWMA
+    latency × (calls in flight + 1)); on a tie keep the first draw. O(1) a pick."""
+
+    name = "p2c_ewma"
+
+    def __init__(self, cost: Callable[[Node], float], rng: Optional[random.Random] = None) -> None:
+        self._cost = cost
+        self._weighted = WeightedRandom(rng)
+
+    def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
+        weighted = self._weighted
+        first = weighted.pick(table, exclude)
+        if len(table.nodes) < 2:
+            return first
+        second = weighted.pick(table, exclude)
+        for _ in range(3):  # redraw a collision: cheaper than building an exclusion
+            if second.name != first.name:
+                break
+            second = weighted.pick(table, exclude)
+        if second.name == first.name:
+            try:
+                second = weighted.pick(table, set(exclude or ()) | {first.name})
+            except NoAvailableNode:
+                return first  # every other node is excluded
+        return second if self._cost(second) < self._cost(first) else first
+
+
+Balancer = Union["WeightedRandom", "SmoothRoundRobin", "LeastInFlight", "P2CEwma"]
 
 
 def make_balancer(name: Optional[str], inflight: Optional[Callable[[Node], int]] = None,
-                  rng: Optional[random.Random] = None) -> Balancer:
-    """The balancer called `name` (one of BALANCERS)."""
+                  rng: Optional[random.Random] = None,
+                  cost: Optional[Callable[[Node], float]] = None) -> Balancer:
+    """The balancer called `name` (one of BALANCERS). `least_inflight` needs
+    `inflight(node)`, `p2c_ewma` needs `cost(node)` (ServiceHealth.cost)."""
     if name in (None, "weighted_random", "random"):
         return WeightedRandom(rng)
     if name in ("round_robin", "smooth_round_robin"):
@@ -261,4 +292,8 @@ def make_balancer(name: Optional[str], inflight: Optional[Callable[[Node], int]]
         if inflight is None:
             raise ProbeError("least_inflight needs an in-flight counter")
         return LeastInFlight(inflight, rng)
+    if name == "p2c_ewma":
+        if cost is None:
+            raise ProbeError("p2c_ewma needs a cost function (a client's node health)")
+        return P2CEwma(cost, rng)
     raise ProbeError("unknown balancer %r: choose one of %s" % (name, ", ".join(BALANCERS)))

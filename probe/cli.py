@@ -57,9 +57,12 @@ def cmd_nodes(args):
         row["valid"] = {1: "enabled", 0: "disabled"}.get(row["valid"], row["valid"])
         if "transport" in row:
             row["dialect"] = "%s+%s" % (row["transport"], row["protocol"])
+        row["health"] = ("ejected by %d consumer(s): %s" % (
+            row["ejected_by"], "; ".join(row["ejected_reasons"]))) if row["ejected_by"] else "ok"
     print("env %s, appkey %s" % (admin.env, args.appkey))
     _print_table(rows, [("service", "SERVICE"), ("address", "ADDRESS"), ("live", "STATE"),
                         ("weight", "WEIGHT"), ("valid", "SWITCH"), ("dialect", "DIALECT"),
+                        ("health", "HEALTH"),
                         ("problem", "NOTE")])
     return 0
 

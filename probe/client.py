@@ -6,20 +6,28 @@ I/O besides the RPC: ZooKeeper watches replace the routing table in the
 background.
 
 Failover: a failure before the request left (connect refused, dead pooled
-connection, send error) is retried on another node for any method; a failure after
-it left (timeout, reset while waiting) only for methods declared idempotent.
+connection, send error) or a provider's "overloaded, not executed" reply is retried
+on another node for any method; a failure after it left (timeout, reset while
+waiting) only for methods declared idempotent. Retries draw on a retry budget
+(probe.routing.budget). A failure after the request left reaches the caller as
+NodeCallFailed, naming node, service and method.
+
+Node health (probe.routing.health.ServiceHealth) hears the outcome of every attempt
+and steers the pick: ejected nodes are skipped, half-open ones probed, slow ones
+down-weighted, all nodes used in panic mode.
 
 Threading: a ProbeClient is shared by any number of calling threads. What the
 calling threads change (pools, the in-flight counts, node health) is either a
-deque/dict operation that is atomic under the GIL or is done under a lock; node
-health is copied on write, so the watcher thread iterates a dict nobody mutates.
+deque/dict operation that is atomic under the GIL or is done under a lock.
 """
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from types import ModuleType
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
@@ -27,7 +35,7 @@ from thriftpy2.transport import TTransportException
 from . import metrics as call_metrics
 from . import naming
 from .balancer import make_balancer
-from .errors import NoAvailableNode, NodeUnreachable, ProbeError
+from .errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from .idl import load_service, module_of
 from .methodspec import method_specs
 from .pool import ConnectFailed, NodePool, is_timeout
@@ -35,7 +43,12 @@ from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from .rpc.codec import binary_header, codec_for
 from .rpctls import client_context, is_refused_handshake
 from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
-from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
+from .peerwarnings import PeerWarnings
+from .routing.budget import RetryBudget
+from .routing.health import HealthPolicy, ServiceHealth
+from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, NOT_SENT, OK,
+                           OVERLOADED, TIMEOUT)
+from .rpc.overload import is_overload_reply
 
 log = logging.getLogger("probe.client")
 
@@ -53,9 +66,10 @@ class _ClientMethod(object):
     message type)."""
 
     __slots__ = ("name", "args_cls", "result_cls", "oneway", "has_success", "void",
-                 "exception_fields", "idempotent", "header", "takes_nothing", "message_type")
+                 "exception_fields", "idempotent", "header", "takes_nothing", "message_type",
+                 "timeout")
 
-    def __init__(self, spec, idempotent):
+    def __init__(self, spec, idempotent, timeout=None):
         self.name = spec.name
         self.args_cls = spec.args_cls
         self.result_cls = spec.result_cls
@@ -68,22 +82,13 @@ class _ClientMethod(object):
         self.header = binary_header(spec.name, spec.message_type)
         # No fields, hence no defaults either: the args struct is the STOP byte alone.
         self.takes_nothing = not spec.arg_names
-
-
-class _NodeHealth(object):
-    """Consecutive connect failures of one node and its ejection deadline."""
-
-    __slots__ = ("failures", "ejected_until", "backoff")
-
-    def __init__(self, failures=0, ejected_until=0.0, backoff=0.0):
-        self.failures = failures
-        self.ejected_until = ejected_until
-        self.backoff = backoff
+        self.timeout = timeout  # seconds: this method's own socket timeout, or None
 
 
 class _Retryable(object):
     """An attempt's failure that failover may cover (returned, never raised):
-    `before_send` says whether the request could not have reached the node,
+    `before_send` says whether the call surely did not run (the request could not
+    have reached the node, or the node answered "overloaded, not executed"),
     `error` is what the caller gets when it is not retried."""
 
     __slots__ = ("before_send", "error")
@@ -104,7 +109,7 @@ class ProbeClient(TClient):
     def __init__(self, service, appkey, service_name, env, watcher, zk, socket_timeout=500,
                  connect_timeout=None, balancer="weighted_random", retries=2, idempotent=False,
                  eject_after=3, eject_backoff=1.0, max_idle=64, observe=None, recorder=None,
-                 ssl_context=None):
+                 ssl_context=None, health=None, retry_budget=None, timeouts=None):
         # TClient state, kept for code that inspects it; there is no single transport.
         self._service = service
         self._iprot = self._oprot = None
@@ -129,20 +134,30 @@ class ProbeClient(TClient):
         self._pools_lock = threading.Lock()
         self._inflight = {}  # node name -> calls in flight (least_inflight only)
         self._inflight_lock = threading.Lock()
-        # node name -> _NodeHealth. Copied on write under _health_lock and never
-        # mutated once published: the call path reads it without a lock, the watcher
-        # thread iterates it safely.
-        self._health = {}
-        self._health_lock = threading.Lock()
         self._closed = False
-        self.balancer = make_balancer(balancer, inflight=self._inflight_of)
+        # Node health (None: off) and the retry budget (None: retries unbounded but
+        # for `retries`).
+        self.health = health
+        self.retry_budget = retry_budget
+        self.budget_exhausted = 0  # retries the budget refused
+        self.node_warnings = PeerWarnings(
+            log, interval=health.policy.warn_interval_s if health is not None else 10.0)
+        if balancer == "p2c_ewma" and health is None:
+            raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
+        self.balancer = make_balancer(balancer, inflight=self._inflight_of,
+                                      cost=health.cost if health is not None else None)
         self._pick = self.balancer.pick
         self._track_inflight = self.balancer.name == "least_inflight"
+        if health is not None and self.balancer.name == "p2c_ewma":
+            health.track_inflight = True
         specs = method_specs(service)
         idempotent_names = _idempotent_names(idempotent, list(specs))
+        timeouts = timeouts or {}
         self._methods = {}
         for name, spec in specs.items():
-            method = _ClientMethod(spec, name in idempotent_names)
+            timeout = timeouts.get(name)
+            method = _ClientMethod(spec, name in idempotent_names,
+                                   None if timeout is None else timeout / 1000.0)
             self._methods[name] = method
             # 'close' is TClient's own method; thriftpy2 exposes the RPC as 'tclose'.
             setattr(self, "tclose" if name == "close" else name, self._bind(method))
@@ -199,6 +214,10 @@ class ProbeClient(TClient):
             payload = None
         state = self.recorder.thread_state() if self.recorder is not None else None
         watcher = self.watcher
+        health = self.health
+        budget = self.retry_budget
+        if budget is not None:
+            budget.deposit()
         tried = None
         attempt = 0
         while True:
@@ -206,10 +225,19 @@ class ProbeClient(TClient):
             if table.refresh_at is not None and time.time() >= table.refresh_at:
                 watcher.refresh()
                 table = watcher.table
-            node = self._pick(table, tried)
-            health = self._health
-            if health and node.name in health:
-                node = self._avoid_ejected(table, node, tried)
+            if health is None:
+                node = self._pick(table, tried)
+            else:
+                # ServiceHealth.choose's documented fast path, inlined: the call path's
+                # cost stays a pick while no node is ejected, due or rescaled.
+                view = health.view
+                if view.base is table and health.now < view.expires and not view.due:
+                    try:
+                        node = self._pick(view.table, tried)
+                    except NoAvailableNode:
+                        node = health.choose(table, self._pick, tried)
+                else:
+                    node = health.choose(table, self._pick, tried)
             status, value, error = self._attempt(node, method, payload, state)
             if error is None:
                 return value
@@ -217,6 +245,13 @@ class ProbeClient(TClient):
                 raise error
             attempt += 1
             if attempt > self.retries or not (error.before_send or method.idempotent):
+                raise error.error
+            # An overload reply ran nothing: moving it elsewhere adds no work, so it
+            # does not draw on the budget (`retries` still bounds it).
+            if budget is not None and status != OVERLOADED and not budget.try_withdraw():
+                self.budget_exhausted += 1
+                log.debug("%s.%s failed on %s; the retry budget is spent: not retried",
+                          self.service_name, method.name, node.name)
                 raise error.error
             tried = (tried or set()) | {node.name}
             if len(tried) >= len(table.nodes):
@@ -234,6 +269,9 @@ class ProbeClient(TClient):
         pool = self._pools.get(node.name)
         if pool is None:
             pool = self._pool_for(node)
+        health = self.health
+        if health is not None and health.track_inflight:
+            health.begin(node)
         if self._track_inflight:
             with self._inflight_lock:  # += on a dict entry is not atomic
                 self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
@@ -242,16 +280,20 @@ class ProbeClient(TClient):
         conn = None
         reusable = False
         status = CONNECTION_ERROR  # what an attempt that raised unexpectedly counts as
+        verdict = None  # what node health hears, when it is not `status`
+        retimed = False
         started = _perf_counter()
         try:
             conn = pool.acquire(started)
-            if self._health:
-                self._connected(node)
+            if method.timeout is not None:
+                conn.sock.settimeout(method.timeout)
+                retimed = True
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
             try:
                 conn.send_call(conn, method, payload, seqid)
             except _TRANSPORT_ERRORS as exc:
                 # The peer closed or reset before our bytes were taken: nothing ran.
+                verdict = NOT_SENT
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
             if method.oneway:
                 reusable = True
@@ -263,29 +305,44 @@ class ProbeClient(TClient):
                 if is_refused_handshake(exc):
                     # TLS 1.3: the provider refused our certificate; the request never
                     # reached a handler. A connect failure, as a refused connection.
-                    self._connect_failed(node)
                     return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
                         "TLS handshake with %s:%d refused: %s (node %s of %s/%s)" % (
                             node.host, node.port, exc.reason, node.name, self.appkey,
                             self.service_name)))
                 status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
-                return status, None, _Retryable(False, exc)
+                failed = NodeCallFailed(node.name, "%s/%s" % (self.appkey, self.service_name),
+                                        method.name, exc, TTransportException.TIMED_OUT
+                                        if status == TIMEOUT else None)
+                if not self.node_warnings.warn(node.name, "%s (further failures on this node "
+                                               "are not logged for a while)", failed):
+                    log.debug("%s", failed)
+                return status, None, _Retryable(False, failed)
             status = outcome[0]
             # A reply with a wrong seqid leaves the connection out of step: never reuse it.
             reusable = status != CONNECTION_ERROR
+            if status == APPLICATION_ERROR:
+                if is_overload_reply(outcome[2]):
+                    # Nothing ran on the node: any method may go elsewhere.
+                    status = OVERLOADED
+                    return OVERLOADED, None, _Retryable(True, outcome[2])
+                if not outcome[2].type:
+                    verdict = OK  # a handler raised TApplicationException(UNKNOWN) itself: an answer
             return outcome
         except ConnectFailed as exc:
-            self._connect_failed(node)
             return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable("%s (node %s of %s/%s)" % (
                 exc, node.name, self.appkey, self.service_name)))
         finally:
             ended = _perf_counter()
             if conn is not None:
                 if reusable:
+                    if retimed:
+                        conn.sock.settimeout(self.socket_timeout / 1000.0)
                     pool.release(conn, ended)
                 else:
                     conn.close()
             seconds = ended - started
+            if health is not None:
+                health.end(node, verdict or status, seconds, ended)
             if state is not None:
                 state.current = None
                 self.recorder.observe_in(state, method.name, node.name, status, seconds)
@@ -341,44 +398,18 @@ class ProbeClient(TClient):
     def _inflight_of(self, node):
         return self._inflight.get(node.name, 0)
 
-    def _connect_failed(self, node):
-        with self._health_lock:
-            old = self._health.get(node.name) or _NodeHealth()
-            health = _NodeHealth(old.failures + 1, old.ejected_until, old.backoff)
-            ejected = health.failures >= self.eject_after
-            if ejected:
-                health.backoff = min(30.0, health.backoff * 2 if health.backoff
-                                     else self.eject_backoff)
-                health.ejected_until = time.monotonic() + health.backoff
-            published = dict(self._health)
-            published[node.name] = health
-            self._health = published
-        if ejected:
-            log.warning("node %s of %s/%s failed to connect %d times in a row: skipping it for "
-                        "%.1f s", node.name, self.appkey, self.service_name, health.failures,
-                        health.backoff)
-
-    def _connected(self, node):
-        if node.name not in self._health:
-            return
-        with self._health_lock:
-            health = self._health
-            if node.name not in health:
-                return
-            self._health = {name: h for name, h in health.items() if name != node.name}
-        log.info("node %s of %s/%s answers again", node.name, self.appkey, self.service_name)
-
-    def _avoid_ejected(self, table, node, tried):
-        health = self._health  # a snapshot: never mutated once published
-        now = time.monotonic()
-        entry = health.get(node.name)
-        if entry is None or entry.ejected_until <= now:
-            return node  # not ejected, or its back-off is over: probe it
-        ejected = {name for name, h in health.items() if h.ejected_until > now}
-        skip = ejected | (tried or set())
-        if len(skip & set(table.index)) >= len(table.nodes):
-            return node  # everything is ejected: trying beats failing outright
-        return self.balancer.pick(table, skip)
+    def health_report(self) -> Dict[str, Any]:
+        """This client's node-health figures for metrics and the fleet stats:
+        counters (ejections, readmissions, panics, overloads, budget_exhausted),
+        `panic` (bool) and `ejected` (node name -> why)."""
+        health = self.health
+        if health is None:
+            return {"ejections": 0, "readmissions": 0, "panics": 0, "overloads": 0,
+                    "budget_exhausted": self.budget_exhausted, "panic": False, "ejected": {}}
+        return {"ejections": health.ejections, "readmissions": health.readmissions,
+                "panics": health.panics, "overloads": health.overloads,
+                "budget_exhausted": self.budget_exhausted, "panic": health.panic,
+                "ejected": health.ejected()}
 
     def _on_table(self, table):
         # Pools are keyed by znode name (cheaper than building an address tuple per
@@ -390,10 +421,8 @@ class ProbeClient(TClient):
             for name, pool in list(self._pools.items()):
                 if live.get(name) != (pool.host, pool.port) + pool.codec.dialect:
                     self._pools.pop(name).close()
-        with self._health_lock:
-            health = self._health
-            if any(name not in live for name in health):
-                self._health = {name: h for name, h in health.items() if name in live}
+        if self.health is not None:
+            self.health.forget(live)
 
     def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""
@@ -401,6 +430,8 @@ class ProbeClient(TClient):
             return
         self._closed = True
         self.watcher.close()
+        if self.recorder is not None:
+            self.recorder.forget_health_source(self)
         with self._pools_lock:
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
@@ -448,8 +479,11 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
                  balancer: str = "weighted_random",
                  retries: int = 2,
                  idempotent: Union[bool, str, Iterable[str]] = False,
-                 eject_after: int = 3,
-                 eject_backoff: float = 1.0,
+                 eject_after: Optional[int] = None,
+                 eject_backoff: Optional[float] = None,
+                 health: Union[bool, HealthPolicy] = True,
+                 retry_budget: Union[bool, RetryBudget] = True,
+                 timeouts: Optional[Mapping[str, float]] = None,
                  max_idle: int = 64,
                  warmup: float = 0.0,
                  config_path: Optional[str] = None,
@@ -477,15 +511,26 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     :param service_name: the service's name in the IDL, e.g. ``"DemoService"``.
     :param socket_timeout: ms a call may wait for its reply (500).
     :param connect_timeout: ms a new connection may take (default: socket_timeout).
-    :param balancer: ``"weighted_random"`` (default), ``"round_robin"`` (smooth
-        weighted) or ``"least_inflight"`` (power of two choices by weight: of two
-        nodes drawn, the one with fewer calls in flight per unit of weight; equal
-        loads split by weight).
+    :param balancer: ``"weighted_random"`` (default, over health-scaled weights),
+        ``"round_robin"`` (smooth weighted), ``"least_inflight"`` (power of two
+        choices by weight: of two nodes drawn, the one with fewer calls in flight
+        per unit of weight; equal loads split by weight) or ``"p2c_ewma"`` (two
+        drawn by weight, the lower EWMA latency × (in flight + 1)).
     :param retries: how many times a failed call may move to another node (2).
     :param idempotent: True, or the method names (a name or a list) that may be
         retried after the request was sent; default none.
-    :param eject_after: consecutive connect failures that make a node skipped (3).
-    :param eject_backoff: seconds a node is first skipped; doubles up to 30 (1.0).
+    :param eject_after: consecutive failures that eject a node (the health
+        policy's ``consecutive_failures``, 3).
+    :param eject_backoff: seconds a node is first ejected; doubles up to the
+        policy's ``max_ejection_s`` (its ``base_ejection_s``, 1.0).
+    :param health: passive node health (:mod:`probe.routing.health`): True (the
+        default policy), a :class:`~probe.routing.health.HealthPolicy`, or False
+        to turn it off (plain picks, no ejection).
+    :param retry_budget: True (20% of calls + 10/s), a
+        :class:`~probe.routing.budget.RetryBudget` (may be shared by clients), or
+        False for none (only ``retries`` bounds them).
+    :param timeouts: ``{method: ms}``: a method's own reply timeout, overriding
+        ``socket_timeout`` for the methods named.
     :param max_idle: idle connections kept per node (64).
     :param warmup: seconds over which a new node's weight ramps up (0: none).
     :param config_path: YAML config file (default: ``PROBE_CONFIG`` or the packaged one).
@@ -511,9 +556,14 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     service = load_service(thrift_path, service_name)
     client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
                           balancer=balancer, retries=retries, idempotent=idempotent,
-                          eject_after=eject_after, eject_backoff=eject_backoff,
                           max_idle=max_idle, observe=observe)
-    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **client_options)
+    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout,
+                          eject_after=eject_after, eject_backoff=eject_backoff, **client_options)
+    policy = _health_policy(health, eject_after, eject_backoff)
+    if balancer == "p2c_ewma" and policy is None:
+        raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
+    budget = _retry_budget(retry_budget)
+    client_options["timeouts"] = _method_timeouts(timeouts, service.thrift_services)
     given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
              "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
     chosen = call_metrics.metrics_options(
@@ -530,8 +580,13 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     try:
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
+        engine = None if policy is None else ServiceHealth(
+            policy, describe="%s/%s" % (appkey, service_name))
         client = ProbeClient(service, appkey, service_name, settings.env, watcher, zk,
-                             recorder=recorder, ssl_context=ssl_context, **client_options)
+                             recorder=recorder, ssl_context=ssl_context, health=engine,
+                             retry_budget=budget, **client_options)
+        if recorder is not None:
+            recorder.add_health_source(client)
         watcher.start()
     except BaseException:
         release_zookeeper(zk)
@@ -556,16 +611,70 @@ def _check_client_options(service, socket_timeout, connect_timeout, balancer, re
     if connect_timeout is not None:
         _check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
     _check_number("retries", retries, 0, None, integer=True)
-    _check_number("eject_after", eject_after, 1, None, integer=True)
-    _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
+    if eject_after is not None:
+        _check_number("eject_after", eject_after, 1, None, integer=True)
+    if eject_backoff is not None:
+        _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
     _check_number("max_idle", max_idle, 0, None, integer=True)
     _check_number("warmup", warmup, 0, "seconds")
     _check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
     if observe is not None and not callable(observe):
         raise ProbeError("observe must be a callable(method, node, status, seconds), got %r"
                          % (observe,))
-    make_balancer(balancer, inflight=lambda node: 0)
+    make_balancer(balancer, inflight=lambda node: 0, cost=lambda node: 0.0)
     _idempotent_names(idempotent, service.thrift_services)
+
+
+def _health_policy(health, eject_after, eject_backoff) -> Optional[HealthPolicy]:
+    """The node-health policy build_client's options ask for (None: off)."""
+    if health is False or health is None:
+        return None
+    if health is True:
+        policy = HealthPolicy()
+    elif isinstance(health, HealthPolicy):
+        policy = health
+    else:
+        raise ProbeError("health must be True, False or a probe.routing.health.HealthPolicy, "
+                         "got %r" % (health,))
+    changes = {}
+    if eject_after is not None:
+        changes["consecutive_failures"] = eject_after
+    if eject_backoff is not None:
+        changes["base_ejection_s"] = float(eject_backoff)
+        changes["max_ejection_s"] = max(policy.max_ejection_s, float(eject_backoff))
+    return dataclasses.replace(policy, **changes) if changes else policy
+
+
+def _retry_budget(retry_budget) -> Optional[RetryBudget]:
+    if retry_budget is True:
+        return RetryBudget()
+    if retry_budget is False or retry_budget is None:
+        return None
+    if isinstance(retry_budget, RetryBudget):
+        return retry_budget
+    raise ProbeError("retry_budget must be True, False or a probe.routing.budget.RetryBudget, "
+                     "got %r" % (retry_budget,))
+
+
+def _method_timeouts(timeouts, names) -> Dict[str, float]:
+    """Check `timeouts` ({method: ms}) against the service's methods."""
+    if timeouts is None:
+        return {}
+    if not isinstance(timeouts, Mapping):
+        raise ProbeError("timeouts must be a dict {method name: milliseconds}, got %r"
+                         % (timeouts,))
+    unknown = sorted(str(name)[:100] for name in timeouts if name not in names)
+    if unknown:
+        raise ProbeError("timeouts names unknown methods %s (the service has: %s)"
+                         % (", ".join(unknown[:10]), ", ".join(sorted(names))))
+    checked = {}
+    for name, value in timeouts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or math.isnan(value) or not 0 < value <= 86400000:
+            raise ProbeError("timeouts[%r] must be a number of milliseconds in (0, 86400000], "
+                             "got %r" % (name, value))
+        checked[name] = float(value)
+    return checked
 
 
 __all__ = ["build_client", "ProbeClient", "NoAvailableNode", "NodeUnreachable"]

@@ -1,6 +1,10 @@
 """The named errors probe raises. Every message says what was wrong, with which
 value, and what to do about it."""
 
+from typing import Optional
+
+from thriftpy2.transport import TTransportException
+
 
 class ProbeError(Exception):
     """Base class of every error probe raises on purpose."""
@@ -96,6 +100,36 @@ class ConfigUnavailable(ProbeError):
 class ZooKeeperAuthFailed(ComponentUnavailable):
     """ZooKeeper refused the configured `zkserver.<env>.auth` credentials, or they
     do not match the ACL of the registry's znodes (a wrong user or password)."""
+
+
+class InvalidHealthPolicy(ProbeError, ValueError):
+    """A node-health, retry-budget or per-method timeout option is out of range or of
+    the wrong type."""
+
+
+class NodeCallFailed(ProbeError, TTransportException):
+    """A call failed after its request left for a node (a timeout, a reset, the peer
+    closing): the message names the node, the service and the method. A thrift
+    `TTransportException` too (same `type`), so code catching that still works; the
+    original error is its `__cause__`."""
+
+    def __init__(self, node: str, service: str, method: str, cause: BaseException,
+                 kind: Optional[int] = None) -> None:
+        if kind is None:
+            kind = getattr(cause, "type", TTransportException.UNKNOWN)
+        if not isinstance(kind, int):
+            kind = TTransportException.UNKNOWN
+        reason = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+        message = "%s.%s failed on node %s after the request was sent: %s" % (
+            service, method, node, reason)
+        TTransportException.__init__(self, type=kind, message=message)
+        self.node = node
+        self.service = service
+        self.method = method
+        self.__cause__ = cause
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class RegisterError(ProbeError):

@@ -32,6 +32,10 @@ MIN_SIZE.update({STRING: 4, STRUCT: 1, MAP: 6, SET: 5, LIST: 5})
 VERSION_MASK = -65536  # 0xffff0000 as a signed i32
 VERSION_1 = -2147418112  # 0x80010000 as a signed i32
 CALL, ONEWAY = 1, 4
+REPLY, EXCEPTION = 2, 3
+REQUESTS = (CALL, ONEWAY)   # what a provider accepts
+REPLIES = (REPLY, EXCEPTION)
+_TYPE_NAMES = {CALL: "CALL", REPLY: "REPLY", EXCEPTION: "EXCEPTION", ONEWAY: "ONEWAY"}  # what a client accepts (probe.aio reads replies with these scanners)
 
 _i32 = Struct("!i").unpack_from
 _two_i32 = Struct("!ii").unpack_from
@@ -66,6 +70,7 @@ class MessageScanner(object):
 
     compact = False  # the protocol it scans (see CompactScanner)
     header = 0       # bytes before the message (FramedScanner: the frame length)
+    message_types = REQUESTS  # the message types accepted (REPLIES: a client's scanner)
 
     def __init__(self, max_bytes, max_depth=64):
         self.max_bytes = max_bytes
@@ -86,7 +91,7 @@ class MessageScanner(object):
                     self._check_version(_i32(buf, 0)[0])
                 return NEED_MORE
             word, name_length = _two_i32(buf, 0)
-            if word & VERSION_MASK != VERSION_1 or (word & 0xff) not in (CALL, ONEWAY):
+            if word & VERSION_MASK != VERSION_1 or (word & 0xff) not in self.message_types:
                 self._check_version(word)
             if name_length < 0 or name_length > 1024 or name_length > limit - 12:
                 _check_length(name_length, min(limit - 12, 1024), "a method name")
@@ -197,13 +202,13 @@ class MessageScanner(object):
             raise MessageRejected("a message longer than max_message_bytes=%d" % limit)
         return NEED_MORE if stack else pos
 
-    @staticmethod
-    def _check_version(word):
+    def _check_version(self, word):
         if word & VERSION_MASK != VERSION_1:
             raise MessageRejected("not a strict thrift binary-protocol message (first word 0x%08x)"
                                   % (word & 0xffffffff))
-        if word & 0xff not in (CALL, ONEWAY):
-            raise MessageRejected("message type %d is not a CALL or ONEWAY" % (word & 0xff))
+        if word & 0xff not in self.message_types:
+            raise MessageRejected("message type %d is not one of %s" % (
+                word & 0xff, "/".join(_TYPE_NAMES[t] for t in self.message_types)))
 
 
 def _check_length(length, room, what):
@@ -270,6 +275,7 @@ class CompactScanner(object):
 
     compact = True
     header = 0
+    message_types = REQUESTS
 
     def __init__(self, max_bytes, max_depth=64):
         self.max_bytes = max_bytes
@@ -290,9 +296,9 @@ class CompactScanner(object):
                                       % buf[0])
             if n < 2:
                 return NEED_MORE
-            if buf[1] & 0x1F != COMPACT_VERSION or (buf[1] >> 5) not in (CALL, ONEWAY):
-                raise MessageRejected("compact message header 0x%02x is not a version-1 CALL "
-                                      "or ONEWAY" % buf[1])
+            if buf[1] & 0x1F != COMPACT_VERSION or (buf[1] >> 5) not in self.message_types:
+                raise MessageRejected("compact message header 0x%02x is not a version-1 %s"
+                                      % (buf[1], "/".join(_TYPE_NAMES[t] for t in self.message_types)))
             seqid = _varint(buf, 2, n, 5)
             if seqid is None:
                 return NEED_MORE

@@ -22,6 +22,7 @@ from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress,
 SERVICES_ROOT = "/services"
 SETTINGS_HASH_PREFIX = "thriftprobe_"
 STATS_KEY_PREFIX = "thriftprobe_stats_"
+HEALTH_KEY_PREFIX = "thriftprobe_health_"
 FIELD_SEPARATOR = "|"
 
 DEFAULT_WEIGHT = 10
@@ -411,6 +412,24 @@ def parse_stats_field(field: Union[str, bytes]) -> Optional[Tuple[str, ...]]:
         field = field.decode("utf-8", "replace")
     parts = field.split("|")
     return tuple(parts) if len(parts) == 5 else None
+
+
+# -- node health as consumers see it (written by probe.metrics, read by probe.stats) --
+def health_key(env: str, appkey: str) -> str:
+    """The Redis hash of the nodes an appkey's consumers have ejected."""
+    return "%s%s:%s" % (HEALTH_KEY_PREFIX, env, appkey)
+
+
+def health_field(service: str, node: str, writer: str) -> str:
+    return "|".join((service, node, writer))
+
+
+def parse_health_field(field: Union[str, bytes]) -> Optional[Tuple[str, ...]]:
+    """-> (service, node, writer), or None when malformed."""
+    if isinstance(field, bytes):
+        field = field.decode("utf-8", "replace")
+    parts = field.split("|")
+    return tuple(parts) if len(parts) == 3 else None
 
 
 # -- the config center: /configs/<env>/<appkey>/<key> ---------------------------

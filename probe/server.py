@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Union
 
 from . import metrics as call_metrics
 from . import naming
@@ -26,6 +26,7 @@ from .idl import load_service
 from .naming import NodeSettings
 from .nodestore import NodeStore
 from .registry import Registration, release_zookeeper, shared_zookeeper
+from .rpc.overload import make_limiter
 from .rpctls import server_context
 from .settings import load_settings, outbound_ip
 from .thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
@@ -64,6 +65,63 @@ def raise_fd_limit(connections):
         log.warning("cannot raise the open-file limit: %s", exc)
 
 
+def node_zookeeper_settings(settings, session_timeout=None):
+    """The config's ZooKeeper settings, with a provider's own session timeout."""
+    if session_timeout:
+        return settings.zookeeper._replace(session_timeout=float(session_timeout))
+    return settings.zookeeper
+
+
+def check_stores(settings, appkey: str, connect_timeout: float) -> NodeStore:
+    """The first steps of every provider start (sync or asyncio): refuse an appkey
+    missing from MySQL, then reach Redis. Returns the node store. Blocking.
+
+    :param connect_timeout: seconds to reach each store."""
+    appkeys = AppkeyStore(settings.mysql, connect_timeout)
+    try:
+        appkeys.require(appkey)
+    finally:
+        appkeys.close()
+    store = NodeStore(settings.redis, settings.env, connect_timeout)
+    store.ping()
+    return store
+
+
+def advertised_host(settings, zk_settings, advertise_host: Optional[str] = None) -> str:
+    """The address a provider registers: the option, the config, else the outbound IP."""
+    return (advertise_host or settings.advertise_host
+            or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
+
+
+def register_node(zk_settings, store: NodeStore, connect_timeout: float, path: str, field: str,
+                  defaults: NodeSettings):
+    """Read (or create) the node's settings in Redis and create its ephemeral znode,
+    kept registered across sessions. Returns (zk, node settings, Registration);
+    on failure nothing is left registered and the ZooKeeper handle is released.
+    Blocking: an asyncio provider runs it in an executor."""
+    # ZooKeeper before the Redis default: a refused start writes nothing.
+    zk = shared_zookeeper(zk_settings, timeout=connect_timeout)
+    try:
+        # The dialect is the provider's own, whatever Redis holds.
+        node_settings = store.get_or_create(field, defaults)._replace(
+            transport=defaults.transport, protocol=defaults.protocol)
+
+        def reload_settings():
+            try:
+                return store.get(field)
+            except (ProbeError, ValueError) as exc:
+                log.warning("cannot re-read %s from Redis (%s): keeping the last known "
+                            "settings", field, exc)
+                return None
+
+        registration = Registration(zk, path, node_settings, reload_settings)
+        registration.register()
+    except BaseException:
+        release_zookeeper(zk)
+        raise
+    return zk, node_settings, registration
+
+
 class Provider(object):
     """One governed thrift service in this process. `start()` returns once the node is
     registered and serving; `stop()` shuts it down gracefully; `wait()` blocks.
@@ -96,7 +154,9 @@ class Provider(object):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  worker_threads: int = DEFAULT_WORKER_THREADS,
                  transport: str = "buffered",
-                 protocol: str = "binary") -> None:
+                 protocol: str = "binary",
+                 max_inflight: Optional[int] = None,
+                 max_inflight_per_method: Union[None, int, Mapping[str, int]] = None) -> None:
         naming.check_service_name(service_name)
         naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
@@ -129,6 +189,9 @@ class Provider(object):
                                                     stats_interval, stats_ttl, slow_call_ms,
                                                     port_from_env=True)
         self.service = load_service(thrift_path, service_name)
+        # Checked here, with the service's method names known, before anything starts.
+        self.limiter = make_limiter(max_inflight, max_inflight_per_method,
+                                    self.service.thrift_services)
         self.thrift_path = thrift_path
         self.appkey = appkey
         self.service_name = service_name
@@ -182,21 +245,12 @@ class Provider(object):
 
     def start(self):
         settings = self.settings
-        zk_settings = settings.zookeeper
-        if self.session_timeout:
-            zk_settings = zk_settings._replace(session_timeout=float(self.session_timeout))
-        appkeys = AppkeyStore(settings.mysql, self.connect_timeout)
-        try:
-            appkeys.require(self.appkey)
-        finally:
-            appkeys.close()
-        store = NodeStore(settings.redis, self.env, self.connect_timeout)
-        store.ping()
-        self.host = (self.advertise_host or settings.advertise_host
-                     or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
+        zk_settings = node_zookeeper_settings(settings, self.session_timeout)
+        store = check_stores(settings, self.appkey, self.connect_timeout)
+        self.host = advertised_host(settings, zk_settings, self.advertise_host)
         self.server = ThriftServer(self.service, self.handler, self.bind_host, self.requested_port,
                                    observe=self.observe, ssl_context=self.ssl_context,
-                                   **self.limits)
+                                   limiter=self.limiter, **self.limits)
         raise_fd_limit(self.limits["max_connections"])
         try:
             self.server.bind()
@@ -217,23 +271,9 @@ class Provider(object):
         try:
             if self.metrics.port is not None:
                 self.metrics_endpoint = call_metrics.serve(self.metrics.port, self.metrics.addr)
-            # ZooKeeper before the Redis default: a refused start writes nothing.
-            self.zk = shared_zookeeper(zk_settings, timeout=self.connect_timeout)
             own = NodeSettings(self.host, self.port, transport=self.transport, protocol=self.protocol)
-            self.node_settings = store.get_or_create(self.field, own)._replace(
-                transport=own.transport, protocol=own.protocol)
-            field = self.field
-
-            def reload_settings():
-                try:
-                    return store.get(field)
-                except (ProbeError, ValueError) as exc:
-                    log.warning("cannot re-read %s from Redis (%s): keeping the last known "
-                                "settings", field, exc)
-                    return None
-
-            self.registration = Registration(self.zk, self.path, self.node_settings, reload_settings)
-            self.registration.register()
+            self.zk, self.node_settings, self.registration = register_node(
+                zk_settings, store, self.connect_timeout, self.path, self.field, own)
         except BaseException:
             if self.worker_pool is not None:
                 self.worker_pool.stop(timeout=5)
@@ -241,9 +281,6 @@ class Provider(object):
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
                 self.metrics_endpoint = None
-            if self.zk is not None:
-                release_zookeeper(self.zk)
-                self.zk = None
             raise
         if self.worker_pool is not None:
             self.worker_pool.supervise()
@@ -367,7 +404,10 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   worker_threads: int = DEFAULT_WORKER_THREADS,
                   transport: str = "buffered",
-                  protocol: str = "binary") -> "Provider":
+                  protocol: str = "binary",
+                  max_inflight: Optional[int] = None,
+                  max_inflight_per_method: Union[None, int, Mapping[str, int]] = None
+                  ) -> "Provider":
     """Register `handler` as a node of `service_name` under `appkey` and serve it.
 
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
@@ -420,6 +460,12 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
         use.
     :param protocol: the protocol the node advertises, ``"binary"`` (default) or
         ``"compact"``; both are accepted either way.
+    :param max_inflight: calls running at once per process, all methods together
+        (default: no cap). A call beyond it is not run: it gets the "overloaded,
+        not executed" reply at once (`probe.rpc.overload`), which probe consumers
+        retry on another node even for non-idempotent methods.
+    :param max_inflight_per_method: the same cap per method: an int for every
+        method, or ``{method: calls}`` for the methods named.
     """
     provider = Provider(thrift_path, appkey, service_name, handler, port,
                         bind_host=bind_host, advertise_host=advertise_host,
@@ -432,7 +478,8 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                         max_connections=max_connections, idle_timeout=idle_timeout,
                         read_timeout=read_timeout, max_message_bytes=max_message_bytes,
                         worker_threads=worker_threads, transport=transport,
-                        protocol=protocol)
+                        protocol=protocol, max_inflight=max_inflight,
+                        max_inflight_per_method=max_inflight_per_method)
     if not block:
         return provider.start()
     _setup_file_log(provider.settings, appkey, service_name)

@@ -19,11 +19,14 @@ a Redis cluster.
 
 import json
 import time
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
-from .naming import parse_stats_field, stats_field, stats_key, stats_pattern  # noqa: F401
-from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
+from .naming import (health_field, health_key, parse_health_field,  # noqa: F401
+                     parse_stats_field, stats_field, stats_key, stats_pattern)
+from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK,
+                           OVERLOADED, TIMEOUT)
 
 SLOT_SECONDS = 10
 DEFAULT_TTL = 3600  # seconds a slot is kept once its last write is done
@@ -34,7 +37,16 @@ DEFAULT_TTL = 3600  # seconds a slot is kept once its last write is done
 BOUNDS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
           0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
-STATUSES = (OK, DECLARED_EXCEPTION, APPLICATION_ERROR, TIMEOUT, CONNECTION_ERROR)
+STATUSES = (OK, DECLARED_EXCEPTION, APPLICATION_ERROR, TIMEOUT, CONNECTION_ERROR, OVERLOADED)
+
+# Node health as consumers report it: hash thriftprobe_health_<env>:<appkey>, field
+# `<service>|<ip:port>|<writer>`, JSON {"reason": why it is ejected, "at": epoch of
+# the report}. A consumer rewrites its own fields at each stats flush and deletes
+# those of nodes it re-admitted; a reader ignores reports older than HEALTH_MAX_AGE
+# (a consumer that died), and the key expires HEALTH_TTL after the last write.
+HEALTH_MAX_AGE = 30.0
+HEALTH_TTL = 120
+MAX_REASON = 200
 SIDES = ("server", "client")
 
 
@@ -67,6 +79,63 @@ def write_slot(redis_client, env, slot, deltas, writer, ttl=DEFAULT_TTL, ttls=No
         pipe.expire(key, int(expire))
     pipe.execute()
     return len(by_key)
+
+
+def write_health(redis_client: Any, env: str, current: Dict[str, Dict[str, str]],
+                 previous: Dict[str, Dict[str, str]]) -> Dict[str, Dict[str, str]]:
+    """Write one consumer process's ejected nodes; returns what is now written.
+
+    current/previous: {appkey: {field: JSON}}, `previous` being what the last
+    successful call wrote: fields no longer current are deleted. Raises redis errors.
+    """
+    pipe = redis_client.pipeline(transaction=False)
+    used = False
+    for appkey in set(current) | set(previous):
+        key = health_key(env, appkey)
+        now_fields = current.get(appkey, {})
+        gone = [field for field in previous.get(appkey, {}) if field not in now_fields]
+        if gone:
+            pipe.hdel(key, *gone)
+            used = True
+        if now_fields:
+            pipe.hset(key, mapping=now_fields)
+            pipe.expire(key, HEALTH_TTL)
+            used = True
+    if used:
+        pipe.execute()
+    return current
+
+
+def health_entry(reason: str, now: float) -> str:
+    """The JSON of one consumer's report that a node is ejected (for `write_health`)."""
+    return json.dumps({"reason": str(reason)[:MAX_REASON], "at": round(now, 3)},
+                      separators=(",", ":"))
+
+
+def read_node_health(redis_client: Any, env: str, appkey: str, now: Optional[float] = None,
+                     max_age: float = HEALTH_MAX_AGE) -> Dict[Tuple[str, str], List[str]]:
+    """{(service, "ip:port"): [why, ...]}: one reason per consumer process that
+    reports the node ejected now. Malformed entries are skipped (Redis data is
+    not trusted)."""
+    now = time.time() if now is None else now
+    try:
+        raw = redis_client.hgetall(health_key(env, appkey))
+    except REDIS_ERRORS as exc:
+        raise ComponentUnavailable("cannot read node health from Redis: %s" % exc)
+    ejected = {}
+    for field, value in list(raw.items())[:10000]:
+        parsed = parse_health_field(field)
+        if parsed is None:
+            continue
+        try:
+            entry = json.loads(value)
+            reason, at = str(entry["reason"])[:MAX_REASON], float(entry["at"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+        if now - at > max_age:
+            continue
+        ejected.setdefault((parsed[0], parsed[1]), []).append(reason)
+    return ejected
 
 
 def quantile(buckets, q):

@@ -62,7 +62,8 @@ from thriftpy2.transport import TCyMemoryBuffer
 from .messagelimits import NEED_MORE, MessageRejected, scanner_for
 from .methodspec import method_specs
 from .peerwarnings import PeerWarnings
-from .rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK
+from .rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
+from .rpc.overload import overload_reply, unforgeable
 
 log = logging.getLogger("probe.server")
 
@@ -167,12 +168,15 @@ class ThriftServer(object):
     :param backlog: the listen backlog.
     :param ssl_context: an ``ssl.SSLContext`` (server side) to serve TLS only, or
         None for plain TCP (see `probe.rpctls.server_context`).
+    :param limiter: a `probe.rpc.overload.InflightLimiter`: a call beyond its caps
+        gets the "overloaded, not executed" reply at once and is not run.
     """
 
     def __init__(self, service, handler, host="0.0.0.0", port=8081, observe=None, *,
                  max_connections=DEFAULT_MAX_CONNECTIONS, idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  read_timeout=DEFAULT_READ_TIMEOUT, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024, ssl_context=None):
+                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024, ssl_context=None,
+                 limiter=None):
         self.service_name = service.__name__
         missing = [name for name in service.thrift_services if not callable(getattr(handler, name, None))]
         if missing:
@@ -190,6 +194,7 @@ class ThriftServer(object):
         self.worker_threads = worker_threads
         self.backlog = backlog
         self.ssl_context = ssl_context
+        self.limiter = limiter  # probe.rpc.overload.InflightLimiter, or None: no cap
         self.listener = None
         self._active = []  # one item per call in flight: list append/pop are atomic
         self._call_counts = []  # one [count] per worker thread, each written by its owner only
@@ -309,7 +314,8 @@ class ThriftServer(object):
         """Counters for tests and operators."""
         return {"connections": len(self._connections), "workers": len(self._workers),
                 "inflight": self.inflight, "calls": self.calls, "rejected": self.rejected,
-                "protocol_errors": self.protocol_errors, "timed_out": self.timed_out}
+                "protocol_errors": self.protocol_errors, "timed_out": self.timed_out,
+                "overloaded": self.limiter.refused if self.limiter is not None else 0}
 
     # -- the selector thread ------------------------------------------------------
     def _selector_loop(self):
@@ -747,6 +753,14 @@ class ThriftServer(object):
             self.protocol_errors += 1
             self._warn(conn, "undecodable message (%s: %.200s)" % (type(exc).__name__, exc))
             return False
+        limiter = self.limiter
+        if limiter is not None:
+            refused = limiter.enter(name)
+            if refused is not None:  # over a cap: answer at once, run nothing
+                self._observe(name, OVERLOADED, perf_counter())
+                return spec.oneway or self._reply_exception(
+                    conn, protocol, membuf, name, seqid,
+                    overload_reply(self.service_name, name, *refused))
         conn.calling = True
         active = self._active
         active.append(None)
@@ -760,7 +774,8 @@ class ThriftServer(object):
                     result.success = value
             except TApplicationException as exc:  # raised on purpose: the handler chose its text
                 self._observe(spec.name, APPLICATION_ERROR, started)
-                return spec.oneway or self._reply_exception(conn, protocol, membuf, name, seqid, exc)
+                return spec.oneway or self._reply_exception(conn, protocol, membuf, name, seqid,
+                                                            unforgeable(exc))
             except Exception as exc:
                 for field, exc_class in spec.exceptions:
                     if isinstance(exc, exc_class):
@@ -787,6 +802,8 @@ class ThriftServer(object):
             conn.calling = False
             active.pop()
             counter[0] += 1
+            if limiter is not None:
+                limiter.exit(name)
 
     def _internal_error(self, conn, protocol, membuf, spec, seqid, started):
         log.error("%s.%s raised an undeclared exception (peer %s)", self.service_name, spec.name,

@@ -21,6 +21,8 @@ from probe.balancer import Node, RoutingTable
 from probe.client import ProbeClient, build_client
 from probe.errors import ProbeError
 from probe.idl import load_service
+from probe.routing.health import ServiceHealth
+from probe.rpc.outcomes import CONNECTION_ERROR, OK
 
 
 # -- the signature ---------------------------------------------------------------------
@@ -95,27 +97,28 @@ def test_declared_exception_is_caught_through_load_thrift(appkey, providers, cli
 def test_health_is_pruned_while_callers_change_it(appkey, clients):
     """The watcher thread iterates node health while a calling thread records a
     connect failure in the middle of that iteration (forced with a tracer at
-    every line of an iteration in probe/client.py). Iterating a dict another
+    every line of an iteration in probe/routing/health.py). Iterating a dict another
     thread resizes raised RuntimeError; health must be copied on write instead."""
     client = clients(appkey)
     nodes = [Node("DemoService_127.0.0.1_%d" % port, "127.0.0.1", port, 10, 1)
              for port in (1, 2, 3, 4)]
     for node in nodes[:3]:
-        client._connect_failed(node)
+        client.health.end(node, CONNECTION_ERROR, 0.001)
     fresh = [Node("DemoService_127.0.0.2_%d" % port, "127.0.0.2", port, 10, 1)
              for port in (1, 2, 3)]
     triggered = []
-    client_file = sys.modules[ProbeClient.__module__].__file__
+    client_file = sys.modules[ServiceHealth.__module__].__file__
 
     def record_failure_elsewhere():
-        caller = threading.Thread(target=client._connect_failed, args=(fresh[len(triggered)],))
+        caller = threading.Thread(target=client.health.end,
+                                  args=(fresh[len(triggered)], CONNECTION_ERROR, 0.001))
         caller.start()
         caller.join(0.3)  # holding a lock over the iteration makes it wait: also fine
         triggered.append(caller)
 
     def iterating_a_dict(frame):
-        # A comprehension's iterator is its local ".0"; health is the only dict
-        # _on_table iterates in one.
+        # A comprehension's iterator is its local ".0"; the node states are the only
+        # dict forget() iterates in one.
         iterator = frame.f_locals.get(".0")
         return type(iterator).__name__ in ("dict_keyiterator", "dict_itemiterator",
                                            "dict_valueiterator")
@@ -141,9 +144,9 @@ def test_health_is_pruned_while_callers_change_it(appkey, clients):
     for caller in triggered:
         caller.join(5)
     assert triggered, "the tracer never ran inside an iteration: the test proves nothing"
-    assert nodes[0].name not in client._health
-    assert {n.name for n in nodes[1:3]} <= set(client._health)
-    assert len(client._health) == 2 + len(triggered)  # no failure was lost
+    assert nodes[0].name not in client.health._states
+    assert {n.name for n in nodes[1:3]} <= set(client.health._states)
+    assert len(client.health._states) == 2 + len(triggered)  # no failure was lost
 
 
 def test_health_survives_concurrent_failures_and_table_changes(appkey, clients):
@@ -165,8 +168,8 @@ def test_health_survives_concurrent_failures_and_table_changes(appkey, clients):
         try:
             for _ in range(30):
                 for node in nodes[offset::2]:
-                    client._connect_failed(node)
-                    client._connected(node)
+                    client.health.end(node, CONNECTION_ERROR, 0.001)
+                    client.health.end(node, OK, 0.001)
         except Exception as exc:
             errors.append(exc)
 

@@ -588,3 +588,32 @@ def test_viewer_sees_config_but_cannot_change_it(console_url, page, appkey, tmp_
     with Admin() as admin:
         assert admin.list_config(appkey) == {"feature.flag": False, "greeting": "<i id=injected>hi</i>"}
         assert len(admin.config_history(appkey, "feature.flag")) == 2
+
+
+def test_node_table_shows_a_node_ejected_by_consumers(console_url, page, appkey, providers,
+                                                      clients, fresh_metrics):
+    from demo_server import DemoServiceHandler
+    from probe import metrics
+
+    class Broken(DemoServiceHandler):
+        def whoami(self):
+            raise RuntimeError("database is down")
+
+    bad = providers(appkey, handler=Broken("bad"))
+    good = providers(appkey, name="good")
+    client = clients(appkey, stats_interval=0.2)
+    wait_for(lambda: len(client.watcher.table) == 2, message="both nodes routed")
+    for _ in range(20):
+        try:
+            client.whoami()
+        except Exception:
+            pass
+    assert client.health.ejected()
+    metrics.flush_now()
+    _login(page, console_url, OPERATOR, OPERATOR_PASSWORD)
+    page.goto(console_url + "/apps/%s" % appkey)
+    row = _row(page, bad.address)
+    assert "ejected by 1" in row.inner_text()
+    assert "consecutive failures" in row.locator("[id$='-note']").inner_text()
+    assert "ejected" not in _row(page, good.address).inner_text()
+    assert page.problems == [], page.problems

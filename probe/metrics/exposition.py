@@ -9,6 +9,7 @@ process.
 
 import logging
 import threading
+from typing import Any, Dict, List, Tuple
 
 from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -68,7 +69,40 @@ class ProbeCollector(object):
                 if key[0] == side:
                     inflight.add_metric(key[1:], count)
             result.extend((requests, seconds, inflight))
+        result.extend(ProbeCollector.health_families(snap.get("health", {})))
         return result
+
+    @staticmethod
+    def health_families(health: Dict[Tuple[str, str], Dict[str, Any]]) -> List[Any]:
+        """The consumers' node-health counters and gauges (probe.routing.health)."""
+        labels = ("appkey", "service")
+        counters = [("ejections", "probe_client_ejections", "Nodes ejected by passive health"),
+                    ("readmissions", "probe_client_readmissions",
+                     "Ejected nodes re-admitted after a half-open probe answered"),
+                    ("panics", "probe_client_panic_entered",
+                     "Times too few healthy nodes were left and calls went to all of them"),
+                    ("overloads", "probe_client_overload_replies",
+                     "'Overloaded, not executed' replies from providers (retried elsewhere)"),
+                    ("budget_exhausted", "probe_client_retry_budget_exhausted",
+                     "Retries refused because the retry budget was spent")]
+        families = []
+        for field, name, text in counters:
+            family = CounterMetricFamily(name, text, labels=labels)
+            for key, entry in sorted(health.items()):
+                family.add_metric(key, entry[field])
+            families.append(family)
+        panic = GaugeMetricFamily("probe_client_panic", "1 while the client routes across all "
+                                  "nodes because too few are healthy (panic mode)", labels=labels)
+        ejected = GaugeMetricFamily("probe_client_ejected_nodes", "Nodes ejected now",
+                                    labels=labels)
+        node = GaugeMetricFamily("probe_client_node_ejected", "1 for each node ejected now",
+                                 labels=labels + ("node",))
+        for key, entry in sorted(health.items()):
+            panic.add_metric(key, entry["panic"])
+            ejected.add_metric(key, len(entry["ejected"]))
+            for label in sorted(entry["ejected"]):
+                node.add_metric(key + (label,), 1)
+        return families + [panic, ejected, node]
 
 
 def _cumulative(cell):

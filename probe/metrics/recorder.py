@@ -13,6 +13,7 @@ are folded into a retired total, so counters never go back.
 
 import logging
 import threading
+from typing import Any, Dict, List, Tuple
 from bisect import bisect_left
 
 from ..naming import parse_node_name
@@ -78,6 +79,9 @@ class Recorder(object):
         # Called when a thread records its first call here: the process state uses
         # it to restart its background thread in a forked child.
         self.on_new_thread = None
+        # Client side: objects with `health_report()` (probe clients) whose node
+        # health this recorder's labels expose; not forgotten by a fork.
+        self.health_sources = []
         self.start_over()
 
     def start_over(self):
@@ -88,6 +92,20 @@ class Recorder(object):
         self._retired = {}
         self._adopted = 0
         self._labels = {}
+
+    def add_health_source(self, source: Any) -> None:
+        """Expose `source.health_report()` under this recorder's labels."""
+        with self._lock:
+            self.health_sources = self.health_sources + [source]
+
+    def forget_health_source(self, source: Any) -> None:
+        """Stop exposing `source` (a closed client)."""
+        with self._lock:
+            self.health_sources = [s for s in self.health_sources if s is not source]
+
+    def health_reports(self) -> List[Dict[str, Any]]:
+        """The current reports of this recorder's health sources."""
+        return [source.health_report() for source in self.health_sources]
 
     def __repr__(self):
         return "<Recorder %s %s/%s %s>" % (self.side, self.appkey, self.service, self.node or "")
@@ -138,6 +156,10 @@ class Recorder(object):
                     seconds * 1000.0, status)
 
     # -- readers ----------------------------------------------------------------
+    def node_label(self, node: str) -> str:
+        """A client node's label "host:port" from its znode name."""
+        return self._label(node)
+
     def _label(self, node):
         """The node label "host:port": the own address (server) or a znode name's."""
         if node is None:

@@ -15,7 +15,8 @@ import time
 
 from ..errors import ConfigError, ProbeError
 from ..nodestore import REDIS_ERRORS
-from ..stats import slot_of, write_slot
+from ..naming import health_field
+from ..stats import health_entry, slot_of, write_health, write_slot
 from .options import DEFAULT_STATS_INTERVAL
 
 log = logging.getLogger("probe.metrics")
@@ -65,6 +66,7 @@ class RedisSink(object):
         self._written = {}
         self._failing = False
         self._logged_at = None
+        self._health_written = {}  # appkey -> {field: JSON} last written
 
     def _redis(self):
         if self._client is None:
@@ -99,8 +101,12 @@ class RedisSink(object):
                 ttls[key] = max(ttls.get(key, 0), recorder.stats_ttl)
             now = time.time() if now is None else now
             slot, deltas = self._deltas(calls, now)
+            health = self._health_fields(now)
             try:
                 write_slot(self._redis(), self.env, slot, deltas, self.writer, ttls=ttls)
+                if health or self._health_written:
+                    self._health_written = write_health(self._redis(), self.env, health,
+                                                        self._health_written)
             except REDIS_ERRORS + (ProbeError,) as exc:
                 self._failed(exc, now, final)
                 return False
@@ -109,6 +115,18 @@ class RedisSink(object):
                 self._failing = False
                 log.info("call stats reach Redis at %s again", self.settings.address)
             return True
+
+    def _health_fields(self, now):
+        """{appkey: {field: JSON}}: the nodes this process's clients have ejected."""
+        fields = {}
+        for recorder in list(self.recorders):
+            if recorder.side != "client" or not recorder.health_sources:
+                continue
+            for report in recorder.health_reports():
+                for node, reason in report["ejected"].items():
+                    field = health_field(recorder.service, recorder.node_label(node), self.writer)
+                    fields.setdefault(recorder.appkey, {})[field] = health_entry(reason, now)
+        return fields
 
     def _failed(self, exc, now, final):
         self._failing = True

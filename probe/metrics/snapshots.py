@@ -26,7 +26,13 @@ def merge(*snapshots: Snapshot) -> Snapshot:
             add_cell(calls, tuple(key), cell)
         for key, count in snap.get("inflight", {}).items():
             inflight[tuple(key)] = inflight.get(tuple(key), 0) + count
-    return {"calls": calls, "inflight": inflight}
+    # Node health lives in consumer processes only (never pre-forked): the first
+    # snapshot holding it (the own process's) is passed through as it is.
+    merged = {"calls": calls, "inflight": inflight}
+    health = next((snap["health"] for snap in snapshots if snap.get("health")), None)
+    if health:
+        merged["health"] = health
+    return merged
 
 
 def write_snapshot(directory: str, snap: Snapshot, pid: Optional[int] = None) -> str:

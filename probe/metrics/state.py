@@ -146,9 +146,14 @@ class MetricsState(object):
         with self._lock:
             recorders = list(self._recorders)
             directory = self.multiprocess_dir
+        health = {}
         for recorder in recorders:
             recorder.snapshot_into(calls, inflight)
+            if recorder.side == "client" and recorder.health_sources:
+                health_into(health, recorder)
         own = {"calls": calls, "inflight": inflight}
+        if health:  # consumers' node health (probe.routing.health), when there is any
+            own["health"] = health
         if other_processes and directory:
             return merge(own, *read_snapshots(directory, exclude_pid=os.getpid()))
         return own
@@ -218,6 +223,21 @@ class MetricsState(object):
 _state: Optional[MetricsState] = None
 _state_lock = threading.Lock()
 _hooks_installed = False
+
+
+def health_into(health: Dict[Tuple[str, str], Dict[str, Any]], recorder: Any) -> None:
+    """Add the node health of `recorder`'s clients to `health`:
+    {(appkey, service): {counter: n, "panic": 0|1, "ejected": {"ip:port": reason}}}."""
+    key = (recorder.appkey, recorder.service)
+    entry = health.setdefault(key, {"ejections": 0, "readmissions": 0, "panics": 0,
+                                    "overloads": 0, "budget_exhausted": 0, "panic": 0,
+                                    "ejected": {}})
+    for report in recorder.health_reports():
+        for counter in ("ejections", "readmissions", "panics", "overloads", "budget_exhausted"):
+            entry[counter] += report[counter]
+        entry["panic"] = max(entry["panic"], int(bool(report["panic"])))
+        for node, reason in report["ejected"].items():
+            entry["ejected"][recorder.node_label(node)] = reason
 
 
 def process_state() -> MetricsState:
