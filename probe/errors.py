@@ -96,3 +96,8 @@ class ConfigUnavailable(ProbeError):
 class ZooKeeperAuthFailed(ComponentUnavailable):
     """ZooKeeper refused the configured `zkserver.<env>.auth` credentials, or they
     do not match the ACL of the registry's znodes (a wrong user or password)."""
+
+
+class UntrustedFile(ProbeError):
+    """A local snapshot or backup file (or a folder above it) is not owned by the
+    current user, or others may write it: it is not read (ssh's StrictModes)."""
