@@ -68,11 +68,17 @@ class ChildrenMirror(object):
         that drops names is not believed (None: 2 x session timeout + 5 s).
     :param protect_partial: protect against any dropped name (config keys), not
         only against a listing with none of the accepted names (service nodes).
+    :param hold_missing_parent: when the parent is gone (ZooKeeper rebuilt), keep
+        every name held, stale, until it is back; then judge its listings with
+        empty protection, so a restore writing keys one by one does not flap them.
+    :param max_children: at most this many accepted children are mirrored (the
+        first by name); more are ignored, with one warning per listing.
     """
 
     def __init__(self, zk, parent: str, accept: Callable[[str], bool], apply: Apply, *,
                  describe: Optional[str] = None, empty_protection: Optional[float] = None,
-                 protect_partial: bool = False, list_delay: float = LIST_DELAY,
+                 protect_partial: bool = False, hold_missing_parent: bool = False,
+                 max_children: Optional[int] = None, list_delay: float = LIST_DELAY,
                  on_stale: Optional[Callable[[bool], None]] = None) -> None:
         self.zk = zk
         self.parent = parent
@@ -83,6 +89,8 @@ class ChildrenMirror(object):
         self.empty_protection = (2 * zk.session_timeout + 5.0 if empty_protection is None
                                  else float(empty_protection))
         self.protect_partial = protect_partial
+        self.hold_missing_parent = hold_missing_parent
+        self.max_children = max_children
         self.list_delay = float(list_delay)
         # Counters (tests and the bench read them).
         self.listings = 0      # children listings answered
@@ -108,6 +116,7 @@ class ChildrenMirror(object):
         self._protect_until = 0.0
         self._ready = threading.Event()
         self._failure_logged = False
+        self._deaf = False                # retired watches: ignore events until a full listing
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, wait: Optional[float] = None) -> bool:
@@ -169,7 +178,7 @@ class ChildrenMirror(object):
             self._session = self.zk.session_id
             self._generation += 1
             self._inflight = 0
-            self._upserts, self._removed = {}, set()
+            self._upserts, self._removed, self._full = {}, set(), False
             if self._present:
                 self._protect_until = max(self._protect_until,
                                           time.monotonic() + self.empty_protection)
@@ -201,18 +210,38 @@ class ChildrenMirror(object):
             if generation != self._generation or self._closed:
                 return
             self.listings += 1
+            was_missing = self.parent_present is False
             self.parent_present = children is not None
+            if full:
+                self._deaf = False
             if children is None:
                 # A missing parent ends no watch of ours: wait for it to appear.
                 self._watch_parent(generation)
+                if self.hold_missing_parent and self._present:
+                    self._set_stale(True)
+                    if full:
+                        self._full = True
+                    if not self._inflight:
+                        self._flush()
+                    return
                 children = ()
+            elif was_missing and self.hold_missing_parent and self._present:
+                # Back after a rebuild: a restore may still be writing the keys.
+                self._protect_until = time.monotonic() + self.empty_protection
             listed = set(children)
             new = listed - self._listed if not full else listed
             gone = self._listed - listed
             self._listed = listed
             accepted = {name for name in new if self._accept(name)}
-            dropped = (self._present - listed) if full else (gone & self._present)
-            if dropped and time.monotonic() < self._protect_until and (
+            if self.max_children is not None and \
+                    len(accepted | self._present) > self.max_children:
+                keep = set(sorted(accepted | self._present)[:self.max_children])
+                log.warning("%s has more than %d children; mirroring the first %d only",
+                            self.describe, self.max_children, self.max_children)
+                accepted &= keep
+            protecting = time.monotonic() < self._protect_until
+            dropped = (self._present - listed) if (full or protecting) else (gone & self._present)
+            if dropped and protecting and (
                     self.protect_partial or not (accepted or (self._present & listed))):
                 # Right after a new session: keep what we hold, mark it stale, and
                 # believe the registry once the window is over.
@@ -256,11 +285,11 @@ class ChildrenMirror(object):
             self._later(lambda: self._list(False), generation)
             return
         if stat is not None:  # created between the listing and this check
-            self._list(False)
+            self._list(self.hold_missing_parent)
 
     # -- watch events (kazoo's event thread) -----------------------------------------
     def _on_child_event(self, event: WatchedEvent) -> None:
-        if event.type == EventType.NONE or self._closed:
+        if event.type == EventType.NONE or self._closed or self._deaf:
             return  # the session's state, not a change (kazoo fires these on LOST)
         with self._lock:
             if self._listing_due:
@@ -271,10 +300,10 @@ class ChildrenMirror(object):
 
     def _on_parent_event(self, event: WatchedEvent) -> None:
         if event.type == EventType.CREATED and not self._closed:
-            self._list(False)
+            self._list(self.hold_missing_parent)
 
     def _on_data_event(self, event: WatchedEvent) -> None:
-        if event.type == EventType.NONE or self._closed:
+        if event.type == EventType.NONE or self._closed or self._deaf:
             return
         name = event.path.rsplit("/", 1)[-1]
         with self._lock:
@@ -371,6 +400,15 @@ class ChildrenMirror(object):
         timer = threading.Timer(delay, run)
         timer.daemon = True
         timer.start()
+
+    def retire(self) -> None:
+        """Act as if every watch had died: drop answers in flight and ignore events
+        until the next full listing (`resync`) sets the watches up again."""
+        with self._lock:
+            self._generation += 1
+            self._inflight = 0
+            self._upserts, self._removed, self._full = {}, set(), False
+            self._deaf = True
 
     def hold(self, names) -> None:
         """Count `names` (say, from a snapshot) as present: a listing that lacks them
