@@ -394,15 +394,18 @@ class ProbeClient(TClient):
     def _on_table(self, table):
         # Pools are keyed by znode name (cheaper than building an address tuple per
         # call); a node that left, or whose data now names another address, loses them.
-        live = {node.name: (node.host, node.port) for node in table.all_nodes}
+        # Only the pooled and tracked nodes are looked up (O(log n) each), never the
+        # whole table: an edit of one node in 2,000 costs the same as in 20.
+        named = table.node_named
         with self._pools_lock:
             for name, pool in list(self._pools.items()):
-                if live.get(name) != (pool.host, pool.port):
+                node = named(name)
+                if node is None or (node.host, node.port) != (pool.host, pool.port):
                     self._pools.pop(name).close()
         with self._health_lock:
             health = self._health
-            if any(name not in live for name in health):
-                self._health = {name: h for name, h in health.items() if name in live}
+            if any(named(name) is None for name in health):
+                self._health = {name: h for name, h in health.items() if named(name) is not None}
 
     def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""
