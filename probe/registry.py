@@ -221,6 +221,9 @@ class ZooKeeper(object):
                 log.exception("restarting the ZooKeeper client failed; will try again")
 
 
+# Seconds a starting consumer waits for a complete first listing before it routes
+# on what it has (the reads so far, or the snapshot): a 2,000-node service.
+STARTUP_GRACE = 0.2
 SNAPSHOT_DELAY = snapshot.WRITE_DELAY  # seconds between a routing change and its snapshot write
 # A snapshot holds ~150 bytes per node; a file far bigger is not read at all.
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
@@ -414,6 +417,7 @@ class ServiceWatcher(object):
         self._skipped = {}        # znode name -> why it is skipped (warned once)
         self._publish_failed = False
         self._lock = threading.RLock()
+        self._routable = threading.Condition(self._lock)  # notified on every publish
         self._closed = False
         prefix = service + "_"
         self._mirror = ChildrenMirror(
@@ -436,11 +440,28 @@ class ServiceWatcher(object):
         return self._mirror
 
     def start(self) -> None:
-        """Watch now if connected (and wait for the first listing and its data);
-        else route on the snapshot until ZooKeeper answers."""
+        """Watch, and return once the table is complete or can route.
+
+        Connected: wait for the first listing and all its data. A big service
+        (thousands of nodes) takes longer than STARTUP_GRACE; past it, return as
+        soon as the table holds a routable node, from the reads so far or from the
+        snapshot (stale, reconciled when the listing completes). Not connected:
+        route on the snapshot until ZooKeeper answers."""
         if not self.zk.connected:
             self._load_snapshot()
-        self._mirror.start(wait=self.zk.session_timeout if self.zk.connected else None)
+            self._mirror.start()
+            return
+        self._mirror.start()
+        if self._mirror.wait_ready(STARTUP_GRACE):
+            return
+        with self._lock:
+            if not self._nodes:
+                self._load_snapshot(reason="the first listing of %d+ node(s) is still being read"
+                                    % self._mirror.reads)
+        deadline = time.monotonic() + self.zk.session_timeout
+        with self._routable:
+            self._routable.wait_for(lambda: self._mirror.ready or len(self.table.nodes) > 0,
+                                    max(deadline - time.monotonic(), 0.0))
 
     def close(self) -> None:
         with self._lock:
@@ -484,6 +505,11 @@ class ServiceWatcher(object):
                     self._nodes[name] = node
                     changed.append(node)
             if full and self._from_snapshot:
+                # The listing is complete: a snapshot node it did not find is gone.
+                known = self._mirror.known()
+                for name in [n for n in self._nodes if n not in known]:
+                    del self._nodes[name]
+                    gone.append(name)
                 self._from_snapshot = False
             if not (changed or gone) and not (full and self.updates == 0):
                 return
@@ -512,6 +538,7 @@ class ServiceWatcher(object):
     def _publish(self, table, write_snapshot=True):
         self.table = table
         self.updates += 1
+        self._routable.notify_all()
         if self.on_change is not None:
             try:
                 self.on_change(table)
@@ -528,7 +555,7 @@ class ServiceWatcher(object):
             return None
         return {"written_at": time.time(), "nodes": [node._asdict() for node in self.table.all_nodes]}
 
-    def _load_snapshot(self):
+    def _load_snapshot(self, reason=None):
         if not self.snapshot_path:
             return
         try:
@@ -536,8 +563,10 @@ class ServiceWatcher(object):
             if not isinstance(saved, dict) or not isinstance(saved.get("nodes"), list):
                 raise ValueError("no list of nodes")
         except Exception as exc:  # OSError, UntrustedFile, bad UTF-8, RecursionError, ...
-            log.warning("ZooKeeper unreachable and no usable routing snapshot for %s (%s: %s)",
-                        self.describe, exc.__class__.__name__, str(exc)[:300])
+            if reason is None or not isinstance(exc, FileNotFoundError):
+                log.warning("%s and no usable routing snapshot for %s (%s: %s)",
+                            reason or "ZooKeeper unreachable", self.describe,
+                            exc.__class__.__name__, str(exc)[:300])
             return
         nodes, skipped = {}, 0
         for entry in saved["nodes"]:
@@ -558,15 +587,16 @@ class ServiceWatcher(object):
                 or written_at != written_at:
             written_at = 0.0
         with self._lock:
-            if self._nodes:
-                return
+            if self._nodes or self.updates:
+                return  # ZooKeeper's own data is in (or some of it): it wins
             self._nodes = nodes
             self._from_snapshot = True
-            self._mirror.hold(nodes)
+            if reason is None:
+                self._mirror.hold(nodes)
             self._publish(RoutingTable(nodes.values(), warmup=self.warmup, describe=self.describe),
                           write_snapshot=False)
-        log.warning("ZooKeeper unreachable: routing %s on a STALE snapshot of %d node(s) "
-                    "written %.0f s ago (%s)", self.describe, len(nodes),
+        log.warning("%s: routing %s on a STALE snapshot of %d node(s) written %.0f s ago (%s)",
+                    reason or "ZooKeeper unreachable", self.describe, len(nodes),
                     time.time() - written_at, self.snapshot_path)
 
 

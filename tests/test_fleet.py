@@ -268,6 +268,33 @@ def test_build_client_with_2000_registered_nodes_calls_at_once(writer, appkey, p
     providers(appkey, name="real")
     parent, _ = _fleet(writer, appkey, 2000)
     client = clients(appkey, snapshot_dir=False)
-    assert len(client.watcher.table.all_nodes) == 2001  # all read before build_client returned
-    assert client.watcher.updates == 1                  # in one batch
-    assert client.whoami() == "real"                    # the only node with a weight
+    assert client.whoami() == "real"  # routable when build_client returned
+    wait_for(lambda: client.watcher.mirror.ready, message="the whole first listing")
+    assert len(client.watcher.table.all_nodes) == 2001
+    # Handed over in chunks of 256 reads at most, then the rest in one batch.
+    assert client.watcher.updates <= 2001 // 256 + 2
+    assert _table(client.watcher) == _truth(writer, parent)
+
+
+def test_a_big_service_starts_from_the_snapshot_and_reconciles(writer, appkey, providers, clients,
+                                                               tmp_path):
+    providers(appkey, name="real")
+    parent, names = _fleet(writer, appkey, 2000)
+    snapshots = str(tmp_path / "snapshots")
+    first = clients(appkey, snapshot_dir=snapshots)
+    wait_for(lambda: first.watcher.mirror.ready and len(first.watcher.table.all_nodes) == 2001,
+             message="the first consumer's table")
+    first.close()  # writes its snapshot now
+    assert os.path.exists(snapshot_file(snapshots, "dev", appkey, "DemoService"))
+    # The registry moves on while no consumer runs: one node leaves, one joins.
+    writer.delete(parent + "/" + names[5])
+    joined = naming.node_name("DemoService", "10.21.0.1", 21000)
+    writer.create(parent + "/" + joined, NodeSettings("10.21.0.1", 21000, weight=0).to_bytes(),
+                  ephemeral=True)
+    second = clients(appkey, snapshot_dir=snapshots)
+    assert second.whoami() == "real"
+    wait_for(lambda: second.watcher.mirror.ready and not second.watcher.stale,
+             message="the listing complete")
+    table = _table(second.watcher)
+    assert names[5] not in table and joined in table
+    assert table == _truth(writer, parent)

@@ -14,7 +14,9 @@ async API), and hands every batch of changes to `apply(upserts, removed, full)`:
   event of their child are dropped (each read carries a sequence number).
 - Reads in flight are counted; a batch is applied once all of its reads are in,
   so a burst of events (a listing of 2,000 new nodes, a transaction editing 50)
-  reaches `apply` as one call, and the owner swaps its table once.
+  reaches `apply` as one call, and the owner swaps its table once. The one
+  exception is the very first listing: it is handed over every `first_chunk`
+  reads, so a consumer of a 2,000-node service can route before all are read.
 - Sessions: on LOST every answer still in flight is retired (generations); on a new
   session (and on a reconnect) the whole subtree is listed and read again, after
   the session's jitter, with a retry after a failure. Right after a new session, a
@@ -51,6 +53,8 @@ Apply = Callable[[Dict[str, Entry], Set[str], bool], None]
 
 RETRY_DELAY = 0.5   # seconds before a failed listing or read is tried again
 LIST_DELAY = 0.02   # seconds from a children event to its listing: one listing per burst
+FIRST_CHUNK = 256   # reads per early batch of a first listing (later listings: one batch)
+LIST_INTERVAL = 0.5  # seconds between two listings at least (re-listing N names is the O(N) part)
 _ZK_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
 
 
@@ -79,6 +83,7 @@ class ChildrenMirror(object):
                  describe: Optional[str] = None, empty_protection: Optional[float] = None,
                  protect_partial: bool = False, hold_missing_parent: bool = False,
                  max_children: Optional[int] = None, list_delay: float = LIST_DELAY,
+                 list_interval: float = LIST_INTERVAL, first_chunk: int = FIRST_CHUNK,
                  on_stale: Optional[Callable[[bool], None]] = None) -> None:
         self.zk = zk
         self.parent = parent
@@ -92,6 +97,8 @@ class ChildrenMirror(object):
         self.hold_missing_parent = hold_missing_parent
         self.max_children = max_children
         self.list_delay = float(list_delay)
+        self.list_interval = float(list_interval)
+        self.first_chunk = max(1, int(first_chunk))
         # Counters (tests and the bench read them).
         self.listings = 0      # children listings answered
         self.reads = 0         # child data reads answered
@@ -113,6 +120,8 @@ class ChildrenMirror(object):
         self._removed: Set[str] = set()
         self._full = False                # the pending batch completes a full listing
         self._listing_due = False
+        self._listed_at = 0.0             # monotonic time of the last listing sent
+        self._gone: Set[str] = set()      # deleted children with an exists watch on their path
         self._protect_until = 0.0
         self._ready = threading.Event()
         self._failure_logged = False
@@ -137,6 +146,10 @@ class ChildrenMirror(object):
         self.zk.remove_callback(self._on_new_session)
         self.zk.remove_callback(self.resync)
         self.zk.client.remove_listener(self._on_state)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the first complete batch."""
+        return self._ready.wait(timeout)
 
     @property
     def ready(self) -> bool:
@@ -179,6 +192,7 @@ class ChildrenMirror(object):
             self._generation += 1
             self._inflight = 0
             self._upserts, self._removed, self._full = {}, set(), False
+            self._gone = set()  # the old session's watches are gone with it
             if self._present:
                 self._protect_until = max(self._protect_until,
                                           time.monotonic() + self.empty_protection)
@@ -190,6 +204,7 @@ class ChildrenMirror(object):
                 return
             generation = self._generation
             self._listing_due = False
+            self._listed_at = time.monotonic()
         try:
             result = self.zk.client.get_children_async(self.parent, watch=self._on_child_event)
         except _ZK_ERRORS + (RuntimeError,):  # the client is stopping: the next session lists
@@ -232,6 +247,10 @@ class ChildrenMirror(object):
             new = listed - self._listed if not full else listed
             gone = self._listed - listed
             self._listed = listed
+            if not full:
+                new -= self._present
+                new = {name for name in new if name not in self._epoch}
+                self._gone -= listed  # listed again: the listing reads it
             accepted = {name for name in new if self._accept(name)}
             if self.max_children is not None and \
                     len(accepted | self._present) > self.max_children:
@@ -296,7 +315,8 @@ class ChildrenMirror(object):
                 return
             self._listing_due = True
             generation = self._generation
-        self._later(lambda: self._list(False), generation, self.list_delay)
+            delay = max(self.list_delay, self._listed_at + self.list_interval - time.monotonic())
+        self._later(lambda: self._list(False), generation, delay)
 
     def _on_parent_event(self, event: WatchedEvent) -> None:
         if event.type == EventType.CREATED and not self._closed:
@@ -307,7 +327,13 @@ class ChildrenMirror(object):
             return
         name = event.path.rsplit("/", 1)[-1]
         with self._lock:
-            if name in self._present or name in self._epoch:
+            if event.type == EventType.CREATED:
+                # Only a deleted child's exists watch says CREATED; if a listing
+                # took the name meanwhile, its read (sent later) sees the creation.
+                if name in self._gone:
+                    self._gone.discard(name)
+                    self._read(self._generation, name)
+            elif name in self._present or name in self._epoch:
                 self._read(self._generation, name)
 
     # -- reads -------------------------------------------------------------------------
@@ -353,12 +379,42 @@ class ChildrenMirror(object):
                     if name in self._present:
                         self._present.discard(name)
                         self._removed.add(name)
+                        self._watch_gone(generation, name)
                 else:
                     self._present.add(name)
                     self._removed.discard(name)
                     self._upserts[name] = entry
             if not self._inflight:
                 self._flush()
+            elif self._full and not self._ready.is_set() and len(self._upserts) >= self.first_chunk:
+                # The first listing of a big parent: hand over what is read so far,
+                # so the owner can route before the last of 2,000 reads is in.
+                upserts, self._upserts = self._upserts, {}
+                self.batches += 1
+                self._apply(upserts, set(), False)
+
+    def _watch_gone(self, generation: int, name: str) -> None:
+        """Watch a deleted child's path for its re-creation (lock held)."""
+        if name in self._gone or len(self._gone) >= max(64, len(self._present)):
+            return
+        self._gone.add(name)
+        try:
+            result = self.zk.client.exists_async(self.parent + "/" + name,
+                                                 watch=self._on_data_event)
+        except _ZK_ERRORS + (RuntimeError,):
+            self._gone.discard(name)
+            return
+        result.rawlink(lambda answer: self._guard(self._gone_answer, generation, name, answer))
+
+    def _gone_answer(self, generation: int, name: str, answer) -> None:
+        try:
+            stat = answer.get()
+        except _ZK_ERRORS:
+            stat = None
+        with self._lock:
+            if stat is not None and generation == self._generation and name in self._gone:
+                self._gone.discard(name)  # created again before the watch was set
+                self._read(generation, name)
 
     def _flush(self) -> None:
         """Hand the batch to `apply` (lock held; all its reads are in)."""
