@@ -6,13 +6,16 @@ registered nodes of weight 0 (the shape of issue 22's measurements):
   its ZooKeeper socket, read with `ss`) and ZooKeeper's own packets sent per
   restart (`mntr` zk_packets_sent, every consumer included)
 - build_client to the first successful call, with N nodes registered
-- the ZooKeeper cost of many consumer sessions (connections, watches) from `mntr`,
-  measured with C sessions and extrapolated linearly to 1,000 (labelled so)
+- the ZooKeeper cost of many consumer sessions on a 3-node ensemble (connections,
+  watches, packets and bytes per restart) from `mntr` and tcp_info, measured with
+  as many sessions as the machine holds and extrapolated linearly to 1,000
+  (labelled so)
 
 The propagation p99 of a weight edit to the last of 50 consumer processes is
 section 6 (same machinery, target 20 ms).
 """
 
+import os
 import re
 import subprocess
 import threading
@@ -73,23 +76,116 @@ def consumer(conn, appkey, expect):
         c.close()
 
 
-def first_call(conn, appkey, repeats):
-    """ms from build_client to its first successful say() (warm process: IDL parsed)."""
+def first_call(conn, appkey, repeats, snapshot_dir):
+    """ms from build_client to its first successful say() (warm process: IDL parsed):
+    without a snapshot (a host's first consumer), and with the snapshot a consumer
+    before it left (a restart)."""
     from probe.client import build_client
     from probe.idl import load_service
     load_service(IDL, SERVICE)
-    samples, nodes = [], 0
-    for _ in range(repeats):
+
+    def timed(snapshots):
         t0 = time.perf_counter()
-        c = build_client(IDL, appkey, SERVICE, snapshot_dir=False)
+        c = build_client(IDL, appkey, SERVICE, snapshot_dir=snapshots)
         try:
             assert c.say() == "hello world"
-            samples.append((time.perf_counter() - t0) * 1e3)
-            nodes = len(c.watcher.table.all_nodes)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            deadline = time.monotonic() + 60
+            while not c.watcher.mirror.ready and time.monotonic() < deadline:
+                time.sleep(0.01)  # let the listing complete, so the snapshot is whole
         finally:
             c.close()
-    conn.send({"ms": samples, "nodes": nodes})
+        return elapsed
+    cold = [timed(False) for _ in range(repeats)]
+    timed(snapshot_dir)  # leaves the snapshot behind, as a consumer that stops does
+    warm = [timed(snapshot_dir) for _ in range(repeats)]
+    conn.send({"ms": cold, "snapshot_ms": warm})
     serve_until_stopped(conn, lambda message: None)
+
+
+def sessions(conn, hosts, env, appkey, count, expect):
+    """`count` consumer sessions in one process (each its own ZooKeeper session and
+    watcher, as `count` pre-fork workers would have): reports when all hold
+    `expect` nodes, then waits."""
+    from probe.registry import ServiceWatcher, ZooKeeper
+    held = []
+    try:
+        for _ in range(count):
+            zk = ZooKeeper(hosts, session_timeout=10.0)
+            zk.start(timeout=20)
+            watcher = ServiceWatcher(zk, env, appkey, SERVICE, snapshot_dir=False)
+            watcher.start()
+            held.append((zk, watcher))
+        deadline = time.monotonic() + 120
+        while any(not w.mirror.ready or len(w.table.all_nodes) < expect for _, w in held):
+            if time.monotonic() > deadline:
+                raise RuntimeError("sessions did not load %d nodes in 120 s" % expect)
+            time.sleep(0.05)
+        conn.send({"ready": True})
+
+        def answer(message):
+            if isinstance(message, tuple) and message[0] == "has":
+                _, name, present = message
+                end = time.monotonic() + 30
+                while time.monotonic() < end:
+                    if all((w.table.node_named(name) is not None) == present for _, w in held):
+                        break
+                    time.sleep(0.005)
+                conn.send({"ok": True})
+        serve_until_stopped(conn, answer)
+    finally:
+        for zk, watcher in held:
+            watcher.close()
+            zk.stop()
+
+
+def ensemble_cost(bench, count, nodes, restarts):
+    """What `count` consumer sessions cost a 3-node ensemble: connections and
+    watches per session, packets and bytes per restart of one node."""
+    from kazoo.client import KazooClient
+    from probe.testing.ensemble import ZooKeeperEnsemble
+    ensemble = ZooKeeperEnsemble(os.path.join(bench.scratch, "fleet-ensemble"), size=3)
+    ensemble.up()
+    try:
+        zk = KazooClient(hosts=ensemble.hosts, timeout=10)
+        zk.start(30)
+        try:
+            appkey = "fleet_ensemble"
+            paths = _register(zk, "dev", appkey, nodes)
+            base = _mntr(ensemble.hosts)
+            worker = bench.workers.start("fleet-sessions", "bench.fleetbench", "sessions",
+                                         hosts=ensemble.hosts, env="dev", appkey=appkey,
+                                         count=count, expect=nodes)
+            try:
+                worker.recv(600)
+                loaded = _mntr(ensemble.hosts)
+                received0 = _zk_bytes_received({worker.pid}, ensemble.hosts)
+                for k in range(restarts):
+                    path = paths[k % len(paths)][0]
+                    name = path.rsplit("/", 1)[-1]
+                    data = zk.get(path)[0]
+                    zk.delete(path)
+                    worker.ask(("has", name, False), 60)
+                    zk.create(path, data, ephemeral=True)
+                    worker.ask(("has", name, True), 60)
+                after = _mntr(ensemble.hosts)
+                received1 = _zk_bytes_received({worker.pid}, ensemble.hosts)
+            finally:
+                bench.workers.stop(worker, timeout=30)
+        finally:
+            zk.stop()
+            zk.close()
+    finally:
+        ensemble.down(wipe=True)
+
+    def delta(a, b, key):
+        return b.get(key, 0) - a.get(key, 0)
+    return {"sessions": count, "nodes": nodes, "restarts": restarts,
+            "connections": delta(base, loaded, "zk_num_alive_connections"),
+            "watches": delta(base, loaded, "zk_watch_count"),
+            "packets_per_restart": delta(loaded, after, "zk_packets_sent") / restarts,
+            "bytes_per_restart": (received1 - received0) / float(restarts),
+            "server_bytes_received_total": after.get("zk_bytes_received_count", 0)}
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -217,13 +313,17 @@ def run(bench):
             try:
                 bench.log("fleet: registering %d weight-0 nodes" % n)
                 paths = _register(zk, settings.env, appkey, n)
-                worker = bench.workers.start("fleet-first-%d" % n, "bench.fleetbench", "first_call",
-                                             appkey=appkey, repeats=cfg["fleet_first_repeats"])
+                worker = bench.workers.start(
+                    "fleet-first-%d" % n, "bench.fleetbench", "first_call", appkey=appkey,
+                    repeats=cfg["fleet_first_repeats"],
+                    snapshot_dir=os.path.join(bench.scratch, "fleet-snapshots"))
                 try:
                     first = worker.recv(300)
                 finally:
                     bench.workers.stop(worker)
-                row = {"first_call_ms": median(first["ms"]), "first_call_samples": first["ms"]}
+                row = {"first_call_ms": median(first["ms"]), "first_call_samples": first["ms"],
+                       "first_call_snapshot_ms": median(first["snapshot_ms"]),
+                       "first_call_snapshot_samples": first["snapshot_ms"]}
                 count = cfg["fleet_consumers"]
                 bench.log("fleet: %d consumer processes x %d nodes" % (count, n))
                 base = _mntr(hosts)
@@ -251,6 +351,11 @@ def run(bench):
         zk.close()
     bench.report.raw["fleet"] = raw
     _report(bench.report, s, raw, cfg)
+    count, nodes = cfg["fleet_sessions"], cfg["fleet_session_nodes"]
+    bench.log("fleet: %d consumer sessions x %d nodes on a 3-node ensemble" % (count, nodes))
+    cost = ensemble_cost(bench, count, nodes, cfg["fleet_restarts"])
+    bench.report.raw["fleet_ensemble"] = cost
+    _report_ensemble(bench.report, s, cost)
 
 
 def _report(report, s, raw, cfg):
@@ -281,9 +386,16 @@ def _report(report, s, raw, cfg):
             small["zk_packets_sent_per_restart"], note="mntr zk_packets_sent")
     for n in sizes:
         row = raw[str(n)]
-        add(s, "build_client -> first call, N=%d" % n, row["first_call_ms"], "ms", anchor,
-            small["first_call_ms"], target=("value<", 500.0) if n >= 2000 else None,
-            note="warm process, median of %d" % len(row["first_call_samples"]))
+        add(s, "build_client -> first call, N=%d, no snapshot" % n, row["first_call_ms"], "ms",
+            anchor, small["first_call_ms"], target=("value<", 500.0) if n >= 2000 else None,
+            note="a host's first consumer (warm process), median of %d"
+            % len(row["first_call_samples"]))
+    for n in sizes:
+        row = raw[str(n)]
+        add(s, "build_client -> first call, N=%d, with snapshot" % n,
+            row["first_call_snapshot_ms"], "ms", anchor, small["first_call_snapshot_ms"],
+            target=("value<", 500.0) if n >= 2000 else None,
+            note="a restarted consumer: routes on its snapshot past 0.2 s, reconciles after")
     add(s, "ZooKeeper watches per consumer session, N=%d" % sizes[-1],
         large["watches_per_consumer"], "watches",
         note="mntr zk_watch_count / consumers: one children watch + one per node of the service")
@@ -300,4 +412,26 @@ def _report(report, s, raw, cfg):
         note="per-consumer bytes x %d" % EXTRAPOLATE_TO)
 
 
-__all__ = ["run", "consumer", "first_call"]
+def _report_ensemble(report, s, cost):
+    add = report.add
+    count, nodes = cost["sessions"], cost["nodes"]
+    scale = EXTRAPOLATE_TO / float(count)
+    add(s, "3-node ensemble: connections, %d sessions" % count, cost["connections"], "conns",
+        note="mntr zk_num_alive_connections summed over the members")
+    add(s, "3-node ensemble: watches, %d sessions x %d nodes" % (count, nodes), cost["watches"],
+        "watches", note="mntr zk_watch_count summed: one children watch + one per node, per session")
+    add(s, "3-node ensemble: packets sent per restart, %d sessions" % count,
+        cost["packets_per_restart"], "packets", note="mntr zk_packets_sent, one delete + create")
+    add(s, "3-node ensemble: bytes to consumers per restart, %d sessions" % count,
+        cost["bytes_per_restart"] / 1024.0, "KB", note="tcp_info bytes_received of the sessions")
+    add(s, "EXTRAPOLATED: watches, %d sessions x %d nodes" % (EXTRAPOLATE_TO, nodes),
+        cost["watches"] * scale, "watches", note="linear from %d measured sessions" % count)
+    add(s, "EXTRAPOLATED: packets per restart, %d sessions" % EXTRAPOLATE_TO,
+        cost["packets_per_restart"] * scale, "packets",
+        note="linear from %d measured sessions" % count)
+    add(s, "EXTRAPOLATED: bytes per restart, %d sessions" % EXTRAPOLATE_TO,
+        cost["bytes_per_restart"] * scale / (1024.0 * 1024.0), "MB",
+        note="linear from %d measured sessions" % count)
+
+
+__all__ = ["run", "consumer", "first_call", "sessions"]

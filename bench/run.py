@@ -59,7 +59,7 @@ FULL = dict(rounds=9, seconds=1.5, warmup=0.2, seed_rounds=3, seed_seconds=2.0,
             mem_nodes=1000, mem_snapshot_off=True, first_repeats=5,
             prop_ns=(1, 10, 50), prop_changes=20,
             fleet_ns=(20, 200, 2000), fleet_consumers=8, fleet_edits=30, fleet_restarts=20,
-            fleet_first_repeats=3)
+            fleet_first_repeats=3, fleet_sessions=60, fleet_session_nodes=2000)
 SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3,
              same_core_rounds=1, same_core_seconds=0.3, callpath_batch=100, callpath_repeats=10,
              thread_rounds=1, thread_seconds=0.3, threads=8,
@@ -68,7 +68,7 @@ SMOKE = dict(rounds=1, seconds=0.3, warmup=0.05, seed_rounds=1, seed_seconds=0.3
              mem_nodes=100, mem_snapshot_off=False, first_repeats=2,
              prop_ns=(1, 3), prop_changes=2,
              fleet_ns=(20, 100), fleet_consumers=2, fleet_edits=3, fleet_restarts=2,
-             fleet_first_repeats=1)
+             fleet_first_repeats=1, fleet_sessions=3, fleet_session_nodes=50)
 SECTIONS = ("client", "client_cpu", "first_call", "propagation", "server", "balancer", "memory",
             "config", "idle", "tls", "fleet")
 
