@@ -372,6 +372,15 @@ class ChildrenMirror(object):
                     log.info("reading %s/%s failed (%s): trying again", self.parent, name,
                              failed.__class__.__name__)
                     self._later(lambda: self._reread(name), generation)
+                elif entry is None and self._keeps_last(name):
+                    # Right after a new session, the last child held is gone (its
+                    # provider's old session expired; it is registering again): keep
+                    # it, stale, until it is back or the protection window ends.
+                    del self._epoch[name]
+                    self._set_stale(True)
+                    self._watch_gone(generation, name)
+                    self._later(lambda: self._end_protection(generation), generation,
+                                max(self._protect_until - time.monotonic(), 0.05))
                 elif entry is None:
                     del self._epoch[name]
                     self._listed.discard(name)
@@ -392,6 +401,11 @@ class ChildrenMirror(object):
                 upserts, self._upserts = self._upserts, {}
                 self.batches += 1
                 self._apply(upserts, set(), False)
+
+    def _keeps_last(self, name: str) -> bool:
+        """Would removing `name` empty the mirror inside the protection window? (lock held)"""
+        return (not self.protect_partial and self._present == {name}
+                and time.monotonic() < self._protect_until)
 
     def _watch_gone(self, generation: int, name: str) -> None:
         """Watch a deleted child's path for its re-creation (lock held)."""
