@@ -55,6 +55,7 @@ RETRY_DELAY = 0.5   # seconds before a failed listing or read is tried again
 LIST_DELAY = 0.02   # seconds from a children event to its listing: one listing per burst
 FIRST_CHUNK = 256   # reads per early batch of a first listing (later listings: one batch)
 LIST_INTERVAL = 0.5  # seconds between two listings at least (re-listing N names is the O(N) part)
+LIST_LAZY = 2.0  # the same, when every children event is a restart already seen (no new name)
 _ZK_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
 
 
@@ -83,7 +84,8 @@ class ChildrenMirror(object):
                  describe: Optional[str] = None, empty_protection: Optional[float] = None,
                  protect_partial: bool = False, hold_missing_parent: bool = False,
                  max_children: Optional[int] = None, list_delay: float = LIST_DELAY,
-                 list_interval: float = LIST_INTERVAL, first_chunk: int = FIRST_CHUNK,
+                 list_interval: float = LIST_INTERVAL, list_lazy: float = LIST_LAZY,
+                 first_chunk: int = FIRST_CHUNK,
                  on_stale: Optional[Callable[[bool], None]] = None) -> None:
         self.zk = zk
         self.parent = parent
@@ -98,6 +100,7 @@ class ChildrenMirror(object):
         self.max_children = max_children
         self.list_delay = float(list_delay)
         self.list_interval = float(list_interval)
+        self.list_lazy = max(float(list_lazy), self.list_interval)
         self.first_chunk = max(1, int(first_chunk))
         # Counters (tests and the bench read them).
         self.listings = 0      # children listings answered
@@ -120,7 +123,10 @@ class ChildrenMirror(object):
         self._removed: Set[str] = set()
         self._full = False                # the pending batch completes a full listing
         self._listing_due = False
+        self._listing_due_at = 0.0
         self._listed_at = 0.0             # monotonic time of the last listing sent
+        self._child_events = 0            # children events since the last listing
+        self._explained = 0               # of them, restarts seen through a child's own watch
         self._gone: Set[str] = set()      # deleted children with an exists watch on their path
         self._protect_until = 0.0
         self._ready = threading.Event()
@@ -205,6 +211,7 @@ class ChildrenMirror(object):
             generation = self._generation
             self._listing_due = False
             self._listed_at = time.monotonic()
+            self._child_events = self._explained = 0
         try:
             result = self.zk.client.get_children_async(self.parent, watch=self._on_child_event)
         except _ZK_ERRORS + (RuntimeError,):  # the client is stopping: the next session lists
@@ -311,12 +318,26 @@ class ChildrenMirror(object):
         if event.type == EventType.NONE or self._closed or self._deaf:
             return  # the session's state, not a change (kazoo fires these on LOST)
         with self._lock:
-            if self._listing_due:
+            self._child_events += 1
+            generation = self._generation
+            now = time.monotonic()
+            # ZooKeeper sends a child's own event before its parent's: when every
+            # children event so far is a restart already seen through the child's
+            # own watches, no name is new and the listing can wait (list_lazy).
+            interval = (self.list_interval if self._child_events > self._explained
+                        else self.list_lazy)
+            due = max(now + self.list_delay, self._listed_at + interval)
+            if self._listing_due and due >= self._listing_due_at:
                 return
             self._listing_due = True
-            generation = self._generation
-            delay = max(self.list_delay, self._listed_at + self.list_interval - time.monotonic())
-        self._later(lambda: self._list(False), generation, delay)
+            self._listing_due_at = due
+        self._later(lambda: self._due_listing(due), generation, due - now)
+
+    def _due_listing(self, due: float) -> None:
+        with self._lock:
+            if not self._listing_due or self._listing_due_at != due:
+                return  # listed meanwhile, or an earlier listing took this one's place
+        self._list(False)
 
     def _on_parent_event(self, event: WatchedEvent) -> None:
         if event.type == EventType.CREATED and not self._closed:
@@ -332,8 +353,11 @@ class ChildrenMirror(object):
                 # took the name meanwhile, its read (sent later) sees the creation.
                 if name in self._gone:
                     self._gone.discard(name)
+                    self._explained += 1
                     self._read(self._generation, name)
             elif name in self._present or name in self._epoch:
+                if event.type == EventType.DELETED and name in self._present:
+                    self._explained += 1
                 self._read(self._generation, name)
 
     # -- reads -------------------------------------------------------------------------
