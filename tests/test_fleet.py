@@ -82,6 +82,21 @@ def test_snapshot_files_are_private_and_no_temp_file_is_left(tmp_path):
         snapshot.read_json(path, 5)
 
 
+def test_the_writer_writes_a_burst_once_off_the_calling_thread(tmp_path):
+    writer = snapshot.SnapshotWriter(delay=0.2)
+    path = str(tmp_path / "w" / "s.json")
+    for i in range(50):
+        writer.schedule(path, lambda i=i: {"n": i})
+    wait_for(lambda: os.path.exists(path), message="the write")
+    assert writer.writes == 1 and json.load(open(path)) == {"n": 49}  # the latest wins
+    writer.schedule(path, lambda: None)  # None: nothing to write (stale data)
+    writer.flush(path)
+    assert writer.writes == 1
+    writer.schedule(path, lambda: {"n": 50})
+    writer.flush(path)  # close(): a pending write is done now, on the caller's thread
+    assert writer.writes == 2 and json.load(open(path)) == {"n": 50}
+
+
 def _plant(root, path, document, how):
     snapshot.write_json(path, document)
     if how == "foreign":

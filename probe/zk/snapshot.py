@@ -131,10 +131,12 @@ class SnapshotWriter(object):
             due = self._due.get(path)
             self._due[path] = (due[0] if due else time.monotonic() + self.delay, produce)
             if self._thread is None or not self._thread.is_alive():
+                # (Re)started lazily: a forked child has no writer thread of its own.
                 self._thread = threading.Thread(target=self._loop, name="probe-snapshot-writer",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if due is None:
+                self._cond.notify()  # a pending write keeps its time: no need to wake
 
     def flush(self, path: str) -> None:
         """Write `path` now if a write is pending (on the calling thread)."""
