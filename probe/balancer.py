@@ -93,8 +93,9 @@ class RoutingTable(object):
             weights, warming = [n.weight for n in eligible], False
         self.nodes = tuple(eligible)
         self.weights = tuple(weights)
-        self.cumulative = tuple(accumulate(weights))
-        self.total = self.cumulative[-1] if weights else 0
+        # Floats: bisecting floats with a float key is the fastest compare in C.
+        self.cumulative = tuple(map(float, accumulate(weights)))
+        self.total = sum(weights)
         self.index = dict(zip(map(_by_name, eligible), range(len(eligible))))
         self.refresh_at = now + min(1.0, warmup / 20.0) if warming else None
 
@@ -146,7 +147,7 @@ def alias_table(weights: Sequence[int]) -> Tuple[Tuple[float, int], ...]:
 
 class WeightedRandom(object):
     """Pick with probability weight / total: one bisect of the table's cumulative
-    weights (O(log n) in C; flat in practice from 1 node to 2,000, and unlike an
+    weights (O(log n) in C: about 1.6x the cost at 1,000 nodes of 10; unlike an
     alias table it needs no O(n) Python rebuild when one weight changes)."""
 
     name = "weighted_random"
