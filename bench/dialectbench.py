@@ -23,7 +23,7 @@ from bench.common import IDL, SERVICE, median
 TARGETS = {"client_single": 1.0, "client_cpu_extra_us": 1.0, "server": 1.0}
 from bench.workers import _bare_service, _free_port, _handler, _timed_single, _wait_for_stop
 
-SECTION = "10. Dialects (framed / compact)"
+SECTION = "11. Dialects (framed / compact)"
 DIALECTS = (("buffered", "binary"), ("framed", "binary"), ("buffered", "compact"),
             ("framed", "compact"))
 

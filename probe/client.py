@@ -414,15 +414,18 @@ class ProbeClient(TClient):
     def _on_table(self, table):
         # Pools are keyed by znode name (cheaper than building an address tuple per
         # call); a node that left, or whose data now names another address or
-        # dialect, loses them.
-        live = {node.name: (node.host, node.port, node.transport, node.protocol)
-                for node in table.all_nodes}
+        # dialect, loses them. Only the pooled and tracked nodes are looked up
+        # (O(log n) each), never the whole table: an edit of one node in 2,000 costs
+        # the same as in 20.
+        named = table.node_named
         with self._pools_lock:
             for name, pool in list(self._pools.items()):
-                if live.get(name) != (pool.host, pool.port) + pool.codec.dialect:
+                node = named(name)
+                if node is None or (node.host, node.port, node.transport, node.protocol) \
+                        != (pool.host, pool.port) + pool.codec.dialect:
                     self._pools.pop(name).close()
         if self.health is not None:
-            self.health.forget(live)
+            self.health.forget(lambda name: named(name) is not None)
 
     def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""

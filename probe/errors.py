@@ -139,3 +139,8 @@ class RegisterError(ProbeError):
 
 class InvalidArgument(ProbeError):
     """A command-line or API argument is not a number, or out of its range."""
+
+
+class UntrustedFile(ProbeError):
+    """A local snapshot or backup file (or a folder above it) is not owned by the
+    current user, or others may write it: it is not read (ssh's StrictModes)."""

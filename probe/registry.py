@@ -12,13 +12,12 @@ import logging
 import os
 import queue
 import random
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, KazooException, NoAuthError, NoNodeError,
+from kazoo.exceptions import (BadVersionError, KazooException, NoNodeError,
                               NodeExistsError, ZookeeperError)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
@@ -27,6 +26,8 @@ from . import naming, zkacl
 from .balancer import Node, RoutingTable
 from .errors import ComponentUnavailable, InvalidNodeAddress
 from .naming import NodeSettings
+from .zk import snapshot
+from .zk.mirror import ChildrenMirror
 
 log = logging.getLogger("probe.registry")
 
@@ -224,7 +225,10 @@ class ZooKeeper(object):
                 log.exception("restarting the ZooKeeper client failed; will try again")
 
 
-SNAPSHOT_DELAY = 0.5  # seconds between a routing change and its snapshot write
+# Seconds a starting consumer waits for a complete first listing before it routes
+# on what it has (the reads so far, or the snapshot): a 2,000-node service.
+STARTUP_GRACE = 0.2
+SNAPSHOT_DELAY = snapshot.WRITE_DELAY  # seconds between a routing change and its snapshot write
 # A snapshot holds ~150 bytes per node; a file far bigger is not read at all.
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 
@@ -393,11 +397,14 @@ class Registration(object):
 class ServiceWatcher(object):
     """Keeps `table`, an immutable RoutingTable of one service's nodes, current.
 
-    A kazoo ChildrenWatch on /services/<env>/<appkey> plus a DataWatch per node of
-    the service. Watches are re-established on every new session (a wiped ZooKeeper
-    loses the parent path, which silently ends a ChildrenWatch). While ZooKeeper is
-    unreachable the last table stays in use. Every change is also written to a
-    snapshot file so a consumer that starts during an outage can still route.
+    Sits on the mirror engine (`probe.zk.mirror.ChildrenMirror`) over
+    /services/<env>/<appkey>: one children watch on the appkey and one data watch
+    per node of the service. A change costs in proportion to what changed: a
+    listing is diffed against the last one, only new nodes are read, and the table
+    is derived from the last one (`RoutingTable.updated`), one swap per batch.
+    While ZooKeeper is unreachable the last table stays in use. The node list is
+    also written to a snapshot file (off the update path, by the process's one
+    snapshot writer) so a consumer that starts during an outage can still route.
     """
 
     def __init__(self, zk, env, appkey, service, warmup=0.0, snapshot_dir=None, on_change=None):
@@ -408,247 +415,124 @@ class ServiceWatcher(object):
         self.parent = naming.appkey_path(env, appkey)
         self.describe = "env=%s appkey=%s service=%s" % (env, appkey, service)
         self.warmup = float(warmup or 0.0)
+        self.snapshot_root = None if snapshot_dir is False else (snapshot_dir or default_snapshot_dir())
         self.snapshot_path = snapshot_file(snapshot_dir, env, appkey, service)
         self.on_change = on_change
         self.table = RoutingTable(describe=self.describe)
-        self.stale = False
         self.updates = 0
-        self.resyncs = 0
+        self._from_snapshot = False
         self._nodes = {}
-        self._watched = set()
-        self._generation = 0
-        self._protect_until = 0.0
-        self.empty_protection = 2 * zk.session_timeout + 5.0
-        self._session = None      # the session the current watches belong to
-        self._batching = 0        # >0 while a listing's new nodes are being read
-        self._snapshot_timer = None
         self._skipped = {}        # znode name -> why it is skipped (warned once)
         self._publish_failed = False
-        self._failure_logged = False
         self._lock = threading.RLock()
+        self._routable = threading.Condition(self._lock)  # notified on every publish
         self._closed = False
+        prefix = service + "_"
+        self._mirror = ChildrenMirror(
+            zk, self.parent, lambda name: name.startswith(prefix) and naming.is_node_of(name, service),
+            self._apply, describe=self.describe)
+        self.empty_protection = self._mirror.empty_protection
 
-    def start(self):
-        """Watch now if connected; else route on the snapshot until ZooKeeper answers."""
-        self.zk.client.add_listener(self._on_state)
-        self.zk.on_new_session(self._on_new_session)
-        self.zk.on_reconnect(self.resync)
-        if self.zk.connected:
-            self._establish()
-        else:
+    @property
+    def stale(self) -> bool:
+        """True while routing on a snapshot, or on nodes a fresh session did not list."""
+        return self._from_snapshot or self._mirror.stale
+
+    @property
+    def resyncs(self) -> int:
+        """Complete re-reads of the service applied (the first one included)."""
+        return max(self._mirror.resyncs - 1, 0)
+
+    @property
+    def mirror(self) -> ChildrenMirror:
+        return self._mirror
+
+    def start(self) -> None:
+        """Watch, and return once the table is complete or can route.
+
+        Connected: wait for the first listing and all its data. A big service
+        (thousands of nodes) takes longer than STARTUP_GRACE; past it, return as
+        soon as the table holds a routable node, from the reads so far or from the
+        snapshot (stale, reconciled when the listing completes). Not connected:
+        route on the snapshot until ZooKeeper answers."""
+        if not self.zk.connected:
             self._load_snapshot()
+            self._mirror.start()
+            return
+        self._mirror.start()
+        if self._mirror.wait_ready(STARTUP_GRACE):
+            return
+        with self._lock:
+            if not self._nodes:
+                self._load_snapshot(reason="the first listing of %d+ node(s) is still being read"
+                                    % self._mirror.reads)
+        deadline = time.monotonic() + self.zk.session_timeout
+        with self._routable:
+            self._routable.wait_for(lambda: self._mirror.ready or len(self.table.nodes) > 0,
+                                    max(deadline - time.monotonic(), 0.0))
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._generation += 1
-            timer, self._snapshot_timer = self._snapshot_timer, None
-        self.zk.remove_callback(self._on_new_session)
-        self.zk.remove_callback(self.resync)
-        self.zk.client.remove_listener(self._on_state)
-        if timer is not None:
-            timer.cancel()
-            self._write_snapshot()
+        self._mirror.close()
+        if self.snapshot_path:
+            snapshot.writer().flush(self.snapshot_path)
 
-    def _on_state(self, state):
-        # kazoo's connection thread: no ZooKeeper calls here. When the session is
-        # lost, the old watches would report every node gone as they re-fire against
-        # a server that forgot them; retire them and keep the table until the new
-        # session's watches (set up by _establish) have something to say.
-        if state == KazooState.LOST:
-            with self._lock:
-                self._generation += 1
-                if self._nodes:
-                    self._protect_until = time.monotonic() + self.empty_protection
-        return None
-
-    def refresh(self):
+    def refresh(self) -> None:
         """Rebuild the table from the nodes already known (warm-up progress)."""
         with self._lock:
-            self._publish(write_snapshot=False)
+            self._publish(RoutingTable(self._nodes.values(), warmup=self.warmup,
+                                       describe=self.describe), write_snapshot=False)
 
-    # -- watching ----------------------------------------------------------
-    def _on_new_session(self):
-        # start() may already have watched on this very session (the first one).
-        if self.zk.session_id is None or self.zk.session_id != self._session:
-            self._establish()
+    def resync(self) -> None:
+        """Re-read the whole service from ZooKeeper (the watches stay) and apply it
+        before returning (up to the session timeout)."""
+        self._mirror.resync(wait=self.zk.session_timeout)
 
-    def _establish(self):
+    # -- applying the mirror's batches (its lock held; never blocks) -------------------
+    def _apply(self, upserts, removed, full):
         with self._lock:
             if self._closed:
                 return
-            self._session = self.zk.session_id
-            self._generation += 1
-            generation = self._generation
-            self._watched = set()
-            # A fresh session may meet a registry that is still empty (ZooKeeper
-            # rebuilt, providers not yet re-registered): an empty first listing
-            # must not empty a table that was routing fine (Dubbo's empty protection).
-            self._protect_until = time.monotonic() + self.empty_protection if self._nodes else 0.0
-        try:
-            try:
-                self.zk.client.ensure_path(self.parent)
-            except NoAuthError:
-                # A consumer without the registry's credentials may not create the
-                # appkey's znode: wait for a provider to make it, do not retry-storm.
-                self._wait_for_parent(generation)
-                return
-            self.zk.client.ChildrenWatch(self.parent,
-                                         lambda children: self._on_children(generation, children))
-        except (KazooException, ZookeeperError) as exc:
-            log.warning("watching %s failed (%s): retrying", self.parent, exc.__class__.__name__)
-            self._retry_later(self._establish)
-
-    def _wait_for_parent(self, generation):
-        log.info("%s does not exist yet and this client may not create it: waiting for a "
-                 "provider to register", self.parent)
-
-        def on_parent(data, stat, event=None):
-            if generation != self._generation or self._closed:
-                return False
-            if stat is None:
-                return None  # still missing: keep watching
-            self.zk.submit(self._establish)
-            return False
-        self.zk.client.DataWatch(self.parent, on_parent)
-
-    def resync(self):
-        """Re-read the whole service (children and every node's data) and rebuild
-        the table from that alone. The watches stay as they are."""
-        with self._lock:
-            if self._closed:
-                return
-            generation = self._generation
-        fresh = {}
-        try:
-            for name in self.zk.client.get_children(self.parent):
-                if not naming.is_node_of(name, self.service):
-                    continue
-                try:
-                    data, stat = self.zk.client.get(self.parent + "/" + name)
-                    settings = naming.parse_node_data(name, data)
-                except (NoNodeError, ValueError):
-                    continue  # gone meanwhile, or unusable (the DataWatch says so)
-                fresh[name] = _node(name, settings, stat)
-        except (KazooException, ZookeeperError) as exc:
-            log.info("resync of %s failed (%s); the watches still hold", self.parent,
-                     exc.__class__.__name__)
-            return
-        with self._lock:
-            if generation != self._generation or self._closed:
-                return  # a new session took over meanwhile
-            self.resyncs += 1
-            if fresh != self._nodes:
-                self._nodes = fresh
-                self._publish()
-
-    def _retry_later(self, task, delay=0.5):
-        timer = threading.Timer(delay, lambda: None if self._closed else self.zk.submit(task))
-        timer.daemon = True
-        timer.start()
-
-    def _on_children(self, generation, children):
-        try:
-            return self._children_changed(generation, children)
-        except Exception:
-            # A kazoo watch whose callback raises stops for good: log and keep watching.
-            self._callback_failed("its children listing")
-            return None
-
-    def _children_changed(self, generation, children):
-        with self._lock:
-            if generation != self._generation:
-                return False
-            mine = set(c for c in children if naming.is_node_of(c, self.service))
-            if not mine and self._nodes and time.monotonic() < self._protect_until:
-                log.warning("%s lists no node of %s right after a new ZooKeeper session: keeping "
-                            "the last %d node(s) for up to %.0f s while providers re-register",
-                            self.parent, self.service, len(self._nodes), self.empty_protection)
-                self.stale = True
-                remaining = self._protect_until - time.monotonic()
-                self._retry_later(lambda: self._end_protection(generation), max(remaining, 0.05))
-                return None
-            self._protect_until = 0.0
-            gone = [name for name in self._nodes if name not in mine]
-            for name in gone:
-                del self._nodes[name]
-            for name in [n for n in self._skipped if n not in mine]:
-                del self._skipped[name]
-            self._watched &= mine
-            new = mine - self._watched
-            self._watched |= new
-            self.stale = False
-            if gone or not new:
-                self._publish()
-            # Each new DataWatch reads its node at once, in this thread: publish one
-            # table for the whole batch, not one per node (O(n^2) for big services).
-            self._batching += 1
-        try:
-            for name in sorted(new):
-                self.zk.client.DataWatch(
-                    self.parent + "/" + name,
-                    lambda data, stat, event=None, name=name: self._on_data(generation, name, data, stat))
-        finally:
-            with self._lock:
-                self._batching -= 1
-                if new and not self._batching and generation == self._generation:
-                    self._publish()
-        return None
-
-    def _end_protection(self, generation):
-        """The protection window is over: believe the registry, whatever it lists."""
-        with self._lock:
-            if generation != self._generation or self._closed or not self.stale:
-                return
-            self._protect_until = 0.0
-        try:
-            children = self.zk.client.get_children(self.parent)
-        except (KazooException, ZookeeperError):
-            self._retry_later(lambda: self._end_protection(generation))
-            return
-        self._on_children(generation, children)
-
-    def _on_data(self, generation, name, data, stat):
-        try:
-            return self._data_changed(generation, name, data, stat)
-        except Exception:
-            self._callback_failed("node %s" % name)
-            return None
-
-    def _callback_failed(self, source):
-        """Log a failed update with its traceback, once per watcher (a bug that
-        fails on every event must not flood the log); the watch stays alive."""
-        if not self._failure_logged:
-            self._failure_logged = True
-            log.exception("updating %s from %s failed; later updates still apply (further "
-                          "failures of this watcher are logged at DEBUG)", self.describe, source)
-        else:
-            log.debug("updating %s from %s failed", self.describe, source, exc_info=True)
-
-    def _data_changed(self, generation, name, data, stat):
-        with self._lock:
-            if generation != self._generation:
-                return False
-            if data is None:
-                # Deleted: the ChildrenWatch sees a re-creation and watches it anew.
-                self._watched.discard(name)
+            changed, gone = [], list(removed)
+            for name in removed:
+                self._nodes.pop(name, None)
                 self._skipped.pop(name, None)
-                if self._nodes.pop(name, None) is not None:
-                    self._publish()
-                return False
+            for name, (data, stat) in upserts.items():
+                try:
+                    settings = naming.parse_node_data(name, data)
+                except ValueError as exc:
+                    self._skip(name, str(exc))
+                    if self._nodes.pop(name, None) is not None:
+                        gone.append(name)
+                    continue
+                if self._skipped.pop(name, None) is not None:
+                    log.info("node %s/%s holds usable data again: routing to it", self.parent, name)
+                node = _node(name, settings, stat)
+                if self._nodes.get(name) != node:
+                    self._nodes[name] = node
+                    changed.append(node)
+            if full and self._from_snapshot:
+                # The listing is complete: a snapshot node it did not find is gone.
+                known = self._mirror.known()
+                for name in [n for n in self._nodes if n not in known]:
+                    del self._nodes[name]
+                    gone.append(name)
+                self._from_snapshot = False
+            if not (changed or gone) and not (full and self.updates == 0):
+                return
             try:
-                settings = naming.parse_node_data(name, data)
-            except ValueError as exc:
-                self._skip(name, str(exc))
-                if self._nodes.pop(name, None) is not None and not self._batching:
-                    self._publish()
-                return None
-            if self._skipped.pop(name, None) is not None:
-                log.info("node %s/%s holds usable data again: routing to it", self.parent, name)
-            self._nodes[name] = _node(name, settings, stat)
-            if not self._batching:
-                self._publish()
-            return None
+                table = self.table.updated(changed, gone, warmup=self.warmup)
+            except Exception:
+                # Nodes are checked before they get here, so this is a bug: rebuild
+                # from scratch, so one failure never freezes the table.
+                if not self._publish_failed:
+                    log.exception("updating the routing table of %s failed; rebuilding it",
+                                  self.describe)
+                self._publish_failed = True
+                table = RoutingTable(self._nodes.values(), warmup=self.warmup,
+                                     describe=self.describe)
+            self._publish(table)
 
     def _skip(self, name, why):
         """Leave znode `name` out of the table; warn once until it is fixed or gone
@@ -659,65 +543,38 @@ class ServiceWatcher(object):
                         self.parent, name, self.service, why)
         self._skipped[name] = why
 
-    def _publish(self, write_snapshot=True):
-        try:
-            table = RoutingTable(self._nodes.values(), warmup=self.warmup, describe=self.describe)
-        except Exception:
-            # Nodes are checked before they get here, so this is a bug; the next
-            # update builds from scratch again, so one failure never freezes the table.
-            if not self._publish_failed:
-                log.exception("building the routing table of %s failed; keeping the last one",
-                              self.describe)
-            self._publish_failed = True
-            return
-        self._publish_failed = False
+    def _publish(self, table, write_snapshot=True):
         self.table = table
         self.updates += 1
+        self._routable.notify_all()
         if self.on_change is not None:
             try:
                 self.on_change(table)
             except Exception:
                 log.exception("on_change callback of %s failed", self.describe)
-        if write_snapshot and self.snapshot_path and self._snapshot_timer is None \
-                and not self._closed:
-            # At most one snapshot write per SNAPSHOT_DELAY: the file only has to be
-            # recent, and writing it on every update costs consumers CPU.
-            self._snapshot_timer = threading.Timer(SNAPSHOT_DELAY, self._write_snapshot)
-            self._snapshot_timer.daemon = True
-            self._snapshot_timer.start()
+        if write_snapshot and self.snapshot_path and not self._closed:
+            # Written a moment later by the process's one writer thread, once per
+            # burst: the file only has to be recent.
+            snapshot.writer().schedule(self.snapshot_path, self._snapshot_document)
 
     # -- snapshot ----------------------------------------------------------
-    def _write_snapshot(self):
-        with self._lock:
-            self._snapshot_timer = None
-            table = self.table
-        if not self.snapshot_path or self.stale:
-            return
-        nodes = [node._asdict() for node in table.all_nodes]
-        try:
-            directory = os.path.dirname(self.snapshot_path)
-            os.makedirs(directory, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-")
-            with os.fdopen(handle, "w") as out:
-                json.dump({"written_at": time.time(), "nodes": nodes}, out)
-            os.replace(tmp, self.snapshot_path)
-        except OSError as exc:
-            log.warning("cannot write routing snapshot %s: %s", self.snapshot_path, exc)
+    def _snapshot_document(self):
+        if self.stale:
+            return None
+        return {"written_at": time.time(), "nodes": [node._asdict() for node in self.table.all_nodes]}
 
-    def _load_snapshot(self):
+    def _load_snapshot(self, reason=None):
         if not self.snapshot_path:
             return
         try:
-            size = os.path.getsize(self.snapshot_path)
-            if size > MAX_SNAPSHOT_BYTES:
-                raise ValueError("%d bytes, more than the %d allowed" % (size, MAX_SNAPSHOT_BYTES))
-            with open(self.snapshot_path, "rb") as handle:
-                saved = json.loads(handle.read().decode("utf-8"))
+            saved = snapshot.read_json(self.snapshot_path, MAX_SNAPSHOT_BYTES, self.snapshot_root)
             if not isinstance(saved, dict) or not isinstance(saved.get("nodes"), list):
                 raise ValueError("no list of nodes")
-        except Exception as exc:  # OSError, bad UTF-8, RecursionError, ...
-            log.warning("ZooKeeper unreachable and no usable routing snapshot for %s (%s: %s)",
-                        self.describe, exc.__class__.__name__, str(exc)[:200])
+        except Exception as exc:  # OSError, UntrustedFile, bad UTF-8, RecursionError, ...
+            if reason is None or not isinstance(exc, FileNotFoundError):
+                log.warning("%s and no usable routing snapshot for %s (%s: %s)",
+                            reason or "ZooKeeper unreachable", self.describe,
+                            exc.__class__.__name__, str(exc)[:300])
             return
         nodes, skipped = {}, 0
         for entry in saved["nodes"]:
@@ -738,13 +595,16 @@ class ServiceWatcher(object):
                 or written_at != written_at:
             written_at = 0.0
         with self._lock:
-            if self._nodes:
-                return
+            if self._nodes or self.updates:
+                return  # ZooKeeper's own data is in (or some of it): it wins
             self._nodes = nodes
-            self.stale = True
-            self._publish(write_snapshot=False)
-        log.warning("ZooKeeper unreachable: routing %s on a STALE snapshot of %d node(s) "
-                    "written %.0f s ago (%s)", self.describe, len(nodes),
+            self._from_snapshot = True
+            if reason is None:
+                self._mirror.hold(nodes)
+            self._publish(RoutingTable(nodes.values(), warmup=self.warmup, describe=self.describe),
+                          write_snapshot=False)
+        log.warning("%s: routing %s on a STALE snapshot of %d node(s) written %.0f s ago (%s)",
+                    reason or "ZooKeeper unreachable", self.describe, len(nodes),
                     time.time() - written_at, self.snapshot_path)
 
 

@@ -367,13 +367,15 @@ class AsyncProbeClient(object):
             pass  # the loop is closed: nothing left to prune
 
     def _prune(self, table: Any) -> None:
-        live = {node.name: (node.host, node.port, getattr(node, "transport", "buffered"),
-                            getattr(node, "protocol", "binary")) for node in table.all_nodes}
+        # As the threaded client: only pooled and tracked nodes are looked up.
+        named = table.node_named
         for name, pool in list(self._pools.items()):
-            if live.get(name) != (pool.host, pool.port, pool.transport, pool.protocol):
+            node = named(name)
+            if node is None or (node.host, node.port, node.transport, node.protocol) \
+                    != (pool.host, pool.port, pool.transport, pool.protocol):
                 self._pools.pop(name).close()
         if self.health is not None:
-            self.health.forget(live)
+            self.health.forget(lambda name: named(name) is not None)
 
     async def close(self) -> None:
         """Release the connections and the watch. Safe to call twice."""

@@ -343,12 +343,14 @@ class ServiceHealth(object):
         state = self._states.get(node_name)
         return None if state is None or state.ewma_at is None else state.ewma
 
-    def forget(self, live: Iterable[str]) -> None:
-        """Drop what is known about nodes not in `live` (they left the registry)."""
-        live = set(live)
+    def forget(self, is_live: Callable[[str], bool]) -> None:
+        """Drop what is known about the tracked nodes for which `is_live(name)` is
+        false (they left the registry). Only tracked nodes are looked at, so the
+        cost follows what this client knows, not the size of the fleet."""
         with self._lock:
-            if any(name not in live for name in self._states):
-                self._states = {n: s for n, s in self._states.items() if n in live}
+            gone = [name for name in self._states if not is_live(name)]
+            if gone:
+                self._states = {n: s for n, s in self._states.items() if n not in gone}
                 self._invalidate()
 
     # -- state changes (under the lock) ----------------------------------------
