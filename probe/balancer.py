@@ -12,7 +12,7 @@ from bisect import bisect_left, bisect_right
 from heapq import heapify, heappop, heappush
 from itertools import accumulate
 from operator import attrgetter
-from typing import (Callable, Collection, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
+from typing import (Callable, Collection, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
                     Union)
 
 from .errors import NoAvailableNode, ProbeError
@@ -100,6 +100,22 @@ class RoutingTable(object):
         self.total = sum(weights)
         self.index = dict(zip(map(_by_name, eligible), range(len(eligible))))
         self.refresh_at = now + min(1.0, warmup / 20.0) if warming else None
+
+    def reweighted(self, weights: Dict[str, float]) -> "RoutingTable":
+        """A copy holding only the routable nodes named in `weights`, with those
+        weights (node health scales weights this way); every node stays known."""
+        table = RoutingTable.__new__(RoutingTable)
+        nodes = tuple(node for node in self.nodes if node.name in weights)
+        table.describe = self.describe
+        table.all_nodes = self.all_nodes
+        table.names = self.names
+        table.nodes = nodes
+        table.weights = tuple(weights[node.name] for node in nodes)
+        table.cumulative = tuple(map(float, accumulate(table.weights)))
+        table.total = sum(table.weights)
+        table.index = dict(zip(map(_by_name, nodes), range(len(nodes))))
+        table.refresh_at = None
+        return table
 
     def node_named(self, name: str) -> Optional[Node]:
         """The node called `name` (enabled or not), or None: O(log n)."""

@@ -196,18 +196,7 @@ class _View(object):
 
 def derived_table(base: RoutingTable, weights: Dict[str, float]) -> RoutingTable:
     """A copy of `base` holding only the nodes in `weights`, with those weights."""
-    from ..balancer import alias_table
-    table = RoutingTable.__new__(RoutingTable)
-    nodes = tuple(node for node in base.nodes if node.name in weights)
-    table.describe = base.describe
-    table.all_nodes = base.all_nodes
-    table.nodes = nodes
-    table.weights = tuple(weights[node.name] for node in nodes)
-    table.total = sum(table.weights)
-    table.index = {node.name: i for i, node in enumerate(nodes)}
-    table.alias = alias_table(table.weights)
-    table.refresh_at = None
-    return table
+    return base.reweighted(weights)
 
 
 class ServiceHealth(object):
