@@ -9,14 +9,13 @@ from .errors import ProbeError
 
 
 def _print_table(rows, columns):
-    if not rows:
-        print("(none)")
-        return
-    widths = [max(len(str(title)), *(len(str(row.get(key, ""))) for row in rows)) for key, title in columns]
-    print("  ".join(str(title).ljust(width) for (key, title), width in zip(columns, widths)).rstrip())
-    for row in rows:
-        print("  ".join(str("" if row.get(key) is None else row.get(key)).ljust(width)
-                        for (key, _), width in zip(columns, widths)).rstrip())
+    from .governance.describe import table
+    print(table(rows, columns))
+
+
+def _print_json(rows):
+    print(json.dumps([row.as_dict() if hasattr(row, "as_dict") else row for row in rows],
+                     indent=2, ensure_ascii=False, default=str))
 
 
 def _admin(args):
@@ -25,40 +24,38 @@ def _admin(args):
 
 
 def cmd_appkey(args):
+    from .governance import describe
     with _admin(args) as admin:
         if args.action == "add":
             added = admin.add_appkey(args.appkey, args.description, by=args.by)
-            print("appkey %s %s" % (args.appkey, "added" if added else "already registered"))
+            print(describe.appkey_added(args.appkey, added))
         elif args.action == "remove":
             removed = admin.remove_appkey(args.appkey, by=args.by)
-            print("appkey %s %s" % (args.appkey, "removed" if removed else "was not registered"))
+            print(describe.appkey_removed(args.appkey, removed))
             return 0 if removed else 1
         else:
             rows = admin.list_appkeys()
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:
-                _print_table(rows, [("appkey", "APPKEY"), ("description", "DESCRIPTION"),
-                                    ("created_at", "CREATED")])
+                _print_table(rows, describe.APPKEY_COLUMNS)
     return 0
 
 
 def cmd_nodes(args):
+    from .governance import describe
     with _admin(args) as admin:
         rows = admin.nodes(args.appkey, args.service)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return 0
-    for row in rows:
-        row["live"] = "up" if row["live"] else "down"
-        row["valid"] = {1: "enabled", 0: "disabled"}.get(row["valid"], row["valid"])
     print("env %s, appkey %s" % (admin.env, args.appkey))
-    _print_table(rows, [("service", "SERVICE"), ("address", "ADDRESS"), ("live", "STATE"),
-                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("problem", "NOTE")])
+    _print_table(describe.node_rows(rows), describe.NODE_COLUMNS)
     return 0
 
 
 def cmd_node(args):
+    from .governance import describe
     with _admin(args) as admin:
         if args.action == "weight":
             change = admin.set_weight(args.appkey, args.service, args.address, args.weight,
@@ -67,48 +64,31 @@ def cmd_node(args):
             change = admin.disable(args.appkey, args.service, args.address, create=args.create, by=args.by)
         else:
             change = admin.enable(args.appkey, args.service, args.address, create=args.create, by=args.by)
-    print("%s %s %s: %s %s -> %s (%s)" % (
-        change["appkey"], change["service"], change["address"], change["key"], change["old"],
-        change["new"], "applied to the live node" if change["live"]
-        else "stored in Redis; applies when the node registers"))
+    print(describe.node_change(change))
     return 0
 
 
 def cmd_audit(args):
+    from .governance import describe
     with _admin(args) as admin:
         rows = admin.audit(args.appkey, args.limit)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    _print_table(rows, [("changed_at", "WHEN"), ("changed_by", "WHO"), ("appkey", "APPKEY"),
-                        ("service", "SERVICE"), ("node", "NODE"), ("action", "WHAT"),
-                        ("old", "OLD"), ("new", "NEW")])
+    _print_table(rows, describe.AUDIT_COLUMNS)
     return 0
 
 
 def cmd_stats(args):
-    from .stats import read_stats
+    from .governance import describe
     with _admin(args) as admin:
-        rows = read_stats(admin.nodestore.redis, admin.env, args.appkey, args.service,
-                          minutes=args.minutes, side=args.side)
+        rows = admin.stats(args.appkey, args.service, minutes=args.minutes, side=args.side)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print("env %s, appkey %s, last %g min, %s side" % (admin.env, args.appkey, args.minutes, args.side))
-    for row in rows:
-        for key in ("p50_ms", "p99_ms", "mean_ms"):
-            row[key] = _format_ms(row.get(key))
-    _print_table(rows, [("service", "SERVICE"), ("method", "METHOD"), ("node", "NODE"),
-                        ("calls", "CALLS"), ("errors", "ERRORS"), ("p50_ms", "P50_MS"),
-                        ("p99_ms", "P99_MS"), ("mean_ms", "MEAN_MS"), ("statuses", "STATUSES")])
+    _print_table(describe.stats_rows(rows), describe.STATS_COLUMNS)
     return 0
-
-
-def _format_ms(value):
-    """Three significant digits or so: percentiles come from buckets anyway."""
-    if value is None:
-        return "-"
-    return "%.3f" % value if value < 1 else "%.1f" % value if value < 100 else "%.0f" % value
 
 
 def cmd_console(args):
@@ -207,6 +187,7 @@ def _print_stack(status):
 
 
 def cmd_config(args):
+    from .governance import describe
     with _admin(args) as admin:
         if args.action == "set":
             change = admin.set_config_json(args.appkey, args.key, args.value, by=args.by)
@@ -228,31 +209,15 @@ def cmd_config(args):
         elif args.action == "history":
             rows = admin.config_history(args.appkey, args.key, args.limit)
             if args.json:
-                print(json.dumps(rows, indent=2, ensure_ascii=False))
+                _print_json(rows)
                 return 0
-            for row in rows:
-                row["value"] = "(deleted)" if row["deleted"] else _clip(json.dumps(row["value"]))
-            _print_table(rows, [("version", "VERSION"), ("changed_at", "WHEN"),
-                                ("changed_by", "WHO"), ("action", "ACTION"), ("value", "VALUE")])
+            _print_table(describe.history_rows(rows), describe.HISTORY_COLUMNS)
             return 0
         else:
-            done = admin.restore_config(args.appkey, by=args.by)
-            print("config of %s (env %s): %d key(s) restored from MySQL history%s%s" % (
-                done["appkey"], done["env"], len(done["restored"]),
-                "".join("\n  restored %s" % key for key in done["restored"]),
-                "".join("\n  left alone (differs from history) %s" % key for key in done["differs"])))
+            print(describe.config_restore(admin.restore_config(args.appkey, by=args.by)))
             return 0
-    if not change["changed"]:
-        print("%s %s: unchanged" % (change["appkey"], change["key"]))
-    else:
-        print("%s %s: %s, version %d" % (change["appkey"], change["key"],
-                                         "deleted" if change["new"] is None else "set to " +
-                                         _clip(change["new"]), change["version"]))
+    print(describe.config_change_line(change))
     return 0
-
-
-def _clip(text, limit=60):
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _add_config_commands(sub):

@@ -9,11 +9,11 @@ znode is written, so versions follow the order of the znode writes.
 import contextlib
 import hashlib
 import logging
+from typing import Any, Callable, Iterator
 
-import pymysql
-
-from .appkeys import close_quietly
 from .errors import ComponentUnavailable, ConfigConflict
+from .settings import MysqlSettings
+from .stores.mysql import CONNECTION_ERRORS, MysqlAccess
 
 log = logging.getLogger("probe.configstore")
 
@@ -21,40 +21,22 @@ LOCK_TIMEOUT = 10  # seconds a writer waits for another writer of the same key
 
 
 class ConfigHistory(object):
-    """One MySQL connection (its own: a named lock belongs to a connection).
+    """One MySQL connection of its own (a named lock belongs to a connection), under
+    probe's MySQL access policy (`probe.stores.mysql.MysqlAccess`).
 
-    :param connect: a callable returning a new PyMySQL connection
-        (`AppkeyStore.connect`, so TLS and timeouts are configured in one place).
-    :param address: how to name the server in errors.
+    :param mysql_settings: the config's `MysqlSettings`.
+    :param connect_timeout_s: seconds to wait for the server to answer a connect.
     """
 
-    def __init__(self, connect, address):
-        self._connect = connect
-        self.address = address
-        self._connection = None
+    def __init__(self, mysql_settings: MysqlSettings, connect_timeout_s: float = 3.0) -> None:
+        self.db = MysqlAccess(mysql_settings, connect_timeout_s)
+        self.address = self.db.address
 
-    def close(self):
-        connection, self._connection = self._connection, None
-        close_quietly(connection)
+    def close(self) -> None:
+        self.db.close()
 
-    def _cursor(self):
-        if self._connection is not None:
-            try:
-                self._connection.ping(reconnect=False)
-            except pymysql.MySQLError:
-                self.close()
-        if self._connection is None:
-            self._connection = self._connect()
-        return self._connection.cursor()
-
-    def _query(self, sql, args=None):
-        try:
-            with self._cursor() as cursor:
-                cursor.execute(sql, args)
-                return cursor.fetchall()
-        except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-            self.close()
-            raise ComponentUnavailable("MySQL at %s failed: %s" % (self.address, exc))
+    def _query(self, sql: str, args: Any = None) -> Any:
+        return self.db.execute(sql, args, fetch=True)
 
     # -- writing ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -63,11 +45,18 @@ class ConfigHistory(object):
         old_text, new_text, by) -> version`. The row commits when the block ends
         without an exception, and is rolled back otherwise."""
         name = "probe_cfg_" + hashlib.sha1(("%s/%s/%s" % (env, appkey, key)).encode()).hexdigest()
+        # One change at a time on this connection: its transaction is the change's.
+        with self.db.lock:
+            with self._locked_change(name, env, appkey, key) as record:
+                yield record
+
+    @contextlib.contextmanager
+    def _locked_change(self, name: str, env: str, appkey: str, key: str) -> Iterator[Callable]:
         rows = self._query("SELECT GET_LOCK(%s, %s)", (name, LOCK_TIMEOUT))
         if not rows or rows[0][0] != 1:
             raise ConfigConflict("another writer has held config key %r of %s (env %s) for %d s: "
                                  "nothing was written; try again" % (key, appkey, env, LOCK_TIMEOUT))
-        connection = self._connection
+        connection = self.db.connection
         try:
             connection.begin()
 
@@ -88,12 +77,12 @@ class ConfigHistory(object):
                 connection.rollback()
                 raise
             connection.commit()
-        except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-            self.close()
+        except CONNECTION_ERRORS as exc:
+            self.db.drop()
             raise ComponentUnavailable("MySQL at %s failed while recording the change of %r: %s"
                                        % (self.address, key, exc))
         finally:
-            if self._connection is not None:
+            if self.db.connection is not None:
                 try:
                     self._query("SELECT RELEASE_LOCK(%s)", (name,))
                 except ComponentUnavailable:

@@ -1,0 +1,206 @@
+"""Governance split by noun, typed results, one MySQL access policy, one stats reader
+and the option checks (issue 17, items 2-4)."""
+
+import json
+
+import pymysql
+import pytest
+
+from probe.errors import ComponentUnavailable, ProbeError
+from probe.governance import describe
+from probe.governance.results import ConfigChange, ConfigVersion, NodeChange, NodeRow
+from probe.options import check_number
+from probe.settings import load_settings
+
+
+# -- typed results -------------------------------------------------------------------
+def _row(**changes):
+    fields = dict(service="S", address="127.0.0.1:9", live=True, weight=10, valid=1,
+                  stored=True, problem=None, registered_at=1.5)
+    fields.update(changes)
+    return NodeRow(**fields)
+
+
+def test_results_are_typed_and_read_as_the_dicts_they_replace():
+    row = _row()
+    assert row.weight == 10 and row["weight"] == 10 and row.get("nope") is None
+    assert dict(row) == row.as_dict() and row == row.as_dict() and row.as_dict() == row
+    assert list(row) == ["service", "address", "live", "weight", "valid", "stored", "problem",
+                         "registered_at"]
+    assert json.loads(json.dumps(row.as_dict()))["address"] == "127.0.0.1:9"
+    with pytest.raises(KeyError):
+        row["as_dict"]  # attributes that are no fields are not keys
+    with pytest.raises(Exception):
+        row.weight = 3  # frozen
+    assert row != _row(weight=11)
+
+
+def test_people_read_the_same_sentences_in_the_cli_and_the_console():
+    change = NodeChange(appkey="app", service="S", address="127.0.0.1:9", key="weight", old=10,
+                        new=25, live=True, settings={})
+    assert describe.node_change(change) == \
+        "app S 127.0.0.1:9: weight 10 -> 25 (applied to the live node)"
+    waiting = NodeChange(**dict(change.as_dict(), live=False))
+    assert describe.node_change(waiting, with_appkey=False) == \
+        "S 127.0.0.1:9: weight 10 -> 25 (stored in Redis; applies when the node registers)"
+    set_ = ConfigChange(appkey="app", env="dev", key="k", action="set", old=None, new="1" * 70,
+                        changed=True, version=3)
+    assert describe.config_change_line(set_) == "app k: set to %s..., version 3" % ("1" * 57)
+    assert describe.config_change_sentence(set_) == "config key k set to %s (version 3)" % ("1" * 70)
+    gone = ConfigChange(**dict(set_.as_dict(), new=None, version=4))
+    assert describe.config_change_sentence(gone) == "config key k deleted (version 4)"
+    same = ConfigChange(**dict(set_.as_dict(), changed=False, version=None))
+    assert describe.config_change_line(same) == "app k: unchanged"
+    history = describe.history_rows([ConfigVersion(version=2, value={"a": 1}, changed_by="x",
+                                                   changed_at="t", action="set", old_value=None,
+                                                   deleted=False)])
+    assert history[0]["value"] == '{"a": 1}'
+
+
+def test_node_table_words_and_columns():
+    rows = describe.node_rows([_row(), _row(address="127.0.0.1:10", live=False, valid=0,
+                                            weight=None, problem="odd")])
+    text = describe.table(rows, describe.NODE_COLUMNS)
+    lines = text.splitlines()
+    assert lines[0].split() == ["SERVICE", "ADDRESS", "STATE", "WEIGHT", "SWITCH", "NOTE"]
+    assert lines[1].split() == ["S", "127.0.0.1:9", "up", "10", "enabled"]
+    assert lines[2].split() == ["S", "127.0.0.1:10", "down", "disabled", "odd"]
+    assert describe.table([], describe.NODE_COLUMNS) == "(none)"
+    assert [describe.ms(v) for v in (None, 0.1234, 12.34, 1234.5)] == ["-", "0.123", "12.3", "1234"]
+
+
+# -- the option check ---------------------------------------------------------------
+@pytest.mark.parametrize("value", [True, False, "3", None, float("nan"), [1]])
+def test_check_number_refuses_what_is_no_number(value):
+    with pytest.raises(ProbeError, match="bad read_timeout_s"):
+        check_number("read_timeout_s", value, 0, "s", allow_equal=False)
+
+
+def test_check_number_ranges_units_and_error_class():
+    assert check_number("n", 5, 1, integer=True) == 5
+    assert check_number("t", 0.5, 0, "s", allow_equal=False) == 0.5
+    with pytest.raises(ProbeError, match=r"bad n 1\.5: give a whole number >= 1"):
+        check_number("n", 1.5, 1, integer=True)
+    with pytest.raises(ProbeError, match=r"bad t 0: give a number > 0 \(s\)"):
+        check_number("t", 0, 0, "s", allow_equal=False)
+    with pytest.raises(ProbeError, match=r"give a whole number from 1 to 10 \(connections\)"):
+        check_number("c", 11, 1, "connections", maximum=10, integer=True)
+    with pytest.raises(ValueError, match="bad w"):
+        check_number("w", -1, 0, error=ValueError)
+
+
+# -- one MySQL access policy --------------------------------------------------------
+def _kill_own_connection(access):
+    """The server drops the access's kept connection, as a restart or wait_timeout does."""
+    settings = load_settings().mysql
+    with access.connection.cursor() as cursor:
+        cursor.execute("SELECT CONNECTION_ID()")
+        own = cursor.fetchone()[0]
+    root = pymysql.connect(host=settings.host, port=settings.port, user=settings.username,
+                           password=settings.password, database=settings.database)
+    try:
+        with root.cursor() as cursor:
+            cursor.execute("KILL %s", (own,))
+    finally:
+        root.close()
+
+
+def test_every_mysql_user_reconnects_once_after_the_server_dropped_it(stack, appkey):
+    from probe.appkeys import AppkeyStore
+    from probe.configstore import ConfigHistory
+    from probe.console.users import UserStore
+    settings = load_settings().mysql
+    store, users, history = AppkeyStore(settings), UserStore(settings), ConfigHistory(settings)
+    try:
+        for access, call in ((store.db, lambda: store.require(appkey)),
+                             (users._db, lambda: users.verify("nobody", "x" * 8)),
+                             (history.db, lambda: history.history("dev", appkey, "k"))):
+            call()
+            first = access.connection
+            _kill_own_connection(access)
+            call()  # the dead connection is replaced, the call succeeds
+            assert access.connection is not None and access.connection is not first
+    finally:
+        store.close()
+        users.close()
+        history.close()
+
+
+def test_an_unreachable_mysql_is_the_same_named_error_everywhere():
+    import socket
+    from probe.appkeys import AppkeyStore
+    from probe.configstore import ConfigHistory
+    from probe.console.users import UserStore
+    from probe.settings import MysqlSettings
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]  # closed again: nothing listens there
+    settings = MysqlSettings("127.0.0.1", port, "probe", "secret", "probe", None)
+    for call in (lambda: AppkeyStore(settings, 1.0).require("some_app"),
+                 lambda: UserStore(settings, 1.0).verify("ann", "password"),
+                 lambda: ConfigHistory(settings, 1.0).history("dev", "some_app", "k")):
+        with pytest.raises(ComponentUnavailable, match="MySQL at 127.0.0.1:%d/probe is "
+                                                       "unreachable" % port):
+            call()
+
+
+# -- one stats reader ---------------------------------------------------------------
+def test_one_stats_reader_drops_negative_and_malformed_counts(stack):
+    import redis as redis_lib
+    from probe.console.figures import node_figures
+    from probe.naming import stats_key
+    from probe.stats import WIDTH, read_entries, read_stats
+    settings = load_settings()
+    client = redis_lib.Redis(host=settings.redis.host, port=settings.redis.port)
+    now, appkey = 2000005, "negative_app"
+    key = stats_key("dev", appkey, "server", 2000000)
+    buckets = [0] * WIDTH
+    buckets[4] = 20
+    good = json.dumps({"count": 20, "sum": 0.02, "buckets": buckets})
+    client.hset(key, mapping={
+        "S|say|127.0.0.1:1|ok|w": good,
+        "S|say|127.0.0.1:1|ok|neg": json.dumps({"count": -1000, "sum": -5.0, "buckets": buckets}),
+        "S|say|127.0.0.1:1|timeout|nb": '{"count": 5, "sum": 1, "buckets": null}',
+        "S|say|127.0.0.1:1|ok|list": "[1, 2]",
+        "S|say|127.0.0.1:1|ok|huge": '{"count": 1e400, "sum": 0, "buckets": []}',
+        "S|say|127.0.0.1:1|ok|negb": json.dumps({"count": 1, "sum": -3, "buckets": [-9] * WIDTH}),
+    })
+    client.expire(key, 60)
+    try:
+        entries = sorted(read_entries(client, "dev", appkey, [2000000]), key=lambda e: e.count)
+        assert [(e.status, e.count, e.buckets is None) for e in entries] == [
+            ("ok", 1, False), ("timeout", 5, True), ("ok", 20, False)]
+        assert entries[0].seconds == 0.0 and entries[0].buckets == [0] * WIDTH
+        rows = read_stats(client, "dev", appkey, minutes=1, now=now)
+        assert [(r["calls"], r["errors"]) for r in rows] == [(26, 5)]
+        cell = node_figures(client, "dev", appkey, now=now, window=10)[("S", "127.0.0.1:1")]
+        assert cell["calls"] == 26  # the same entries: negatives dropped in both
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_the_stats_reader_names_an_unreachable_redis():
+    import socket
+    import redis as redis_lib
+    from probe.stats import read_stats
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    client = redis_lib.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    with pytest.raises(ComponentUnavailable, match="cannot read call stats of app"):
+        read_stats(client, "dev", "app")
+
+
+# -- the façade and its nouns -------------------------------------------------------
+def test_admin_nodes_carry_registration_time_and_the_facade_shares_connections(
+        stack, appkey, providers):
+    from probe.admin import Admin
+    provider = providers(appkey, name="a")
+    with Admin() as admin:
+        rows = admin.nodes(appkey)
+        assert [(r.address, r.live) for r in rows] == [(provider.address, True)]
+        assert rows[0].registered_at is not None and rows[0].registered_at > 1e9
+        assert admin.node_ops.backends is admin.appkey_ops.backends is admin.config_ops.backends
+        admin.require_appkey(appkey)
+        assert admin.zk is admin.backends.zk
