@@ -35,7 +35,9 @@ from .methodspec import method_specs
 from .pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from .rpctls import client_context, is_refused_handshake
-from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
+from .options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
+                      check_number)
+from .settings import load_settings
 from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
 log = logging.getLogger("probe.client")
@@ -442,16 +444,6 @@ def _idempotent_names(idempotent, names):
     return chosen
 
 
-def _check_number(name, value, minimum, unit, integer=False, allow_equal=True):
-    """Refuse a bad numeric option with a message naming it, before anything starts."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) \
-            or value < minimum or (value == minimum and not allow_equal):
-        raise ProbeError("%s must be %s %s %g%s, got %r" % (
-            name, "an integer" if integer else "a number", ">=" if allow_equal else ">",
-            minimum, " (%s)" % unit if unit else "", value))
-
-
 def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeout: float = 500,
                  *, connect_timeout: Optional[float] = None,
                  balancer: str = "weighted_random",
@@ -464,14 +456,16 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
                  config_path: Optional[str] = None,
                  env: Optional[str] = None,
                  snapshot_dir: Union[str, bool, None] = None,
-                 zk_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 zk_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  observe: Optional[Observer] = None,
-                 metrics: bool = True,
+                 metrics: Union[bool, MetricsOptions] = True,
                  metrics_port: Optional[int] = None,
                  metrics_addr: Optional[str] = None,
                  stats_interval: Optional[float] = None,
                  stats_ttl: Optional[int] = None,
-                 slow_call_ms: Optional[float] = None) -> ProbeClient:
+                 slow_call_ms: Optional[float] = None,
+                 retry: Optional[RetryPolicy] = None,
+                 ejection: Optional[EjectionPolicy] = None) -> ProbeClient:
     """A thread-safe thrift client for `service_name` of `appkey`, routed by probe.
 
     Returns an instance of a :class:`thriftpy2.thrift.TClient` subclass whose methods
@@ -505,28 +499,39 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
         trying in the background after that.
     :param observe: ``observe(method, node_name, status, seconds)`` called after
         every attempt, on the calling thread.
-    :param metrics: False records no call metrics at all (True).
+    :param metrics: False records no call metrics at all (True); or a
+        :class:`probe.options.MetricsOptions` grouping the metrics options below.
     :param metrics_port: serve Prometheus ``/metrics`` on this port (0: a free one).
     :param metrics_addr: the address ``/metrics`` binds.
     :param stats_interval: seconds between two flushes of call counts to the
         config's Redis (at most 10).
     :param stats_ttl: seconds the flushed counts are kept in Redis.
     :param slow_call_ms: a call taking at least this many ms is logged (1000).
+    :param retry: a :class:`probe.options.RetryPolicy` instead of ``retries`` and
+        ``idempotent``.
+    :param ejection: a :class:`probe.options.EjectionPolicy` instead of
+        ``eject_after`` and ``eject_backoff`` (``eject_backoff_s``).
+    :raises TypeError: an option given both as a keyword and in its value object.
     :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
         unreadable IDL or config (an unusable ``rpc_tls`` file: ``RpcTlsError``),
         before anything is started.
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
+    retry = RetryPolicy.resolve(retry, retries=retries, idempotent=idempotent)
+    ejection = EjectionPolicy.resolve(ejection, eject_after=eject_after, eject_backoff=eject_backoff)
     client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
-                          balancer=balancer, retries=retries, idempotent=idempotent,
-                          eject_after=eject_after, eject_backoff=eject_backoff,
+                          balancer=balancer, retries=retry.retries, idempotent=retry.idempotent,
+                          eject_after=ejection.eject_after, eject_backoff=ejection.eject_backoff_s,
                           max_idle=max_idle, observe=observe)
     _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **client_options)
     given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
              "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
-    chosen = call_metrics.metrics_options(
-        metrics=metrics, **{name: value for name, value in given.items() if value is not None})
+    given = {name: value for name, value in given.items() if value is not None}
+    if isinstance(metrics, MetricsOptions):
+        chosen = call_metrics.setup(MetricsOptions.resolve(metrics, **given))
+    else:
+        chosen = call_metrics.metrics_options(metrics=metrics, **given)
     settings = load_settings(config_path, env)
     tls = settings.rpc_tls
     ssl_context = None if tls is None else client_context(
@@ -561,15 +566,12 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
 def _check_client_options(service, socket_timeout, connect_timeout, balancer, retries, idempotent,
                           eject_after, eject_backoff, max_idle, observe, warmup, zk_timeout):
     """Refuse a bad build_client value, naming it, before anything is started."""
-    _check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
+    check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
     if connect_timeout is not None:
-        _check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
-    _check_number("retries", retries, 0, None, integer=True)
-    _check_number("eject_after", eject_after, 1, None, integer=True)
-    _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
-    _check_number("max_idle", max_idle, 0, None, integer=True)
-    _check_number("warmup", warmup, 0, "seconds")
-    _check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
+        check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
+    check_number("max_idle", max_idle, 0, integer=True)
+    check_number("warmup", warmup, 0, "seconds")
+    check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
     if observe is not None and not callable(observe):
         raise ProbeError("observe must be a callable(method, node, status, seconds), got %r"
                          % (observe,))

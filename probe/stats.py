@@ -23,11 +23,12 @@ from typing import Any, Iterator, List, NamedTuple, Optional, Sequence
 
 from .errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
+from .options import DEFAULT_STATS_TTL
 from .naming import parse_stats_field, stats_field, stats_key, stats_pattern  # noqa: F401
 from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK, TIMEOUT
 
 SLOT_SECONDS = 10
-DEFAULT_TTL = 3600  # seconds a slot is kept once its last write is done
+DEFAULT_TTL = DEFAULT_STATS_TTL  # seconds a slot is kept once its last write is done
 
 # Latency bucket upper bounds in seconds, 1-2-5 steps from 50 us to 10 s: a local
 # call costs well under 0.1 ms, so the low end is finer than prometheus_client's

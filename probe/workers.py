@@ -16,6 +16,8 @@ import signal
 import threading
 import time
 
+from .options import check_number
+
 log = logging.getLogger("probe.workers")
 
 DRAIN_SIGNAL = signal.SIGUSR1
@@ -26,8 +28,7 @@ class WorkerPool(object):
     replaced. `body` returns when the worker has drained; the child then exits."""
 
     def __init__(self, count, body, name="worker"):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError("workers must be a whole number >= 1, got %r" % (count,))
+        check_number("workers", count, 1, integer=True, error=ValueError)
         self.count = count
         self.body = body
         self.name = name

@@ -12,6 +12,8 @@ from probe.governance.results import ConfigChange, ConfigVersion, NodeChange, No
 from probe.options import check_number
 from probe.settings import load_settings
 
+from conftest import IDL
+
 
 # -- typed results -------------------------------------------------------------------
 def _row(**changes):
@@ -204,3 +206,75 @@ def test_admin_nodes_carry_registration_time_and_the_facade_shares_connections(
         assert admin.node_ops.backends is admin.appkey_ops.backends is admin.config_ops.backends
         admin.require_appkey(appkey)
         assert admin.zk is admin.backends.zk
+
+
+# -- options as value objects ------------------------------------------------------
+def test_value_objects_check_their_fields_once_with_units_in_the_names():
+    from probe.options import (EjectionPolicy, MetricsOptions, ProviderLimits, ProviderTimeouts,
+                               RetryPolicy)
+    limits = ProviderLimits(max_connections=5, idle_timeout_s=2)
+    assert limits.idle_timeout_s == 2.0 and isinstance(limits.idle_timeout_s, float)
+    assert ProviderTimeouts().connect_timeout_ms == 3000
+    for bad in (dict(max_connections=0), dict(read_timeout_s=True), dict(worker_threads=2.5),
+                dict(max_message_bytes=10)):
+        with pytest.raises(ProbeError):
+            ProviderLimits(**bad)
+    with pytest.raises(ProbeError, match="bad stats_interval_s 11"):
+        MetricsOptions(stats_interval_s=11)
+    with pytest.raises(ProbeError, match="metrics_addr"):
+        MetricsOptions(addr="a b")
+    with pytest.raises(ProbeError, match="bad retries -1"):
+        RetryPolicy(retries=-1)
+    with pytest.raises(ProbeError, match="bad eject_backoff_s 0"):
+        EjectionPolicy(eject_backoff_s=0)
+
+
+def test_flat_keywords_resolve_into_the_objects_and_both_ways_is_a_type_error():
+    from probe.options import MetricsOptions, ProviderLimits
+    made = ProviderLimits.resolve(None, max_connections=7, idle_timeout=3)
+    assert made == ProviderLimits(max_connections=7, idle_timeout_s=3.0)
+    with pytest.raises(ProbeError, match="bad idle_timeout 0"):  # named as the caller wrote it
+        ProviderLimits.resolve(None, idle_timeout=0)
+    given = ProviderLimits(max_connections=9)
+    assert ProviderLimits.resolve(given, max_connections=10000) is given  # defaults: no clash
+    with pytest.raises(TypeError, match="max_connections given twice"):
+        ProviderLimits.resolve(given, max_connections=8)
+    with pytest.raises(TypeError, match="limits must be a probe.options.ProviderLimits"):
+        ProviderLimits.resolve({"max_connections": 8})
+    with pytest.raises(TypeError, match="stats_interval given twice"):
+        MetricsOptions.resolve(MetricsOptions(), stats_interval=2)
+
+
+def test_start_service_and_build_client_take_the_value_objects(stack, appkey, providers):
+    from probe.client import build_client
+    from probe.options import (EjectionPolicy, MetricsOptions, ProviderLimits, ProviderTimeouts,
+                               RetryPolicy)
+    from probe.server import start_service
+    from probe.demo import DemoServiceHandler
+    provider = start_service(IDL, appkey, "DemoService", DemoServiceHandler(), port=0, block=False,
+                             limits=ProviderLimits(max_connections=3, read_timeout_s=2.5),
+                             timeouts=ProviderTimeouts(drain_timeout_s=1.5, shutdown_grace_s=0.1),
+                             metrics=MetricsOptions(stats_interval_s=2.0))
+    try:
+        assert provider.limits["max_connections"] == 3 and provider.limits["read_timeout"] == 2.5
+        assert provider.drain_timeout == 1.5 and provider.shutdown_grace == 0.1
+        assert provider.metrics.stats_interval == 2.0
+    finally:
+        provider.stop()
+    flat = providers(appkey, name="flat", max_connections=4, drain_timeout=2.0)
+    assert flat.options["limits"].max_connections == 4
+    assert flat.options["timeouts"].drain_timeout_s == 2.0
+    with pytest.raises(TypeError, match="max_connections given twice"):
+        start_service(IDL, appkey, "DemoService", object(), port=0, block=False,
+                      limits=ProviderLimits(), max_connections=5)
+    client = build_client(IDL, appkey, "DemoService", 2000, retry=RetryPolicy(retries=0),
+                          ejection=EjectionPolicy(eject_after=5, eject_backoff_s=0.5),
+                          metrics=MetricsOptions(enabled=False))
+    try:
+        assert client.say() == "hello world"
+        assert (client.retries, client.eject_after, client.eject_backoff) == (0, 5, 0.5)
+    finally:
+        client.close()
+    with pytest.raises(TypeError, match="retries given twice"):
+        build_client(IDL, appkey, "DemoService", retries=1, retry=RetryPolicy())
+
