@@ -236,8 +236,7 @@ def add_appkey():
         _flash_probe_error(exc)
     else:
         log.info("%s added appkey %s", g.session.username, appkey)
-        console().users.set_flash(g.session, "ok", "appkey %s %s" % (
-            appkey, "added" if added else "already registered"))
+        console().users.set_flash(g.session, "ok", describe.appkey_added(appkey, added))
     return redirect(url_for("index"), 303)
 
 
