@@ -57,6 +57,9 @@ class ConfigHistory(object):
             raise ConfigConflict("another writer has held config key %r of %s (env %s) for %d s: "
                                  "nothing was written; try again" % (key, appkey, env, LOCK_TIMEOUT))
         connection = self.db.connection
+        if connection is None:  # cannot happen after GET_LOCK answered; never half-record
+            raise ComponentUnavailable("MySQL at %s dropped the connection holding the lock of "
+                                       "%r: nothing was written; try again" % (self.address, key))
         try:
             connection.begin()
 

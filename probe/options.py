@@ -14,8 +14,8 @@ out of range) with a message naming the option, its value, the range and the uni
 """
 
 from dataclasses import dataclass, fields
-from numbers import Real
-from typing import Any, Callable, ClassVar, Dict, Iterable, Optional, Tuple, Type, TypeVar, Union
+from typing import (Any, Callable, ClassVar, Dict, Iterable, Optional, Tuple, Type, TypeVar, Union,
+                    cast)
 
 from .errors import ProbeError
 
@@ -60,7 +60,7 @@ def check_number(name: str, value: object, minimum: Optional[Number] = None, uni
     `error` builds the exception from the message (a ProbeError subclass, usually).
     A bool is never a number here (True == 1 in Python); NaN is refused too.
     """
-    kinds = (int,) if integer else (int, float, Real)
+    kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value != value \
             or (minimum is not None and (value < minimum or (value == minimum and not allow_equal))) \
             or (maximum is not None and value > maximum):
@@ -130,7 +130,7 @@ class _Options(object):
         """The options in effect: `given` (an instance, or None) or else the flat
         `keywords` (keyword name -> value). A keyword not at its default beside
         `given` is a TypeError: an option is given one way."""
-        defaults = {cls.keyword_of(f.name): (f.name, f.default) for f in fields(cls)}
+        defaults = {cls.keyword_of(f.name): (f.name, f.default) for f in fields(cast(Any, cls))}
         if given is not None:
             if not isinstance(given, cls):
                 raise TypeError("%s must be a probe.options.%s, got %r"
@@ -147,7 +147,7 @@ class _Options(object):
         made = cls.__new__(cls)
         for name, value in values.items():
             object.__setattr__(made, name, value)
-        for f in fields(cls):
+        for f in fields(cast(Any, cls)):
             if f.name not in values:
                 object.__setattr__(made, f.name, f.default)
         # Checked under the keywords' own names, as the caller wrote them.

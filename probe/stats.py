@@ -19,7 +19,7 @@ a Redis cluster.
 
 import json
 import time
-from typing import Any, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
@@ -101,7 +101,7 @@ class StatsEntry(NamedTuple):
     method: str
     node: str
     status: str
-    count: int
+    calls: int
     seconds: float
     buckets: Optional[List[int]]
 
@@ -164,7 +164,9 @@ def ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server", now=None):
+def read_stats(redis_client: Any, env: str, appkey: str, service: Optional[str] = None,
+               minutes: float = 5, side: str = "server",
+               now: Optional[float] = None) -> List[Dict[str, Any]]:
     """Merge the last `minutes` of stats of `appkey` (optionally one service) into rows
     per (service, method, node), sorted so that a method's nodes sit together.
 
@@ -174,7 +176,7 @@ def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server"
     if side not in SIDES:
         raise ValueError("side must be 'server' or 'client', got %r" % (side,))
     now = time.time() if now is None else now
-    merged = {}
+    merged: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
     for entry in read_entries(redis_client, env, appkey,
                               slots_between(now - float(minutes) * 60.0, now), side):
         if service and entry.service != service:
@@ -183,11 +185,11 @@ def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server"
         if row is None:
             row = merged[(entry.service, entry.method, entry.node)] = {
                 "count": 0, "sum": 0.0, "buckets": [0] * WIDTH, "statuses": {}}
-        row["count"] += entry.count
+        row["count"] += entry.calls
         row["sum"] += entry.seconds
         if entry.buckets is not None:
             row["buckets"] = [a + b for a, b in zip(row["buckets"], entry.buckets)]
-        row["statuses"][entry.status] = row["statuses"].get(entry.status, 0) + entry.count
+        row["statuses"][entry.status] = row["statuses"].get(entry.status, 0) + entry.calls
     rows = []
     for (service_name, method, node), row in sorted(merged.items()):
         statuses = row["statuses"]

@@ -169,8 +169,8 @@ def test_one_stats_reader_drops_negative_and_malformed_counts(stack):
     })
     client.expire(key, 60)
     try:
-        entries = sorted(read_entries(client, "dev", appkey, [2000000]), key=lambda e: e.count)
-        assert [(e.status, e.count, e.buckets is None) for e in entries] == [
+        entries = sorted(read_entries(client, "dev", appkey, [2000000]), key=lambda e: e.calls)
+        assert [(e.status, e.calls, e.buckets is None) for e in entries] == [
             ("ok", 1, False), ("timeout", 5, True), ("ok", 20, False)]
         assert entries[0].seconds == 0.0 and entries[0].buckets == [0] * WIDTH
         rows = read_stats(client, "dev", appkey, minutes=1, now=now)

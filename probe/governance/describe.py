@@ -47,7 +47,9 @@ def node_state(row: NodeRow) -> str:
 
 def node_switch(valid: Optional[int]) -> str:
     """"enabled", "disabled", or the raw value of a malformed switch ("" unknown)."""
-    return {1: "enabled", 0: "disabled"}.get(valid, "" if valid is None else str(valid))
+    if valid is None:
+        return ""
+    return {1: "enabled", 0: "disabled"}.get(valid, str(valid))
 
 
 def node_rows(rows: Iterable[NodeRow]) -> List[dict]:
@@ -81,7 +83,7 @@ def config_change_line(change: ConfigChange) -> str:
     """The CLI's line: "<appkey> <key>: set to 10, version 3" or "...: unchanged"."""
     if not change.changed:
         return "%s %s: unchanged" % (change.appkey, change.key)
-    return "%s %s: %s, version %d" % (change.appkey, change.key,
+    return "%s %s: %s, version %s" % (change.appkey, change.key,
                                       "deleted" if change.new is None else "set to " +
                                       clip(change.new), change.version)
 
@@ -96,7 +98,7 @@ def config_change_sentence(change: ConfigChange, value_limit: int = 200) -> str:
         what = "set to " + change.new
     else:
         what = "set"
-    return "config key %s %s (version %d)" % (change.key, what, change.version)
+    return "config key %s %s (version %s)" % (change.key, what, change.version)
 
 
 def config_restore(done: ConfigRestore) -> str:

@@ -25,7 +25,7 @@ that is down stays in Redis and applies when the node registers again.
 """
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, cast
 
 from kazoo.exceptions import BadVersionError, KazooException, NoNodeError, ZookeeperError
 from kazoo.handlers.threading import KazooTimeoutError
@@ -154,7 +154,7 @@ class NodeOps(object):
             # The address is the node's identity, never taken from stored data.
             base = (base or NodeSettings(ip, port))._replace(host=ip, port=port)
             old_value = getattr(base, key)
-            updated = base._replace(**{key: value})
+            updated = base._replace(**cast(Dict[str, Any], {key: value}))
             pending = backends.appkeys.begin_change(self.env, appkey, service, node, key,
                                                     old_value, value, by)
             try:

@@ -8,7 +8,7 @@ name. `as_dict()` gives a plain, JSON-ready dict.
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, cast
 
 
 class Record(Mapping):
@@ -31,7 +31,7 @@ class Record(Mapping):
     def _names(cls) -> List[str]:
         names = cls.__dict__.get("_field_names")
         if names is None:
-            names = [f.name for f in fields(cls)]
+            names = [f.name for f in fields(cast(Any, cls))]
             setattr(cls, "_field_names", names)
         return names
 

@@ -6,33 +6,36 @@ The stats are read by `probe.stats.read_entries`, the one reader (one pipeline p
 request, hostile data skipped). Server-side stats are used: they count what each node actually served.
 """
 
+from typing import Any, Dict, Tuple
+
 from ..rpc.outcomes import OK
-from ..stats import SLOT_SECONDS, WIDTH, ms, quantile, read_entries, slot_of
+from ..stats import SLOT_SECONDS, WIDTH, StatsEntry, ms, quantile, read_entries, slot_of
 
 
 class _Cell(object):
     __slots__ = ("calls", "errors", "buckets")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.calls = 0
         self.errors = 0
         self.buckets = [0] * WIDTH
 
-    def add(self, entry):
-        self.calls += entry.count
+    def add(self, entry: StatsEntry) -> None:
+        self.calls += entry.calls
         if entry.status != OK:
-            self.errors += entry.count
+            self.errors += entry.calls
         if entry.buckets is not None:
             self.buckets = [a + b for a, b in zip(self.buckets, entry.buckets)]
 
 
-def node_figures(redis_client, env, appkey, now, window=20.0):
+def node_figures(redis_client: Any, env: str, appkey: str, now: float,
+                 window: float = 20.0) -> Dict[Tuple[str, str], Dict[str, Any]]:
     """{(service, "ip:port"): {"rate", "error_rate", "p99_ms", "calls"}} over the last
     `window` seconds (whole 10-s slots back from the current one, which is partial:
     the rate divides by the time actually covered)."""
     first = slot_of(now - window)
     slots = list(range(first, slot_of(now) + 1, SLOT_SECONDS))
-    cells = {}
+    cells: Dict[Tuple[str, str], _Cell] = {}
     for entry in read_entries(redis_client, env, appkey, slots):
         cells.setdefault((entry.service, entry.node), _Cell()).add(entry)
     covered = max(now - first, 1.0)
@@ -42,7 +45,8 @@ def node_figures(redis_client, env, appkey, now, window=20.0):
             for key, cell in cells.items()}
 
 
-def service_series(redis_client, env, appkey, service, now, minutes=60, step=60):
+def service_series(redis_client: Any, env: str, appkey: str, service: str, now: float,
+                   minutes: float = 60, step: int = 60) -> Dict[str, Any]:
     """Per `step` s over the last `minutes`: labels (epoch seconds of each step's
     start), calls/s and p99 in ms (None where there were no calls)."""
     step = max(SLOT_SECONDS, int(step) // SLOT_SECONDS * SLOT_SECONDS)
