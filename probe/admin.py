@@ -18,7 +18,8 @@ from .governance.appkeys import AppkeyOps
 from .governance.backends import Backends
 from .governance.config import ConfigOps
 from .governance.nodes import NodeOps
-from .governance.results import ConfigChange, ConfigRestore, ConfigVersion, NodeChange, NodeRow
+from .governance.results import (AppkeyRow, AuditEntry, ConfigChange, ConfigRestore, ConfigVersion,
+                                 NodeChange, NodeRow)
 from .options import DEFAULT_CONNECT_TIMEOUT_MS, check_number
 from .settings import load_settings
 from .stats import read_stats
@@ -82,14 +83,14 @@ class Admin(object):
         """Remove `appkey` (True if it was there); recorded in the audit table as `by`."""
         return self.appkey_ops.remove(appkey, by)
 
-    def list_appkeys(self) -> List[Dict[str, Any]]:
+    def list_appkeys(self) -> List[AppkeyRow]:
         return self.appkey_ops.list()
 
     def require_appkey(self, appkey: str) -> None:
         """UnknownAppkey unless `appkey` is registered."""
         self.appkey_ops.require(appkey)
 
-    def audit(self, appkey: Optional[str] = None, limit: int = 100) -> List[Dict[str, Any]]:
+    def audit(self, appkey: Optional[str] = None, limit: int = 100) -> List[AuditEntry]:
         return self.appkey_ops.audit(appkey, limit)
 
     def secure_registry(self) -> Dict[str, int]:

@@ -36,7 +36,7 @@ def cmd_appkey(args):
         else:
             rows = admin.list_appkeys()
             if args.json:
-                print(json.dumps(rows, indent=2))
+                _print_json(rows)
             else:
                 _print_table(rows, describe.APPKEY_COLUMNS)
     return 0
@@ -73,7 +73,7 @@ def cmd_audit(args):
     with _admin(args) as admin:
         rows = admin.audit(args.appkey, args.limit)
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        _print_json(rows)
         return 0
     _print_table(rows, describe.AUDIT_COLUMNS)
     return 0

@@ -103,10 +103,12 @@ class _Options(object):
     # The flat keyword of each field, where its name differs (e.g. idle_timeout).
     KEYWORDS: ClassVar[Dict[str, str]] = {}
     OPTION: ClassVar[str] = ""  # the entry point's keyword for the whole object
+    OPTIONAL: ClassVar[Tuple[str, ...]] = ()  # fields that may be None
 
     def __post_init__(self) -> None:
         for name, value in self._check_all(lambda field: field).items():
             object.__setattr__(self, name, value)
+        self._check_rest()
 
     def _check_all(self, label: Callable[[str], str]) -> Dict[str, Any]:
         checked = {}
@@ -118,8 +120,6 @@ class _Options(object):
                                  allow_equal=allow_equal)
             checked[name] = value if integer else float(value)
         return checked
-
-    OPTIONAL: ClassVar[Tuple[str, ...]] = ()
 
     @classmethod
     def keyword_of(cls, field: str) -> str:
@@ -133,8 +133,8 @@ class _Options(object):
         defaults = {cls.keyword_of(f.name): (f.name, f.default) for f in fields(cast(Any, cls))}
         if given is not None:
             if not isinstance(given, cls):
-                raise TypeError("%s must be a probe.options.%s, got %r"
-                                % (cls.OPTION, cls.__name__, given))
+                raise TypeError("%s must be a probe.options.%s, got %s"
+                                % (cls.OPTION, cls.__name__, _shown(given)))
             twice = sorted(name for name, value in keywords.items()
                            if not _same(value, defaults[name][1]))
             if twice:
@@ -265,14 +265,11 @@ class MetricsOptions(_Options):
                                           "stats_ttl_s": "stats_ttl"}
     OPTION: ClassVar[str] = "metrics"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "stats_ttl_s", int(self.stats_ttl_s))
-        self._check_rest()
-
     def _check_rest(self) -> None:
+        object.__setattr__(self, "stats_ttl_s", int(self.stats_ttl_s))
         if not isinstance(self.enabled, bool):
-            raise ProbeError("bad metrics %r: give True, False or a MetricsOptions" % (self.enabled,))
+            raise ProbeError("bad metrics %s: give True, False or a MetricsOptions"
+                             % _shown(self.enabled))
         if self.addr is not None:
             from .metrics.options import bind_address
             bind_address(self.addr)

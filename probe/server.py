@@ -59,7 +59,7 @@ def provider_options(limits: Optional[ProviderLimits] = None,
     given_metrics = metrics if isinstance(metrics, MetricsOptions) else None
     flat_metrics = pick(_METRICS)
     if given_metrics is None:
-        flat_metrics["metrics"] = metrics
+        flat_metrics["metrics"] = bool(metrics)  # as before: any truthy value records
     return {"limits": ProviderLimits.resolve(limits, **pick(_LIMITS)),
             "timeouts": ProviderTimeouts.resolve(timeouts, **pick(_TIMEOUTS)),
             "metrics": MetricsOptions.resolve(given_metrics, **flat_metrics)}

@@ -3,12 +3,13 @@ change audited), read the audit log, and put the configured digest ACL on an ope
 registry (`secure_registry`)."""
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from .. import naming, zkacl
 from ..errors import ComponentUnavailable, ProbeError
 from .backends import Backends
 from .nodes import ZOOKEEPER_ERRORS
+from .results import AppkeyRow, AuditEntry
 
 log = logging.getLogger("probe.admin")
 
@@ -34,19 +35,19 @@ class AppkeyOps(object):
         return self.backends.appkeys.remove(naming.check_appkey(appkey), env=self.backends.env,
                                             by=by)
 
-    def list(self) -> List[Dict[str, Any]]:
-        """Every appkey: dicts with appkey, description and created_at, by appkey."""
-        return self.backends.appkeys.list()
+    def list(self) -> List[AppkeyRow]:
+        """Every appkey, by name."""
+        return [AppkeyRow(**row) for row in self.backends.appkeys.list()]
 
     def require(self, appkey: str) -> None:
         """UnknownAppkey unless `appkey` is registered (InvalidAppkey if malformed)."""
         self.backends.appkeys.require(naming.check_appkey(appkey))
 
-    def audit(self, appkey: Optional[str] = None, limit: int = 100) -> List[Dict[str, Any]]:
+    def audit(self, appkey: Optional[str] = None, limit: int = 100) -> List[AuditEntry]:
         """Governance changes, newest first (of one appkey, if given)."""
         if appkey is not None:
             naming.check_appkey(appkey)
-        return self.backends.appkeys.audit(appkey, limit)
+        return [AuditEntry(**row) for row in self.backends.appkeys.audit(appkey, limit)]
 
     def secure_registry(self) -> Dict[str, int]:
         """Migrate an open registry to `zkserver.<env>.auth`: give the roots `/services`

@@ -85,6 +85,31 @@ class NodeChange(Record):
 
 
 @dataclass(frozen=True, eq=False)
+class AppkeyRow(Record):
+    """A registered appkey (`created_at` as the database wrote it)."""
+
+    appkey: str
+    description: str
+    created_at: str
+
+
+@dataclass(frozen=True, eq=False)
+class AuditEntry(Record):
+    """One governance change from the audit log, newest first: `old` and `new` are the
+    values as text (an appkey change has no service or node)."""
+
+    changed_at: str
+    changed_by: str
+    env: str
+    appkey: str
+    service: str
+    node: str
+    action: str
+    old: Optional[str]
+    new: Optional[str]
+
+
+@dataclass(frozen=True, eq=False)
 class ConfigChange(Record):
     """A config write: `changed` is False when the key already held that value;
     `version` is its history version (None when unchanged); `new` None means deleted."""
@@ -124,4 +149,4 @@ class ConfigRestore(Record):
     unchanged: List[str]
 
 
-__all__ = ["ConfigChange", "ConfigRestore", "ConfigVersion", "NodeChange", "NodeRow", "Record"]
+__all__ = ["AppkeyRow", "AuditEntry", "ConfigChange", "ConfigRestore", "ConfigVersion", "NodeChange", "NodeRow", "Record"]
