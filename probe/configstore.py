@@ -9,7 +9,7 @@ znode is written, so versions follow the order of the znode writes.
 import contextlib
 import hashlib
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .errors import ComponentUnavailable, ConfigConflict
 from .settings import MysqlSettings
@@ -18,6 +18,11 @@ from .stores.mysql import CONNECTION_ERRORS, MysqlAccess
 log = logging.getLogger("probe.configstore")
 
 LOCK_TIMEOUT = 10  # seconds a writer waits for another writer of the same key
+
+# One change of a key: version, action, old_text, new_text, changed_by, changed_at.
+HistoryRow = Dict[str, Any]
+# record(action, old_text, new_text, by) -> the version it wrote.
+Recorder = Callable[[str, Optional[str], Optional[str], str], int]
 
 
 class ConfigHistory(object):
@@ -35,12 +40,12 @@ class ConfigHistory(object):
     def close(self) -> None:
         self.db.close()
 
-    def _query(self, sql: str, args: Any = None) -> Any:
+    def _query(self, sql: str, args: Optional[Sequence[object]] = None) -> Any:
         return self.db.execute(sql, args, fetch=True)
 
     # -- writing ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def change(self, env, appkey, key):
+    def change(self, env: str, appkey: str, key: str) -> Iterator[Recorder]:
         """Hold the key's writer lock and an open transaction; yields `record(action,
         old_text, new_text, by) -> version`. The row commits when the block ends
         without an exception, and is rolled back otherwise."""
@@ -51,7 +56,7 @@ class ConfigHistory(object):
                 yield record
 
     @contextlib.contextmanager
-    def _locked_change(self, name: str, env: str, appkey: str, key: str) -> Iterator[Callable]:
+    def _locked_change(self, name: str, env: str, appkey: str, key: str) -> Iterator[Recorder]:
         rows = self._query("SELECT GET_LOCK(%s, %s)", (name, LOCK_TIMEOUT))
         if not rows or rows[0][0] != 1:
             raise ConfigConflict("another writer has held config key %r of %s (env %s) for %d s: "
@@ -63,7 +68,8 @@ class ConfigHistory(object):
         try:
             connection.begin()
 
-            def record(action, old_text, new_text, by):
+            def record(action: str, old_text: Optional[str], new_text: Optional[str],
+                       by: str) -> int:
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT COALESCE(MAX(version), 0) FROM config_history WHERE "
                                    "env = %s AND appkey = %s AND config_key = %s",
@@ -92,19 +98,19 @@ class ConfigHistory(object):
                     pass  # the lock went with the connection
 
     # -- reading ------------------------------------------------------------------------
-    def history(self, env, appkey, key, limit=100):
+    def history(self, env: str, appkey: str, key: str, limit: int = 100) -> List[HistoryRow]:
         rows = self._query("SELECT version, action, old_value, new_value, changed_by, changed_at "
                            "FROM config_history WHERE env = %s AND appkey = %s AND config_key = %s "
                            "ORDER BY version DESC LIMIT %s", (env, appkey, key, int(limit)))
         return [_row(r) for r in rows]
 
-    def version(self, env, appkey, key, version):
+    def version(self, env: str, appkey: str, key: str, version: int) -> Optional[HistoryRow]:
         rows = self._query("SELECT version, action, old_value, new_value, changed_by, changed_at "
                            "FROM config_history WHERE env = %s AND appkey = %s AND config_key = %s "
                            "AND version = %s", (env, appkey, key, int(version)))
         return _row(rows[0]) if rows else None
 
-    def latest(self, env, appkey):
+    def latest(self, env: str, appkey: str) -> Dict[str, HistoryRow]:
         """{key: newest row} of every key the appkey ever had (deleted ones included)."""
         rows = self._query(
             "SELECT h.config_key, h.version, h.action, h.old_value, h.new_value, h.changed_by, "
@@ -115,7 +121,7 @@ class ConfigHistory(object):
         return {r[0]: _row(r[1:]) for r in rows}
 
 
-def _row(r):
+def _row(r: Sequence[Any]) -> HistoryRow:
     version, action, old_text, new_text, by, at = r
     return {"version": int(version), "action": action, "old_text": old_text,
             "new_text": new_text, "changed_by": by, "changed_at": at}

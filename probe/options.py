@@ -67,7 +67,7 @@ def check_number(name: str, value: object, minimum: Optional[Number] = None, uni
         raise error("bad %s %s: give %s%s" % (name, _shown(value),
                                               _wanted(minimum, maximum, integer, allow_equal),
                                               " (%s)" % unit if unit else ""))
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _shown(value: object, limit: int = 64) -> str:

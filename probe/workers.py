@@ -16,8 +16,6 @@ import signal
 import threading
 import time
 
-from .options import check_number
-
 log = logging.getLogger("probe.workers")
 
 DRAIN_SIGNAL = signal.SIGUSR1
@@ -28,7 +26,8 @@ class WorkerPool(object):
     replaced. `body` returns when the worker has drained; the child then exits."""
 
     def __init__(self, count, body, name="worker"):
-        check_number("workers", count, 1, integer=True, error=ValueError)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError("workers must be a whole number >= 1, got %r" % (count,))
         self.count = count
         self.body = body
         self.name = name

@@ -2,7 +2,7 @@
 
 import ipaddress
 import os
-from typing import NamedTuple, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 from ..errors import ProbeError
 from ..naming import is_valid_host
@@ -37,9 +37,11 @@ class MetricsSetup(NamedTuple):
     slow_call_ms: float = DEFAULT_SLOW_CALL_MS
 
 
-def metrics_options(metrics=True, metrics_port=None, metrics_addr=DEFAULT_METRICS_ADDR,
-                    stats_interval=DEFAULT_STATS_INTERVAL, stats_ttl=DEFAULT_TTL,
-                    slow_call_ms=DEFAULT_SLOW_CALL_MS, port_from_env=False):
+def metrics_options(metrics: bool = True, metrics_port: Union[int, str, None] = None,
+                    metrics_addr: Optional[str] = DEFAULT_METRICS_ADDR,
+                    stats_interval: float = DEFAULT_STATS_INTERVAL, stats_ttl: float = DEFAULT_TTL,
+                    slow_call_ms: float = DEFAULT_SLOW_CALL_MS,
+                    port_from_env: bool = False) -> "MetricsSetup":
     """Check the metrics options of a provider or a client.
 
     :param metrics_port: serve /metrics on this port (0: a free one); None: none,
@@ -75,7 +77,7 @@ def setup(options: MetricsOptions, port_from_env: bool = False) -> MetricsSetup:
                            options.stats_ttl_s, options.slow_call_ms, port_from_env=port_from_env)
 
 
-def bind_address(metrics_addr):
+def bind_address(metrics_addr: Optional[str]) -> str:
     """The address /metrics binds: the option, else the environment, else loopback."""
     if metrics_addr is None:
         metrics_addr = os.environ.get(METRICS_ADDR_ENV) or LOCAL_METRICS_ADDR
@@ -91,12 +93,12 @@ def bind_address(metrics_addr):
                      "interface" % (metrics_addr, METRICS_ADDR_ENV))
 
 
-def pop_options(options):
+def pop_options(options: Dict[str, Any]) -> "MetricsSetup":
     """Take the metrics options out of a **options dict (build_client) and check them."""
     return metrics_options(**{name: options.pop(name) for name in OPTION_NAMES if name in options})
 
 
-def tls_options(environ=None):
+def tls_options(environ: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """start_http_server keyword arguments for TLS on /metrics, from the environment:
     PROBE_METRICS_CERTFILE + PROBE_METRICS_KEYFILE serve HTTPS; with
     PROBE_METRICS_CLIENT_CAFILE too, a scraper must present a certificate signed by
@@ -118,7 +120,7 @@ def tls_options(environ=None):
         if path and not os.path.isfile(path):
             raise ProbeError("%s=%r is not a readable file: give the path of a PEM file"
                              % (name, path))
-    options = {"certfile": certfile, "keyfile": keyfile}
+    options: Dict[str, Any] = {"certfile": certfile, "keyfile": keyfile}
     if client_cafile:
         options.update(client_cafile=client_cafile, client_auth_required=True)
     return options
