@@ -18,6 +18,18 @@ def _print_json(rows):
                      indent=2, ensure_ascii=False, default=str))
 
 
+def _print_rows(args, rows, columns, people_rows=None, title=None):
+    """`--json`: the rows as JSON; else the title and a table of `people_rows` (the
+    rows in words, default the rows themselves)."""
+    if args.json:
+        _print_json(rows)
+        return 0
+    if title:
+        print(title)
+    _print_table(rows if people_rows is None else people_rows, columns)
+    return 0
+
+
 def _admin(args):
     from .admin import Admin
     return Admin(config_path=args.config, env=args.env)
@@ -34,11 +46,7 @@ def cmd_appkey(args):
             print(describe.appkey_removed(args.appkey, removed))
             return 0 if removed else 1
         else:
-            rows = admin.list_appkeys()
-            if args.json:
-                _print_json(rows)
-            else:
-                _print_table(rows, describe.APPKEY_COLUMNS)
+            return _print_rows(args, admin.list_appkeys(), describe.APPKEY_COLUMNS)
     return 0
 
 
@@ -46,12 +54,8 @@ def cmd_nodes(args):
     from .governance import describe
     with _admin(args) as admin:
         rows = admin.nodes(args.appkey, args.service)
-    if args.json:
-        _print_json(rows)
-        return 0
-    print("env %s, appkey %s" % (admin.env, args.appkey))
-    _print_table(describe.node_rows(rows), describe.NODE_COLUMNS)
-    return 0
+    return _print_rows(args, rows, describe.NODE_COLUMNS, describe.node_rows(rows),
+                       "env %s, appkey %s" % (admin.env, args.appkey))
 
 
 def cmd_node(args):
@@ -72,23 +76,16 @@ def cmd_audit(args):
     from .governance import describe
     with _admin(args) as admin:
         rows = admin.audit(args.appkey, args.limit)
-    if args.json:
-        _print_json(rows)
-        return 0
-    _print_table(rows, describe.AUDIT_COLUMNS)
-    return 0
+    return _print_rows(args, rows, describe.AUDIT_COLUMNS)
 
 
 def cmd_stats(args):
     from .governance import describe
     with _admin(args) as admin:
         rows = admin.stats(args.appkey, args.service, minutes=args.minutes, side=args.side)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print("env %s, appkey %s, last %g min, %s side" % (admin.env, args.appkey, args.minutes, args.side))
-    _print_table(describe.stats_rows(rows), describe.STATS_COLUMNS)
-    return 0
+    return _print_rows(args, rows, describe.STATS_COLUMNS, describe.stats_rows(rows),
+                       "env %s, appkey %s, last %g min, %s side"
+                       % (admin.env, args.appkey, args.minutes, args.side))
 
 
 def cmd_console(args):
@@ -208,11 +205,7 @@ def cmd_config(args):
             return 0
         elif args.action == "history":
             rows = admin.config_history(args.appkey, args.key, args.limit)
-            if args.json:
-                _print_json(rows)
-                return 0
-            _print_table(describe.history_rows(rows), describe.HISTORY_COLUMNS)
-            return 0
+            return _print_rows(args, rows, describe.HISTORY_COLUMNS, describe.history_rows(rows))
         else:
             print(describe.config_restore(admin.restore_config(args.appkey, by=args.by)))
             return 0

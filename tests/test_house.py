@@ -278,3 +278,20 @@ def test_start_service_and_build_client_take_the_value_objects(stack, appkey, pr
     with pytest.raises(TypeError, match="retries given twice"):
         build_client(IDL, appkey, "DemoService", retries=1, retry=RetryPolicy())
 
+
+
+def test_cli_prints_the_typed_results_as_json_and_as_tables(stack, appkey, providers):
+    from conftest import run_probe
+    provider = providers(appkey, name="cli")
+    listed = json.loads(run_probe("nodes", appkey, "--json").stdout)
+    assert [(r["address"], r["live"], r["weight"]) for r in listed] == [(provider.address, True, 10)]
+    assert listed[0]["registered_at"] > 1e9
+    changed = run_probe("node", "weight", appkey, "DemoService", provider.address, "12",
+                        "--by", "house").stdout
+    assert changed.strip() == "%s DemoService %s: weight 10 -> 12 (applied to the live node)" % (
+        appkey, provider.address)
+    audit = json.loads(run_probe("audit", appkey, "--json").stdout)
+    assert [(a["changed_by"], a["action"], a["new"]) for a in audit] == [("house", "weight", "12")]
+    table = run_probe("nodes", appkey).stdout.splitlines()
+    assert table[0] == "env dev, appkey %s" % appkey
+    assert table[2].split()[:5] == ["DemoService", provider.address, "up", "12", "enabled"]
