@@ -12,14 +12,25 @@ MAX_LIST_LIMIT = 10000  # rows a listing (--limit) may ask for
 
 
 def _print_table(rows, columns):
-    if not rows:
-        print("(none)")
-        return
-    widths = [max(len(str(title)), *(len(str(row.get(key, ""))) for row in rows)) for key, title in columns]
-    print("  ".join(str(title).ljust(width) for (key, title), width in zip(columns, widths)).rstrip())
-    for row in rows:
-        print("  ".join(str("" if row.get(key) is None else row.get(key)).ljust(width)
-                        for (key, _), width in zip(columns, widths)).rstrip())
+    from .governance.describe import table
+    print(table(rows, columns))
+
+
+def _print_json(rows):
+    print(json.dumps([row.as_dict() if hasattr(row, "as_dict") else row for row in rows],
+                     indent=2, ensure_ascii=False, default=str))
+
+
+def _print_rows(args, rows, columns, people_rows=None, title=None):
+    """`--json`: the rows as JSON; else the title and a table of `people_rows` (the
+    rows in words, default the rows themselves)."""
+    if args.json:
+        _print_json(rows)
+        return 0
+    if title:
+        print(title)
+    _print_table(rows if people_rows is None else people_rows, columns)
+    return 0
 
 
 def _admin(args):
@@ -28,46 +39,30 @@ def _admin(args):
 
 
 def cmd_appkey(args):
+    from .governance import describe
     with _admin(args) as admin:
         if args.action == "add":
             added = admin.add_appkey(args.appkey, args.description, by=args.by)
-            print("appkey %s %s" % (args.appkey, "added" if added else "already registered"))
+            print(describe.appkey_added(args.appkey, added))
         elif args.action == "remove":
             removed = admin.remove_appkey(args.appkey, by=args.by)
-            print("appkey %s %s" % (args.appkey, "removed" if removed else "was not registered"))
+            print(describe.appkey_removed(args.appkey, removed))
             return 0 if removed else 1
         else:
-            rows = admin.list_appkeys()
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                _print_table(rows, [("appkey", "APPKEY"), ("description", "DESCRIPTION"),
-                                    ("created_at", "CREATED")])
+            return _print_rows(args, admin.list_appkeys(), describe.APPKEY_COLUMNS)
     return 0
 
 
 def cmd_nodes(args):
+    from .governance import describe
     with _admin(args) as admin:
         rows = admin.nodes(args.appkey, args.service)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        row["live"] = "up" if row["live"] else "down"
-        row["valid"] = {1: "enabled", 0: "disabled"}.get(row["valid"], row["valid"])
-        if "transport" in row:
-            row["dialect"] = "%s+%s" % (row["transport"], row["protocol"])
-        row["health"] = ("ejected by %d consumer(s): %s" % (
-            row["ejected_by"], "; ".join(row["ejected_reasons"]))) if row["ejected_by"] else "ok"
-    print("env %s, appkey %s" % (admin.env, args.appkey))
-    _print_table(rows, [("service", "SERVICE"), ("address", "ADDRESS"), ("live", "STATE"),
-                        ("weight", "WEIGHT"), ("valid", "SWITCH"), ("dialect", "DIALECT"),
-                        ("health", "HEALTH"),
-                        ("problem", "NOTE")])
-    return 0
+    return _print_rows(args, rows, describe.NODE_COLUMNS, describe.node_rows(rows),
+                       "env %s, appkey %s" % (admin.env, args.appkey))
 
 
 def cmd_node(args):
+    from .governance import describe
     with _admin(args) as admin:
         if args.action == "weight":
             change = admin.set_weight(args.appkey, args.service, args.address, args.weight,
@@ -76,10 +71,7 @@ def cmd_node(args):
             change = admin.disable(args.appkey, args.service, args.address, create=args.create, by=args.by)
         else:
             change = admin.enable(args.appkey, args.service, args.address, create=args.create, by=args.by)
-    print("%s %s %s: %s %s -> %s (%s)" % (
-        change["appkey"], change["service"], change["address"], change["key"], change["old"],
-        change["new"], "applied to the live node" if change["live"]
-        else "stored in Redis; applies when the node registers"))
+    print(describe.node_change(change))
     return 0
 
 
@@ -148,40 +140,19 @@ def _add_register_parser(sub):
 
 
 def cmd_audit(args):
+    from .governance import describe
     with _admin(args) as admin:
         rows = admin.audit(args.appkey, args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    _print_table(rows, [("changed_at", "WHEN"), ("changed_by", "WHO"), ("appkey", "APPKEY"),
-                        ("service", "SERVICE"), ("node", "NODE"), ("action", "WHAT"),
-                        ("old", "OLD"), ("new", "NEW")])
-    return 0
+    return _print_rows(args, rows, describe.AUDIT_COLUMNS)
 
 
 def cmd_stats(args):
-    from .stats import read_stats
+    from .governance import describe
     with _admin(args) as admin:
-        rows = read_stats(admin.nodestore.redis, admin.env, args.appkey, args.service,
-                          minutes=args.minutes, side=args.side)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print("env %s, appkey %s, last %g min, %s side" % (admin.env, args.appkey, args.minutes, args.side))
-    for row in rows:
-        for key in ("p50_ms", "p99_ms", "mean_ms"):
-            row[key] = _format_ms(row.get(key))
-    _print_table(rows, [("service", "SERVICE"), ("method", "METHOD"), ("node", "NODE"),
-                        ("calls", "CALLS"), ("errors", "ERRORS"), ("p50_ms", "P50_MS"),
-                        ("p99_ms", "P99_MS"), ("mean_ms", "MEAN_MS"), ("statuses", "STATUSES")])
-    return 0
-
-
-def _format_ms(value):
-    """Three significant digits or so: percentiles come from buckets anyway."""
-    if value is None:
-        return "-"
-    return "%.3f" % value if value < 1 else "%.1f" % value if value < 100 else "%.0f" % value
+        rows = admin.stats(args.appkey, args.service, minutes=args.minutes, side=args.side)
+    return _print_rows(args, rows, describe.STATS_COLUMNS, describe.stats_rows(rows),
+                       "env %s, appkey %s, last %g min, %s side"
+                       % (admin.env, args.appkey, args.minutes, args.side))
 
 
 def cmd_console(args):
@@ -313,6 +284,7 @@ def _config_value(args):
 
 
 def cmd_config(args):
+    from .governance import describe
     value = _config_value(args) if args.action == "set" else None  # before any connection
     with _admin(args) as admin:
         if args.action == "set":
@@ -334,32 +306,12 @@ def cmd_config(args):
             return 0
         elif args.action == "history":
             rows = admin.config_history(args.appkey, args.key, args.limit)
-            if args.json:
-                print(json.dumps(rows, indent=2, ensure_ascii=False))
-                return 0
-            for row in rows:
-                row["value"] = "(deleted)" if row["deleted"] else _clip(json.dumps(row["value"]))
-            _print_table(rows, [("version", "VERSION"), ("changed_at", "WHEN"),
-                                ("changed_by", "WHO"), ("action", "ACTION"), ("value", "VALUE")])
-            return 0
+            return _print_rows(args, rows, describe.HISTORY_COLUMNS, describe.history_rows(rows))
         else:
-            done = admin.restore_config(args.appkey, by=args.by)
-            print("config of %s (env %s): %d key(s) restored from MySQL history%s%s" % (
-                done["appkey"], done["env"], len(done["restored"]),
-                "".join("\n  restored %s" % key for key in done["restored"]),
-                "".join("\n  left alone (differs from history) %s" % key for key in done["differs"])))
+            print(describe.config_restore(admin.restore_config(args.appkey, by=args.by)))
             return 0
-    if not change["changed"]:
-        print("%s %s: unchanged" % (change["appkey"], change["key"]))
-    else:
-        print("%s %s: %s, version %d" % (change["appkey"], change["key"],
-                                         "deleted" if change["new"] is None else "set to " +
-                                         _clip(change["new"]), change["version"]))
+    print(describe.config_change_line(change))
     return 0
-
-
-def _clip(text, limit=60):
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _add_config_commands(sub):

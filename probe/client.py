@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Union
 
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
@@ -42,7 +42,9 @@ from .pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from .rpc.codec import binary_header, codec_for
 from .rpctls import client_context, is_refused_handshake
-from .settings import DEFAULT_CONNECT_TIMEOUT, load_settings
+from .options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
+                      check_number)
+from .settings import load_settings
 from .peerwarnings import PeerWarnings
 from .routing.budget import RetryBudget
 from .routing.health import HealthPolicy, ServiceHealth
@@ -467,16 +469,6 @@ def _idempotent_names(idempotent, names):
     return chosen
 
 
-def _check_number(name, value, minimum, unit, integer=False, allow_equal=True):
-    """Refuse a bad numeric option with a message naming it, before anything starts."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) \
-            or value < minimum or (value == minimum and not allow_equal):
-        raise ProbeError("%s must be %s %s %g%s, got %r" % (
-            name, "an integer" if integer else "a number", ">=" if allow_equal else ">",
-            minimum, " (%s)" % unit if unit else "", value))
-
-
 def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeout: float = 500,
                  *, connect_timeout: Optional[float] = None,
                  balancer: str = "weighted_random",
@@ -492,14 +484,16 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
                  config_path: Optional[str] = None,
                  env: Optional[str] = None,
                  snapshot_dir: Union[str, bool, None] = None,
-                 zk_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 zk_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  observe: Optional[Observer] = None,
-                 metrics: bool = True,
+                 metrics: Union[bool, MetricsOptions] = True,
                  metrics_port: Optional[int] = None,
                  metrics_addr: Optional[str] = None,
                  stats_interval: Optional[float] = None,
                  stats_ttl: Optional[int] = None,
-                 slow_call_ms: Optional[float] = None) -> ProbeClient:
+                 slow_call_ms: Optional[float] = None,
+                 retry: Optional[RetryPolicy] = None,
+                 ejection: Optional[EjectionPolicy] = None) -> ProbeClient:
     """A thread-safe thrift client for `service_name` of `appkey`, routed by probe.
 
     Returns an instance of a :class:`thriftpy2.thrift.TClient` subclass whose methods
@@ -544,33 +538,38 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
         trying in the background after that.
     :param observe: ``observe(method, node_name, status, seconds)`` called after
         every attempt, on the calling thread.
-    :param metrics: False records no call metrics at all (True).
+    :param metrics: False records no call metrics at all (True); or a
+        :class:`probe.options.MetricsOptions` grouping the metrics options below.
     :param metrics_port: serve Prometheus ``/metrics`` on this port (0: a free one).
     :param metrics_addr: the address ``/metrics`` binds.
     :param stats_interval: seconds between two flushes of call counts to the
         config's Redis (at most 10).
     :param stats_ttl: seconds the flushed counts are kept in Redis.
     :param slow_call_ms: a call taking at least this many ms is logged (1000).
+    :param retry: a :class:`probe.options.RetryPolicy` instead of ``retries`` and
+        ``idempotent``.
+    :param ejection: a :class:`probe.options.EjectionPolicy` instead of
+        ``eject_after`` and ``eject_backoff`` (``eject_backoff_s``).
+    :raises TypeError: an option given both as a keyword and in its value object.
     :raises probe.errors.ProbeError: (a subclass of it) for a bad argument, an
         unreadable IDL or config (an unusable ``rpc_tls`` file: ``RpcTlsError``),
         before anything is started.
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
-    client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
-                          balancer=balancer, retries=retries, idempotent=idempotent,
-                          max_idle=max_idle, observe=observe)
-    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout,
-                          eject_after=eject_after, eject_backoff=eject_backoff, **client_options)
-    policy = _health_policy(health, eject_after, eject_backoff)
-    if balancer == "p2c_ewma" and policy is None:
-        raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
-    budget = _retry_budget(retry_budget)
-    client_options["timeouts"] = _method_timeouts(timeouts, service.thrift_services)
-    given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
-             "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
-    chosen = call_metrics.metrics_options(
-        metrics=metrics, **{name: value for name, value in given.items() if value is not None})
+    choice = client_choices(
+        service, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+        balancer=balancer, retries=retries, idempotent=idempotent, eject_after=eject_after,
+        eject_backoff=eject_backoff, health=health, retry_budget=retry_budget,
+        timeouts=timeouts, max_idle=max_idle, warmup=warmup, zk_timeout=zk_timeout,
+        observe=observe, metrics=metrics, metrics_port=metrics_port, metrics_addr=metrics_addr,
+        stats_interval=stats_interval, stats_ttl=stats_ttl, slow_call_ms=slow_call_ms,
+        retry=retry, ejection=ejection)
+    client_options, policy, budget, chosen = (choice.options, choice.policy, choice.budget,
+                                              choice.metrics)
+    if policy is not None:  # the client's attributes say what its health policy does
+        client_options.update(eject_after=policy.consecutive_failures,
+                              eject_backoff=policy.base_ejection_s)
     settings = load_settings(config_path, env)
     tls = settings.rpc_tls
     ssl_context = None if tls is None else client_context(
@@ -607,20 +606,73 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     return client
 
 
+class ClientChoices(NamedTuple):
+    """What `client_choices` settled: the client's keyword options, the node-health
+    policy (None: off), the retry budget (None: none) and the metrics setup."""
+
+    options: Dict[str, Any]
+    policy: Optional[HealthPolicy]
+    budget: Optional[RetryBudget]
+    metrics: Any
+
+
+def client_choices(service: Any, *, socket_timeout: float, connect_timeout: Optional[float],
+                   balancer: str, retries: int, idempotent: Union[bool, str, Iterable[str]],
+                   eject_after: Optional[int], eject_backoff: Optional[float],
+                   health: Union[bool, HealthPolicy], retry_budget: Union[bool, RetryBudget],
+                   timeouts: Optional[Mapping[str, float]], max_idle: int, warmup: float,
+                   zk_timeout: float, observe: Optional[Observer],
+                   metrics: Union[bool, MetricsOptions], metrics_port: Optional[int],
+                   metrics_addr: Optional[str], stats_interval: Optional[float],
+                   stats_ttl: Optional[int], slow_call_ms: Optional[float],
+                   retry: Optional[RetryPolicy], ejection: Optional[EjectionPolicy]
+                   ) -> ClientChoices:
+    """The options of a client (sync or asyncio: both build_client functions call
+    this), from the flat keywords and the value objects, every one checked before
+    anything starts. An option given both ways is a TypeError.
+
+    `ejection` (or the flat `eject_after`/`eject_backoff`) maps onto the node-health
+    policy: ``eject_after`` → ``consecutive_failures``, ``eject_backoff_s`` →
+    ``base_ejection_s``; a flat keyword left at None keeps the policy's own value."""
+    retry = RetryPolicy.resolve(retry, retries=retries, idempotent=idempotent)
+    flat_ejection = {name: value for name, value in (("eject_after", eject_after),
+                                                     ("eject_backoff", eject_backoff))
+                     if value is not None}
+    if ejection is not None or flat_ejection:
+        resolved = EjectionPolicy.resolve(ejection, **flat_ejection)
+        if ejection is not None:  # the object states both
+            eject_after, eject_backoff = resolved.eject_after, resolved.eject_backoff_s
+        else:  # only the flat keywords given; checked under their own names
+            eject_after = resolved.eject_after if "eject_after" in flat_ejection else None
+            eject_backoff = resolved.eject_backoff_s if "eject_backoff" in flat_ejection else None
+    options: Dict[str, Any] = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+                                   balancer=balancer, retries=retry.retries,
+                                   idempotent=retry.idempotent, max_idle=max_idle, observe=observe)
+    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout, **options)
+    policy = _health_policy(health, eject_after, eject_backoff)
+    if balancer == "p2c_ewma" and policy is None:
+        raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
+    budget = _retry_budget(retry_budget)
+    options["timeouts"] = _method_timeouts(timeouts, service.thrift_services)
+    given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
+             "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
+    given = {name: value for name, value in given.items() if value is not None}
+    if isinstance(metrics, MetricsOptions):
+        chosen = call_metrics.setup(MetricsOptions.resolve(metrics, **given))
+    else:
+        chosen = call_metrics.metrics_options(metrics=metrics, **given)
+    return ClientChoices(options, policy, budget, chosen)
+
+
 def _check_client_options(service, socket_timeout, connect_timeout, balancer, retries, idempotent,
-                          eject_after, eject_backoff, max_idle, observe, warmup, zk_timeout):
+                          max_idle, observe, warmup, zk_timeout):
     """Refuse a bad build_client value, naming it, before anything is started."""
-    _check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
+    check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
     if connect_timeout is not None:
-        _check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
-    _check_number("retries", retries, 0, None, integer=True)
-    if eject_after is not None:
-        _check_number("eject_after", eject_after, 1, None, integer=True)
-    if eject_backoff is not None:
-        _check_number("eject_backoff", eject_backoff, 0, "seconds", allow_equal=False)
-    _check_number("max_idle", max_idle, 0, None, integer=True)
-    _check_number("warmup", warmup, 0, "seconds")
-    _check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
+        check_number("connect_timeout", connect_timeout, 0, "ms", allow_equal=False)
+    check_number("max_idle", max_idle, 0, integer=True)
+    check_number("warmup", warmup, 0, "seconds")
+    check_number("zk_timeout", zk_timeout, 0, "seconds", allow_equal=False)
     if observe is not None and not callable(observe):
         raise ProbeError("observe must be a callable(method, node, status, seconds), got %r"
                          % (observe,))
@@ -680,4 +732,4 @@ def _method_timeouts(timeouts, names) -> Dict[str, float]:
     return checked
 
 
-__all__ = ["build_client", "ProbeClient", "NoAvailableNode", "NodeUnreachable"]
+__all__ = ["build_client", "client_choices", "ClientChoices", "ProbeClient", "NoAvailableNode", "NodeUnreachable"]

@@ -11,10 +11,9 @@ import hashlib
 import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-import pymysql
-
-from .appkeys import close_quietly
 from .errors import ComponentUnavailable, ConfigConflict
+from .settings import MysqlSettings
+from .stores.mysql import CONNECTION_ERRORS, MysqlAccess
 
 log = logging.getLogger("probe.configstore")
 
@@ -27,40 +26,22 @@ Recorder = Callable[[str, Optional[str], Optional[str], str], int]
 
 
 class ConfigHistory(object):
-    """One MySQL connection (its own: a named lock belongs to a connection).
+    """One MySQL connection of its own (a named lock belongs to a connection), under
+    probe's MySQL access policy (`probe.stores.mysql.MysqlAccess`).
 
-    :param connect: a callable returning a new PyMySQL connection
-        (`AppkeyStore.connect`, so TLS and timeouts are configured in one place).
-    :param address: how to name the server in errors.
+    :param mysql_settings: the config's `MysqlSettings`.
+    :param connect_timeout_s: seconds to wait for the server to answer a connect.
     """
 
-    def __init__(self, connect: Callable[[], Any], address: str) -> None:
-        self._connect = connect
-        self.address = address
-        self._connection: Any = None
+    def __init__(self, mysql_settings: MysqlSettings, connect_timeout_s: float = 3.0) -> None:
+        self.db = MysqlAccess(mysql_settings, connect_timeout_s)
+        self.address = self.db.address
 
     def close(self) -> None:
-        connection, self._connection = self._connection, None
-        close_quietly(connection)
-
-    def _cursor(self) -> Any:
-        if self._connection is not None:
-            try:
-                self._connection.ping(reconnect=False)
-            except pymysql.MySQLError:
-                self.close()
-        if self._connection is None:
-            self._connection = self._connect()
-        return self._connection.cursor()
+        self.db.close()
 
     def _query(self, sql: str, args: Optional[Sequence[object]] = None) -> Any:
-        try:
-            with self._cursor() as cursor:
-                cursor.execute(sql, args)
-                return cursor.fetchall()
-        except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-            self.close()
-            raise ComponentUnavailable("MySQL at %s failed: %s" % (self.address, exc))
+        return self.db.execute(sql, args, fetch=True)
 
     # -- writing ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -69,11 +50,21 @@ class ConfigHistory(object):
         old_text, new_text, by) -> version`. The row commits when the block ends
         without an exception, and is rolled back otherwise."""
         name = "probe_cfg_" + hashlib.sha1(("%s/%s/%s" % (env, appkey, key)).encode()).hexdigest()
+        # One change at a time on this connection: its transaction is the change's.
+        with self.db.lock:
+            with self._locked_change(name, env, appkey, key) as record:
+                yield record
+
+    @contextlib.contextmanager
+    def _locked_change(self, name: str, env: str, appkey: str, key: str) -> Iterator[Recorder]:
         rows = self._query("SELECT GET_LOCK(%s, %s)", (name, LOCK_TIMEOUT))
         if not rows or rows[0][0] != 1:
             raise ConfigConflict("another writer has held config key %r of %s (env %s) for %d s: "
                                  "nothing was written; try again" % (key, appkey, env, LOCK_TIMEOUT))
-        connection = self._connection
+        connection = self.db.connection
+        if connection is None:  # cannot happen after GET_LOCK answered; never half-record
+            raise ComponentUnavailable("MySQL at %s dropped the connection holding the lock of "
+                                       "%r: nothing was written; try again" % (self.address, key))
         try:
             connection.begin()
 
@@ -95,12 +86,12 @@ class ConfigHistory(object):
                 connection.rollback()
                 raise
             connection.commit()
-        except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-            self.close()
+        except CONNECTION_ERRORS as exc:
+            self.db.drop()
             raise ComponentUnavailable("MySQL at %s failed while recording the change of %r: %s"
                                        % (self.address, key, exc))
         finally:
-            if self._connection is not None:
+            if self.db.connection is not None:
                 try:
                     self._query("SELECT RELEASE_LOCK(%s)", (name,))
                 except ComponentUnavailable:

@@ -18,6 +18,7 @@ from typing import Any, Dict, NamedTuple, NoReturn, Optional, Tuple, Type, Union
 
 from .errors import (InvalidAppkey, InvalidEnv, InvalidHost, InvalidNodeAddress, InvalidNodeData,
                      InvalidServiceName, InvalidWeight, ProbeError)
+from .options import check_number
 
 SERVICES_ROOT = "/services"
 SETTINGS_HASH_PREFIX = "thriftprobe_"
@@ -119,9 +120,8 @@ def check_port(port: object) -> int:
     """A TCP port 1..65535, as an int or a string of ASCII digits."""
     if isinstance(port, str) and _PORT.fullmatch(port):
         port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise InvalidNodeAddress("bad port %r: give a whole number from 1 to 65535" % (_short(port),))
-    return port
+    return int(check_number("port", port, 1, maximum=65535, integer=True,
+                            error=InvalidNodeAddress))
 
 
 def check_weight(weight: object) -> int:
@@ -129,10 +129,8 @@ def check_weight(weight: object) -> int:
     are refused."""
     if isinstance(weight, str) and _WEIGHT.fullmatch(weight):
         weight = int(weight)
-    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
-        raise InvalidWeight("bad weight %r: give a whole number from 0 to %d"
-                            % (_short(weight), MAX_WEIGHT))
-    return weight
+    return int(check_number("weight", weight, 0, maximum=MAX_WEIGHT, integer=True,
+                            error=InvalidWeight))
 
 
 def check_text(value: object, what: str, max_length: int,

@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from typing import Callable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import metrics as call_metrics
 from . import naming
@@ -29,23 +29,42 @@ from .registry import Registration, release_zookeeper, shared_zookeeper
 from .rpc.overload import make_limiter
 from .rpctls import server_context
 from .settings import load_settings, outbound_ip
-from .thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
-                           DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS, ThriftServer)
+from .options import (DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+                      DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_SLOW_CALL_MS,
+                      DEFAULT_STATS_INTERVAL, DEFAULT_STATS_TTL, MetricsOptions, ProviderLimits,
+                      DEFAULT_WORKER_THREADS, ProviderTimeouts, check_number)
+from .thriftserver import ThriftServer
 from .workers import WorkerPool, wait_for_drain_order
 
 log = logging.getLogger("probe.server")
 
-DEFAULT_CONNECT_TIMEOUT_MS = 3000
+# The flat keywords each value object groups (start_service and Provider take both).
+_LIMITS = ("max_connections", "idle_timeout", "read_timeout", "max_message_bytes", "worker_threads",
+           "max_inflight", "max_inflight_per_method")
+_TIMEOUTS = ("connect_timeout", "session_timeout", "shutdown_grace", "drain_timeout")
+_METRICS = ("metrics_port", "metrics_addr", "stats_interval", "stats_ttl", "slow_call_ms")
 
 
-def _check_int(name, value, low, high, meaning):
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ProbeError("bad %s %r: give a whole number %d-%d (%s)" % (name, value, low, high, meaning))
+def provider_options(limits: Optional[ProviderLimits] = None,
+                     timeouts: Optional[ProviderTimeouts] = None,
+                     metrics: Union[bool, MetricsOptions] = True,
+                     **flat: Any) -> Dict[str, Any]:
+    """{"limits", "timeouts", "metrics"}: the value objects in effect, from the objects
+    given and the flat keywords (an option given both ways is a TypeError; an
+    unknown keyword too)."""
+    unknown = sorted(set(flat) - set(_LIMITS + _TIMEOUTS + _METRICS))
+    if unknown:
+        raise TypeError("unexpected keyword argument(s) %s" % ", ".join(map(repr, unknown)))
 
-
-def _check_number(name, value, low, high, meaning):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ProbeError("bad %s %r: give a number %g-%g (%s)" % (name, value, low, high, meaning))
+    def pick(names):
+        return {name: flat[name] for name in names if name in flat}
+    given_metrics = metrics if isinstance(metrics, MetricsOptions) else None
+    flat_metrics = pick(_METRICS)
+    if given_metrics is None:
+        flat_metrics["metrics"] = bool(metrics)  # as before: any truthy value records
+    return {"limits": ProviderLimits.resolve(limits, **pick(_LIMITS)),
+            "timeouts": ProviderTimeouts.resolve(timeouts, **pick(_TIMEOUTS)),
+            "metrics": MetricsOptions.resolve(given_metrics, **flat_metrics)}
 
 
 def raise_fd_limit(connections):
@@ -127,7 +146,9 @@ class Provider(object):
     registered and serving; `stop()` shuts it down gracefully; `wait()` blocks.
 
     The parameters are those of `start_service` (which documents them), without
-    ``block``. Every option is checked here, before anything is touched.
+    ``block``: the value objects (`limits`, `timeouts`, `metrics`) or their flat
+    keywords. Every option is checked here, before anything is touched; the value
+    objects in effect are `options`.
     """
 
     def __init__(self, thrift_path: str, appkey: str, service_name: str, handler: object,
@@ -136,61 +157,39 @@ class Provider(object):
                  advertise_host: Optional[str] = None,
                  config_path: Optional[str] = None,
                  env: Optional[str] = None,
-                 shutdown_grace: float = 1.0,
-                 drain_timeout: float = 10.0,
-                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS,
-                 session_timeout: Optional[float] = None,
                  observe: Optional[Callable[[str, str, float], None]] = None,
-                 metrics: bool = True,
-                 metrics_port: Optional[int] = None,
-                 metrics_addr: Optional[str] = call_metrics.DEFAULT_METRICS_ADDR,
-                 stats_interval: float = call_metrics.DEFAULT_STATS_INTERVAL,
-                 stats_ttl: float = call_metrics.DEFAULT_TTL,
-                 slow_call_ms: float = call_metrics.DEFAULT_SLOW_CALL_MS,
                  workers: int = 1,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 worker_threads: int = DEFAULT_WORKER_THREADS,
                  transport: str = "buffered",
                  protocol: str = "binary",
-                 max_inflight: Optional[int] = None,
-                 max_inflight_per_method: Union[None, int, Mapping[str, int]] = None) -> None:
+                 limits: Optional[ProviderLimits] = None,
+                 timeouts: Optional[ProviderTimeouts] = None,
+                 metrics: Union[bool, MetricsOptions] = True,
+                 **flat: Any) -> None:
         naming.check_service_name(service_name)
         naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
         if handler is None:
             raise ProbeError("handler is None: pass an object implementing %s's methods" % service_name)
-        _check_int("port", port, 0, 65535, "0 picks a free port")
-        _check_int("workers", workers, 1, 256, "processes serving the port")
-        _check_int("max_connections", max_connections, 1, 1000000, "open connections at once")
-        _check_int("max_message_bytes", max_message_bytes, 64, 2 ** 31 - 1,
-                   "bytes in one message, string or container")
-        _check_int("worker_threads", worker_threads, 1, 4096, "threads running calls at once")
-        _check_number("connect_timeout", connect_timeout, 10, 600000,
-                      "MILLISECONDS to reach MySQL, Redis and ZooKeeper at start (3000 = 3 s)")
-        _check_number("idle_timeout", idle_timeout, 0.01, 86400 * 365, "seconds")
-        _check_number("read_timeout", read_timeout, 0.01, 3600, "seconds")
-        _check_number("shutdown_grace", shutdown_grace, 0, 3600, "seconds")
-        _check_number("drain_timeout", drain_timeout, 0, 3600, "seconds")
-        if session_timeout is not None:
-            _check_number("session_timeout", session_timeout, 0.1, 3600, "seconds")
+        check_number("port", port, 0, "0 picks a free port", maximum=65535, integer=True)
+        check_number("workers", workers, 1, "processes serving the port", maximum=256, integer=True)
+        chosen = provider_options(limits, timeouts, metrics, **flat)
+        limits, timeouts = chosen["limits"], chosen["timeouts"]
         if observe is not None and not callable(observe):
             raise ProbeError("bad observe %r: give a callable observe(method, status, seconds) "
                              "or None" % (observe,))
         self.workers = workers
         self.worker_pool = None
         self._metrics_dir = None
-        self.limits = dict(max_connections=max_connections, idle_timeout=float(idle_timeout),
-                           read_timeout=float(read_timeout), max_message_bytes=max_message_bytes,
-                           worker_threads=worker_threads)
-        self.metrics = call_metrics.metrics_options(metrics, metrics_port, metrics_addr,
-                                                    stats_interval, stats_ttl, slow_call_ms,
-                                                    port_from_env=True)
+        self.options = chosen  # the value objects in effect
+        # ThriftServer's keywords (seconds, as everywhere in the wire plane).
+        self.limits = dict(max_connections=limits.max_connections,
+                           idle_timeout=limits.idle_timeout_s, read_timeout=limits.read_timeout_s,
+                           max_message_bytes=limits.max_message_bytes,
+                           worker_threads=limits.worker_threads)
+        self.metrics = call_metrics.setup(chosen["metrics"], port_from_env=True)
         self.service = load_service(thrift_path, service_name)
         # Checked here, with the service's method names known, before anything starts.
-        self.limiter = make_limiter(max_inflight, max_inflight_per_method,
+        self.limiter = make_limiter(limits.max_inflight, limits.max_inflight_per_method,
                                     self.service.thrift_services)
         self.thrift_path = thrift_path
         self.appkey = appkey
@@ -210,10 +209,10 @@ class Provider(object):
         self.ssl_context = None if tls is None else server_context(
             tls, "config %s: 'rpc_tls.%s'" % (self.settings.path, self.env))
         self.advertise_host = advertise_host
-        self.shutdown_grace = float(shutdown_grace)
-        self.drain_timeout = float(drain_timeout)
-        self.connect_timeout = connect_timeout / 1000.0  # the stores take seconds
-        self.session_timeout = session_timeout
+        self.shutdown_grace = timeouts.shutdown_grace_s
+        self.drain_timeout = timeouts.drain_timeout_s
+        self.connect_timeout = timeouts.connect_timeout_ms / 1000.0  # the stores take seconds
+        self.session_timeout = timeouts.session_timeout_s
         self.observe = observe
         self.recorder = None
         self.metrics_endpoint = None
@@ -391,12 +390,12 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                   connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS,
                   session_timeout: Optional[float] = None,
                   observe: Optional[Callable[[str, str, float], None]] = None,
-                  metrics: bool = True,
+                  metrics: Union[bool, MetricsOptions] = True,
                   metrics_port: Optional[int] = None,
-                  metrics_addr: Optional[str] = call_metrics.DEFAULT_METRICS_ADDR,
-                  stats_interval: float = call_metrics.DEFAULT_STATS_INTERVAL,
-                  stats_ttl: float = call_metrics.DEFAULT_TTL,
-                  slow_call_ms: float = call_metrics.DEFAULT_SLOW_CALL_MS,
+                  metrics_addr: Optional[str] = None,
+                  stats_interval: float = DEFAULT_STATS_INTERVAL,
+                  stats_ttl: float = DEFAULT_STATS_TTL,
+                  slow_call_ms: float = DEFAULT_SLOW_CALL_MS,
                   workers: int = 1,
                   max_connections: int = DEFAULT_MAX_CONNECTIONS,
                   idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -406,8 +405,9 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
                   transport: str = "buffered",
                   protocol: str = "binary",
                   max_inflight: Optional[int] = None,
-                  max_inflight_per_method: Union[None, int, Mapping[str, int]] = None
-                  ) -> "Provider":
+                  max_inflight_per_method: Union[None, int, Mapping[str, int]] = None,
+                  limits: Optional[ProviderLimits] = None,
+                  timeouts: Optional[ProviderTimeouts] = None) -> "Provider":
     """Register `handler` as a node of `service_name` under `appkey` and serve it.
 
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
@@ -434,7 +434,8 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
     :param connect_timeout: MILLISECONDS to reach MySQL, Redis and ZooKeeper at start.
     :param session_timeout: ZooKeeper session timeout in seconds (default: config).
     :param observe: ``observe(method, status, seconds)`` called after every call.
-    :param metrics: False records no call metrics.
+    :param metrics: False records no call metrics; or a
+        :class:`probe.options.MetricsOptions` grouping the metrics options below.
     :param metrics_port: serve Prometheus ``/metrics`` on this port (default
         ``PROBE_METRICS_PORT``; none if unset).
     :param metrics_addr: the address ``/metrics`` binds (127.0.0.1).
@@ -466,20 +467,24 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
         retry on another node even for non-idempotent methods.
     :param max_inflight_per_method: the same cap per method: an int for every
         method, or ``{method: calls}`` for the methods named.
+    :param limits: a :class:`probe.options.ProviderLimits` instead of the limit
+        keywords above (``ProviderLimits(max_connections=..., idle_timeout_s=...,
+        read_timeout_s=..., max_message_bytes=..., worker_threads=..., max_inflight=...,
+        max_inflight_per_method=...)``).
+    :param timeouts: a :class:`probe.options.ProviderTimeouts` instead of
+        ``connect_timeout``, ``session_timeout``, ``shutdown_grace`` and
+        ``drain_timeout`` (its fields name their units: ``connect_timeout_ms``,
+        ``session_timeout_s``, ``shutdown_grace_s``, ``drain_timeout_s``).
+    :raises TypeError: an option given both as a keyword and in its value object.
     """
+    # The flat keywords, grouped into the value objects by provider_options.
+    flat = {name: value for name, value in locals().items()
+            if name in _LIMITS + _TIMEOUTS + _METRICS}
     provider = Provider(thrift_path, appkey, service_name, handler, port,
                         bind_host=bind_host, advertise_host=advertise_host,
-                        config_path=config_path, env=env, shutdown_grace=shutdown_grace,
-                        drain_timeout=drain_timeout, connect_timeout=connect_timeout,
-                        session_timeout=session_timeout, observe=observe, metrics=metrics,
-                        metrics_port=metrics_port, metrics_addr=metrics_addr,
-                        stats_interval=stats_interval, stats_ttl=stats_ttl,
-                        slow_call_ms=slow_call_ms, workers=workers,
-                        max_connections=max_connections, idle_timeout=idle_timeout,
-                        read_timeout=read_timeout, max_message_bytes=max_message_bytes,
-                        worker_threads=worker_threads, transport=transport,
-                        protocol=protocol, max_inflight=max_inflight,
-                        max_inflight_per_method=max_inflight_per_method)
+                        config_path=config_path, env=env, observe=observe, workers=workers,
+                        transport=transport, protocol=protocol,
+                        **provider_options(limits, timeouts, metrics, **flat))
     if not block:
         return provider.start()
     _setup_file_log(provider.settings, appkey, service_name)

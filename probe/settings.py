@@ -15,12 +15,13 @@ import yaml
 
 from .errors import ConfigError, InvalidHost
 from .naming import check_env, is_valid_host
+from .options import DEFAULT_CONNECT_TIMEOUT_S
 
 PACKAGED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "config.yml")
 DEFAULT_ENV_RULES = ((r"^prod\d+$", "prod"),)
 DEFAULT_ENV = "dev"
 DEFAULT_SESSION_TIMEOUT = 6.0  # seconds: a crashed provider leaves the registry this fast
-DEFAULT_CONNECT_TIMEOUT = 3.0  # seconds, for MySQL, Redis and ZooKeeper at start
+DEFAULT_CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT_S  # for MySQL, Redis and ZooKeeper at start
 
 
 HIDDEN = "***"  # what a repr shows instead of a secret

@@ -19,23 +19,26 @@ a Redis cluster.
 
 import json
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
+from .options import DEFAULT_STATS_TTL
 from .naming import (health_field, health_key, parse_health_field,  # noqa: F401
                      parse_stats_field, stats_field, stats_key, stats_pattern)
 from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK,
                            OVERLOADED, TIMEOUT)
 
 SLOT_SECONDS = 10
-DEFAULT_TTL = 3600  # seconds a slot is kept once its last write is done
+DEFAULT_TTL = DEFAULT_STATS_TTL  # seconds a slot is kept once its last write is done
 
 # Latency bucket upper bounds in seconds, 1-2-5 steps from 50 us to 10 s: a local
 # call costs well under 0.1 ms, so the low end is finer than prometheus_client's
 # defaults. Changing them makes older slots' percentiles unreadable (counts stay).
 BOUNDS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
           0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+WIDTH = len(BOUNDS) + 1  # bucket counts per cell: the bounds, then +Inf
 
 STATUSES = (OK, DECLARED_EXCEPTION, APPLICATION_ERROR, TIMEOUT, CONNECTION_ERROR, OVERLOADED)
 
@@ -157,11 +160,81 @@ def quantile(buckets, q):
     return BOUNDS[-1]
 
 
-def _ms(seconds):
+class StatsEntry(NamedTuple):
+    """One writer's running totals for (service, method, node, status) in one slot.
+    `buckets` is None when the field was written with other bounds (counts only)."""
+
+    slot: int
+    service: str
+    method: str
+    node: str
+    status: str
+    calls: int
+    seconds: float
+    buckets: Optional[List[int]]
+
+
+def slots_between(start: float, end: float) -> List[int]:
+    """The slot starts covering epochs `start` .. `end`."""
+    return list(range(slot_of(start), slot_of(end) + 1, SLOT_SECONDS))
+
+
+def read_entries(redis_client: Any, env: str, appkey: str, slots: Sequence[int],
+                 side: str = "server") -> Iterator[StatsEntry]:
+    """Every well-formed stats field of `appkey` in `slots` (read in one pipeline: the
+    keys are computed, never scanned). The data is untrusted: a malformed field, a
+    negative count or a bucket list that is not whole numbers is skipped; negative
+    bucket counts and sums count as 0.
+
+    :raises ComponentUnavailable: Redis could not be read.
+    """
+    if side not in SIDES:
+        raise ValueError("side must be 'server' or 'client', got %r" % (side,))
+    pipe = redis_client.pipeline(transaction=False)
+    for slot in slots:
+        pipe.hgetall(stats_key(env, appkey, side, slot))
+    try:
+        read = pipe.execute()
+    except REDIS_ERRORS as exc:
+        raise ComponentUnavailable("cannot read call stats of %s from Redis: %s (is Redis up? "
+                                   "`probe stack status`)" % (appkey, exc))
+    for slot, fields in zip(slots, read):
+        for field, raw in (fields or {}).items():
+            entry = _entry(slot, field, raw)
+            if entry is not None:
+                yield entry
+
+
+def _entry(slot: int, field: Any, raw: Any) -> Optional[StatsEntry]:
+    parsed = parse_stats_field(field)
+    if parsed is None:
+        return None
+    try:
+        data = json.loads(raw)
+        count = int(data["count"])
+        seconds = float(data.get("sum", 0.0))
+        buckets = data["buckets"]
+        if isinstance(buckets, list) and len(buckets) == WIDTH:
+            buckets = [max(0, int(b)) for b in buckets]
+        else:
+            buckets = None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        return None
+    if count < 0:
+        return None
+    if not seconds >= 0.0 or seconds == float("inf"):
+        seconds = 0.0
+    return StatsEntry(slot, parsed[0], parsed[1], parsed[2], parsed[3], count, seconds, buckets)
+
+
+def ms(seconds: Optional[float]) -> Optional[float]:
+    """Seconds as milliseconds rounded to the microsecond (None stays None)."""
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server", now=None):
+def read_stats(redis_client: Any, env: str, appkey: str, service: Optional[str] = None,
+               minutes: float = 5, side: str = "server",
+               now: Optional[float] = None) -> List[Dict[str, Any]]:
     """Merge the last `minutes` of stats of `appkey` (optionally one service) into rows
     per (service, method, node), sorted so that a method's nodes sit together.
 
@@ -171,37 +244,20 @@ def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server"
     if side not in SIDES:
         raise ValueError("side must be 'server' or 'client', got %r" % (side,))
     now = time.time() if now is None else now
-    first, last = slot_of(now - float(minutes) * 60.0), slot_of(now)
-    keys = [stats_key(env, appkey, side, slot) for slot in range(first, last + 1, SLOT_SECONDS)]
-    pipe = redis_client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    try:
-        slots = pipe.execute()
-    except REDIS_ERRORS as exc:
-        raise ComponentUnavailable("cannot read call stats of %s from Redis: %s (is Redis up? "
-                                   "`probe stack status`)" % (appkey, exc))
-    merged = {}
-    width = len(BOUNDS) + 1
-    for fields in slots:
-        for field, raw in (fields or {}).items():
-            parsed = parse_stats_field(field)
-            if parsed is None or (service and parsed[0] != service):
-                continue
-            try:
-                data = json.loads(raw)
-                count, total, buckets = int(data["count"]), float(data["sum"]), data["buckets"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            row = merged.get(parsed[:3])
-            if row is None:
-                row = merged[parsed[:3]] = {"count": 0, "sum": 0.0, "buckets": [0] * width,
-                                            "statuses": {}}
-            row["count"] += count
-            row["sum"] += total
-            if len(buckets) == width:  # written with other bounds: counts only
-                row["buckets"] = [a + int(b) for a, b in zip(row["buckets"], buckets)]
-            row["statuses"][parsed[3]] = row["statuses"].get(parsed[3], 0) + count
+    merged: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+    for entry in read_entries(redis_client, env, appkey,
+                              slots_between(now - float(minutes) * 60.0, now), side):
+        if service and entry.service != service:
+            continue
+        row = merged.get((entry.service, entry.method, entry.node))
+        if row is None:
+            row = merged[(entry.service, entry.method, entry.node)] = {
+                "count": 0, "sum": 0.0, "buckets": [0] * WIDTH, "statuses": {}}
+        row["count"] += entry.calls
+        row["sum"] += entry.seconds
+        if entry.buckets is not None:
+            row["buckets"] = [a + b for a, b in zip(row["buckets"], entry.buckets)]
+        row["statuses"][entry.status] = row["statuses"].get(entry.status, 0) + entry.calls
     rows = []
     for (service_name, method, node), row in sorted(merged.items()):
         statuses = row["statuses"]
@@ -210,9 +266,9 @@ def read_stats(redis_client, env, appkey, service=None, minutes=5, side="server"
             "service": service_name, "method": method, "node": node,
             "calls": row["count"],
             "errors": row["count"] - statuses.get(OK, 0),
-            "p50_ms": _ms(quantile(row["buckets"], 0.50)),
-            "p99_ms": _ms(quantile(row["buckets"], 0.99)),
-            "mean_ms": _ms(row["sum"] / row["count"]) if row["count"] else None,
+            "p50_ms": ms(quantile(row["buckets"], 0.50)),
+            "p99_ms": ms(quantile(row["buckets"], 0.99)),
+            "mean_ms": ms(row["sum"] / row["count"]) if row["count"] else None,
             "statuses": " ".join("%s=%d" % (s, statuses[s]) for s in order),
             "by_status": {s: statuses[s] for s in order},
         })

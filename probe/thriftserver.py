@@ -61,6 +61,9 @@ from thriftpy2.transport import TCyMemoryBuffer
 
 from .messagelimits import NEED_MORE, MessageRejected, scanner_for
 from .methodspec import method_specs
+# The provider limits' defaults are defined, with their reasons, in probe.options.
+from .options import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
+                      DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS)
 from .peerwarnings import PeerWarnings
 from .rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
 from .rpc.overload import overload_reply, unforgeable
@@ -68,21 +71,6 @@ from .rpc.overload import overload_reply, unforgeable
 log = logging.getLogger("probe.server")
 
 
-# Defaults of the provider limits (start_service documents them too).
-# 10,000 connections: an idle one costs an fd and a few KB, no thread, so this is
-# far above any real consumer fleet yet bounds what a flood can hold.
-DEFAULT_MAX_CONNECTIONS = 10000
-# 300 s: pooled clients reuse connections far more often than that, and notice a
-# closed one before use; a connection abandoned behind a dead NAT is freed in minutes.
-DEFAULT_IDLE_TIMEOUT = 300.0
-# 10 s for one message to arrive in full: a 4 MiB message at 400 KB/s.
-DEFAULT_READ_TIMEOUT = 10.0
-# 4 MiB, gRPC's default receive limit and in the range of Apache Thrift's
-# TConfiguration frame limit (~16 MB): RPC arguments are small, bulk data goes elsewhere.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# 64 threads run handlers at once (Dubbo uses 200, Thrift's THsHaServer 5): enough
-# for handlers that block on a database, bounded so a flood cannot exhaust threads.
-DEFAULT_WORKER_THREADS = 64
 MAX_DEPTH = 64
 
 # How long a worker waits for a client's next request on the socket it just

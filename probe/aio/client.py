@@ -32,9 +32,8 @@ from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer, TTransportExcept
 from .. import metrics as call_metrics
 from .. import naming
 from ..balancer import make_balancer
-from ..client import (Observer, ProbeClient, _check_client_options, _check_number, _ClientMethod,
-                      _health_policy, _idempotent_names, _method_timeouts, _retry_budget,
-                      _Retryable)
+from ..client import (Observer, ProbeClient, _ClientMethod, _idempotent_names, _Retryable,
+                      client_choices)
 from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from ..idl import load_service, module_of
 from ..methodspec import method_specs
@@ -47,7 +46,9 @@ from ..rpc.outcomes import (APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_
                             OVERLOADED, TIMEOUT)
 from ..rpc.overload import is_overload_reply
 from ..rpctls import client_context, is_refused_handshake
-from ..settings import DEFAULT_CONNECT_TIMEOUT, load_settings
+from ..options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
+                       check_number)
+from ..settings import load_settings
 from .pool import AsyncNodePool, ConnectFailed, ConnectionLost, ReplyTimeout
 
 log = logging.getLogger("probe.aio.client")
@@ -416,21 +417,26 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
                        config_path: Optional[str] = None,
                        env: Optional[str] = None,
                        snapshot_dir: Union[str, bool, None] = None,
-                       zk_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                       zk_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                        observe: Optional[Observer] = None,
-                       metrics: bool = True,
+                       metrics: Union[bool, MetricsOptions] = True,
                        metrics_port: Optional[int] = None,
                        metrics_addr: Optional[str] = None,
                        stats_interval: Optional[float] = None,
                        stats_ttl: Optional[int] = None,
-                       slow_call_ms: Optional[float] = None) -> AsyncProbeClient:
+                       slow_call_ms: Optional[float] = None,
+                       retry: Optional[RetryPolicy] = None,
+                       ejection: Optional[EjectionPolicy] = None) -> AsyncProbeClient:
     """An asyncio client for `service_name` of `appkey`, routed by probe: its methods
     are coroutines; ``await client.close()`` when done. Use it on the loop that
     awaited this.
 
     The options are those of :func:`probe.client.build_client` (same names, units
     and defaults; ``socket_timeout``, ``connect_timeout`` and ``timeouts`` in ms;
-    node ``health``, ``retry_budget``, ``balancer`` including ``"p2c_ewma"``), plus:
+    node ``health``, ``retry_budget``, ``balancer`` including ``"p2c_ewma"``; the value
+    objects ``retry=RetryPolicy(...)``, ``ejection=EjectionPolicy(...)`` and
+    ``metrics=MetricsOptions(...)``, resolved by the same
+    :func:`probe.client.client_choices`), plus:
 
     :param max_message_bytes: the largest reply accepted (64 MiB); a bigger one
         closes its connection and fails the call.
@@ -439,22 +445,17 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
     """
     naming.check_appkey(appkey)
     service = load_service(thrift_path, service_name)
-    client_options = dict(socket_timeout=socket_timeout, connect_timeout=connect_timeout,
-                          balancer=balancer, retries=retries, idempotent=idempotent,
-                          max_idle=max_idle, observe=observe)
-    _check_client_options(service, warmup=warmup, zk_timeout=zk_timeout,
-                          eject_after=eject_after, eject_backoff=eject_backoff, **client_options)
-    policy = _health_policy(health, eject_after, eject_backoff)
-    if balancer == "p2c_ewma" and policy is None:
-        raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
-    budget = _retry_budget(retry_budget)
-    client_options["timeouts"] = _method_timeouts(timeouts, service.thrift_services)
-    _check_number("max_message_bytes", max_message_bytes, 64, "bytes", integer=True)
-    given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
-             "stats_interval": stats_interval, "stats_ttl": stats_ttl,
-             "slow_call_ms": slow_call_ms}
-    chosen = call_metrics.metrics_options(
-        metrics=metrics, **{name: value for name, value in given.items() if value is not None})
+    choice = client_choices(
+        service, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+        balancer=balancer, retries=retries, idempotent=idempotent, eject_after=eject_after,
+        eject_backoff=eject_backoff, health=health, retry_budget=retry_budget,
+        timeouts=timeouts, max_idle=max_idle, warmup=warmup, zk_timeout=zk_timeout,
+        observe=observe, metrics=metrics, metrics_port=metrics_port, metrics_addr=metrics_addr,
+        stats_interval=stats_interval, stats_ttl=stats_ttl, slow_call_ms=slow_call_ms,
+        retry=retry, ejection=ejection)
+    client_options, policy, budget, chosen = (choice.options, choice.policy, choice.budget,
+                                              choice.metrics)
+    check_number("max_message_bytes", max_message_bytes, 64, "bytes", integer=True)
     settings = load_settings(config_path, env)
     tls = settings.rpc_tls
     ssl_context = None if tls is None else client_context(

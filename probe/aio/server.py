@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
+from typing import Any, Callable, Dict, Optional, Set, Union
 
 from thriftpy2.protocol import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
@@ -40,8 +40,9 @@ from ..registry import release_zookeeper
 from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
 from ..rpc.overload import make_limiter, overload_reply, unforgeable
 from ..rpctls import server_context
-from ..server import (DEFAULT_CONNECT_TIMEOUT_MS, _check_int, _check_number, advertised_host,
-                      check_stores, node_zookeeper_settings, raise_fd_limit, register_node)
+from ..options import MetricsOptions, ProviderLimits, ProviderTimeouts, check_number
+from ..server import (advertised_host, check_stores, node_zookeeper_settings, provider_options,
+                      raise_fd_limit, register_node)
 from ..settings import load_settings
 from ..thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                             DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH, _invoker)
@@ -482,53 +483,37 @@ class AsyncProvider(object):
                  advertise_host: Optional[str] = None,
                  config_path: Optional[str] = None,
                  env: Optional[str] = None,
-                 shutdown_grace: float = 1.0,
-                 drain_timeout: float = 10.0,
-                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS,
-                 session_timeout: Optional[float] = None,
                  observe: Optional[Callable[[str, str, float], None]] = None,
-                 metrics: bool = True,
-                 metrics_port: Optional[int] = None,
-                 metrics_addr: Optional[str] = call_metrics.DEFAULT_METRICS_ADDR,
-                 stats_interval: float = call_metrics.DEFAULT_STATS_INTERVAL,
-                 stats_ttl: float = call_metrics.DEFAULT_TTL,
-                 slow_call_ms: float = call_metrics.DEFAULT_SLOW_CALL_MS,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_inflight: Optional[int] = None,
-                 max_inflight_per_method: Union[None, int, Mapping[str, int]] = None,
                  transport: str = "buffered",
-                 protocol: str = "binary") -> None:
+                 protocol: str = "binary",
+                 limits: Optional[ProviderLimits] = None,
+                 timeouts: Optional[ProviderTimeouts] = None,
+                 metrics: Union[bool, MetricsOptions] = True,
+                 **flat: Any) -> None:
         naming.check_service_name(service_name)
         naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
         if handler is None:
             raise ProbeError("handler is None: pass an object implementing %s's methods"
                              % service_name)
-        _check_int("port", port, 0, 65535, "0 picks a free port")
-        _check_int("max_connections", max_connections, 1, 1000000, "open connections at once")
-        _check_int("max_message_bytes", max_message_bytes, 64, 2 ** 31 - 1,
-                   "bytes in one message, string or container")
-        _check_number("connect_timeout", connect_timeout, 10, 600000,
-                      "MILLISECONDS to reach MySQL, Redis and ZooKeeper at start (3000 = 3 s)")
-        _check_number("idle_timeout", idle_timeout, 0.01, 86400 * 365, "seconds")
-        _check_number("read_timeout", read_timeout, 0.01, 3600, "seconds")
-        _check_number("shutdown_grace", shutdown_grace, 0, 3600, "seconds")
-        _check_number("drain_timeout", drain_timeout, 0, 3600, "seconds")
-        if session_timeout is not None:
-            _check_number("session_timeout", session_timeout, 0.1, 3600, "seconds")
+        check_number("port", port, 0, "0 picks a free port", maximum=65535, integer=True)
+        if "worker_threads" in flat:  # one loop runs every call
+            raise TypeError("unexpected keyword argument 'worker_threads' (an asyncio provider "
+                            "runs its calls on the loop)")
+        # The same resolution as the sync Provider (value objects or flat keywords);
+        # a ProviderLimits' worker_threads does not apply here.
+        chosen = provider_options(limits, timeouts, metrics, **flat)
+        limits, timeouts = chosen["limits"], chosen["timeouts"]
         if observe is not None and not callable(observe):
             raise ProbeError("bad observe %r: give a callable observe(method, status, seconds) "
                              "or None" % (observe,))
-        self.limits = dict(max_connections=max_connections, idle_timeout=float(idle_timeout),
-                           read_timeout=float(read_timeout), max_message_bytes=max_message_bytes)
-        self.metrics = call_metrics.metrics_options(metrics, metrics_port, metrics_addr,
-                                                    stats_interval, stats_ttl, slow_call_ms,
-                                                    port_from_env=True)
+        self.options = chosen  # the value objects in effect
+        self.limits: Dict[str, Any] = dict(
+            max_connections=limits.max_connections, idle_timeout=limits.idle_timeout_s,
+            read_timeout=limits.read_timeout_s, max_message_bytes=limits.max_message_bytes)
+        self.metrics = call_metrics.setup(chosen["metrics"], port_from_env=True)
         self.service = load_service(thrift_path, service_name)
-        self.limiter = make_limiter(max_inflight, max_inflight_per_method,
+        self.limiter = make_limiter(limits.max_inflight, limits.max_inflight_per_method,
                                     self.service.thrift_services)
         # What the node advertises (None: the default, left out of the data); the
         # server accepts every dialect on its port whatever this says.
@@ -545,10 +530,10 @@ class AsyncProvider(object):
         self.ssl_context = None if tls is None else server_context(
             tls, "config %s: 'rpc_tls.%s'" % (self.settings.path, self.env))
         self.advertise_host = advertise_host
-        self.shutdown_grace = float(shutdown_grace)
-        self.drain_timeout = float(drain_timeout)
-        self.connect_timeout = connect_timeout / 1000.0
-        self.session_timeout = session_timeout
+        self.shutdown_grace = timeouts.shutdown_grace_s
+        self.drain_timeout = timeouts.drain_timeout_s
+        self.connect_timeout = timeouts.connect_timeout_ms / 1000.0  # the stores take seconds
+        self.session_timeout = timeouts.session_timeout_s
         self.observe = observe
         self.recorder = None
         self.metrics_endpoint = None
@@ -682,7 +667,10 @@ async def start_service(thrift_path: str, appkey: str, service_name: str, handle
     ``max_inflight``, ``max_inflight_per_method`` (a call over a cap gets the
     "overloaded, not executed" reply, probe.rpc.overload), and the advertised
     dialect ``transport`` / ``protocol`` (every dialect is accepted on the port,
-    told by each connection's first bytes).
+    told by each connection's first bytes). The value objects of the sync API work
+    here too, resolved by the same :func:`probe.server.provider_options`:
+    ``limits=ProviderLimits(...)`` (its ``worker_threads`` does not apply),
+    ``timeouts=ProviderTimeouts(...)``, ``metrics=MetricsOptions(...)``.
     Plain ``def`` handler methods work too, but block the loop while they run.
 
     :param on_started: called with the started :class:`AsyncProvider` (its

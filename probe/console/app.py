@@ -48,13 +48,9 @@ class Console(object):
         self.refresh = max(1, int(refresh))
         self.live_window = float(live_window)
         self.warmup = float(warmup)
-        self._lock = threading.Lock()
 
     def admin(self):
-        with self._lock:
-            self._admin.appkeys
-            self._admin.nodestore
-            self._admin.zk
+        self._admin.open()
         return self._admin
 
     def close(self):

@@ -11,15 +11,13 @@ import hmac
 import logging
 import re
 import secrets
-import threading
 import time
 
-import pymysql
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from ..appkeys import AppkeyStore
-from ..errors import ComponentUnavailable, ProbeError
+from ..errors import ProbeError
+from ..stores.mysql import MysqlAccess
 
 log = logging.getLogger("probe.console.users")
 
@@ -92,48 +90,21 @@ class UserStore(object):
     is small: a login or a page costs one or two statements)."""
 
     def __init__(self, mysql_settings, connect_timeout=3.0):
-        self._appkeys = AppkeyStore(mysql_settings, connect_timeout)
+        self._db = MysqlAccess(mysql_settings, connect_timeout)
         self._hasher = PasswordHasher()
         # Verified against when the user does not exist, so a login takes as long
         # for an unknown name as for a wrong password.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
-        self._connection = None
-        self._lock = threading.Lock()
 
     def ensure_schema(self):
-        self._appkeys.ensure_schema()
+        self._db.ensure_schema()
 
     def close(self):
-        with self._lock:
-            self._drop()
-        self._appkeys.close()
-
-    def _drop(self):
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:  # already broken
-                pass
+        self._db.close()
 
     def _run(self, sql, args=None, fetch=False):
-        with self._lock:
-            for attempt in (1, 2):
-                if self._connection is None:
-                    self._connection = self._appkeys.connect()
-                try:
-                    with self._connection.cursor() as cursor:
-                        cursor.execute(sql, args)
-                        return cursor.fetchall() if fetch else cursor.rowcount
-                except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-                    self._drop()
-                    if attempt == 2:
-                        raise ComponentUnavailable("MySQL at %s failed: %s" % (self._appkeys.address, exc))
-                except pymysql.err.ProgrammingError as exc:
-                    if exc.args and exc.args[0] == 1146 and attempt == 1:
-                        self.ensure_schema()  # tables missing: create them, then retry
-                        continue
-                    raise
+        # Tables missing (a wiped database): created, then the statement runs again.
+        return self._db.with_schema(lambda: self._db.execute(sql, args, fetch))
 
     # -- users --------------------------------------------------------------
     def add_user(self, username, password, role):

@@ -9,7 +9,6 @@ the CLI prints it, and nothing is written.
 
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -20,8 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import naming
 from ..errors import ComponentUnavailable, ProbeError
-from ..registry import read_children_with_data
-from .figures import node_figures, service_series
+from ..governance import describe
 from .auth import same_site_path, throttle_key
 
 log = logging.getLogger("probe.console.views")
@@ -237,8 +235,7 @@ def add_appkey():
         _flash_probe_error(exc)
     else:
         log.info("%s added appkey %s", g.session.username, appkey)
-        console().users.set_flash(g.session, "ok", "appkey %s %s" % (
-            appkey, "added" if added else "already registered"))
+        console().users.set_flash(g.session, "ok", describe.appkey_added(appkey, added))
     return redirect(url_for("index"), 303)
 
 
@@ -248,34 +245,28 @@ def _node_id(service, address):
 
 
 def _nodes(appkey):
-    """Admin's node rows plus each live node's age (warm-up) and live figures."""
+    """Admin's node rows (one ZooKeeper read) as page rows, with each live node's age
+    (warm-up) and live figures."""
     state = console()
     admin = state.admin()
-    rows = admin.nodes(appkey)
     now = time.time()
-    ages = {}
-    for name, (_raw, stat) in read_children_with_data(admin.zk, naming.appkey_path(state.env, appkey)).items():
-        parsed = naming.parse_node_name(name)
-        if parsed is not None:
-            ages[(parsed.service, "%s:%d" % (parsed.ip, parsed.port))] = max(0.0, now - stat.ctime / 1000.0)
-    figures = node_figures(admin.nodestore.redis, state.env, appkey, now, state.live_window)
-    for row in rows:
-        key = (row["service"], row["address"])
-        row["id"] = _node_id(*key)
-        row["age"] = ages.get(key) if row["live"] else None
-        row["warming"] = (state.warmup > 0 and row["age"] is not None and row["age"] < state.warmup)
-        row["figures"] = figures.get(key, {})
+    figures = admin.node_figures(appkey, now, state.live_window)
     services = {}
-    for row in rows:
-        services.setdefault(row["service"], []).append(row)
-    signature = hashlib.sha1("\n".join("%s|%s" % (r["service"], r["address"]) for r in rows)
+    for node in admin.nodes(appkey):
+        age = None if node.registered_at is None else max(0.0, now - node.registered_at)
+        row = dict(node.as_dict(), id=_node_id(node.service, node.address), age=age,
+                   warming=state.warmup > 0 and age is not None and age < state.warmup,
+                   figures=figures.get((node.service, node.address), {}))
+        services.setdefault(node.service, []).append(row)
+    signature = hashlib.sha1("\n".join("%s|%s" % (r["service"], r["address"])
+                                       for rows in services.values() for r in rows)
                              .encode("utf-8")).hexdigest()[:16]
     return services, signature
 
 
 def _app_context(appkey):
     naming.check_appkey(appkey)
-    console().admin().appkeys.require(appkey)
+    console().admin().require_appkey(appkey)
     services, signature = _nodes(appkey)
     return {"appkey": appkey, "services": services, "signature": signature,
             "refresh": console().refresh, "warmup": console().warmup,
@@ -314,8 +305,7 @@ def app_series(appkey, service):
     try:
         naming.check_appkey(appkey)
         naming.check_service_name(service)
-        admin = state.admin()
-        return jsonify(service_series(admin.nodestore.redis, state.env, appkey, service, time.time()))
+        return jsonify(state.admin().service_series(appkey, service, time.time()))
     except ComponentUnavailable as exc:
         log.error("chart of %s/%s failed: %s", appkey, service, exc)
         return jsonify({"error": UNAVAILABLE}), 503
@@ -343,10 +333,7 @@ def node_action(appkey):
     except ProbeError as exc:
         _flash_probe_error(exc)
     else:
-        console().users.set_flash(g.session, "ok", "%s %s: %s %s -> %s (%s)" % (
-            change["service"], change["address"], change["key"], change["old"], change["new"],
-            "applied to the live node" if change["live"]
-            else "stored in Redis; applies when the node registers"))
+        console().users.set_flash(g.session, "ok", describe.node_change(change, with_appkey=False))
     return redirect(url_for("app_page", appkey=appkey) if _valid_appkey(appkey) else url_for("index"), 303)
 
 
@@ -359,13 +346,8 @@ def _valid_appkey(appkey):
 
 
 # -- config center ------------------------------------------------------------------------
-def _value_text(value):
-    """A config value as the JSON text an operator reads and edits."""
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
 def _value_cell(value):
-    text = _value_text(value)
+    text = describe.config_value(value)
     if len(text) <= EDITABLE_VALUE_CHARS:
         return {"text": text, "editable": True}
     return {"text": text[:200] + "…", "editable": False, "length": len(text.encode("utf-8"))}
@@ -419,8 +401,8 @@ def config_history_page(appkey, key):
     except ProbeError as exc:
         return _page("error.html", 404, title="Unknown appkey or key",
                      message="%s: %s" % (exc.__class__.__name__, exc))
-    for row in rows:
-        row["text"] = None if row["deleted"] else _value_cell(row["value"])["text"]
+    rows = [dict(row.as_dict(), text=None if row.deleted else _value_cell(row.value)["text"])
+            for row in rows]
     return _page("config_history.html", appkey=appkey, key=key, rows=rows, message=message,
                  limit=HISTORY_ROWS)
 
@@ -443,15 +425,7 @@ def config_rollback(appkey, key):
 
 
 def _outcome(result):
-    if not result["changed"]:
-        return "config key %s unchanged (it already holds that value)" % result["key"]
-    if result["new"] is None:
-        what = "deleted"
-    elif len(result["new"]) <= 200:
-        what = "set to " + result["new"]
-    else:
-        what = "set"
-    return "config key %s %s (version %d)" % (result["key"], what, result["version"])
+    return describe.config_change_sentence(result)
 
 
 # -- audit ------------------------------------------------------------------------

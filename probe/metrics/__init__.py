@@ -23,7 +23,8 @@ from ..stats import DEFAULT_TTL
 from .exposition import MetricsEndpoint, ProbeCollector
 from .options import (DEFAULT_METRICS_ADDR, DEFAULT_SLOW_CALL_MS, DEFAULT_STATS_INTERVAL,
                       LOCAL_METRICS_ADDR, MAX_STATS_INTERVAL, METRICS_ADDR_ENV, METRICS_PORT_ENV,
-                      OPTION_NAMES, MetricsOptions, bind_address, metrics_options, pop_options)
+                      OPTION_NAMES, MetricsOptions, MetricsSetup, bind_address, metrics_options,
+                      pop_options, setup)
 from .recorder import Recorder, server_hook
 from .sink import RedisSink, redis_settings_or_none
 from .snapshots import Snapshot, merge, read_snapshots, write_snapshot
@@ -82,7 +83,7 @@ def serve(port: int, addr: Optional[str] = DEFAULT_METRICS_ADDR) -> MetricsEndpo
 __all__ = [
     "DEFAULT_METRICS_ADDR", "DEFAULT_SLOW_CALL_MS", "DEFAULT_STATS_INTERVAL", "DEFAULT_TTL",
     "LOCAL_METRICS_ADDR", "MAX_STATS_INTERVAL", "METRICS_ADDR_ENV", "METRICS_DIR_ENV",
-    "METRICS_PORT_ENV", "OPTION_NAMES", "MetricsEndpoint", "MetricsOptions", "MetricsState",
+    "METRICS_PORT_ENV", "OPTION_NAMES", "MetricsEndpoint", "MetricsOptions", "MetricsSetup", "MetricsState",
     "ProbeCollector", "Recorder", "RedisSink", "attach", "detach", "disable_multiprocess",
     "enable_multiprocess", "flush_now", "fresh_state", "get_recorder", "merge",
     "metrics_options", "pop_options", "process_state", "read_snapshots", "redis_settings_or_none",

@@ -6,11 +6,9 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 from ..errors import ProbeError
 from ..naming import is_valid_host
-from ..stats import DEFAULT_TTL, SLOT_SECONDS
-
-DEFAULT_STATS_INTERVAL = 5.0
-MAX_STATS_INTERVAL = float(SLOT_SECONDS)  # at least one write per 10 s slot
-DEFAULT_SLOW_CALL_MS = 1000.0
+from ..options import (DEFAULT_SLOW_CALL_MS, DEFAULT_STATS_INTERVAL, MAX_STATS_INTERVAL,
+                       MetricsOptions, check_number)
+from ..stats import DEFAULT_TTL
 # None: PROBE_METRICS_ADDR if set, else LOCAL_METRICS_ADDR. /metrics names every
 # appkey, service and node, so it stays on loopback unless someone widens it.
 DEFAULT_METRICS_ADDR = None
@@ -28,7 +26,9 @@ OPTION_NAMES = ("metrics", "metrics_port", "metrics_addr", "stats_interval", "st
 
 
 
-class MetricsOptions(NamedTuple):
+class MetricsSetup(NamedTuple):
+    """Metrics options with the environment applied: what a provider or client runs."""
+
     enabled: bool = True
     port: Optional[int] = None
     addr: str = LOCAL_METRICS_ADDR
@@ -41,7 +41,7 @@ def metrics_options(metrics: bool = True, metrics_port: Union[int, str, None] = 
                     metrics_addr: Optional[str] = DEFAULT_METRICS_ADDR,
                     stats_interval: float = DEFAULT_STATS_INTERVAL, stats_ttl: float = DEFAULT_TTL,
                     slow_call_ms: float = DEFAULT_SLOW_CALL_MS,
-                    port_from_env: bool = False) -> MetricsOptions:
+                    port_from_env: bool = False) -> "MetricsSetup":
     """Check the metrics options of a provider or a client.
 
     :param metrics_port: serve /metrics on this port (0: a free one); None: none,
@@ -63,14 +63,18 @@ def metrics_options(metrics: bool = True, metrics_port: Union[int, str, None] = 
                              % (metrics_port, METRICS_PORT_ENV))
         metrics_port = int(text)
         tls_options()  # a bad /metrics TLS setting fails now, before anything starts
-    for name, value, high in (("stats_interval", stats_interval, MAX_STATS_INTERVAL),
-                              ("stats_ttl", stats_ttl, None), ("slow_call_ms", slow_call_ms, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
-                or (high is not None and value > high):
-            raise ProbeError("bad %s %r: give a number > 0%s" % (
-                name, value, " and <= %g (seconds)" % high if high else ""))
-    return MetricsOptions(bool(metrics), metrics_port, bind_address(metrics_addr),
+    check_number("stats_interval", stats_interval, 0, "seconds", maximum=MAX_STATS_INTERVAL,
+                 allow_equal=False)
+    check_number("stats_ttl", stats_ttl, 0, "seconds", allow_equal=False)
+    check_number("slow_call_ms", slow_call_ms, 0, "ms", allow_equal=False)
+    return MetricsSetup(bool(metrics), metrics_port, bind_address(metrics_addr),
                           float(stats_interval), int(stats_ttl), float(slow_call_ms))
+
+
+def setup(options: MetricsOptions, port_from_env: bool = False) -> MetricsSetup:
+    """What `options` mean in this environment (PROBE_METRICS_PORT / _ADDR applied)."""
+    return metrics_options(options.enabled, options.port, options.addr, options.stats_interval_s,
+                           options.stats_ttl_s, options.slow_call_ms, port_from_env=port_from_env)
 
 
 def bind_address(metrics_addr: Optional[str]) -> str:
@@ -89,7 +93,7 @@ def bind_address(metrics_addr: Optional[str]) -> str:
                      "interface" % (metrics_addr, METRICS_ADDR_ENV))
 
 
-def pop_options(options: Dict[str, Any]) -> MetricsOptions:
+def pop_options(options: Dict[str, Any]) -> "MetricsSetup":
     """Take the metrics options out of a **options dict (build_client) and check them."""
     return metrics_options(**{name: options.pop(name) for name in OPTION_NAMES if name in options})
 
