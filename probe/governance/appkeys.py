@@ -48,8 +48,9 @@ class AppkeyOps(object):
         """Governance changes, newest first (of one appkey, if given)."""
         if appkey is not None:
             naming.check_appkey(appkey)
-        check_number("audit limit", limit, 1, maximum=MAX_ROWS, integer=True, error=InvalidArgument)
-        return [AuditEntry(**row) for row in self.backends.appkeys.audit(appkey, limit)]
+        check_number("audit limit", limit, 1, integer=True, error=InvalidArgument)
+        rows = self.backends.appkeys.audit(appkey, min(limit, MAX_ROWS))
+        return [AuditEntry(**row) for row in rows]
 
     def secure_registry(self) -> Dict[str, int]:
         """Migrate an open registry to `zkserver.<env>.auth`: give the roots `/services`

@@ -13,7 +13,8 @@ from ..nodestore import NodeStore
 from ..registry import ZooKeeper, release_zookeeper, shared_zookeeper
 from ..settings import Settings
 
-# The most rows one read of the audit log or of a key's history may ask for.
+# The most rows one read of the audit log or of a key's history returns (a larger
+# limit is read as this one; a limit below 1 is refused).
 MAX_ROWS = 10000
 
 

@@ -87,11 +87,10 @@ class ConfigOps(object):
     def history(self, appkey: str, key: str, limit: int = 100) -> List[ConfigVersion]:
         """The changes of config `key`, newest first."""
         self._require(appkey, key)
-        check_number("history limit", limit, 1, maximum=MAX_ROWS, integer=True,
-                     error=InvalidArgument)
+        check_number("history limit", limit, 1, integer=True, error=InvalidArgument)
         self.backends.appkeys.require(appkey)
-        return [_history_entry(row) for row in
-                self.backends.config_history.history(self.env, appkey, key, limit)]
+        return [_history_entry(row) for row in self.backends.config_history.history(
+            self.env, appkey, key, min(limit, MAX_ROWS))]
 
     def rollback(self, appkey: str, key: str, version: Any, by: Optional[str] = None) -> ConfigChange:
         """Write the value of history `version` of `key` as a new change (a version that
