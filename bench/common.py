@@ -336,7 +336,7 @@ try:
 except OSError:
     pass
 try:
-    from probe.devstack import Stack
+    from probe.dev.stack import Stack
     Stack(state_dir=state_dir, ports="free").down(wipe=True)
 finally:
     shutil.rmtree(scratch, ignore_errors=True)

@@ -192,7 +192,7 @@ def ensemble_cost(bench, count, nodes, restarts):
 
 def _mntr(hosts):
     """Summed numeric `mntr` figures of every server in `hosts`."""
-    from probe.devstack import _four_letter_word
+    from probe.dev.stack import _four_letter_word
     total = {}
     for entry in hosts.split(","):
         host, port = entry.rsplit(":", 1)

@@ -815,7 +815,7 @@ def main(argv=None):
     stack = None
     try:
         from probe import settings as probe_settings
-        from probe.devstack import Stack
+        from probe.dev.stack import Stack
         bench.log("starting the local stack in %s" % state_dir)
         stack = Stack(state_dir=state_dir, ports="free")
         stack.up()

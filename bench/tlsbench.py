@@ -21,7 +21,7 @@ ENV = "dev"
 
 def run(bench):
     """Report the rows of the TLS section on `bench.report`."""
-    from probe.certs import make_stack_certs
+    from probe.dev.certs import make_stack_certs
     certs = make_stack_certs(os.path.join(bench.scratch, "rpc-certs"))
     with open(os.environ["PROBE_CONFIG"]) as handle:
         config = yaml.safe_load(handle)

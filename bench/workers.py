@@ -358,7 +358,7 @@ def first_call(conn, kind, appkey, host, port, config_path, env, repeats):
 def balancer(conn, sizes, budget):
     """ns per pick for each balancer and µs per RoutingTable build, per table size."""
     import random
-    from probe.balancer import LeastInFlight, Node, RoutingTable, SmoothRoundRobin, WeightedRandom
+    from probe.routing.balancer import LeastInFlight, Node, RoutingTable, SmoothRoundRobin, WeightedRandom
 
     def per_op(fn, arg, repeats=7):
         # Calibrate the loop count to ~`budget` s per repeat; the fastest repeat is the
@@ -409,7 +409,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
     from thriftpy2.protocol.binary import TBinaryProtocol
     from thriftpy2.thrift import TClient, TMessageType
     from thriftpy2.transport import TBufferedTransportFactory, TMemoryBuffer, TSocket
-    from probe import pool as probe_pool
+    from probe.rpc import pool as probe_pool
     from probe.rpc.codec import DEFAULT_CODEC
     from probe.client import build_client
     from probe.idl import load_service

@@ -22,7 +22,7 @@ from .governance.results import (AppkeyRow, AuditEntry, ConfigChange, ConfigRest
                                  NodeChange, NodeRow)
 from .options import DEFAULT_CONNECT_TIMEOUT_MS, check_number
 from .settings import load_settings
-from .stats import read_stats
+from .stores.stats import read_stats
 
 
 class Admin(object):

@@ -226,7 +226,7 @@ def cmd_zk(args):
 
 
 def cmd_stack(args):
-    from . import devstack
+    from .dev import stack as devstack
     stack = devstack.Stack(state_dir=args.dir or devstack.DEFAULT_STATE_DIR,
                            ports="free" if args.free_ports else "dev",
                            secure=True if args.secure else None)
@@ -257,7 +257,7 @@ def _config_value(args):
     """The JSON text of `probe config set`: the argument, or with `-` standard input,
     or with `--file PATH` (or `@PATH`: no JSON text starts with @) a file; at most
     MAX_VALUE_BYTES (one more byte is read to tell)."""
-    from .configcenter import MAX_VALUE_BYTES
+    from .configcenter.live import MAX_VALUE_BYTES
     if args.file is not None and args.value is not None:
         raise InvalidArgument("give the value as an argument, as - (standard input) or with "
                               "--file PATH, not two of them")

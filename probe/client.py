@@ -34,18 +34,18 @@ from thriftpy2.transport import TTransportException
 
 from . import metrics as call_metrics
 from . import naming
-from .balancer import make_balancer
+from .routing.balancer import make_balancer
 from .errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from .idl import load_service, module_of
 from .methodspec import method_specs
-from .pool import ConnectFailed, NodePool, is_timeout
+from .rpc.pool import ConnectFailed, NodePool, is_timeout
 from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from .rpc.codec import binary_header, codec_for
-from .rpctls import client_context, is_refused_handshake
+from .rpc.tls import client_context, is_refused_handshake
 from .options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
                       check_number)
 from .settings import load_settings
-from .peerwarnings import PeerWarnings
+from .rpc.peerwarnings import PeerWarnings
 from .routing.budget import RetryBudget
 from .routing.health import HealthPolicy, ServiceHealth
 from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, NOT_SENT, OK,

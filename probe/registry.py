@@ -22,8 +22,9 @@ from kazoo.exceptions import (BadVersionError, KazooException, NoNodeError,
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
-from . import naming, zkacl
-from .balancer import Node, RoutingTable
+from . import naming
+from .zk import acl as zkacl
+from .routing.balancer import Node, RoutingTable
 from .errors import ComponentUnavailable, InvalidNodeAddress
 from .naming import NodeSettings
 from .zk import snapshot

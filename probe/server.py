@@ -20,21 +20,21 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import metrics as call_metrics
 from . import naming
-from .appkeys import AppkeyStore
+from .stores.appkeys import AppkeyStore
 from .errors import ComponentUnavailable, ProbeError
 from .idl import load_service
 from .naming import NodeSettings
-from .nodestore import NodeStore
+from .stores.nodestore import NodeStore
 from .registry import Registration, release_zookeeper, shared_zookeeper
 from .rpc.overload import make_limiter
-from .rpctls import server_context
+from .rpc.tls import server_context
 from .settings import load_settings, outbound_ip
 from .options import (DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                       DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_SLOW_CALL_MS,
                       DEFAULT_STATS_INTERVAL, DEFAULT_STATS_TTL, MetricsOptions, ProviderLimits,
                       DEFAULT_WORKER_THREADS, ProviderTimeouts, check_number)
-from .thriftserver import ThriftServer
-from .workers import WorkerPool, wait_for_drain_order
+from .rpc.server import ThriftServer
+from .rpc.workers import WorkerPool, wait_for_drain_order
 
 log = logging.getLogger("probe.server")
 

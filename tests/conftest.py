@@ -48,7 +48,7 @@ def stack(tmp_path_factory):
 @pytest.fixture
 def appkey(stack):
     """A freshly registered appkey, so tests never see each other's nodes."""
-    from probe.appkeys import AppkeyStore
+    from probe.stores.appkeys import AppkeyStore
     from probe.settings import load_settings
     key = "t_%s" % uuid.uuid4().hex[:10]
     store = AppkeyStore(load_settings().mysql)
@@ -100,7 +100,7 @@ SECURE_ENV = "dev"
 def secure_stack(tmp_path_factory):
     """`probe stack up --secure` on free loopback ports: (stack, config path, secrets)."""
     import json
-    from probe.devstack import Stack
+    from probe.dev.stack import Stack
     state = str(tmp_path_factory.mktemp("secure-stack"))
     secured = Stack(state_dir=state, ports="free", secure=True)
     try:

@@ -187,7 +187,7 @@ def _spawn(appkey, name, port, log_dir):
 
 
 def test_failover_after_kill_9_of_one_of_two_async_providers(appkey, tmp_path):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     processes = [_spawn(appkey, name, free_port(), str(tmp_path)) for name in ("a", "b")]
 
     async def main():
@@ -450,7 +450,7 @@ def test_async_client_calls_a_sync_provider_and_an_apache_server(appkey, provide
     from thrift.transport import TSocket, TTransport
     from probe import naming
     from probe.demo import DemoServiceHandler
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     from probe.registry import Registration, release_zookeeper, shared_zookeeper
     from probe.settings import load_settings
     service_module, ttypes = apache

@@ -17,7 +17,7 @@ from thriftpy2.thrift import TClient
 
 import probe
 from conftest import IDL, wait_for
-from probe.balancer import Node, RoutingTable
+from probe.routing.balancer import Node, RoutingTable
 from probe.client import ProbeClient, build_client
 from probe.errors import ProbeError
 from probe.idl import load_service

@@ -13,7 +13,7 @@ from conftest import ADVERTISED_HOST, IDL, run_probe, wait_for
 from probe import naming
 from probe.errors import InvalidServiceName, NoAvailableNode, ThriftFileError, UnknownAppkey
 from probe.naming import NodeSettings
-from probe.nodestore import NodeStore
+from probe.stores.nodestore import NodeStore
 from probe.registry import shared_zookeeper, release_zookeeper
 from probe.settings import load_settings
 
@@ -60,7 +60,7 @@ def test_the_test_stacks_providers_advertise_loopback_only(appkey, providers, cl
     """The stack's config says advertise_host: 127.0.0.1, so in-process and separate
     provider processes register 127.0.0.1, and consumers route only to 127.0.0.0/8."""
     from faults import ProviderProcess
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     assert load_settings().advertise_host == "127.0.0.1"
     providers(appkey, name="inproc")
     process = ProviderProcess(appkey, "process", free_port(), str(tmp_path))
@@ -87,7 +87,7 @@ def test_advertise_host_override(appkey, providers, zk, monkeypatch):
 
 
 def test_existing_operator_settings_are_kept(appkey, providers, zk, store):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     port, ip = free_port(), ADVERTISED_HOST
     field = naming.settings_field(appkey, "dev", "DemoService", ip, port)
     store.put(field, NodeSettings(ip, port, weight=30, valid=0))
@@ -98,7 +98,7 @@ def test_existing_operator_settings_are_kept(appkey, providers, zk, store):
 
 
 def test_unknown_appkey_is_refused_and_nothing_is_registered(stack, providers, zk, store):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     port = free_port()
     with pytest.raises(UnknownAppkey) as refused:
         providers("nobody_registered_this", port=port)
@@ -146,7 +146,7 @@ def test_equal_nodes_share_traffic_evenly(appkey, providers, clients):
 
 
 def test_weights_10_to_30_give_about_one_to_three(appkey, providers, clients, store):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     ip = ADVERTISED_HOST
     light, heavy = free_port(), free_port()
     store.put(naming.settings_field(appkey, "dev", "DemoService", ip, heavy), NodeSettings(ip, heavy, 30, 1))

@@ -17,8 +17,8 @@ import redis
 import yaml
 from kazoo.client import KazooClient
 
-from probe import devstack
-from probe.devstack import DEV_PORTS, Stack, StackError, free_port
+from probe.dev import stack as devstack
+from probe.dev.stack import DEV_PORTS, Stack, StackError, free_port
 from probe.testing import FaultStack, ZooKeeperEnsemble
 
 SYSTEM_PORTS = {2181, 3306, 6379}
@@ -275,7 +275,7 @@ def test_free_port_can_be_bound():
 def test_stack_ports_stay_out_of_the_ephemeral_range():
     """An outgoing connection's local port comes from that range: a server port
     chosen there could be taken before the server binds it."""
-    from probe.devstack import _ephemeral_ports, _free_ports
+    from probe.dev.stack import _ephemeral_ports, _free_ports
     low, _ = _ephemeral_ports()
     ports = _free_ports(50)
     assert len(set(ports)) == 50

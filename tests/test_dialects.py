@@ -19,11 +19,11 @@ from thriftpy2.transport import (TBufferedTransportFactory, TFramedTransportFact
 
 from conftest import ADVERTISED_HOST, IDL, run_probe, wait_for
 from probe import naming
-from probe.balancer import Node
+from probe.routing.balancer import Node
 from probe.errors import InvalidAppkey, InvalidHost, InvalidNodeAddress, InvalidNodeData, ProbeError
 from probe.governance.register import ForeignNode, RegisterError
 from probe.idl import load_service
-from probe.messagelimits import (NEED_MORE, CompactScanner, FramedScanner, MessageRejected,
+from probe.rpc.messagelimits import (NEED_MORE, CompactScanner, FramedScanner, MessageRejected,
                                  MessageScanner, scanner_for)
 from probe.naming import NodeSettings
 from probe.registry import release_zookeeper, shared_zookeeper
@@ -299,7 +299,7 @@ def test_a_node_with_an_unknown_dialect_is_skipped_with_a_warning(appkey, provid
 def test_a_dialect_change_in_node_data_replaces_the_pooled_connections(appkey, stack, clients):
     """A node that re-declares its dialect (a foreign server switched to framed) is
     spoken to in the new one; its old connections are dropped."""
-    from probe.thriftserver import ThriftServer
+    from probe.rpc.server import ThriftServer
     from demo_server import DemoServiceHandler
     server = ThriftServer(SERVICE, DemoServiceHandler("switch"), ADVERTISED_HOST, 0)
     port = server.bind()
@@ -341,7 +341,7 @@ def test_weight_and_switch_edits_keep_every_field_they_do_not_own(appkey, stack)
         run_probe("node", "disable", appkey, "DemoService", address)
         live = json.loads(zk.client.get(path)[0])
         assert live == dict(data, weight=77, valid=0)
-        from probe.nodestore import NodeStore
+        from probe.stores.nodestore import NodeStore
         store = NodeStore(load_settings().redis, "dev")
         try:
             stored = json.loads(store.get_raw(naming.settings_field(
@@ -397,7 +397,7 @@ def test_register_cli_refuses_before_anything_is_written(stack, appkey):
         assert not zk.client.exists(naming.appkey_path("dev", unknown))
     finally:
         release_zookeeper(zk)
-    from probe.nodestore import NodeStore
+    from probe.stores.nodestore import NodeStore
     store = NodeStore(load_settings().redis, "dev")
     try:
         assert store.get_raw(naming.settings_field(unknown, "dev", "DemoService", "127.0.0.1", 9)) is None

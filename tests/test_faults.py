@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ADVERTISED_HOST, IDL, SESSION_TIMEOUT, wait_for
 from faults import Load, ProviderProcess, fresh_zk
-from probe.devstack import free_port
+from probe.dev.stack import free_port
 from probe.settings import load_settings
 
 

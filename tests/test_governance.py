@@ -102,7 +102,7 @@ def test_calls_in_flight_on_a_disabled_node_finish(appkey, providers, clients, a
 
 
 def test_settings_survive_a_provider_restart(appkey, providers, clients, admin):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     port = free_port()
     first = providers(appkey, name="a", port=port)
     providers(appkey, name="b")
@@ -121,7 +121,7 @@ def test_settings_survive_a_provider_restart(appkey, providers, clients, admin):
 
 
 def test_change_to_a_down_node_waits_in_redis(appkey, providers, admin):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     port = free_port()
     ip = providers(appkey, name="other").host
     address = "%s:%d" % (ip, port)

@@ -493,9 +493,9 @@ def test_ejections_show_in_metrics_and_probe_nodes(appkey, providers, clients, f
 
 def test_fleet_health_reports_are_cleared_on_readmission_and_checked(appkey, providers, clients,
                                                                     fresh_metrics):
-    from probe.nodestore import connect_redis
+    from probe.stores.nodestore import connect_redis
     from probe.settings import load_settings
-    from probe.stats import read_node_health
+    from probe.stores.stats import read_node_health
     redis_client = connect_redis(load_settings().redis)
     broken = raising_handler()
     bad = providers(appkey, handler=broken)

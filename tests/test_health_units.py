@@ -8,7 +8,7 @@ import pytest
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 
-from probe.balancer import Node, RoutingTable, make_balancer
+from probe.routing.balancer import Node, RoutingTable, make_balancer
 from probe.errors import InvalidHealthPolicy, NodeCallFailed, ProbeError
 from probe.routing.budget import RetryBudget
 from probe.routing.health import HealthPolicy, ServiceHealth

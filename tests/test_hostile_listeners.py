@@ -77,7 +77,7 @@ def _close_all(socks):
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    from probe.certs import make_stack_certs
+    from probe.dev.certs import make_stack_certs
     return make_stack_certs(str(tmp_path_factory.mktemp("hostile-certs")))
 
 
@@ -320,9 +320,9 @@ def test_callers_that_never_read_replies_pin_no_worker(stack, appkey):
 
 def test_tls_callers_that_never_read_replies_pin_no_worker(certs):
     """The same over mutual TLS, on the provider's server itself."""
-    from probe.rpctls import client_context, server_context
+    from probe.rpc.tls import client_context, server_context
     from probe.settings import RpcTls
-    from probe.thriftserver import ThriftServer
+    from probe.rpc.server import ThriftServer
     module = thriftpy2.load(HOSTILE_IDL, module_name="hostile_echo_tls_thrift")
     tls = RpcTls(certs.rpc_ca, certs.rpc_provider.cert, certs.rpc_provider.key)
     server = ThriftServer(module.HostileService, EchoHandler(), "127.0.0.1", 0,
@@ -438,8 +438,8 @@ def _deep(depth):
 
 
 def test_a_value_too_deep_is_refused_by_set_and_one_within_the_limit_is_served(appkey):
-    from probe.configcenter import live_config
-    from probe.governance.configvalue import MAX_DEPTH
+    from probe.configcenter.live import live_config
+    from probe.configcenter.values import MAX_DEPTH
     refused = run_probe("config", "set", appkey, "deep", _deep(985), check=False)
     assert refused.returncode == 2 and "InvalidConfigValue" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -456,7 +456,7 @@ def test_a_value_too_deep_is_refused_by_set_and_one_within_the_limit_is_served(a
 
 
 def test_config_set_reads_the_value_from_stdin_and_a_file(appkey, tmp_path):
-    from probe.configcenter import MAX_VALUE_BYTES
+    from probe.configcenter.live import MAX_VALUE_BYTES
     big = json.dumps("v" * (600 * 1024))  # over one command-line argument (128 KiB)
     done = subprocess.run([sys.executable, "-m", "probe.cli", "config", "set", appkey, "big", "-"],
                           input=big.encode() + b"\n", capture_output=True, timeout=60)

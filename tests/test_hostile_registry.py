@@ -21,12 +21,12 @@ from kazoo.client import KazooClient
 from conftest import ROOT, run_probe, wait_for
 from probe import naming
 from probe.admin import Admin
-from probe.appkeys import AppkeyStore
-from probe.devstack import free_port
+from probe.stores.appkeys import AppkeyStore
+from probe.dev.stack import free_port
 from probe.errors import (ComponentUnavailable, InvalidAppkey, InvalidHost, InvalidNodeAddress,
                           InvalidServiceName, InvalidWeight, ProbeError, SchemaMissing)
 from probe.naming import NodeSettings
-from probe.nodestore import NodeStore
+from probe.stores.nodestore import NodeStore
 from probe.registry import snapshot_file
 from probe.settings import load_settings
 

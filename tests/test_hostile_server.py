@@ -19,7 +19,7 @@ from thriftpy2.transport import TCyMemoryBuffer
 
 from conftest import wait_for
 from probe.errors import ProbeError
-from probe.messagelimits import NEED_MORE, MessageRejected, MessageScanner
+from probe.rpc.messagelimits import NEED_MORE, MessageRejected, MessageScanner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOSTILE_IDL = os.path.join(HERE, "hostile.thrift")
@@ -317,7 +317,7 @@ def test_idle_timeout_closes_idle_connections_and_pooled_clients_carry_on(hostil
 
 
 def test_a_thread_that_cannot_start_does_not_stop_the_provider(hostile, monkeypatch):
-    import probe.thriftserver as thriftserver
+    import probe.rpc.server as thriftserver
     real_thread = threading.Thread
     failures = []
 

@@ -114,8 +114,8 @@ def _kill_own_connection(access):
 
 
 def test_every_mysql_user_reconnects_once_after_the_server_dropped_it(stack, appkey):
-    from probe.appkeys import AppkeyStore
-    from probe.configstore import ConfigHistory
+    from probe.stores.appkeys import AppkeyStore
+    from probe.stores.confighistory import ConfigHistory
     from probe.console.users import UserStore
     settings = load_settings().mysql
     store, users, history = AppkeyStore(settings), UserStore(settings), ConfigHistory(settings)
@@ -136,8 +136,8 @@ def test_every_mysql_user_reconnects_once_after_the_server_dropped_it(stack, app
 
 def test_an_unreachable_mysql_is_the_same_named_error_everywhere():
     import socket
-    from probe.appkeys import AppkeyStore
-    from probe.configstore import ConfigHistory
+    from probe.stores.appkeys import AppkeyStore
+    from probe.stores.confighistory import ConfigHistory
     from probe.console.users import UserStore
     from probe.settings import MysqlSettings
     with socket.socket() as probe_socket:
@@ -157,7 +157,7 @@ def test_one_stats_reader_drops_negative_and_malformed_counts(stack):
     import redis as redis_lib
     from probe.console.figures import node_figures
     from probe.naming import stats_key
-    from probe.stats import WIDTH, read_entries, read_stats
+    from probe.stores.stats import WIDTH, read_entries, read_stats
     settings = load_settings()
     client = redis_lib.Redis(host=settings.redis.host, port=settings.redis.port)
     now, appkey = 2000005, "negative_app"
@@ -191,7 +191,7 @@ def test_one_stats_reader_drops_negative_and_malformed_counts(stack):
 def test_the_stats_reader_names_an_unreachable_redis():
     import socket
     import redis as redis_lib
-    from probe.stats import read_stats
+    from probe.stores.stats import read_stats
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
         port = probe_socket.getsockname()[1]

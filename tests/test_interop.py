@@ -26,7 +26,7 @@ from thrift.transport import TSocket, TTransport
 from conftest import ADVERTISED_HOST, IDL, wait_for
 from probe import naming
 from probe.demo import DemoServiceHandler
-from probe.devstack import free_port
+from probe.dev.stack import free_port
 from probe.idl import load_module
 from probe.registry import Registration, release_zookeeper, shared_zookeeper
 from probe.settings import load_settings

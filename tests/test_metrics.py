@@ -16,8 +16,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import IDL, run_probe, wait_for
-from probe import metrics, stats
-from probe.devstack import free_port
+from probe import metrics
+from probe.stores import stats
+from probe.dev.stack import free_port
 from probe.errors import ProbeError
 from probe.idl import load_module
 from probe.settings import load_settings
@@ -70,7 +71,7 @@ def stats_rows(appkey, *extra):
 
 @pytest.fixture
 def redis_client(stack):
-    from probe.nodestore import connect_redis
+    from probe.stores.nodestore import connect_redis
     client = connect_redis(load_settings().redis)
     yield client
     client.close()

@@ -123,7 +123,7 @@ def hosts():
 @pytest.fixture
 def remote_stack(hosts, tmp_path):
     """ZooKeeper, Redis and MariaDB in the srv namespace, bound to its address."""
-    from probe import devstack
+    from probe.dev import stack as devstack
 
     state = str(tmp_path / "stack")
     code = ("import sys; from probe.devstack import Stack; "
@@ -149,7 +149,7 @@ def remote_stack(hosts, tmp_path):
 def test_stack_refuses_a_host_it_cannot_bind_alone():
     """Stack(host=) takes one IPv4 address; a wildcard or a name is refused before
     anything starts."""
-    from probe.devstack import Stack, StackError
+    from probe.dev.stack import Stack, StackError
     for bad in ("0.0.0.0", "example.com", "198.18.0.300", "", None):
         with pytest.raises(StackError, match="host must be one IPv4 address"):
             Stack("/nonexistent/probe-stack", ports="free", host=bad)
@@ -163,7 +163,7 @@ def _env(**extra):
 
 
 def test_providers_on_separate_hosts(hosts, remote_stack, tmp_path):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     env = _env(PROBE_CONFIG=remote_stack["config"], PROBE_ENV="dev",
                PROBE_SNAPSHOT_DIR=str(tmp_path / "snapshots"), PROBE_TEST_GRACE="0.2")
     appkey = "mh_%s" % uuid.uuid4().hex[:8]

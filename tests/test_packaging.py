@@ -103,7 +103,7 @@ def index(tmp_path_factory, dists):
     """A pypiserver on a free loopback port; uploads need a password, reads do not.
     Yields its URL and package folder; stopped at the end whatever happens."""
     from passlib.apache import HtpasswdFile
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
 
     home = tmp_path_factory.mktemp("index")
     packages = home / "packages"
@@ -219,7 +219,7 @@ def test_probe_demo_runs_from_the_install_in_an_empty_directory(installed, tmp_p
     assert not os.path.exists(os.path.dirname(state))
     ports = re.findall(r"127\.0\.0\.1:(\d+)", done.stdout)
     assert ports
-    from probe.devstack import _port_in_use
+    from probe.dev.stack import _port_in_use
     assert not any(_port_in_use(int(port)) for port in ports)
 
 
@@ -234,7 +234,7 @@ def _readme_block(title):
 def test_readme_provider_and_consumer_run_from_the_install(installed, tmp_path):
     """The README's two snippets, as files, in a folder with the packaged demo IDL,
     against a stack started by the installed probe."""
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
 
     python = os.path.join(installed, "bin", "python")
     probe_cli = os.path.join(installed, "bin", "probe")
@@ -290,7 +290,7 @@ def test_docker_compose_matches_the_packaged_config():
     (checked here on every machine; `make compose-check` adds `docker compose
     config` where Docker Compose exists)."""
     import yaml
-    from probe.devstack import DEV_PORTS
+    from probe.dev.stack import DEV_PORTS
     from probe.settings import PACKAGED_CONFIG
 
     compose = yaml.safe_load(open(os.path.join(ROOT, "docker-compose.yml")))

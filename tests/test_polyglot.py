@@ -26,7 +26,7 @@ import pytest
 
 from conftest import ADVERTISED_HOST, ROOT, SESSION_TIMEOUT, run_probe, wait_for
 from probe import naming
-from probe.devstack import free_port
+from probe.dev.stack import free_port
 from probe.idl import load_module
 from probe.registry import release_zookeeper, shared_zookeeper
 from probe.settings import load_settings

@@ -8,7 +8,7 @@ import yaml
 from conftest import wait_for
 from probe import naming
 from probe.admin import Admin
-from probe.nodestore import NodeStore
+from probe.stores.nodestore import NodeStore
 from probe.settings import load_settings
 
 

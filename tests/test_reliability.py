@@ -10,9 +10,9 @@ import yaml
 from conftest import ADVERTISED_HOST, IDL, close_wait_sockets, gated_handler, wait_for
 from faults import ProviderProcess, fresh_zk
 from probe import naming
-from probe.devstack import free_port
+from probe.dev.stack import free_port
 from probe.errors import ComponentUnavailable
-from probe.nodestore import NodeStore
+from probe.stores.nodestore import NodeStore
 from probe.registry import release_zookeeper, shared_zookeeper
 from probe.settings import load_settings
 

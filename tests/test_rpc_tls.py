@@ -21,9 +21,9 @@ from thriftpy2.transport import TTransportException
 from conftest import IDL, ROOT, client_builder, provider_starter, wait_for, write_config
 
 from probe import naming
-from probe.certs import make_stack_certs
+from probe.dev.certs import make_stack_certs
 from probe.errors import ConfigError, NodeUnreachable
-from probe.rpctls import RpcTlsError
+from probe.rpc.tls import RpcTlsError
 from probe.settings import load_settings
 
 ENV = "dev"
@@ -319,7 +319,7 @@ def test_failover_between_two_tls_providers_when_one_stops(appkey, providers, cl
     # skips its stale check for a connection released less than STALE_CHECK_AFTER
     # ago (by design: see probe.pool); a request written then meets the close, as
     # it would on any server closing at that instant. Let both moments pass.
-    from probe.pool import STALE_CHECK_AFTER, perf_counter
+    from probe.rpc.pool import STALE_CHECK_AFTER, perf_counter
     (pool,) = [p for p in client._pools.values() if p.port == first.port]
     wait_for(lambda: all(conn.is_stale() and perf_counter() - conn.released_at > STALE_CHECK_AFTER
                          for conn in list(pool.idle)), message="the close arrived")
@@ -370,7 +370,7 @@ def test_a_plaintext_provider_is_a_connect_failure_for_a_tls_consumer(
 # -- workers=N over TLS ----------------------------------------------------------------
 
 def test_two_workers_serve_tls(appkey, config, clients, tmp_path):
-    from probe.devstack import free_port
+    from probe.dev.stack import free_port
     port = free_port()
     env = dict(os.environ, PROBE_CONFIG=config, PROBE_ENV=ENV, PROBE_TEST_WORKERS="2",
                PROBE_TEST_GRACE="0.2")
@@ -443,7 +443,7 @@ def test_a_bad_pem_refuses_the_start_before_anything_is_registered(appkey, confi
 
 def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path, tls_files):
     from cryptography.hazmat.primitives import serialization
-    from probe.rpctls import server_context
+    from probe.rpc.tls import server_context
     from probe.settings import RpcTls
     with open(tls_files["key"], "rb") as handle:
         key = serialization.load_pem_private_key(handle.read(), None)
@@ -474,7 +474,7 @@ def test_graceful_stop_drains_a_call_in_flight_over_tls(appkey, providers, clien
 # -- pure logic ---------------------------------------------------------------------
 
 def test_contexts_are_mutual_tls_1_2_or_newer(tls_files):
-    from probe.rpctls import client_context, server_context
+    from probe.rpc.tls import client_context, server_context
     from probe.settings import RpcTls
     tls = RpcTls(tls_files["ca"], tls_files["cert"], tls_files["key"])
     server, client = server_context(tls), client_context(tls)
@@ -488,7 +488,7 @@ def test_contexts_are_mutual_tls_1_2_or_newer(tls_files):
 
 
 def test_only_a_peer_alert_counts_as_a_refused_handshake():
-    from probe.rpctls import is_refused_handshake
+    from probe.rpc.tls import is_refused_handshake
     alert = ssl.SSLError(1, "tlsv13 alert certificate required")
     alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
     assert is_refused_handshake(alert)

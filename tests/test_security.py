@@ -23,7 +23,8 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from conftest import IDL, wait_for, write_config
 
-from probe import naming, settings as settings_module, zkacl
+from probe import naming, settings as settings_module
+from probe.zk import acl as zkacl
 from probe.errors import ConfigError, ProbeError, ZooKeeperAuthFailed
 from probe.settings import load_settings
 
@@ -91,7 +92,7 @@ def test_anonymous_client_reads_the_registry_but_cannot_change_it(
 
 def test_config_center_znodes_carry_the_acl_and_anonymous_writes_are_refused(
         secure_config, secure_settings, secure_appkey, tmp_path):
-    from probe.configcenter import live_config
+    from probe.configcenter.live import live_config
     done = run_cli(secure_config, "config", "set", secure_appkey, "pool.size", "8")
     assert done.returncode == 0, done.stderr
     cfg = live_config(secure_appkey, env=ENV, config_path=secure_config,
@@ -214,7 +215,7 @@ def test_wrong_zookeeper_password_fails_at_start_and_registers_nothing(
         anonymous.stop()
         anonymous.close()
     # Nothing reached Redis either: ZooKeeper is checked before the node's settings.
-    from probe.nodestore import NodeStore
+    from probe.stores.nodestore import NodeStore
     store = NodeStore(secure_settings.redis, ENV)
     try:
         assert len(store.all(secure_appkey)) == len(before)
@@ -269,7 +270,7 @@ def test_zk_secure_without_credentials_is_refused(secure_config, tmp_path):
 # -- Redis and MySQL ------------------------------------------------------------------
 
 def test_redis_is_reached_over_tls_as_its_acl_user(secure_settings, secure_stack):
-    from probe.nodestore import NodeStore
+    from probe.stores.nodestore import NodeStore
     redis_settings = secure_settings.redis
     assert redis_settings.ssl and redis_settings.username == "probe"
     store = NodeStore(redis_settings, ENV)
@@ -301,7 +302,7 @@ def test_redis_is_reached_over_tls_as_its_acl_user(secure_settings, secure_stack
 
 def test_stats_and_metrics_sink_use_the_secured_redis(secure_settings):
     """Every place that opens Redis goes through connect_redis, with TLS and the user."""
-    from probe.nodestore import connect_redis
+    from probe.stores.nodestore import connect_redis
     client = connect_redis(secure_settings.redis)
     try:
         whoami = client.acl_whoami()
@@ -311,7 +312,7 @@ def test_stats_and_metrics_sink_use_the_secured_redis(secure_settings):
 
 
 def test_mysql_is_reached_over_tls_and_plaintext_is_refused(secure_settings, secure_appkey):
-    from probe.appkeys import AppkeyStore
+    from probe.stores.appkeys import AppkeyStore
     store = AppkeyStore(secure_settings.mysql)
     try:
         store.require(secure_appkey)
@@ -336,9 +337,9 @@ def test_mysql_is_reached_over_tls_and_plaintext_is_refused(secure_settings, sec
 
 def test_a_wrong_ca_is_refused(secure_config, tmp_path):
     """TLS checks the server: a config trusting another CA cannot connect."""
-    from probe.appkeys import AppkeyStore
-    from probe.nodestore import NodeStore
-    from probe.certs import make_stack_certs
+    from probe.stores.appkeys import AppkeyStore
+    from probe.stores.nodestore import NodeStore
+    from probe.dev.certs import make_stack_certs
     other = make_stack_certs(str(tmp_path / "other-ca"))
 
     def other_ca(config):
@@ -373,7 +374,7 @@ def test_metrics_listen_on_loopback_by_default(monkeypatch):
 
 def test_metrics_over_https_with_client_certificates(monkeypatch, secure_stack):
     from probe import metrics
-    from probe.certs import stack_cert_paths
+    from probe.dev.certs import stack_cert_paths
     certs = stack_cert_paths(secure_stack[0].tls_dir)
     monkeypatch.setenv("PROBE_METRICS_CERTFILE", certs.server.cert)
     monkeypatch.setenv("PROBE_METRICS_KEYFILE", certs.server.key)
@@ -433,8 +434,8 @@ def test_no_secret_in_repr_log_or_error(secure_stack, secure_config, secure_appk
         config["redis"][ENV]["password"] = "x" + secrets["redis"]
         config["mysql"][ENV]["password"] = "x" + secrets["mysql"]
     wrong = load_settings(write_config(tmp_path / "wrong.yml", secure_config, wrong_redis), ENV)
-    from probe.appkeys import AppkeyStore
-    from probe.nodestore import NodeStore
+    from probe.stores.appkeys import AppkeyStore
+    from probe.stores.nodestore import NodeStore
     with pytest.raises(ProbeError) as mysql_refused:
         AppkeyStore(wrong.mysql).connect()
     store = NodeStore(wrong.redis, ENV)
@@ -516,7 +517,7 @@ def test_cluster_clients_get_tls_and_the_acl_user(secure_config, tmp_path):
     """RedisCluster gets the same TLS and user options: against the secured (single,
     non-cluster) server it gets as far as asking for the cluster's slots, which
     plaintext or a missing user never would."""
-    from probe.nodestore import connect_redis
+    from probe.stores.nodestore import connect_redis
 
     def as_cluster(config):
         config["redis"][ENV]["cluster"] = 1
@@ -531,7 +532,7 @@ def test_cluster_clients_get_tls_and_the_acl_user(secure_config, tmp_path):
 # -- the stack ---------------------------------------------------------------------------
 
 def test_default_stack_stays_unsecured(tmp_path):
-    from probe.devstack import Stack
+    from probe.dev.stack import Stack
     config = Stack(state_dir=str(tmp_path / "plain"), ports="free").config()
     assert "auth" not in config["zkserver"]["dev"] and "rpc_tls" not in config
     assert "ssl" not in config["redis"]["dev"] and "ssl" not in config["mysql"]["dev"]
@@ -539,7 +540,7 @@ def test_default_stack_stays_unsecured(tmp_path):
 
 
 def test_a_running_secured_stack_is_not_switched_to_unsecured(secure_stack):
-    from probe.devstack import Stack, StackError
+    from probe.dev.stack import Stack, StackError
     stack = secure_stack[0]
     assert Stack(state_dir=stack.state_dir, ports="free").secure  # remembered
     with pytest.raises(StackError) as refused:

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from probe import naming
-from probe.balancer import (LeastInFlight, Node, RoutingTable, SmoothRoundRobin, WeightedRandom,
+from probe.routing.balancer import (LeastInFlight, Node, RoutingTable, SmoothRoundRobin, WeightedRandom,
                             make_balancer, warmed_weight)
 from probe.errors import (ConfigError, InvalidAppkey, InvalidNodeAddress, InvalidServiceName,
                           InvalidWeight, NoAvailableNode, ProbeError)
@@ -159,7 +159,7 @@ def test_weighted_random_follows_weights():
 
 @pytest.mark.parametrize("weights", [[1], [10, 30], [3, 0, 7, 1, 9], [1] * 50 + [1000], list(range(1, 200))])
 def test_alias_table_gives_exact_probabilities(weights):
-    from probe.balancer import alias_table
+    from probe.routing.balancer import alias_table
     table = alias_table(weights)
     share = [0.0] * len(weights)
     for slot, (threshold, other) in enumerate(table):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ADVERTISED_HOST, wait_for
 from faults import Load, ProviderProcess, fresh_zk
-from probe.devstack import free_port
+from probe.dev.stack import free_port
 
 
 @pytest.fixture

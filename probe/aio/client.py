@@ -31,13 +31,13 @@ from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer, TTransportExcept
 
 from .. import metrics as call_metrics
 from .. import naming
-from ..balancer import make_balancer
+from ..routing.balancer import make_balancer
 from ..client import (Observer, ProbeClient, _ClientMethod, _idempotent_names, _Retryable,
                       client_choices)
 from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from ..idl import load_service, module_of
 from ..methodspec import method_specs
-from ..peerwarnings import PeerWarnings
+from ..rpc.peerwarnings import PeerWarnings
 from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
 from ..routing.budget import RetryBudget
 from ..routing.health import HealthPolicy, ServiceHealth
@@ -45,7 +45,7 @@ from ..rpc.codec import codec_for
 from ..rpc.outcomes import (APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK,
                             OVERLOADED, TIMEOUT)
 from ..rpc.overload import is_overload_reply
-from ..rpctls import client_context, is_refused_handshake
+from ..rpc.tls import client_context, is_refused_handshake
 from ..options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
                        check_number)
 from ..settings import load_settings

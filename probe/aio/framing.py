@@ -6,7 +6,7 @@ of calls. The provider side uses `probe.messagelimits.scanner_for` as it is.
 
 from typing import Any
 
-from ..messagelimits import REPLIES, CompactScanner, FramedScanner, MessageScanner
+from ..rpc.messagelimits import REPLIES, CompactScanner, FramedScanner, MessageScanner
 
 
 class BinaryReplyScanner(MessageScanner):

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from thriftpy2.transport import TTransportException
 
 from ..errors import ProbeError
-from ..messagelimits import NEED_MORE, MessageRejected
+from ..rpc.messagelimits import NEED_MORE, MessageRejected
 from .framing import reply_scanner
 
 _monotonic = time.monotonic

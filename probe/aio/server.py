@@ -32,19 +32,19 @@ from .. import metrics as call_metrics
 from .. import naming
 from ..errors import ProbeError
 from ..idl import load_service
-from ..messagelimits import NEED_MORE, MessageRejected, scanner_for
+from ..rpc.messagelimits import NEED_MORE, MessageRejected, scanner_for
 from ..methodspec import method_specs
 from ..naming import NodeSettings
-from ..peerwarnings import PeerWarnings
+from ..rpc.peerwarnings import PeerWarnings
 from ..registry import release_zookeeper
 from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
 from ..rpc.overload import make_limiter, overload_reply, unforgeable
-from ..rpctls import server_context
+from ..rpc.tls import server_context
 from ..options import MetricsOptions, ProviderLimits, ProviderTimeouts, check_number
 from ..server import (advertised_host, check_stores, node_zookeeper_settings, provider_options,
                       raise_fd_limit, register_node)
 from ..settings import load_settings
-from ..thriftserver import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+from ..rpc.server import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                             DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH, _invoker)
 
 log = logging.getLogger("probe.aio.server")

@@ -20,7 +20,7 @@ from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, NoReturn, Optional
 
 if TYPE_CHECKING:
-    from ..devstack import Stack
+    from ..dev.stack import Stack
 
 DEMO_IDL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.thrift")
 APPKEY = "hello_www"
@@ -98,7 +98,7 @@ def run(out: Optional[Callable[[str], object]] = None, keep_dir: Optional[str] =
         (it is wiped at the end all the same).
     :raises probe.errors.ProbeError: a part could not start (the message says which).
     """
-    from .. import devstack
+    from ..dev import stack as devstack
     from ..admin import Admin
     from ..client import build_client
     from ..server import start_service

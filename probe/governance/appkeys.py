@@ -5,7 +5,8 @@ registry (`secure_registry`)."""
 import logging
 from typing import Dict, List, Optional
 
-from .. import naming, zkacl
+from .. import naming
+from ..zk import acl as zkacl
 from ..errors import ComponentUnavailable, InvalidArgument, ProbeError
 from ..options import check_number
 from .backends import MAX_ROWS, Backends

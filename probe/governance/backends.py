@@ -7,9 +7,9 @@ closed together. Every governance noun (nodes, appkeys, config) shares one
 import threading
 from typing import Any, Optional
 
-from ..appkeys import AppkeyStore
-from ..configstore import ConfigHistory
-from ..nodestore import NodeStore
+from ..stores.appkeys import AppkeyStore
+from ..stores.confighistory import ConfigHistory
+from ..stores.nodestore import NodeStore
 from ..registry import ZooKeeper, release_zookeeper, shared_zookeeper
 from ..settings import Settings
 

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from .. import naming
-from ..appkeys import current_user
-from ..configcenter import MAX_VALUE_BYTES, canonical_text, parse_value
+from ..stores.appkeys import current_user
+from ..configcenter.live import MAX_VALUE_BYTES, canonical_text, parse_value
 from ..errors import (ComponentUnavailable, ConfigConflict, InvalidArgument, InvalidConfigValue,
                       UnknownConfigKey)
 from ..options import check_number

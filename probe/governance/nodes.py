@@ -34,7 +34,7 @@ from .. import naming
 from ..errors import ComponentUnavailable, NodeSettingsConflict, ProbeError, UnknownNode
 from ..naming import NodeSettings
 from ..registry import read_children_with_data
-from ..stats import read_node_health
+from ..stores.stats import read_node_health
 from .backends import Backends
 from .results import NodeChange, NodeRow
 

@@ -39,10 +39,10 @@ from thriftpy2.thrift import TMessageType
 from thriftpy2.transport import TSocket
 
 from .. import naming
-from ..appkeys import AppkeyStore
+from ..stores.appkeys import AppkeyStore
 from ..errors import ProbeError, RegisterError
 from ..naming import NodeSettings
-from ..nodestore import NodeStore
+from ..stores.nodestore import NodeStore
 from ..registry import Registration, release_zookeeper, shared_zookeeper
 from ..rpc.codec import codec_for
 from ..settings import load_settings

@@ -19,7 +19,7 @@ nothing and installs no hook.
 
 from typing import TYPE_CHECKING, Optional
 
-from ..stats import DEFAULT_TTL
+from ..stores.stats import DEFAULT_TTL
 from .exposition import MetricsEndpoint, ProbeCollector
 from .options import (DEFAULT_METRICS_ADDR, DEFAULT_SLOW_CALL_MS, DEFAULT_STATS_INTERVAL,
                       LOCAL_METRICS_ADDR, MAX_STATS_INTERVAL, METRICS_ADDR_ENV, METRICS_PORT_ENV,

@@ -17,7 +17,7 @@ from prometheus_client.utils import floatToGoString
 
 from ..errors import ProbeError
 from ..rpc.httpserver import BoundedHttpServer, HttpLimits, server_ssl_context
-from ..stats import BOUNDS, SIDES
+from ..stores.stats import BOUNDS, SIDES
 from .options import METRICS_ADDR_ENV, METRICS_PORT_ENV, tls_options
 from .recorder import add_cell
 

@@ -9,7 +9,7 @@ request, hostile data skipped). Server-side stats are used: they count what each
 from typing import Any, Dict, Tuple
 
 from ..rpc.outcomes import OK
-from ..stats import SLOT_SECONDS, WIDTH, StatsEntry, ms, quantile, read_entries, slot_of
+from ..stores.stats import SLOT_SECONDS, WIDTH, StatsEntry, ms, quantile, read_entries, slot_of
 
 
 class _Cell(object):

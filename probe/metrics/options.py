@@ -8,7 +8,7 @@ from ..errors import ProbeError
 from ..naming import is_valid_host
 from ..options import (DEFAULT_SLOW_CALL_MS, DEFAULT_STATS_INTERVAL, MAX_STATS_INTERVAL,
                        MetricsOptions, check_number)
-from ..stats import DEFAULT_TTL
+from ..stores.stats import DEFAULT_TTL
 # None: PROBE_METRICS_ADDR if set, else LOCAL_METRICS_ADDR. /metrics names every
 # appkey, service and node, so it stays on loopback unless someone widens it.
 DEFAULT_METRICS_ADDR = None

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Tuple
 from bisect import bisect_left
 
 from ..naming import parse_node_name
-from ..stats import BOUNDS, DEFAULT_TTL, SIDES
+from ..stores.stats import BOUNDS, DEFAULT_TTL, SIDES
 from .options import DEFAULT_SLOW_CALL_MS
 
 log = logging.getLogger("probe.metrics")

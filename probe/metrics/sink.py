@@ -14,9 +14,9 @@ import threading
 import time
 
 from ..errors import ConfigError, ProbeError
-from ..nodestore import REDIS_ERRORS
+from ..stores.nodestore import REDIS_ERRORS
 from ..naming import health_field
-from ..stats import health_entry, slot_of, write_health, write_slot
+from ..stores.stats import health_entry, slot_of, write_health, write_slot
 from .options import DEFAULT_STATS_INTERVAL
 
 log = logging.getLogger("probe.metrics")
@@ -70,7 +70,7 @@ class RedisSink(object):
 
     def _redis(self):
         if self._client is None:
-            from ..nodestore import connect_redis
+            from ..stores.nodestore import connect_redis
             self._client = connect_redis(self.settings, timeout=REDIS_TIMEOUT)
         return self._client
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from prometheus_client import REGISTRY
 
-from ..stats import DEFAULT_TTL
+from ..stores.stats import DEFAULT_TTL
 from .exposition import HttpServers, MetricsEndpoint, ProbeCollector
 from .options import DEFAULT_SLOW_CALL_MS, DEFAULT_STATS_INTERVAL, LOCAL_METRICS_ADDR
 from .recorder import Recorder

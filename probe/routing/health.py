@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Collection, Dict, Iterable, Optional
 
-from ..balancer import Node, RoutingTable
+from .balancer import Node, RoutingTable
 from ..errors import InvalidHealthPolicy, NoAvailableNode
 from ..rpc.outcomes import DECLARED_EXCEPTION, NOT_SENT, OK, OVERLOADED
 

@@ -6,7 +6,7 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from probe.devstack import (LOOPBACK, StackError, _four_letter_word, _free_ports, _is_alive,
+from ..dev.stack import (LOOPBACK, StackError, _four_letter_word, _free_ports, _is_alive,
                             _locked, _read_json, _Recorded, _start_servers, _stop_servers,
                             _write_file, _ZooKeeperServer)
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 from typing import Dict, List
 
-from probe.devstack import (LOOPBACK, StackError, _ephemeral_ports, _exchange, _find_binary,
+from ..dev.stack import (LOOPBACK, StackError, _ephemeral_ports, _exchange, _find_binary,
                             _free_ports, _port_in_use, _RedisServer, _start_servers,
                             _stop_servers)
 

@@ -1,6 +1,6 @@
 """`FaultStack`: the development stack with per-component fault control."""
 
-from probe.devstack import (COMPONENTS, Stack, StackError, _Server, _start_servers,
+from ..dev.stack import (COMPONENTS, Stack, StackError, _Server, _start_servers,
                             _stop_servers)
 
 

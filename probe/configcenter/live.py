@@ -29,13 +29,13 @@ import threading
 import time
 from collections.abc import Mapping
 
-from . import naming
-from .errors import ComponentUnavailable, ConfigUnavailable, InvalidConfigValue
-from .governance.configvalue import MAX_VALUE_BYTES, canonical_text, parse_value
-from .registry import release_zookeeper, shared_zookeeper
-from .settings import load_settings
-from .zk import snapshot
-from .zk.mirror import ChildrenMirror
+from .. import naming
+from ..errors import ComponentUnavailable, ConfigUnavailable, InvalidConfigValue
+from .values import MAX_VALUE_BYTES, canonical_text, parse_value
+from ..registry import release_zookeeper, shared_zookeeper
+from ..settings import load_settings
+from ..zk import snapshot
+from ..zk.mirror import ChildrenMirror
 
 log = logging.getLogger("probe.configcenter")
 

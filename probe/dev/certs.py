@@ -14,7 +14,7 @@ import ipaddress
 import os
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
-from .errors import ProbeError
+from ..errors import ProbeError
 
 VALID_DAYS = 825  # the longest lifetime TLS clients accept for a leaf
 

@@ -21,12 +21,12 @@ import json
 import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import ComponentUnavailable
+from ..errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
-from .options import DEFAULT_STATS_TTL
-from .naming import (health_field, health_key, parse_health_field,  # noqa: F401
+from ..options import DEFAULT_STATS_TTL
+from ..naming import (health_field, health_key, parse_health_field,  # noqa: F401
                      parse_stats_field, stats_field, stats_key, stats_pattern)
-from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK,
+from ..rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, OK,
                            OVERLOADED, TIMEOUT)
 
 SLOT_SECONDS = 10

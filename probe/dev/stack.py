@@ -1117,8 +1117,8 @@ class Stack(_Recorded):
         finally:
             connection.close()
         # The tables too, so `serviceapp` exists for anyone inserting appkeys by SQL.
-        from .appkeys import AppkeyStore
-        from .settings import MysqlSettings, MysqlTls
+        from ..stores.appkeys import AppkeyStore
+        from ..settings import MysqlSettings, MysqlTls
         tls = None
         if self.secure:
             tls = MysqlTls(self._certs.ca, self._certs.client.cert, self._certs.client.key)

@@ -11,9 +11,9 @@ import hashlib
 import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from .errors import ComponentUnavailable, ConfigConflict
-from .settings import MysqlSettings
-from .stores.mysql import CONNECTION_ERRORS, MysqlAccess
+from ..errors import ComponentUnavailable, ConfigConflict
+from ..settings import MysqlSettings
+from .mysql import CONNECTION_ERRORS, MysqlAccess
 
 log = logging.getLogger("probe.configstore")
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 from thriftpy2.transport import TSocket, TTransportException
 
-from .rpc.codec import DEFAULT_CODEC, Codec
+from .codec import DEFAULT_CODEC, Codec
 
 STALE_CHECK_AFTER = 0.0002  # seconds idle before a pooled connection is polled
 

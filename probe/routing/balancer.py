@@ -15,7 +15,7 @@ from operator import attrgetter
 from typing import (Callable, Collection, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
                     Union)
 
-from .errors import NoAvailableNode, ProbeError
+from ..errors import NoAvailableNode, ProbeError
 
 BALANCERS = ("weighted_random", "round_robin", "least_inflight", "p2c_ewma")
 

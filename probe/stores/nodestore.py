@@ -16,9 +16,9 @@ import logging
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from . import naming
-from .errors import ComponentUnavailable, NodeSettingsConflict
-from .naming import NodeSettings
+from .. import naming
+from ..errors import ComponentUnavailable, NodeSettingsConflict
+from ..naming import NodeSettings
 
 log = logging.getLogger("probe.nodestore")
 

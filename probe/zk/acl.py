@@ -19,8 +19,8 @@ from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.protocol.serialization import Auth
 from kazoo.security import ACL, Id, Permissions, make_acl, make_digest_acl_credential
 
-from . import naming
-from .errors import ZooKeeperAuthFailed
+from .. import naming
+from ..errors import ZooKeeperAuthFailed
 
 if TYPE_CHECKING:
     from kazoo.client import KazooClient

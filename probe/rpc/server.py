@@ -60,13 +60,13 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
 from .messagelimits import NEED_MORE, MessageRejected, scanner_for
-from .methodspec import method_specs
+from ..methodspec import method_specs
 # The provider limits' defaults are defined, with their reasons, in probe.options.
-from .options import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
+from ..options import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
                       DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS)
 from .peerwarnings import PeerWarnings
-from .rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
-from .rpc.overload import overload_reply, unforgeable
+from .outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
+from .overload import overload_reply, unforgeable
 
 log = logging.getLogger("probe.server")
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import pymysql
 
-from . import naming
-from .errors import ComponentUnavailable, UnknownAppkey
-from .naming import check_appkey
-from .options import check_number
-from .settings import MysqlSettings
-from .stores.mysql import MysqlAccess, close_quietly, mysql_tls_options  # noqa: F401 (re-exported)
+from .. import naming
+from ..errors import ComponentUnavailable, UnknownAppkey
+from ..naming import check_appkey
+from ..options import check_number
+from ..settings import MysqlSettings
+from .mysql import MysqlAccess, close_quietly, mysql_tls_options  # noqa: F401 (re-exported)
 
 log = logging.getLogger("probe.appkeys")
 

@@ -17,7 +17,7 @@ certificate (clientAuth) cannot pose as a provider.
 import ssl
 from typing import NoReturn, Protocol
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class RpcTlsError(ConfigError):
