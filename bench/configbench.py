@@ -17,7 +17,7 @@ TARGET_P99_MS = 50.0
 
 def consumer(conn, appkey, backup_dir):
     """Holds a live_config and reports every change of KEY with the time it arrived."""
-    from probe.configcenter.live import live_config
+    from probe.configcenter import live_config
     cfg = live_config(appkey, backup_dir=backup_dir)
     send_lock = threading.Lock()
     counted = {"changes": 0}

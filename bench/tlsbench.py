@@ -1,7 +1,7 @@
 """Section "tls": what RPC mutual TLS (`rpc_tls.<env>`) costs a probe call.
 
 Two probe providers in their own processes, one plain and one with `rpc_tls.dev`
-(certificates made by probe.certs in the run's scratch folder), and one client
+(certificates made by probe.dev.certs in the run's scratch folder), and one client
 process with a probe client for each. Single thread, paired alternating rounds:
 say() over a pooled connection (the steady state), and say() on a new connection
 every call (max_idle=0: TCP connect plus, for TLS, a full mutual handshake).

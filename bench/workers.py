@@ -403,7 +403,7 @@ def callpath(conn, appkey, host, port, batch, repeats):
     whose far end holds canned replies, so only the client's own work is timed
     (encode, send syscall, recv syscall, decode, plus probe's routing, pooling and
     metrics). probe's pooled connection is swapped for the socketpair one; this
-    relies on probe.pool internals, so a change there reports n/a, not an error."""
+    relies on probe.rpc.pool internals, so a change there reports n/a, not an error."""
     import socket
     from thriftpy2.protocol import TBinaryProtocolFactory
     from thriftpy2.protocol.binary import TBinaryProtocol

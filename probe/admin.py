@@ -127,7 +127,7 @@ class Admin(object):
     # -- call stats ----------------------------------------------------------
     def stats(self, appkey: str, service: Optional[str] = None, minutes: float = 5,
               side: str = "server") -> List[Dict[str, Any]]:
-        """Calls, errors and latency per (service, method, node): `probe.stats.read_stats`."""
+        """Calls, errors and latency per (service, method, node): `probe.stores.stats.read_stats`."""
         return read_stats(self.backends.redis, self.env, appkey, service, minutes=minutes, side=side)
 
     def node_figures(self, appkey: str, now: float, window: float = 20.0) -> Dict[Any, Dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The `probe` command: a thin shell over probe.admin and probe.devstack."""
+"""The `probe` command: a thin shell over probe.admin and probe.dev.stack."""
 
 import argparse
 import json
@@ -257,7 +257,7 @@ def _config_value(args):
     """The JSON text of `probe config set`: the argument, or with `-` standard input,
     or with `--file PATH` (or `@PATH`: no JSON text starts with @) a file; at most
     MAX_VALUE_BYTES (one more byte is read to tell)."""
-    from .configcenter.live import MAX_VALUE_BYTES
+    from .configcenter.values import MAX_VALUE_BYTES
     if args.file is not None and args.value is not None:
         raise InvalidArgument("give the value as an argument, as - (standard input) or with "
                               "--file PATH, not two of them")

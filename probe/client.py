@@ -500,7 +500,7 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     are the service's. ``socket_timeout`` and ``connect_timeout`` are in
     milliseconds (thriftpy2's convention); every other duration is in seconds,
     except options whose names end in ``_ms``. With ``rpc_tls.<env>`` in the config,
-    every connection is mutual TLS with that certificate (see :mod:`probe.rpctls`).
+    every connection is mutual TLS with that certificate (see :mod:`probe.rpc.tls`).
 
     :param thrift_path: the service's .thrift IDL file; parsed once per process
         (:func:`probe.load_thrift` gives the same module).

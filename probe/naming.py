@@ -390,7 +390,7 @@ def describe_data(raw: object, limit: int = 60) -> str:
     return repr(_short(raw, limit))
 
 
-# -- call statistics in Redis (written by probe.metrics, read by probe.stats) --
+# -- call statistics in Redis (written by probe.metrics, read by probe.stores.stats) --
 def stats_key(env: str, appkey: str, side: str, slot: int) -> str:
     return "%s%s:%s:%s:%d" % (STATS_KEY_PREFIX, env, appkey, side, slot)
 
@@ -412,7 +412,7 @@ def parse_stats_field(field: Union[str, bytes]) -> Optional[Tuple[str, ...]]:
     return tuple(parts) if len(parts) == 5 else None
 
 
-# -- node health as consumers see it (written by probe.metrics, read by probe.stats) --
+# -- node health as consumers see it (written by probe.metrics, read by probe.stores.stats) --
 def health_key(env: str, appkey: str) -> str:
     """The Redis hash of the nodes an appkey's consumers have ejected."""
     return "%s%s:%s" % (HEALTH_KEY_PREFIX, env, appkey)

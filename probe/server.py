@@ -413,7 +413,7 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
     Durations are in seconds, except ``connect_timeout`` (milliseconds, as
     everywhere in probe). Every option is validated (a named ``ProbeError``) before
     anything is touched. With ``rpc_tls.<env>`` in the config the provider serves
-    mutual TLS only (see :mod:`probe.rpctls`); a handshake must finish within
+    mutual TLS only (see :mod:`probe.rpc.tls`); a handshake must finish within
     ``read_timeout``.
 
     :param thrift_path: the IDL file.

@@ -12,7 +12,7 @@ from kazoo.client import KazooClient
 
 from conftest import run_probe, wait_for
 from probe import naming
-from probe.configcenter.live import MAX_VALUE_BYTES, canonical_text, live_config, parse_value
+from probe.configcenter import MAX_VALUE_BYTES, canonical_text, live_config, parse_value
 from probe.errors import (ConfigUnavailable, InvalidAppkey, InvalidConfigKey, InvalidConfigValue,
                           UnknownAppkey, UnknownConfigKey)
 from probe.settings import load_settings

@@ -472,7 +472,7 @@ def _config_row(page, key):
 
 def test_operator_sets_edits_and_rolls_back_a_config_key(console_url, page, appkey, tmp_path):
     from probe.admin import Admin
-    from probe.configcenter.live import live_config
+    from probe.configcenter import live_config
     from probe.errors import UnknownConfigKey
     key = "db.pool_size"
     reader = live_config(appkey, backup_dir=str(tmp_path / "backup"))

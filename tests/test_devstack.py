@@ -1,4 +1,4 @@
-"""probe.devstack (and probe.testing's fault control and ZooKeeper ensemble)
+"""probe.dev.stack (and probe.testing's fault control and ZooKeeper ensemble)
 against real ZooKeeper, Redis and MariaDB processes.
 
 Every server runs on free loopback ports in a temporary folder, and every

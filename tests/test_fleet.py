@@ -119,7 +119,7 @@ def test_untrusted_files_are_refused(tmp_path, how):
 
 @pytest.mark.parametrize("how", ["foreign", "0666", "0777"])
 def test_a_planted_config_backup_is_not_served(stack, appkey, tmp_path, caplog, how):
-    from probe.configcenter.live import live_config
+    from probe.configcenter import live_config
     root = str(tmp_path / "backups")
     path = naming.config_backup_file(root, "dev", appkey)
     _plant(root, path, {"env": "dev", "appkey": appkey, "values": {"db.url": "evil"}}, how)

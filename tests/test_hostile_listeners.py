@@ -438,7 +438,7 @@ def _deep(depth):
 
 
 def test_a_value_too_deep_is_refused_by_set_and_one_within_the_limit_is_served(appkey):
-    from probe.configcenter.live import live_config
+    from probe.configcenter import live_config
     from probe.configcenter.values import MAX_DEPTH
     refused = run_probe("config", "set", appkey, "deep", _deep(985), check=False)
     assert refused.returncode == 2 and "InvalidConfigValue" in refused.stderr
@@ -456,7 +456,7 @@ def test_a_value_too_deep_is_refused_by_set_and_one_within_the_limit_is_served(a
 
 
 def test_config_set_reads_the_value_from_stdin_and_a_file(appkey, tmp_path):
-    from probe.configcenter.live import MAX_VALUE_BYTES
+    from probe.configcenter import MAX_VALUE_BYTES
     big = json.dumps("v" * (600 * 1024))  # over one command-line argument (128 KiB)
     done = subprocess.run([sys.executable, "-m", "probe.cli", "config", "set", appkey, "big", "-"],
                           input=big.encode() + b"\n", capture_output=True, timeout=60)

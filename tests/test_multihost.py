@@ -126,7 +126,7 @@ def remote_stack(hosts, tmp_path):
     from probe.dev import stack as devstack
 
     state = str(tmp_path / "stack")
-    code = ("import sys; from probe.devstack import Stack; "
+    code = ("import sys; from probe.dev.stack import Stack; "
             "Stack(sys.argv[1], ports='free', host=sys.argv[2]).up(timeout=120)")
     started = subprocess.run(hosts.run("srv", [sys.executable, "-c", code, state,
                                                hosts.address("srv")]),

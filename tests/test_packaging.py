@@ -90,7 +90,7 @@ def test_wheel_carries_everything_probe_stack_and_demo_need(dists):
     names = set(zipfile.ZipFile(dists["wheel"]).namelist())
     for needed in ("probe/config/config.yml", "probe/config/schema.sql",
                    "probe/demo/demo.thrift", "probe/demo/__init__.py",
-                   "probe/devstack.py", "probe/cli.py"):
+                   "probe/dev/stack.py", "probe/cli.py"):
         assert needed in names, "%s is missing from %s" % (needed, dists["wheel"])
     if os.path.exists(os.path.join(ROOT, "probe", "py.typed")):
         assert "probe/py.typed" in names
@@ -241,7 +241,7 @@ def test_readme_provider_and_consumer_run_from_the_install(installed, tmp_path):
     work = tmp_path / "app"
     work.mkdir()
     state = str(tmp_path / "stack")
-    stack_code = ("import sys; from probe.devstack import Stack; "
+    stack_code = ("import sys; from probe.dev.stack import Stack; "
                   "s = Stack(sys.argv[2], ports='free'); "
                   "s.up() if sys.argv[1] == 'up' else s.down(wipe=True); print(s.config_path)")
     provider = None

@@ -317,7 +317,7 @@ def test_failover_between_two_tls_providers_when_one_stops(appkey, providers, cl
     wait_for(lambda: first.server.stats()["connections"] == 0, message="first closed its connections")
     # On a loaded machine even loopback delivers the FIN a moment later, and the pool
     # skips its stale check for a connection released less than STALE_CHECK_AFTER
-    # ago (by design: see probe.pool); a request written then meets the close, as
+    # ago (by design: see probe.rpc.pool); a request written then meets the close, as
     # it would on any server closing at that instant. Let both moments pass.
     from probe.rpc.pool import STALE_CHECK_AFTER, perf_counter
     (pool,) = [p for p in client._pools.values() if p.port == first.port]

@@ -92,7 +92,7 @@ def test_anonymous_client_reads_the_registry_but_cannot_change_it(
 
 def test_config_center_znodes_carry_the_acl_and_anonymous_writes_are_refused(
         secure_config, secure_settings, secure_appkey, tmp_path):
-    from probe.configcenter.live import live_config
+    from probe.configcenter import live_config
     done = run_cli(secure_config, "config", "set", secure_appkey, "pool.size", "8")
     assert done.returncode == 0, done.stderr
     cfg = live_config(secure_appkey, env=ENV, config_path=secure_config,

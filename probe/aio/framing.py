@@ -1,7 +1,7 @@
 """Where a reply ends in the bytes of an asyncio client connection, checked against
-a size limit before anything is decoded: probe.messagelimits' scanners (the ones
+a size limit before anything is decoded: probe.rpc.messagelimits' scanners (the ones
 the providers use for requests), accepting REPLY and EXCEPTION messages instead
-of calls. The provider side uses `probe.messagelimits.scanner_for` as it is.
+of calls. The provider side uses `probe.rpc.messagelimits.scanner_for` as it is.
 """
 
 from typing import Any

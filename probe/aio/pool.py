@@ -184,7 +184,7 @@ class AsyncNodePool(object):
         scanner = reply_scanner(self.transport, self.protocol, self.max_message_bytes)
         connect = loop.create_connection(
             lambda: AsyncConnection(scanner), self.host, self.port, ssl=self.ssl_context,
-            # probe's client contexts do not check hostnames (see probe.rpctls).
+            # probe's client contexts do not check hostnames (see probe.rpc.tls).
             server_hostname="" if self.ssl_context is not None else None)
         try:
             _, conn = await asyncio.wait_for(connect, self.connect_timeout)

@@ -1,8 +1,8 @@
 """The asyncio provider: `async def` handlers served on the running loop, with the
-governance and limits of the threaded one (probe.server / probe.thriftserver).
+governance and limits of the threaded one (probe.server / probe.rpc.server).
 
 One `asyncio.Protocol` per connection, no task while it is idle. Bytes are
-checked by the message scanners of probe.messagelimits as they arrive (so
+checked by the message scanners of probe.rpc.messagelimits as they arrive (so
 `max_message_bytes` and the nesting depth are enforced before anything is
 decoded), and one complete message starts one task running the handler; the
 connection starts no other call until that one has replied, and reads at most
@@ -256,7 +256,7 @@ class AsyncThriftServer(object):
     """Serve `handler` (``async def`` methods; plain ones work too) for a thriftpy2
     service on the running loop. Lifecycle: ``await start()``, ``stop_accepting()``,
     ``await drain(timeout)``, ``close()``. The limits are those of
-    probe.thriftserver.ThriftServer (see there)."""
+    probe.rpc.server.ThriftServer (see there)."""
 
     def __init__(self, service: Any, handler: object, host: str = "0.0.0.0", port: int = 8081,
                  observe: Optional[Callable[[str, str, float], None]] = None, *,

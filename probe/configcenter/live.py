@@ -45,7 +45,7 @@ DEFAULT_RESYNC_INTERVAL = 15 * 60.0   # seconds
 BACKUP_DELAY = snapshot.WRITE_DELAY  # seconds from a change to its backup write (one per burst)
 
 
-# -- values: one validator for writers and readers (probe.governance.configvalue) --
+# -- values: one validator for writers and readers (probe.configcenter.values) --
 __all__ = ["MAX_VALUE_BYTES", "parse_value", "canonical_text", "LiveConfig", "live_config"]
 
 

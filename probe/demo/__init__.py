@@ -1,6 +1,6 @@
 """`probe demo`: the hello-world, end to end, from the installed package alone.
 
-It starts a private ZooKeeper, Redis and MariaDB (`probe.devstack.Stack`) on free
+It starts a private ZooKeeper, Redis and MariaDB (`probe.dev.stack.Stack`) on free
 loopback ports in a temporary folder, registers the appkey ``hello_www``, starts a
 DemoService provider in this process (advertising 127.0.0.1, bound to loopback),
 calls ``say()`` through `build_client` and prints the answer, ``hello world``.

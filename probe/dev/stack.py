@@ -539,7 +539,7 @@ class _ZooKeeperServer(_Server):
     def config_lines(self) -> List[str]:
         """The lines of zoo.cfg."""
         return [
-            "# Written by probe.devstack; rewritten on every start.",
+            "# Written by probe.dev.stack; rewritten on every start.",
             "tickTime=500",
             "initLimit=10",
             "syncLimit=5",
@@ -617,7 +617,7 @@ class _RedisServer(_Server):
     def _secure_lines(self) -> List[str]:
         """redis.conf lines of a secured server; in a 0600 file, never on the
         command line (where `ps` and our log would show the password)."""
-        lines = ["# Written by probe.devstack for a secured stack; rewritten on every start."]
+        lines = ["# Written by probe.dev.stack for a secured stack; rewritten on every start."]
         if self.tls:
             ca, cert, key = self.tls
             lines += ["port 0", "tls-port %d" % self.port, "tls-cert-file %s" % cert,

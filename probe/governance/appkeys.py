@@ -56,7 +56,7 @@ class AppkeyOps(object):
     def secure_registry(self) -> Dict[str, int]:
         """Migrate an open registry to `zkserver.<env>.auth`: give the roots `/services`
         and `/configs`, and every znode under `/services/<env>` and `/configs/<env>`,
-        the ACL of `probe.zkacl.znode_acl` (that digest user ALL, world READ).
+        the ACL of `probe.zk.acl.znode_acl` (that digest user ALL, world READ).
         Safe to repeat; live providers keep their nodes. Returns {tree: znodes changed}.
 
         :raises ProbeError: the config has no `zkserver.<env>.auth`.

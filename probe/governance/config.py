@@ -15,7 +15,7 @@ from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from .. import naming
 from ..stores.appkeys import current_user
-from ..configcenter.live import MAX_VALUE_BYTES, canonical_text, parse_value
+from ..configcenter.values import MAX_VALUE_BYTES, canonical_text, parse_value
 from ..errors import (ComponentUnavailable, ConfigConflict, InvalidArgument, InvalidConfigValue,
                       UnknownConfigKey)
 from ..options import check_number

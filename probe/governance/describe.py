@@ -141,7 +141,7 @@ def ms(value: Optional[float]) -> str:
 
 
 def stats_rows(rows: Iterable[Mapping[str, Any]]) -> List[dict]:
-    """`probe.stats.read_stats` rows with the latencies as text, for STATS_COLUMNS."""
+    """`probe.stores.stats.read_stats` rows with the latencies as text, for STATS_COLUMNS."""
     return [dict(row, **{key: ms(row.get(key)) for key in ("p50_ms", "p99_ms", "mean_ms")})
             for row in rows]
 

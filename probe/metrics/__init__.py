@@ -5,7 +5,7 @@ One module per job:
 
 - `options`     -- the metrics options of a provider or a client, checked.
 - `recorder`    -- `Recorder`: per-thread recording, the only part on the call path.
-- `sink`        -- `RedisSink` (the fleet view in Redis, probe.stats) and `Pump`,
+- `sink`        -- `RedisSink` (the fleet view in Redis, probe.stores.stats) and `Pump`,
                    the one background thread that writes it.
 - `snapshots`   -- what a process counted, mergeable across pre-fork workers.
 - `exposition`  -- the Prometheus collector and the /metrics HTTP servers.

@@ -2,7 +2,7 @@
 calls/s, error rate and p99 over a short recent window, and per service a time
 series of calls/s and p99 for the chart.
 
-The stats are read by `probe.stats.read_entries`, the one reader (one pipeline per
+The stats are read by `probe.stores.stats.read_entries`, the one reader (one pipeline per
 request, hostile data skipped). Server-side stats are used: they count what each node actually served.
 """
 

@@ -1,5 +1,5 @@
 """The fleet view: recorders' totals written to Redis per 10-second slot (layout in
-probe.stats), by one background thread per process.
+probe.stores.stats), by one background thread per process.
 
 If Redis is unreachable the calls do not notice: the error is logged at most once
 a minute and the unsent counts are merged into the next successful write (into the

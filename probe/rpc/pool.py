@@ -95,7 +95,7 @@ def _handshake(raw, context, host, port, connect_timeout_ms):
     connect_timeout); a failure closes it and raises ConnectFailed."""
     try:
         raw.sock.settimeout(connect_timeout_ms / 1000.0)
-        # probe's client contexts do not check hostnames (see probe.rpctls): no
+        # probe's client contexts do not check hostnames (see probe.rpc.tls): no
         # server_hostname, providers are named by IP.
         secure = context.wrap_socket(raw.sock)
         secure.settimeout(raw.socket_timeout)

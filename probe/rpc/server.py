@@ -155,7 +155,7 @@ class ThriftServer(object):
     :param worker_threads: the most threads running calls at once.
     :param backlog: the listen backlog.
     :param ssl_context: an ``ssl.SSLContext`` (server side) to serve TLS only, or
-        None for plain TCP (see `probe.rpctls.server_context`).
+        None for plain TCP (see `probe.rpc.tls.server_context`).
     :param limiter: a `probe.rpc.overload.InflightLimiter`: a call beyond its caps
         gets the "overloaded, not executed" reply at once and is not run.
     """

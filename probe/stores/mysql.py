@@ -3,8 +3,8 @@ autocommit), when to reconnect (a kept connection found dead is dropped and the
 work run once more on a new one), and how errors read (an unreachable or failing
 server is `ComponentUnavailable`, a missing probe table is `SchemaMissing`).
 
-Appkeys and the audit log (`probe.appkeys`), console users and sessions
-(`probe.console.users`) and the config history (`probe.configstore`) each keep one
+Appkeys and the audit log (`probe.stores.appkeys`), console users and sessions
+(`probe.console.users`) and the config history (`probe.stores.confighistory`) each keep one
 `MysqlAccess`, never the call path.
 """
 

@@ -2,7 +2,7 @@
 `kazoo.testing`: real server processes on free loopback ports that a test can
 break on purpose.
 
-- `FaultStack`: a `probe.devstack.Stack` whose components can be stopped, killed
+- `FaultStack`: a `probe.dev.stack.Stack` whose components can be stopped, killed
   (SIGKILL, as a crash would) and started again, optionally with their data wiped.
 - `ZooKeeperEnsemble`: a three-member (or `size`-member) ZooKeeper ensemble.
 - `RedisClusterStack`: Redis servers joined into one cluster, for ``cluster: 1``.

@@ -1,7 +1,7 @@
 """`RedisClusterStack`: Redis servers joined into one cluster on loopback ports.
 
 Named apart from redis-py's `redis.cluster.RedisCluster` (the client that
-probe.nodestore uses to talk to such a cluster).
+probe.stores.nodestore uses to talk to such a cluster).
 """
 
 import os
