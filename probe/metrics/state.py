@@ -146,7 +146,7 @@ class MetricsState(object):
         with self._lock:
             recorders = list(self._recorders)
             directory = self.multiprocess_dir
-        health = {}
+        health: Dict[Tuple[str, str], Dict[str, Any]] = {}
         for recorder in recorders:
             recorder.snapshot_into(calls, inflight)
             if recorder.side == "client" and recorder.health_sources:
