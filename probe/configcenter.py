@@ -101,7 +101,8 @@ class LiveConfig(Mapping):
         self._lock = threading.RLock()  # writers only: the mirror's batches, close
         self._events: "queue.Queue[Optional[Tuple[List[Change], Tuple[Callback, ...]]]]" = \
             queue.Queue()  # for the dispatch thread: changes to call back on
-        self._tasks: "queue.Queue[Optional[Callable[[], Any]]]" = queue.Queue()  # for the sync thread: re-reads
+        # for the sync thread: re-reads
+        self._tasks: "queue.Queue[Optional[Callable[[], Any]]]" = queue.Queue()
         self._closed = False
         self._release = release
         self._mirror = ChildrenMirror(
@@ -377,7 +378,8 @@ class LiveConfig(Mapping):
 
 def live_config(appkey: str, env: Optional[str] = None, config_path: Optional[str] = None,
                 backup_dir: Union[str, Literal[False], None] = None, wait: bool = True,
-                timeout: float = 3.0, resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> LiveConfig:
+                timeout: float = 3.0,
+                resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> LiveConfig:
     """A `LiveConfig` for `appkey`: a read-only mapping key -> JSON value, always current.
 
     :param appkey: the appkey whose config to read.
