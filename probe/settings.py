@@ -352,7 +352,8 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     return raw
 
 
-def choose_env(raw: Dict[str, Any], path: str, hostname: Optional[str] = None) -> Tuple[str, str]:
+def choose_env(raw: Dict[str, Any], path: str,
+               hostname: Optional[str] = None) -> Tuple[str, str]:
     """(env, why): PROBE_ENV wins; else the first hostname rule that matches."""
     forced = os.environ.get("PROBE_ENV")
     if forced:

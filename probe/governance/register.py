@@ -246,7 +246,7 @@ class ForeignNode(object):
 
     def _register(self) -> None:
         own = self.default_settings()
-        assert self.store is not None, "open() first"
+        assert self.store is not None and self.zk is not None, "open() first"
         try:
             stored = self.store.get_or_create(self.field, own)
         except ProbeError as exc:
