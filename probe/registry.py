@@ -68,11 +68,11 @@ class ZooKeeper(object):
             command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
             logger=zkacl.kazoo_logger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth),
             **tls_options)
-        self._callbacks: List[Callable[[], None]] = []
-        self._reconnect_callbacks: List[Callable[[], None]] = []
+        self._callbacks: List[Callable[[], object]] = []
+        self._reconnect_callbacks: List[Callable[[], object]] = []
         self._callbacks_lock = threading.Lock()
         self._was_suspended = False
-        self._work: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
+        self._work: "queue.Queue[Optional[Callable[[], object]]]" = queue.Queue()
         self._need_resync = True
         self._suspended_since: Optional[float] = None
         self._stopped = threading.Event()
@@ -119,24 +119,24 @@ class ZooKeeper(object):
         client_id = self.client.client_id
         return client_id[0] if client_id else None
 
-    def on_new_session(self, callback: Callable[[], None]) -> None:
+    def on_new_session(self, callback: Callable[[], object]) -> None:
         with self._callbacks_lock:
             self._callbacks.append(callback)
 
-    def on_reconnect(self, callback: Callable[[], None]) -> None:
+    def on_reconnect(self, callback: Callable[[], object]) -> None:
         """`callback()` runs (on the worker, after jitter) when a suspended session
         reconnects: watches survived, but a full re-read costs little and catches
         anything a recipe missed."""
         with self._callbacks_lock:
             self._reconnect_callbacks.append(callback)
 
-    def remove_callback(self, callback: Callable[[], None]) -> None:
+    def remove_callback(self, callback: Callable[[], object]) -> None:
         with self._callbacks_lock:
             for callbacks in (self._callbacks, self._reconnect_callbacks):
                 if callback in callbacks:
                     callbacks.remove(callback)
 
-    def submit(self, task: Callable[[], None]) -> None:
+    def submit(self, task: Callable[[], object]) -> None:
         """Run `task()` on the worker thread (never on a kazoo thread)."""
         self._work.put(task)
 
