@@ -33,7 +33,8 @@ import signal
 import socket
 import subprocess
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type,
+                    TypeVar, Union)
 
 from probe.errors import ProbeError
 
