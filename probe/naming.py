@@ -306,7 +306,7 @@ class _NodeFields(NamedTuple):
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise InvalidNodeData("node data protocol must be one of %s, got %r"
                                   % ("/".join(PROTOCOLS), _short(self.protocol)))
-        return self
+        return cast("NodeSettings", self)  # only NodeSettings instances are ever made
 
     @classmethod
     def from_json(cls, raw: object) -> "NodeSettings":
@@ -357,10 +357,10 @@ def check_dialect(transport: str, protocol: str) -> Tuple[str, str]:
 
 
 class NodeSettings(_NodeFields):
-    __doc__ = _NodeFields.__doc__
+    __doc__ = cast(str, _NodeFields.__doc__)
     __slots__ = ()
 
-    def _asdict(self) -> Dict[str, Any]:  # type: ignore[override]
+    def _asdict(self) -> Dict[str, Any]:
         """The node data as a dict: what `to_json` writes (dialect fields only when
         set, then the fields probe does not own)."""
         return json.loads(self.to_json())

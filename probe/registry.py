@@ -14,7 +14,7 @@ import queue
 import random
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Set, Tuple, Union
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (BadVersionError, KazooException, NoNodeError,
@@ -28,7 +28,10 @@ from .routing.balancer import Node, RoutingTable
 from .errors import ComponentUnavailable, InvalidNodeAddress
 from .naming import NodeSettings
 from .zk import snapshot
-from .zk.mirror import ChildrenMirror
+from .zk.mirror import ChildrenMirror, Entry
+
+if TYPE_CHECKING:
+    from .settings import ZooKeeperSettings
 
 log = logging.getLogger("probe.registry")
 
@@ -66,16 +69,16 @@ class ZooKeeper(object):
             command_retry=KazooRetry(max_tries=3, delay=0.05, backoff=2, max_delay=0.5),
             logger=zkacl.kazoo_logger("probe.registry.kazoo"), **zkacl.kazoo_auth_options(auth),
             **tls_options)
-        self._callbacks = []
-        self._reconnect_callbacks = []
+        self._callbacks: List[Callable[[], object]] = []
+        self._reconnect_callbacks: List[Callable[[], object]] = []
         self._callbacks_lock = threading.Lock()
         self._was_suspended = False
-        self._work = queue.Queue()
+        self._work: "queue.Queue[Optional[Callable[[], object]]]" = queue.Queue()
         self._need_resync = True
-        self._suspended_since = None
+        self._suspended_since: Optional[float] = None
         self._stopped = threading.Event()
         self._connected = threading.Event()  # set while the listener last saw CONNECTED
-        self._worker = None
+        self._worker: Optional[threading.Thread] = None
         self.client.add_listener(self._on_state)
 
     # -- lifecycle ---------------------------------------------------------
@@ -117,29 +120,29 @@ class ZooKeeper(object):
         client_id = self.client.client_id
         return client_id[0] if client_id else None
 
-    def on_new_session(self, callback: Callable[[], None]) -> None:
+    def on_new_session(self, callback: Callable[[], object]) -> None:
         with self._callbacks_lock:
             self._callbacks.append(callback)
 
-    def on_reconnect(self, callback: Callable[[], None]) -> None:
+    def on_reconnect(self, callback: Callable[[], object]) -> None:
         """`callback()` runs (on the worker, after jitter) when a suspended session
         reconnects: watches survived, but a full re-read costs little and catches
         anything a recipe missed."""
         with self._callbacks_lock:
             self._reconnect_callbacks.append(callback)
 
-    def remove_callback(self, callback: Callable[[], None]) -> None:
+    def remove_callback(self, callback: Callable[[], object]) -> None:
         with self._callbacks_lock:
             for callbacks in (self._callbacks, self._reconnect_callbacks):
                 if callback in callbacks:
                     callbacks.remove(callback)
 
-    def submit(self, task: Callable[[], None]) -> None:
+    def submit(self, task: Callable[[], object]) -> None:
         """Run `task()` on the worker thread (never on a kazoo thread)."""
         self._work.put(task)
 
     # -- internals ---------------------------------------------------------
-    def _on_state(self, state):
+    def _on_state(self, state: Any) -> None:
         # kazoo's connection thread: record and hand off, never call ZooKeeper here.
         if state == KazooState.CONNECTED:
             self._connected.set()
@@ -161,7 +164,7 @@ class ZooKeeper(object):
             if self._suspended_since is None:
                 self._suspended_since = time.monotonic()
 
-    def _run_session_callbacks(self):
+    def _run_session_callbacks(self) -> None:
         self._jitter()
         with self._callbacks_lock:
             callbacks = list(self._callbacks)
@@ -170,24 +173,24 @@ class ZooKeeper(object):
         for callback in callbacks:
             self._run(callback)
 
-    def _run_reconnect_callbacks(self):
+    def _run_reconnect_callbacks(self) -> None:
         self._jitter()
         with self._callbacks_lock:
             callbacks = list(self._reconnect_callbacks)
         for callback in callbacks:
             self._run(callback)
 
-    def _jitter(self):
+    def _jitter(self) -> None:
         # Spreads a fleet's resync after an outage instead of a storm (kazoo#664).
         time.sleep(random.uniform(0, min(0.2, self.session_timeout / 20.0)))
 
-    def _run(self, task):
+    def _run(self, task: Callable[[], object]) -> None:
         try:
             task()
         except Exception:
             log.exception("ZooKeeper task %r failed; it will run again on the next session", task)
 
-    def _ensure_worker(self):
+    def _ensure_worker(self) -> None:
         if self._worker is None:
             # Two threads: recovery tasks may block on ZooKeeper, so the watchdog that
             # notices a stuck session must not wait behind them.
@@ -197,18 +200,18 @@ class ZooKeeper(object):
             threading.Thread(target=self._watchdog_loop, name="probe-zookeeper-watchdog",
                              daemon=True).start()
 
-    def _work_loop(self):
+    def _work_loop(self) -> None:
         while not self._stopped.is_set():
             task = self._work.get()
             if task is None:
                 return
             self._run(task)
 
-    def _watchdog_loop(self):
+    def _watchdog_loop(self) -> None:
         while not self._stopped.wait(0.25):
             self._check_stuck()
 
-    def _check_stuck(self):
+    def _check_stuck(self) -> None:
         since = self._suspended_since
         if since is None or self._stopped.is_set():
             return
@@ -233,11 +236,12 @@ SNAPSHOT_DELAY = snapshot.WRITE_DELAY  # seconds between a routing change and it
 # A snapshot holds ~150 bytes per node; a file far bigger is not read at all.
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 
-_shared = {}
+_shared: Dict[Tuple[Any, ...], List[Any]] = {}  # share key -> [ZooKeeper, users]
 _shared_lock = threading.Lock()
 
 
-def shared_zookeeper(zk_settings, timeout: float = 3.0, keep_trying: bool = False) -> ZooKeeper:
+def shared_zookeeper(zk_settings: "ZooKeeperSettings", timeout: float = 3.0,
+                     keep_trying: bool = False) -> ZooKeeper:
     """The process's one ZooKeeper session for these hosts, started on first use.
     Pair every call with `release_zookeeper`."""
     auth = getattr(zk_settings, "auth", None)
@@ -289,7 +293,8 @@ class Registration(object):
     Redis or from the znode's data, so neither can move the node elsewhere.
     """
 
-    def __init__(self, zk, path, data, reload=None):
+    def __init__(self, zk: ZooKeeper, path: str, data: NodeSettings,
+                 reload: Optional[Callable[[], Optional[NodeSettings]]] = None) -> None:
         identity = naming.parse_node_name(path.rsplit("/", 1)[-1])
         if identity is None:
             raise InvalidNodeAddress("cannot register %r: its last part is no node name "
@@ -303,19 +308,19 @@ class Registration(object):
         self._closed = False
         self._foreign_seen = False
 
-    def _own(self, settings):
+    def _own(self, settings: NodeSettings) -> NodeSettings:
         """`settings` with this node's own address and dialect; InvalidNodeData if out
         of range. (What the node speaks is the process's to say, never the data's.)"""
         dialect = getattr(self, "data", settings)
         return settings._replace(host=self.host, port=self.port, transport=dialect.transport,
                                  protocol=dialect.protocol).check()
 
-    def register(self):
+    def register(self) -> None:
         self._create()
         self.zk.on_new_session(self._recreate)
         self.zk.client.DataWatch(self.path, self._on_own_data)
 
-    def close(self):
+    def close(self) -> None:
         """Delete the znode (only if this session owns it) and stop keeping it."""
         with self._lock:
             self._closed = True
@@ -333,7 +338,7 @@ class Registration(object):
         except (NoNodeError, KazooException, ZookeeperError, KazooTimeoutError) as exc:
             log.info("deregistering %s: %s", self.path, exc.__class__.__name__)
 
-    def _recreate(self):
+    def _recreate(self) -> None:
         if self._reload is not None:
             fresh = self._reload()
             if fresh is not None:
@@ -344,7 +349,7 @@ class Registration(object):
                                 self.path, exc)
         self._create()
 
-    def _create(self):
+    def _create(self) -> None:
         client = self.zk.client
         with self._lock:
             for _ in range(5):
@@ -371,7 +376,7 @@ class Registration(object):
             raise ComponentUnavailable("could not create %s in ZooKeeper at %s after 5 tries"
                                        % (self.path, self.zk.hosts))
 
-    def _on_own_data(self, data, stat, event=None):
+    def _on_own_data(self, data: Optional[bytes], stat: Any, event: Any = None) -> Optional[bool]:
         if self._closed:
             return False
         if data is None:
@@ -408,7 +413,9 @@ class ServiceWatcher(object):
     snapshot writer) so a consumer that starts during an outage can still route.
     """
 
-    def __init__(self, zk, env, appkey, service, warmup=0.0, snapshot_dir=None, on_change=None):
+    def __init__(self, zk: ZooKeeper, env: str, appkey: str, service: str, warmup: float = 0.0,
+                 snapshot_dir: Union[str, Literal[False], None] = None,
+                 on_change: Optional[Callable[[RoutingTable], object]] = None) -> None:
         self.zk = zk
         self.env = env
         self.appkey = appkey
@@ -422,8 +429,8 @@ class ServiceWatcher(object):
         self.table = RoutingTable(describe=self.describe)
         self.updates = 0
         self._from_snapshot = False
-        self._nodes = {}
-        self._skipped = {}        # znode name -> why it is skipped (warned once)
+        self._nodes: Dict[str, Node] = {}
+        self._skipped: Dict[str, str] = {}  # znode name -> why it is skipped (warned once)
         self._publish_failed = False
         self._lock = threading.RLock()
         self._routable = threading.Condition(self._lock)  # notified on every publish
@@ -491,11 +498,12 @@ class ServiceWatcher(object):
         self._mirror.resync(wait=self.zk.session_timeout)
 
     # -- applying the mirror's batches (its lock held; never blocks) -------------------
-    def _apply(self, upserts, removed, full):
+    def _apply(self, upserts: Dict[str, Entry], removed: Set[str], full: bool) -> None:
         with self._lock:
             if self._closed:
                 return
-            changed, gone = [], list(removed)
+            changed: List[Node] = []
+            gone = list(removed)
             for name in removed:
                 self._nodes.pop(name, None)
                 self._skipped.pop(name, None)
@@ -535,7 +543,7 @@ class ServiceWatcher(object):
                                      describe=self.describe)
             self._publish(table)
 
-    def _skip(self, name, why):
+    def _skip(self, name: str, why: str) -> None:
         """Leave znode `name` out of the table; warn once until it is fixed or gone
         (a writer that keeps changing bad data must not flood the log)."""
         if name not in self._skipped:
@@ -544,7 +552,7 @@ class ServiceWatcher(object):
                         self.parent, name, self.service, why)
         self._skipped[name] = why
 
-    def _publish(self, table, write_snapshot=True):
+    def _publish(self, table: RoutingTable, write_snapshot: bool = True) -> None:
         self.table = table
         self.updates += 1
         self._routable.notify_all()
@@ -559,12 +567,12 @@ class ServiceWatcher(object):
             snapshot.writer().schedule(self.snapshot_path, self._snapshot_document)
 
     # -- snapshot ----------------------------------------------------------
-    def _snapshot_document(self):
+    def _snapshot_document(self) -> Optional[Dict[str, Any]]:
         if self.stale:
             return None
         return {"written_at": time.time(), "nodes": [node._asdict() for node in self.table.all_nodes]}
 
-    def _load_snapshot(self, reason=None):
+    def _load_snapshot(self, reason: Optional[str] = None) -> None:
         if not self.snapshot_path:
             return
         try:
@@ -577,7 +585,8 @@ class ServiceWatcher(object):
                             reason or "ZooKeeper unreachable", self.describe,
                             exc.__class__.__name__, str(exc)[:300])
             return
-        nodes, skipped = {}, 0
+        nodes: Dict[str, Node] = {}
+        skipped = 0
         for entry in saved["nodes"]:
             try:
                 node = _snapshot_node(entry, self.service)
@@ -609,7 +618,7 @@ class ServiceWatcher(object):
                     time.time() - written_at, self.snapshot_path)
 
 
-def _snapshot_node(entry, service):
+def _snapshot_node(entry: object, service: str) -> Node:
     """A routing-table node from one snapshot entry, checked as znode data is.
     Raises ValueError (or TypeError/KeyError for a wrong shape)."""
     if not isinstance(entry, dict):
@@ -617,7 +626,7 @@ def _snapshot_node(entry, service):
     name = entry["name"]
     if not naming.is_node_of(name, service):
         raise ValueError("not a node of %s" % service)
-    fields = {key: entry[key] for key in ("host", "port", "weight", "valid")}
+    fields: Dict[str, Any] = {key: entry[key] for key in ("host", "port", "weight", "valid")}
     for key in ("transport", "protocol"):  # absent in snapshots written before dialects
         if key in entry:
             fields[key] = entry[key]
@@ -630,27 +639,28 @@ def _snapshot_node(entry, service):
                 float(registered_at), *settings.dialect)
 
 
-def _node(name, settings, stat):
+def _node(name: str, settings: NodeSettings, stat: Any) -> Node:
     """The routing-table entry for znode `name` holding `settings` (warm-up counts
     from the znode's creation time)."""
     return Node(name, settings.host, settings.port, settings.weight, settings.valid,
                 stat.ctime / 1000.0, *settings.dialect)
 
 
-def default_snapshot_dir():
+def default_snapshot_dir() -> str:
     return os.environ.get("PROBE_SNAPSHOT_DIR") or os.path.join(
         os.path.expanduser("~"), ".probe", "snapshots")
 
 
-def snapshot_file(snapshot_dir, env, appkey, service):
+def snapshot_file(snapshot_dir: Union[str, Literal[False], None], env: str, appkey: str,
+                  service: str) -> Optional[str]:
     if snapshot_dir is False:
         return None
     return os.path.join(snapshot_dir or default_snapshot_dir(), env, appkey, service + ".json")
 
 
-def read_children_with_data(zk, parent):
+def read_children_with_data(zk: ZooKeeper, parent: str) -> Dict[str, Tuple[bytes, Any]]:
     """{name: (raw bytes, stat)} for every child of `parent` (admin views)."""
-    result = {}
+    result: Dict[str, Tuple[bytes, Any]] = {}
     try:
         children = zk.client.get_children(parent)
     except NoNodeError:

@@ -9,7 +9,7 @@ import os
 import re
 import socket
 import threading
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import yaml
 
@@ -43,7 +43,7 @@ class MysqlSettings(NamedTuple):
     database: str
     ssl: Optional[MysqlTls] = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "MysqlSettings(host=%r, port=%r, username=%r, password=%s, database=%r, ssl=%r)" % (
             self.host, self.port, self.username, HIDDEN if self.password else "''",
             self.database, self.ssl)
@@ -62,12 +62,12 @@ class RedisSettings(NamedTuple):
     ssl_keyfile: Optional[str] = None
 
     @property
-    def address(self):
+    def address(self) -> str:
         if self.cluster:
             return ",".join("%s:%d" % node for node in self.startup_nodes)
         return "%s:%d" % (self.host, self.port)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return ("RedisSettings(address=%r, cluster=%r, username=%r, password=%s, ssl=%r, "
                 "ssl_ca_certs=%r, ssl_certfile=%r, ssl_keyfile=%r)" % (
                     self.address, self.cluster, self.username,
@@ -84,7 +84,7 @@ class ZooKeeperTls(NamedTuple):
     keyfile: Optional[str] = None
     verify_certs: bool = True
 
-    def kazoo_options(self) -> dict:
+    def kazoo_options(self) -> Dict[str, Any]:
         return {"use_ssl": True, "ca": self.ca, "certfile": self.certfile,
                 "keyfile": self.keyfile, "verify_certs": self.verify_certs}
 
@@ -96,11 +96,11 @@ class ZooKeeperSettings(NamedTuple):
     tls: Optional[ZooKeeperTls] = None  # None: plain TCP
 
     @property
-    def auth_user(self):
+    def auth_user(self) -> Optional[str]:
         """The user part of `auth` (safe to show), or None."""
         return self.auth.split(":", 1)[0] if self.auth else None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "ZooKeeperSettings(hosts=%r, session_timeout=%r, auth=%s, tls=%r)" % (
             self.hosts, self.session_timeout,
             None if self.auth is None else repr("%s:%s" % (self.auth_user, HIDDEN)), self.tls)
@@ -118,16 +118,16 @@ class Settings(object):
     """One environment's view of a config file. Sections are validated on first use,
     so a consumer that needs only ZooKeeper is not refused for a missing MySQL."""
 
-    def __init__(self, raw, env, path, env_source):
+    def __init__(self, raw: Dict[str, Any], env: str, path: str, env_source: str) -> None:
         self.raw = raw
         self.env = env
         self.path = path
         self.env_source = env_source
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Settings(env=%r, path=%r)" % (self.env, self.path)
 
-    def _section(self, name):
+    def _section(self, name: str) -> Dict[str, Any]:
         top = self.raw.get(name)
         if not isinstance(top, dict) or not isinstance(top.get(self.env), dict):
             raise ConfigError(
@@ -136,7 +136,7 @@ class Settings(object):
                 % (self.path, name, self.env, self.env, self.env_source))
         return top[self.env]
 
-    def _require(self, name, section, key, kind):
+    def _require(self, name: str, section: Dict[str, Any], key: str, kind: type) -> Any:
         value = section.get(key)
         if kind is int and isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value):
             value = int(value)
@@ -148,7 +148,8 @@ class Settings(object):
                                  value))
         return value
 
-    def _pem_path(self, name, section, key, where=None):
+    def _pem_path(self, name: str, section: Dict[str, Any], key: str,
+                  where: Optional[str] = None) -> Optional[str]:
         """An existing file named by `section[key]`, or None if the key is absent."""
         value = section.get(key)
         if value in (None, ""):
@@ -164,7 +165,7 @@ class Settings(object):
         return path
 
     @property
-    def mysql(self):
+    def mysql(self) -> MysqlSettings:
         section = self._section("mysql")
         password = section.get("password")
         tls = section.get("ssl")
@@ -188,7 +189,7 @@ class Settings(object):
             database=self._require("mysql", section, "database", str),
             ssl=tls)
 
-    def _redis_security(self, section):
+    def _redis_security(self, section: Dict[str, Any]) -> Tuple[Any, ...]:
         """(username, ssl, ssl_ca_certs, ssl_certfile, ssl_keyfile) of a redis section."""
         username = section.get("username")
         if username in (None, ""):
@@ -211,7 +212,7 @@ class Settings(object):
         return (username, bool(ssl)) + tuple(paths)
 
     @property
-    def redis(self):
+    def redis(self) -> RedisSettings:
         section = self._section("redis")
         cluster = section.get("cluster", 0) in (1, True, "1")
         password = section.get("password")
@@ -223,7 +224,7 @@ class Settings(object):
             if not isinstance(nodes, list) or not nodes:
                 raise ConfigError("config %s: 'redis.%s.startup_nodes' must list {host, port} "
                                   "entries when cluster is 1" % (self.path, self.env))
-            startup = []
+            startup: List[Tuple[str, int]] = []
             for index, node in enumerate(nodes):
                 if not isinstance(node, dict):
                     raise ConfigError("config %s: 'redis.%s.startup_nodes[%d]' must be {host, port}"
@@ -237,7 +238,7 @@ class Settings(object):
                              *self._redis_security(section))
 
     @property
-    def zookeeper(self):
+    def zookeeper(self) -> ZooKeeperSettings:
         section = self._section("zkserver")
         hosts = section.get("hosts")
         if hosts:
@@ -264,7 +265,7 @@ class Settings(object):
                               % (self.path, self.env))
         return ZooKeeperSettings(hosts, float(timeout), auth, self._zookeeper_tls(section))
 
-    def _zookeeper_tls(self, section):
+    def _zookeeper_tls(self, section: Dict[str, Any]) -> Optional[ZooKeeperTls]:
         """ZooKeeperTls from `use_ssl`, `ca`, `certfile`, `keyfile`, `verify_certs`."""
         use_ssl = section.get("use_ssl", False)
         if use_ssl not in (True, False, 0, 1) or isinstance(use_ssl, float):
@@ -293,7 +294,7 @@ class Settings(object):
         return ZooKeeperTls(paths["ca"], paths["certfile"], paths["keyfile"], bool(verify))
 
     @property
-    def rpc_tls(self):
+    def rpc_tls(self) -> Optional[RpcTls]:
         """RpcTls for this env, or None when the config has no `rpc_tls.<env>`
         (plain RPC). Every file must exist; no other key is allowed."""
         top = self.raw.get("rpc_tls")
@@ -303,14 +304,17 @@ class Settings(object):
         if not isinstance(section, dict) or set(section) != {"ca", "cert", "key"}:
             raise ConfigError("config %s: 'rpc_tls.%s' must be a mapping with exactly the keys "
                               "ca, cert and key (PEM paths)" % (self.path, self.env))
-        return RpcTls(*(self._pem_path("rpc_tls", section, key) for key in ("ca", "cert", "key")))
+        # An empty value passes as None here (as it always has): _pem_path's Optional
+        return RpcTls(*(self._pem_path("rpc_tls", section, key)  # type: ignore[arg-type]
+                        for key in ("ca", "cert", "key")))
 
     @property
-    def advertise_host(self):
+    def advertise_host(self) -> Optional[str]:
         """PROBE_ADVERTISE_HOST, else the config's `advertise_host`, else None.
         Raises InvalidHost (naming where it came from) unless it is a host name or
         an IP literal: it becomes part of the node's znode name and Redis field."""
         from_env = os.environ.get("PROBE_ADVERTISE_HOST")
+        host: Any  # the config's value is untrusted: checked below
         if from_env:
             host, source = from_env, "PROBE_ADVERTISE_HOST"
         else:
@@ -324,7 +328,7 @@ class Settings(object):
         return host
 
     @property
-    def log_dir(self):
+    def log_dir(self) -> Optional[str]:
         """Where a prod provider writes its file log; None in other envs by default."""
         logging_section = self.raw.get("logging") or {}
         dirs = logging_section.get("dir") or {}
@@ -333,7 +337,7 @@ class Settings(object):
         return dirs or None
 
 
-def _read_yaml(path):
+def _read_yaml(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
@@ -348,7 +352,8 @@ def _read_yaml(path):
     return raw
 
 
-def choose_env(raw, path, hostname=None):
+def choose_env(raw: Dict[str, Any], path: str,
+               hostname: Optional[str] = None) -> Tuple[str, str]:
     """(env, why): PROBE_ENV wins; else the first hostname rule that matches."""
     forced = os.environ.get("PROBE_ENV")
     if forced:
@@ -368,11 +373,11 @@ def choose_env(raw, path, hostname=None):
     return check_env(raw.get("default_env") or DEFAULT_ENV), "default env for hostname %r" % hostname
 
 
-_cache = {}
+_cache: Dict[Tuple[str, Optional[str], Optional[str]], Settings] = {}
 _cache_lock = threading.Lock()
 
 
-def load_settings(config_path=None, env=None):
+def load_settings(config_path: Optional[str] = None, env: Optional[str] = None) -> Settings:
     """Settings for `env` (default: PROBE_ENV or hostname rules) from `config_path`
     (default: PROBE_CONFIG or the packaged file). Cached per process."""
     path = os.path.abspath(config_path or os.environ.get("PROBE_CONFIG") or PACKAGED_CONFIG)
@@ -392,19 +397,19 @@ def load_settings(config_path=None, env=None):
     return settings
 
 
-def clear_cache():
+def clear_cache() -> None:
     """Forget loaded settings (tests switch PROBE_CONFIG between stacks)."""
     with _cache_lock:
         _cache.clear()
 
 
-def outbound_ip(towards=None):
+def outbound_ip(towards: Optional[str] = None) -> str:
     """The address this host uses to reach `towards` (a host), or its default route.
 
     A UDP connect() only asks the kernel for a route; it sends no packet. Avoids
     gethostbyname(hostname), which gives 127.0.1.1 on Debian.
     """
-    targets = []
+    targets: List[str] = []
     if towards:
         targets.append(towards)
     targets.append("203.0.113.1")  # TEST-NET-3: picks the default route, never contacted

@@ -28,14 +28,20 @@ import random
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Set, Tuple, Union
 
 from .. import naming
 from ..errors import ComponentUnavailable, ConfigUnavailable, InvalidConfigValue
 from .values import MAX_VALUE_BYTES, canonical_text, parse_value
-from ..registry import release_zookeeper, shared_zookeeper
+from ..registry import ZooKeeper, release_zookeeper, shared_zookeeper
 from ..settings import load_settings
 from ..zk import snapshot
-from ..zk.mirror import ChildrenMirror
+from ..zk.mirror import ChildrenMirror, Entry
+
+# on_change callbacks: callback(key, old, new)
+Callback = Callable[[str, Any, Any], Any]
+# (key, old value or None, new value or None)
+Change = Tuple[str, Any, Any]
 
 log = logging.getLogger("probe.configcenter")
 
@@ -49,7 +55,7 @@ BACKUP_DELAY = snapshot.WRITE_DELAY  # seconds from a change to its backup write
 __all__ = ["MAX_VALUE_BYTES", "parse_value", "canonical_text", "LiveConfig", "live_config"]
 
 
-def default_backup_dir():
+def default_backup_dir() -> str:
     return os.environ.get("PROBE_CONFIG_BACKUP_DIR") or os.path.join(
         os.path.expanduser("~"), ".probe", "configs")
 
@@ -76,8 +82,10 @@ class LiveConfig(Mapping):
     restore <appkey>`), and False once ZooKeeper's own listing is in.
     """
 
-    def __init__(self, zk, env, appkey, backup_file=None, resync_interval=DEFAULT_RESYNC_INTERVAL,
-                 release=None, backup_root=None):
+    def __init__(self, zk: ZooKeeper, env: str, appkey: str, backup_file: Optional[str] = None,
+                 resync_interval: float = DEFAULT_RESYNC_INTERVAL,
+                 release: Optional[Callable[[ZooKeeper], None]] = None,
+                 backup_root: Optional[str] = None) -> None:
         self.zk = zk
         self.env = env
         self.appkey = appkey
@@ -86,13 +94,15 @@ class LiveConfig(Mapping):
         self.backup_root = backup_root
         self.resync_interval = float(resync_interval)
         self._unconfirmed = False  # serving the backup (or nothing) until ZooKeeper answers
-        self._values = {}          # published; never mutated, replaced whole
-        self._entries = {}         # key -> canonical text of the published value
-        self._bad = {}             # key -> raw data already warned about
-        self._callbacks = ()       # replaced whole, like _values
+        self._values: Dict[str, Any] = {}  # published; never mutated, replaced whole
+        self._entries: Dict[str, str] = {}  # key -> canonical text of the published value
+        self._bad: Dict[str, Tuple[int, int]] = {}  # key -> raw data already warned about
+        self._callbacks: Tuple[Callback, ...] = ()  # replaced whole, like _values
         self._lock = threading.RLock()  # writers only: the mirror's batches, close
-        self._events = queue.Queue()   # for the dispatch thread: changes to call back on
-        self._tasks = queue.Queue()    # for the sync thread: re-reads
+        self._events: "queue.Queue[Optional[Tuple[List[Change], Tuple[Callback, ...]]]]" = \
+            queue.Queue()  # for the dispatch thread: changes to call back on
+        # for the sync thread: re-reads
+        self._tasks: "queue.Queue[Optional[Callable[[], Any]]]" = queue.Queue()
         self._closed = False
         self._release = release
         self._mirror = ChildrenMirror(
@@ -114,31 +124,31 @@ class LiveConfig(Mapping):
         return max(self._mirror.resyncs - 1, 0)
 
     # -- mapping (the read path: no lock, no I/O) ------------------------------------
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         return self._values[key]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._values)
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return key in self._values
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         return self._values.get(key, default)
 
-    def snapshot(self):
+    def snapshot(self) -> Dict[str, Any]:
         """The current values as one consistent dict (do not modify it)."""
         return self._values
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "LiveConfig(env=%r, appkey=%r, keys=%d, stale=%r)" % (
             self.env, self.appkey, len(self._values), self.stale)
 
     # -- callbacks -------------------------------------------------------------------
-    def on_change(self, callback):
+    def on_change(self, callback: Callback) -> Callback:
         """Call `callback(key, old, new)` once per change, on the config's own thread,
         in the order of the changes. `old` is None for a new key, `new` is None for a
         deleted one. A callback that raises is logged; the others still run.
@@ -147,12 +157,12 @@ class LiveConfig(Mapping):
             self._callbacks = self._callbacks + (callback,)
         return callback
 
-    def remove_callback(self, callback):
+    def remove_callback(self, callback: Callback) -> None:
         with self._lock:
             self._callbacks = tuple(c for c in self._callbacks if c is not callback)
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self, wait=True):
+    def start(self, wait: bool = True) -> "LiveConfig":
         self._dispatcher.start()
         connected = self.zk.connected
         if connected and self._mirror.start(wait=self.zk.session_timeout):
@@ -184,7 +194,7 @@ class LiveConfig(Mapping):
         self._syncer.start()
         return self
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -199,20 +209,20 @@ class LiveConfig(Mapping):
         if self._release is not None:
             self._release(self.zk)
 
-    def __enter__(self):
+    def __enter__(self) -> "LiveConfig":
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _retire_watches(self):
+    def _retire_watches(self) -> None:
         """Act as if every watch of this config had died (tests: the resync must
         find what they miss)."""
         self._mirror.retire()
 
     # -- the mirror's batches (its lock held; never blocks) -----------------------------
-    def _apply_batch(self, upserts, removed, full):
-        updates = {key: entry[0] for key, entry in upserts.items()}
+    def _apply_batch(self, upserts: Dict[str, Entry], removed: Set[str], full: bool) -> None:
+        updates: Dict[str, Optional[bytes]] = {key: entry[0] for key, entry in upserts.items()}
         for key in removed:
             updates[key] = None
         with self._lock:
@@ -223,13 +233,13 @@ class LiveConfig(Mapping):
             self._apply(updates)
 
     # -- applying changes (lock held by the caller or taken here) -------------------------
-    def _apply(self, updates):
+    def _apply(self, updates: Dict[str, Optional[bytes]]) -> int:
         """`updates`: key -> raw znode data, or None for a deleted key. Returns the
         number of keys that changed."""
         with self._lock:
             values = dict(self._values)
             entries = self._entries
-            changes = []
+            changes: List[Change] = []
             for key, raw in updates.items():
                 if raw is None:
                     if key in values:
@@ -251,7 +261,7 @@ class LiveConfig(Mapping):
                 self._publish(values, changes)
             return len(changes)
 
-    def _decode(self, key, raw):
+    def _decode(self, key: str, raw: bytes) -> Optional[Tuple[Any, str]]:
         """(value, canonical text) of untrusted znode data, or None (warned once per
         distinct bad data, so a hostile writer cannot flood the log)."""
         try:
@@ -267,7 +277,7 @@ class LiveConfig(Mapping):
                             "the key stays absent")
             return None
 
-    def _publish(self, values, changes):
+    def _publish(self, values: Dict[str, Any], changes: List[Change]) -> None:
         self._values = values
         # With the callbacks registered now: one registered later does not hear of
         # changes made before it (such as the first load).
@@ -279,18 +289,18 @@ class LiveConfig(Mapping):
             snapshot.writer().schedule(self.backup_file, self._backup_document)
 
     # -- resync ----------------------------------------------------------------------------
-    def resync(self):
+    def resync(self) -> bool:
         """Re-read every key from ZooKeeper and make the mapping equal to it (the
         read also sets every watch up again). True once applied."""
         if self._closed or not self.zk.connected:
             return False
         return self._mirror.resync(wait=self.zk.session_timeout)
 
-    def _next_resync(self):
+    def _next_resync(self) -> float:
         # +-10% jitter: a fleet started together does not resync together.
         return time.monotonic() + self.resync_interval * random.uniform(0.9, 1.1)
 
-    def _sync_loop(self):
+    def _sync_loop(self) -> None:
         due = self._next_resync()
         while not self._closed:
             try:
@@ -305,7 +315,7 @@ class LiveConfig(Mapping):
                 log.exception("config task %r of %s failed", task, self.parent)
 
     # -- dispatch: callbacks, on the config's own thread ---------------------------------------
-    def _dispatch_loop(self):
+    def _dispatch_loop(self) -> None:
         while True:
             item = self._events.get()
             if item is None:
@@ -314,7 +324,7 @@ class LiveConfig(Mapping):
             for key, old, new in changes:
                 self._call_back(callbacks, key, old, new)
 
-    def _call_back(self, callbacks, key, old, new):
+    def _call_back(self, callbacks: Tuple[Callback, ...], key: str, old: Any, new: Any) -> None:
         for callback in callbacks:
             try:
                 callback(key, old, new)
@@ -322,13 +332,13 @@ class LiveConfig(Mapping):
                 log.exception("config callback %r failed on %s/%s", callback, self.parent, key)
 
     # -- local backup ------------------------------------------------------------------------
-    def _backup_document(self):
+    def _backup_document(self) -> Optional[Dict[str, Any]]:
         if self.stale:
             return None
         return {"env": self.env, "appkey": self.appkey, "written_at": time.time(),
                 "values": self._values}
 
-    def _load_backup(self, reason=None):
+    def _load_backup(self, reason: Optional[str] = None) -> bool:
         """Serve the local backup (stale); False when there is none usable."""
         if not self.backup_file:
             return False
@@ -343,7 +353,7 @@ class LiveConfig(Mapping):
             log.warning("config backup %s is unusable (%s: %s)", self.backup_file,
                         exc.__class__.__name__, str(exc)[:300])
             return False
-        updates = {}
+        updates: Dict[str, Optional[bytes]] = {}
         for key, value in values.items():
             if naming.is_config_key(key):
                 try:
@@ -366,8 +376,10 @@ class LiveConfig(Mapping):
         return True
 
 
-def live_config(appkey, env=None, config_path=None, backup_dir=None, wait=True, timeout=3.0,
-                resync_interval=DEFAULT_RESYNC_INTERVAL):
+def live_config(appkey: str, env: Optional[str] = None, config_path: Optional[str] = None,
+                backup_dir: Union[str, Literal[False], None] = None, wait: bool = True,
+                timeout: float = 3.0,
+                resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> LiveConfig:
     """A `LiveConfig` for `appkey`: a read-only mapping key -> JSON value, always current.
 
     :param appkey: the appkey whose config to read.

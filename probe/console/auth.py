@@ -8,7 +8,7 @@ per console process: a restart forgets it.
 import threading
 import time
 from collections import OrderedDict
-from typing import Optional
+from typing import Dict, List, Optional
 from urllib.parse import urlsplit
 
 MAX_NEXT_LENGTH = 1024
@@ -44,7 +44,7 @@ class _Window(object):
 
     __slots__ = ("started", "count")
 
-    def __init__(self, started):
+    def __init__(self, started: float) -> None:
         self.started = started
         self.count = 0
 
@@ -58,14 +58,16 @@ class LoginThrottle(object):
     :param max_entries: keys remembered per table (the oldest are forgotten)
     """
 
-    def __init__(self, per_user=5, per_address=20, window=300.0, max_entries=10000):
+    def __init__(self, per_user: int = 5, per_address: int = 20, window: float = 300.0,
+                 max_entries: int = 10000) -> None:
         self.limits = {"user": int(per_user), "address": int(per_address)}
         self.window = float(window)
         self.max_entries = int(max_entries)
-        self._tables = {"user": OrderedDict(), "address": OrderedDict()}
+        self._tables: Dict[str, "OrderedDict[str, _Window]"] = {"user": OrderedDict(),
+                                                                "address": OrderedDict()}
         self._lock = threading.Lock()
 
-    def retry_after(self, username, address, now=None):
+    def retry_after(self, username: str, address: str, now: Optional[float] = None) -> float:
         """Seconds until a login for `username` from `address` is allowed (0: now)."""
         now = time.monotonic() if now is None else now
         wait = 0.0
@@ -76,11 +78,11 @@ class LoginThrottle(object):
                     wait = max(wait, entry.started + self.window - now)
         return wait
 
-    def failed(self, username, address, now=None):
+    def failed(self, username: str, address: str, now: Optional[float] = None) -> List[str]:
         """Count a failure; returns the kinds ("user", "address") whose limit this
         failure reached (so the caller logs a lockout once, not every refusal)."""
         now = time.monotonic() if now is None else now
-        reached = []
+        reached: List[str] = []
         with self._lock:
             for kind, key in (("user", username), ("address", address)):
                 table = self._tables[kind]
@@ -95,12 +97,12 @@ class LoginThrottle(object):
                     reached.append(kind)
         return reached
 
-    def succeeded(self, username):
+    def succeeded(self, username: str) -> None:
         """A good password clears the name's failures (not the address's)."""
         with self._lock:
             self._tables["user"].pop(username, None)
 
-    def _current(self, kind, key, now):
+    def _current(self, kind: str, key: str, now: float) -> Optional[_Window]:
         table = self._tables[kind]
         entry = table.get(key)
         if entry is not None and now - entry.started >= self.window:
@@ -108,6 +110,6 @@ class LoginThrottle(object):
             return None
         return entry
 
-    def size(self):
+    def size(self) -> int:
         with self._lock:
             return sum(len(table) for table in self._tables.values())

@@ -33,7 +33,8 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type,
+                    TypeVar, Union)
 
 from probe.errors import ProbeError
 
@@ -181,7 +182,7 @@ def _port_in_use(port: int, host: str = LOOPBACK) -> bool:
     return result != errno.ECONNREFUSED
 
 
-def _exchange(port: int, request: bytes, enough, timeout: float = 1.0,
+def _exchange(port: int, request: bytes, enough: Callable[[bytes], bool], timeout: float = 1.0,
               host: str = LOOPBACK) -> bytes:
     """Send `request` to host:port and read until `enough(reply)` or EOF.
 
@@ -194,7 +195,7 @@ def _exchange(port: int, request: bytes, enough, timeout: float = 1.0,
         return b""
 
 
-def _tls_exchange(port: int, request: bytes, enough, ca: str,
+def _tls_exchange(port: int, request: bytes, enough: Callable[[bytes], bool], ca: str,
                   client_pair: Optional[Tuple[str, str]], timeout: float = 1.0,
                   host: str = LOOPBACK) -> bytes:
     """`_exchange` over TLS, checking the server's certificate against `ca`."""
@@ -210,7 +211,8 @@ def _tls_exchange(port: int, request: bytes, enough, ca: str,
         return b""
 
 
-def _send_and_read(sock, request: bytes, enough, errors=(OSError,)) -> bytes:
+def _send_and_read(sock: socket.socket, request: bytes, enough: Callable[[bytes], bool],
+                   errors: Tuple[Type[BaseException], ...] = (OSError,)) -> bytes:
     """Send `request` (if any), then read until `enough(reply)` or EOF; one of `errors`
     (a timeout, a reset) ends the read with what had come so far."""
     reply = b""
@@ -793,8 +795,9 @@ def _stop_servers(servers: Sequence[_Server], force: bool = False) -> None:
             server.signal(signal.SIGKILL)
             if server.wait_exit(_KILL_WAIT):
                 continue
+        # server.pid is set here: the server was running
         raise StackError("%s (pid %d) survived SIGKILL; check it with `ps -p %d`"
-                         % (server.name, server.pid, server.pid))
+                         % (server.name, server.pid, server.pid))  # type: ignore[str-format]
     for server in servers:
         if not server.is_alive():
             server.pid = server.start_time = None
@@ -802,12 +805,27 @@ def _stop_servers(servers: Sequence[_Server], force: bool = False) -> None:
 
 # --------------------------------------------------------------------------- stack
 
+_R = TypeVar("_R", bound="_Recorded")
+
+
 class _Recorded:
     """A group of servers whose pids and ports live in a JSON record in state_dir.
     Subclasses provide state_dir, _record_path, _restore(record), _save(), up() and
     down(); `with group:` runs up() and always down()."""
 
-    def __enter__(self):
+    state_dir: str
+    _record_path: str
+
+    if TYPE_CHECKING:  # provided by the subclasses
+        def up(self) -> object: ...
+
+        def down(self) -> None: ...
+
+        def _restore(self, record: dict) -> None: ...
+
+        def _save(self) -> None: ...
+
+    def __enter__(self: _R) -> _R:
         try:
             self.up()
         except BaseException:
@@ -815,7 +833,7 @@ class _Recorded:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.down()
 
     @contextlib.contextmanager
@@ -840,7 +858,7 @@ class Stack(_Recorded):
     of a test (tests/test_multihost.py), never a public interface.
     """
 
-    def __init__(self, state_dir: Optional[str] = None, ports="dev",
+    def __init__(self, state_dir: Optional[str] = None, ports: Union[str, Dict[str, int]] = "dev",
                  env: str = "dev", host: str = LOOPBACK,
                  secure: Optional[bool] = None) -> None:
         if not env or not isinstance(env, str):
@@ -988,7 +1006,7 @@ class Stack(_Recorded):
     def config(self) -> dict:
         """The probe configuration (as written to `config_path`) for these servers."""
         ports = self.ports
-        config = {
+        config: Dict[str, object] = {
             "mysql": {self.env: {
                 "host": self.host, "port": ports["mysql"], "username": MYSQL_USER,
                 "password": MYSQL_PASSWORD, "database": MYSQL_DATABASE}},
@@ -1040,7 +1058,7 @@ class Stack(_Recorded):
         return "/tmp/probe-mysql-%s.sock" % digest
 
     @staticmethod
-    def _choose_ports(ports, stored: Dict[str, int]) -> Dict[str, int]:
+    def _choose_ports(ports: Union[str, Dict[str, int]], stored: Dict[str, int]) -> Dict[str, int]:
         if ports == "dev":
             chosen = dict(DEV_PORTS, **stored)
         elif ports == "free":

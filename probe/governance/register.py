@@ -29,7 +29,7 @@ import logging
 import struct
 import threading
 import time
-from typing import Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
@@ -43,7 +43,7 @@ from ..stores.appkeys import AppkeyStore
 from ..errors import ProbeError, RegisterError
 from ..naming import NodeSettings
 from ..stores.nodestore import NodeStore
-from ..registry import Registration, release_zookeeper, shared_zookeeper
+from ..registry import Registration, ZooKeeper, release_zookeeper, shared_zookeeper
 from ..rpc.codec import codec_for
 from ..settings import load_settings
 
@@ -106,9 +106,9 @@ class ForeignNode(object):
         self.env = self.settings.env
         self.path = naming.node_path(self.env, appkey, service, host, port)
         self.field = naming.settings_field(appkey, self.env, service, host, port)
-        self.registration = None
-        self.zk = None
-        self.store = None
+        self.registration: Optional[Registration] = None
+        self.zk: Optional[ZooKeeper] = None
+        self.store: Optional[NodeStore] = None
         self._stop = threading.Event()
         self._seqid = 0
         self._last_data: Optional[NodeSettings] = None
@@ -133,8 +133,8 @@ class ForeignNode(object):
             appkeys.require(self.appkey)
         finally:
             appkeys.close()
-        self.store = NodeStore(self.settings.redis, self.env, timeout)
-        self.store.ping()
+        store = self.store = NodeStore(self.settings.redis, self.env, timeout)
+        store.ping()
         self.zk = shared_zookeeper(self.settings.zookeeper, timeout=timeout)
         return self
 
@@ -157,7 +157,7 @@ class ForeignNode(object):
             except OSError:
                 pass
 
-    def _call(self, raw) -> Optional[str]:
+    def _call(self, raw: Any) -> Optional[str]:
         """A real call of the check method with no arguments, in the node's dialect.
 
         The reply is read raw, at most MAX_REPLY_BYTES, and decoded by thriftpy2's
@@ -246,6 +246,7 @@ class ForeignNode(object):
 
     def _register(self) -> None:
         own = self.default_settings()
+        assert self.store is not None and self.zk is not None, "open() first"
         try:
             stored = self.store.get_or_create(self.field, own)
         except ProbeError as exc:
@@ -257,7 +258,7 @@ class ForeignNode(object):
         data = stored._replace(transport=own.transport, protocol=own.protocol)
         store, field = self.store, self.field
 
-        def reload_settings():
+        def reload_settings() -> Optional[NodeSettings]:
             try:
                 return store.get(field)
             except (ProbeError, ValueError) as exc:
@@ -278,7 +279,7 @@ class ForeignNode(object):
             log.info("deregistered %s", self.path)
 
 
-def _reply_header(data: bytes, transport: str, protocol: str):
+def _reply_header(data: bytes, transport: str, protocol: str) -> Optional[Tuple[str, int, int]]:
     """(name, type, seqid) of the message at the start of `data`, None while it is
     incomplete; a ("", -1, -1) header for bytes that are no message of the dialect."""
     if transport == "framed":
@@ -304,8 +305,8 @@ def _reply_header(data: bytes, transport: str, protocol: str):
 class _NoArgs(object):
     """An empty args struct: written as the STOP byte alone in any protocol."""
 
-    thrift_spec = {}
-    default_spec = []
+    thrift_spec: Dict[int, Any] = {}
+    default_spec: List[Any] = []
 
 
 __all__ = ["ForeignNode", "RegisterError", "DEFAULT_INTERVAL", "DEFAULT_FALL", "DEFAULT_RISE"]

@@ -9,7 +9,7 @@ process.
 
 import logging
 import threading
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -20,6 +20,7 @@ from ..rpc.httpserver import BoundedHttpServer, HttpLimits, server_ssl_context
 from ..stores.stats import BOUNDS, SIDES
 from .options import METRICS_ADDR_ENV, METRICS_PORT_ENV, tls_options
 from .recorder import add_cell
+from .snapshots import Snapshot
 
 log = logging.getLogger("probe.metrics")
 
@@ -35,18 +36,18 @@ class ProbeCollector(object):
     :param snapshot: returns the snapshot to expose (probe.metrics.snapshots).
     """
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
-    def describe(self):
+    def describe(self) -> List[Any]:
         return self.families({"calls": {}, "inflight": {}})
 
-    def collect(self):
+    def collect(self) -> List[Any]:
         return self.families(self._snapshot())
 
     @staticmethod
-    def families(snap):
-        result = []
+    def families(snap: Snapshot) -> List[Any]:
+        result: List[Any] = []
         for side in SIDES:
             requests = CounterMetricFamily(
                 "probe_%s_requests" % side, "Calls %s by probe, by outcome" % (
@@ -58,7 +59,7 @@ class ProbeCollector(object):
             inflight = GaugeMetricFamily(
                 "probe_%s_inflight" % side, "Calls in flight on the %s side" % side,
                 labels=("appkey", "service", "node"))
-            histograms = {}
+            histograms: Dict[Tuple[Any, ...], List[float]] = {}
             for key, cell in sorted(snap["calls"].items()):
                 if key[0] == side:
                     requests.add_metric(key[1:], sum(cell[:-1]))
@@ -85,7 +86,7 @@ class ProbeCollector(object):
                      "'Overloaded, not executed' replies from providers (retried elsewhere)"),
                     ("budget_exhausted", "probe_client_retry_budget_exhausted",
                      "Retries refused because the retry budget was spent")]
-        families = []
+        families: List[Any] = []
         for field, name, text in counters:
             family = CounterMetricFamily(name, text, labels=labels)
             for key, entry in sorted(health.items()):
@@ -105,9 +106,10 @@ class ProbeCollector(object):
         return families + [panic, ejected, node]
 
 
-def _cumulative(cell):
+def _cumulative(cell: Sequence[float]) -> List[Tuple[str, float]]:
     """Prometheus histogram points [(le, count of calls <= le)] from a cell."""
-    total, points = 0, []
+    total: float = 0
+    points: List[Tuple[str, float]] = []
     for le, count in zip(_LE, cell[:-1]):
         total += count
         points.append((le, total))
@@ -117,7 +119,8 @@ def _cumulative(cell):
 class MetricsEndpoint(object):
     """One user's share of a /metrics HTTP server; the server stops with its last user."""
 
-    def __init__(self, servers, key, httpd):
+    def __init__(self, servers: "HttpServers", key: Tuple[str, int],
+                 httpd: BoundedHttpServer) -> None:
         self._servers = servers
         self._key = key
         self.httpd = httpd
@@ -125,10 +128,10 @@ class MetricsEndpoint(object):
         self.addr = key[0]
         self._closed = False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<MetricsEndpoint %s:%d>" % (self.addr, self.port)
 
-    def close(self):
+    def close(self) -> None:
         if self._servers.release(self):
             self.httpd.shutdown()
             self.httpd.server_close()
@@ -138,11 +141,11 @@ class HttpServers(object):
     """The /metrics servers of a process, by (addr, port): a provider and a client
     asking for the same port share one server."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._servers = {}  # (addr, port) -> [httpd, users]
+        self._servers: Dict[Tuple[str, int], List[Any]] = {}  # (addr, port) -> [httpd, users]
 
-    def serve(self, port, addr):
+    def serve(self, port: int, addr: str) -> MetricsEndpoint:
         """An endpoint serving prometheus_client's default REGISTRY on addr:port (0: a
         free port)."""
         with self._lock:
@@ -169,7 +172,7 @@ class HttpServers(object):
                  " over TLS" if tls else "")
         return MetricsEndpoint(self, key, httpd)
 
-    def release(self, endpoint):
+    def release(self, endpoint: MetricsEndpoint) -> bool:
         """Count one endpoint closed (once); True when its server has no user left."""
         with self._lock:
             if endpoint._closed:
@@ -184,7 +187,7 @@ class HttpServers(object):
             del self._servers[endpoint._key]
             return True
 
-    def forget(self):
+    def forget(self) -> None:
         """Drop every server without stopping it (a forked child does not own them)."""
         self._lock = threading.Lock()
         self._servers = {}

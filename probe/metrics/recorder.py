@@ -13,7 +13,7 @@ are folded into a retired total, so counters never go back.
 
 import logging
 import threading
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 from bisect import bisect_left
 
 from ..naming import parse_node_name
@@ -24,8 +24,11 @@ log = logging.getLogger("probe.metrics")
 
 CELL = len(BOUNDS) + 2  # bucket counts (the last one +Inf), then the sum of seconds
 
+# observe(method, status, seconds): a provider's call hook
+Observe = Callable[[str, str, float], None]
 
-def add_cell(into, key, cell):
+
+def add_cell(into: Dict[Any, List[float]], key: Any, cell: Sequence[float]) -> None:
     """Add `cell` to into[key] (a copy of it when the key is new)."""
     mine = into.get(key)
     if mine is None:
@@ -40,11 +43,11 @@ class ThreadState(object):
 
     __slots__ = ("cells", "current", "thread")
 
-    def __init__(self):
-        self.cells = {}
+    def __init__(self) -> None:
+        self.cells: Dict[Tuple[str, Optional[str], str], List[float]] = {}
         # client: the node this thread is calling now, set by the call path; a thread
         # calls one node at a time, so in flight = threads whose current node it is
-        self.current = None
+        self.current: Optional[str] = None
         self.thread = threading.current_thread()
 
 
@@ -65,8 +68,9 @@ class Recorder(object):
     :param inflight: server side: a callable returning the calls in flight.
     """
 
-    def __init__(self, side, appkey, service, node=None, slow_call_ms=DEFAULT_SLOW_CALL_MS,
-                 inflight=None):
+    def __init__(self, side: str, appkey: str, service: str, node: Optional[str] = None,
+                 slow_call_ms: float = DEFAULT_SLOW_CALL_MS,
+                 inflight: Optional[Callable[[], int]] = None) -> None:
         if side not in SIDES:
             raise ValueError("side must be 'server' or 'client', got %r" % (side,))
         self.side = side
@@ -78,20 +82,20 @@ class Recorder(object):
         self.stats_ttl = DEFAULT_TTL  # set by attach()
         # Called when a thread records its first call here: the process state uses
         # it to restart its background thread in a forked child.
-        self.on_new_thread = None
+        self.on_new_thread: Optional[Callable[[], None]] = None
         # Client side: objects with `health_report()` (probe clients) whose node
         # health this recorder's labels expose; not forgotten by a fork.
-        self.health_sources = []
+        self.health_sources: List[Any] = []
         self.start_over()
 
-    def start_over(self):
+    def start_over(self) -> None:
         """Forget every count (a forked child starts from zero)."""
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._states = []
-        self._retired = {}
+        self._states: List[ThreadState] = []
+        self._retired: Dict[Tuple[str, Optional[str], str], List[float]] = {}
         self._adopted = 0
-        self._labels = {}
+        self._labels: Dict[str, str] = {}
 
     def add_health_source(self, source: Any) -> None:
         """Expose `source.health_report()` under this recorder's labels."""
@@ -107,10 +111,10 @@ class Recorder(object):
         """The current reports of this recorder's health sources."""
         return [source.health_report() for source in self.health_sources]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Recorder %s %s/%s %s>" % (self.side, self.appkey, self.service, self.node or "")
 
-    def _adopt(self):
+    def _adopt(self) -> ThreadState:
         state = ThreadState()
         with self._lock:
             self._states.append(state)
@@ -123,18 +127,19 @@ class Recorder(object):
         return state
 
     # -- the call path ----------------------------------------------------------
-    def thread_state(self):
+    def thread_state(self) -> ThreadState:
         """This thread's aggregates; a client looks it up once per call."""
         try:
             return self._local.state
         except AttributeError:
             return self._adopt()
 
-    def observe(self, method, node, status, seconds):
+    def observe(self, method: str, node: Optional[str], status: str, seconds: float) -> None:
         """One client attempt of `method` on the node with znode name `node`."""
         self.observe_in(self.thread_state(), method, node, status, seconds)
 
-    def observe_in(self, state, method, node, status, seconds):
+    def observe_in(self, state: ThreadState, method: str, node: Optional[str], status: str,
+                   seconds: float) -> None:
         """observe() with the thread's state already in hand (from thread_state())."""
         cells = state.cells
         key = (method, node, status)
@@ -146,11 +151,11 @@ class Recorder(object):
         if seconds >= self.slow_seconds:
             self._slow(method, node, status, seconds)
 
-    def observe_server(self, method, status, seconds):
+    def observe_server(self, method: str, status: str, seconds: float) -> None:
         """One call of `method` served by this provider (ThriftServer's hook)."""
         self.observe_in(self.thread_state(), method, None, status, seconds)
 
-    def _slow(self, method, node, status, seconds):
+    def _slow(self, method: str, node: Optional[str], status: str, seconds: float) -> None:
         log.warning("slow call: %s side, appkey %s, %s.%s on node %s took %.1f ms (status %s)",
                     self.side, self.appkey, self.service, method, self._label(node),
                     seconds * 1000.0, status)
@@ -160,7 +165,7 @@ class Recorder(object):
         """A client node's label "host:port" from its znode name."""
         return self._label(node)
 
-    def _label(self, node):
+    def _label(self, node: Optional[str]) -> str:
         """The node label "host:port": the own address (server) or a znode name's."""
         if node is None:
             return str(self.node)
@@ -176,9 +181,9 @@ class Recorder(object):
             self._labels[node] = label
         return label
 
-    def _retire_dead(self):
+    def _retire_dead(self) -> None:
         """Fold the cells of finished threads into the retired total (lock held)."""
-        alive = []
+        alive: List[ThreadState] = []
         for state in self._states:
             if state.thread.is_alive():
                 alive.append(state)
@@ -187,7 +192,8 @@ class Recorder(object):
                     add_cell(self._retired, key, cell)
         self._states = alive
 
-    def _copies(self):
+    def _copies(self) -> Tuple[List[Tuple[Tuple[str, Optional[str], str], List[float]]],
+                               List[Optional[str]]]:
         """Copies of every cell, and each live thread's current node."""
         # Under the lock: a concurrent reader folding a dead thread into _retired
         # must not make this one count that thread twice.
@@ -200,7 +206,8 @@ class Recorder(object):
                 copies.extend((key, cell[:]) for key, cell in list(state.cells.items()))
             return copies, [state.current for state in self._states]
 
-    def snapshot_into(self, calls, inflight=None):
+    def snapshot_into(self, calls: Dict[Tuple[Any, ...], Any],
+                      inflight: Optional[Dict[Tuple[Any, ...], Any]] = None) -> None:
         """Add this recorder's totals to `calls` and its in-flight counts to `inflight`.
 
         :param calls: {(side, appkey, service, method, node, status): cell}
@@ -208,7 +215,7 @@ class Recorder(object):
         """
         prefix = (self.side, self.appkey, self.service)
         copies, currents = self._copies()
-        nodes = set()
+        nodes: Set[str] = set()
         for (method, node, status), cell in copies:
             label = self._label(node)
             nodes.add(label)
@@ -228,7 +235,8 @@ class Recorder(object):
                 inflight[key] = inflight.get(key, 0) + 1
 
 
-def server_hook(recorder, observe=None):
+def server_hook(recorder: Optional[Recorder],
+                observe: Optional[Observe] = None) -> Optional[Observe]:
     """The ThriftServer `observe(method, status, seconds)` hook: the recorder, the
     user's hook, both, or None."""
     if recorder is None:
@@ -237,7 +245,7 @@ def server_hook(recorder, observe=None):
         return recorder.observe_server
     record = recorder.observe_server
 
-    def both(method, status, seconds):
+    def both(method: str, status: str, seconds: float) -> None:
         record(method, status, seconds)
         observe(method, status, seconds)
     return both

@@ -12,6 +12,7 @@ import random
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError, ProbeError
 from ..stores.nodestore import REDIS_ERRORS
@@ -19,13 +20,20 @@ from ..naming import health_field
 from ..stores.stats import health_entry, slot_of, write_health, write_slot
 from .options import DEFAULT_STATS_INTERVAL
 
+if TYPE_CHECKING:
+    from ..settings import RedisSettings, Settings
+    from .recorder import Recorder
+
+# {(side, appkey, service, node, method, status): [counts..., seconds]} (probe.metrics.recorder)
+Cells = Dict[Tuple[Any, ...], List[float]]
+
 log = logging.getLogger("probe.metrics")
 
 ERROR_LOG_EVERY = 60.0  # seconds between two logged flush errors
 REDIS_TIMEOUT = 1.0  # seconds; the flush thread must not hang on a dead Redis
 
 
-def redis_settings_or_none(settings):
+def redis_settings_or_none(settings: "Settings") -> Optional["RedisSettings"]:
     """A consumer flushes to Redis only when its config has a redis section."""
     try:
         return settings.redis
@@ -34,7 +42,7 @@ def redis_settings_or_none(settings):
         return None
 
 
-def _writer_id():
+def _writer_id() -> str:
     return "%s:%d:%04x" % (socket.gethostname(), os.getpid(), random.getrandbits(16))
 
 
@@ -49,37 +57,37 @@ class RedisSink(object):
     and `users` are changed by the owner (the process state) under its own lock.
     """
 
-    def __init__(self, redis_settings, env):
+    def __init__(self, redis_settings: "RedisSettings", env: str) -> None:
         self.settings = redis_settings
         self.env = env
-        self.recorders = []
-        self.users = {}  # recorder -> attach count
+        self.recorders: List["Recorder"] = []
+        self.users: Dict["Recorder", int] = {}  # recorder -> attach count
         self.start_over()
 
-    def start_over(self):
+    def start_over(self) -> None:
         """A new writer with nothing written (a forked child)."""
         self.writer = _writer_id()
-        self._client = None
+        self._client: Any = None
         self._lock = threading.Lock()
-        self._slot = None
-        self._base = {}
-        self._written = {}
+        self._slot: Optional[int] = None
+        self._base: Cells = {}
+        self._written: Cells = {}
         self._failing = False
-        self._logged_at = None
-        self._health_written = {}  # appkey -> {field: JSON} last written
+        self._logged_at: Optional[float] = None
+        self._health_written: Dict[str, Dict[str, str]] = {}  # appkey -> {field: JSON} last written
 
-    def _redis(self):
+    def _redis(self) -> Any:
         if self._client is None:
             from ..stores.nodestore import connect_redis
             self._client = connect_redis(self.settings, timeout=REDIS_TIMEOUT)
         return self._client
 
-    def _deltas(self, calls, now):
+    def _deltas(self, calls: Cells, now: float) -> Tuple[int, Cells]:
         """What `calls` adds to the slot of `now` beyond what earlier slots got."""
         slot = slot_of(now)
         if slot != self._slot:
             self._slot, self._base = slot, self._written
-        deltas = {}
+        deltas: Cells = {}
         for key, cell in calls.items():
             base = self._base.get(key)
             delta = cell if base is None else [a - b for a, b in zip(cell, base)]
@@ -87,14 +95,15 @@ class RedisSink(object):
                 deltas[key] = delta
         return slot, deltas
 
-    def flush(self, now=None, final=False):
+    def flush(self, now: Optional[float] = None, final: bool = False) -> bool:
         """Write pending stats; False (and nothing raised) when Redis fails.
 
         :param final: the last flush of an exiting process: a failure is only
             logged at debug level (its Redis may be gone already).
         """
         with self._lock:
-            calls, ttls = {}, {}
+            calls: Cells = {}
+            ttls: Dict[Tuple[str, str], int] = {}
             for recorder in list(self.recorders):
                 recorder.snapshot_into(calls)
                 key = (recorder.side, recorder.appkey)
@@ -116,9 +125,9 @@ class RedisSink(object):
                 log.info("call stats reach Redis at %s again", self.settings.address)
             return True
 
-    def _health_fields(self, now):
+    def _health_fields(self, now: float) -> Dict[str, Dict[str, str]]:
         """{appkey: {field: JSON}}: the nodes this process's clients have ejected."""
-        fields = {}
+        fields: Dict[str, Dict[str, str]] = {}
         for recorder in list(self.recorders):
             if recorder.side != "client" or not recorder.health_sources:
                 continue
@@ -128,7 +137,7 @@ class RedisSink(object):
                     fields.setdefault(recorder.appkey, {})[field] = health_entry(reason, now)
         return fields
 
-    def _failed(self, exc, now, final):
+    def _failed(self, exc: BaseException, now: float, final: bool) -> None:
         self._failing = True
         if final:
             log.debug("cannot write the last call stats to Redis at %s: %s",
@@ -149,27 +158,27 @@ class Pump(object):
     :param wanted: True while the process has a sink or a snapshot directory.
     """
 
-    def __init__(self, flush, wanted):
+    def __init__(self, flush: Callable[[], object], wanted: Callable[[], bool]) -> None:
         self.interval = DEFAULT_STATS_INTERVAL
         self._flush = flush
         self._wanted = wanted
         self._stopped = False
         self.start_over()
 
-    def start_over(self):
+    def start_over(self) -> None:
         """No thread yet (a forked child: the parent's thread did not come along)."""
-        self.thread = None
+        self.thread: Optional[threading.Thread] = None
         self._wake = threading.Event()
         self._lock = threading.Lock()
 
-    def want(self, interval):
+    def want(self, interval: float) -> None:
         """Flush at least every `interval` s from now on; start the thread if needed."""
         if interval < self.interval:
             self.interval = interval
             self._wake.set()
         self.ensure()
 
-    def ensure(self):
+    def ensure(self) -> None:
         """Start the thread if there is work and it is not running."""
         if self._stopped or (self.thread is not None and self.thread.is_alive()) \
                 or not self._wanted():
@@ -179,12 +188,12 @@ class Pump(object):
                 self.thread = threading.Thread(target=self._run, name="probe-metrics", daemon=True)
                 self.thread.start()
 
-    def stop(self):
+    def stop(self) -> None:
         """End the thread after its current flush (the state is being replaced)."""
         self._stopped = True
         self._wake.set()
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()

@@ -18,7 +18,7 @@ import atexit
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 from prometheus_client import REGISTRY
 
@@ -87,7 +87,9 @@ class MetricsState(object):
             if redis_settings is not None:
                 sink = self._sinks.get((redis_settings, env))
                 if sink is None:
-                    sink = self._sinks[(redis_settings, env)] = RedisSink(redis_settings, env)
+                    # every caller that passes redis_settings passes its settings' env too
+                    sink = self._sinks[(redis_settings, env)] = RedisSink(redis_settings,
+                                                                         cast(str, env))
                 if recorder not in sink.recorders:
                     sink.recorders.append(recorder)
                 sink.users[recorder] = sink.users.get(recorder, 0) + 1
@@ -146,7 +148,7 @@ class MetricsState(object):
         with self._lock:
             recorders = list(self._recorders)
             directory = self.multiprocess_dir
-        health = {}
+        health: Dict[Tuple[str, str], Dict[str, Any]] = {}
         for recorder in recorders:
             recorder.snapshot_into(calls, inflight)
             if recorder.side == "client" and recorder.health_sources:

@@ -39,7 +39,7 @@ worker.
 import logging
 import threading
 import time
-from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 from kazoo.client import KazooState
 from kazoo.exceptions import KazooException, NoNodeError, ZookeeperError
@@ -47,6 +47,9 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, WatchedEvent, ZnodeStat
 
 log = logging.getLogger("probe.zk.mirror")
+
+if TYPE_CHECKING:
+    from ..registry import ZooKeeper
 
 Entry = Tuple[bytes, ZnodeStat]
 Apply = Callable[[Dict[str, Entry], Set[str], bool], None]
@@ -80,7 +83,7 @@ class ChildrenMirror(object):
         first by name); more are ignored, with one warning per listing.
     """
 
-    def __init__(self, zk, parent: str, accept: Callable[[str], bool], apply: Apply, *,
+    def __init__(self, zk: "ZooKeeper", parent: str, accept: Callable[[str], bool], apply: Apply, *,
                  describe: Optional[str] = None, empty_protection: Optional[float] = None,
                  protect_partial: bool = False, hold_missing_parent: bool = False,
                  max_children: Optional[int] = None, list_delay: float = LIST_DELAY,
@@ -175,7 +178,7 @@ class ChildrenMirror(object):
             return self._applied.wait_for(lambda: self.resyncs >= target or self._closed, wait)
 
     # -- sessions ----------------------------------------------------------------------
-    def _on_state(self, state) -> None:
+    def _on_state(self, state: Any) -> None:
         # kazoo's connection thread: no ZooKeeper calls here. kazoo fires every
         # watch of a lost session with a NONE event (ignored below); answers still
         # in flight belong to the old generation and are dropped.
@@ -219,7 +222,7 @@ class ChildrenMirror(object):
             return
         result.rawlink(lambda answer: self._guard(self._listed_answer, generation, full, answer))
 
-    def _listed_answer(self, generation: int, full: bool, answer) -> None:
+    def _listed_answer(self, generation: int, full: bool, answer: Any) -> None:
         try:
             children = answer.get()
         except NoNodeError:
@@ -304,7 +307,7 @@ class ChildrenMirror(object):
         except _ZK_ERRORS + (RuntimeError,):
             self._later(lambda: self._list(False), generation)
 
-    def _parent_answer(self, generation: int, answer) -> None:
+    def _parent_answer(self, generation: int, answer: Any) -> None:
         try:
             stat = answer.get()
         except _ZK_ERRORS:
@@ -378,7 +381,7 @@ class ChildrenMirror(object):
         with self._lock:
             self._read(self._generation, name)
 
-    def _read_answer(self, generation: int, name: str, seq: int, answer) -> None:
+    def _read_answer(self, generation: int, name: str, seq: int, answer: Any) -> None:
         try:
             entry: Optional[Entry] = answer.get()
             failed = None
@@ -444,7 +447,7 @@ class ChildrenMirror(object):
             return
         result.rawlink(lambda answer: self._guard(self._gone_answer, generation, name, answer))
 
-    def _gone_answer(self, generation: int, name: str, answer) -> None:
+    def _gone_answer(self, generation: int, name: str, answer: Any) -> None:
         try:
             stat = answer.get()
         except _ZK_ERRORS:
@@ -475,7 +478,7 @@ class ChildrenMirror(object):
             if self._on_stale is not None:
                 self._on_stale(stale)
 
-    def _guard(self, handler, *args) -> None:
+    def _guard(self, handler: Callable[..., None], *args: Any) -> None:
         # A kazoo callback that raises is lost for good: log (once) and go on.
         try:
             handler(*args)
@@ -504,7 +507,7 @@ class ChildrenMirror(object):
             self._upserts, self._removed, self._full = {}, set(), False
             self._deaf = True
 
-    def hold(self, names) -> None:
+    def hold(self, names: Iterable[str]) -> None:
         """Count `names` (say, from a snapshot) as present: a listing that lacks them
         is judged with empty protection, and each is read to be kept or removed."""
         with self._lock:
