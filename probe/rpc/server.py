@@ -54,19 +54,20 @@ import struct
 import threading
 import time
 from queue import SimpleQueue
+from typing import Any, Callable, Dict, List, Optional, Union, cast
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
-from .messagelimits import NEED_MORE, MessageRejected, scanner_for
+from .messagelimits import NEED_MORE, MessageRejected, Scanner, scanner_for
 from ..methodspec import method_specs
 # The provider limits' defaults are defined, with their reasons, in probe.options.
 from ..options import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
                       DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS)
 from .peerwarnings import PeerWarnings
 from .outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
-from .overload import overload_reply, unforgeable
+from .overload import InflightLimiter, overload_reply, unforgeable
 
 log = logging.getLogger("probe.server")
 
@@ -104,13 +105,13 @@ class _Connection(object):
                  "deadline", "parked", "calling", "closed", "tls", "poller", "handshaking",
                  "record_deadline", "framed", "out")
 
-    def __init__(self, sock, address, tls=False):
+    def __init__(self, sock: socket.socket, address: Any, tls: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.host = str(address[0]) if address else "?"
         self.peer = "%s:%s" % (self.host, address[1]) if address else "?"
-        self.buf = b""
-        self.scanner = None
+        self.buf: Union[bytes, bytearray] = b""
+        self.scanner: Optional[Scanner] = None
         self.message_deadline = 0.0
         self.deadline = 0.0
         self.parked = False
@@ -120,13 +121,13 @@ class _Connection(object):
         # handshake is still running, and the deadline of a handshake or of a record
         # that began to arrive before any of its bytes could be decrypted (0: none).
         self.tls = tls
-        self.poller = None
+        self.poller: Optional[select.poll] = None
         self.handshaking = False
         self.record_deadline = 0.0
         self.framed = False
         # The part of a reply the peer has not taken yet (None: nothing pending); the
         # connection then waits for writability, not for requests.
-        self.out = None
+        self.out: Optional[bytes] = None
         if tls:
             self.poller = select.poll()
             self.poller.register(self.fd, select.POLLIN)
@@ -160,11 +161,15 @@ class ThriftServer(object):
         gets the "overloaded, not executed" reply at once and is not run.
     """
 
-    def __init__(self, service, handler, host="0.0.0.0", port=8081, observe=None, *,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, idle_timeout=DEFAULT_IDLE_TIMEOUT,
-                 read_timeout=DEFAULT_READ_TIMEOUT, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024, ssl_context=None,
-                 limiter=None):
+    def __init__(self, service: Any, handler: Any, host: str = "0.0.0.0", port: int = 8081,
+                 observe: Optional[Callable[[str, str, float], None]] = None, *,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 worker_threads: int = DEFAULT_WORKER_THREADS, backlog: int = 1024,
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 limiter: Optional[InflightLimiter] = None) -> None:
         self.service_name = service.__name__
         missing = [name for name in service.thrift_services if not callable(getattr(handler, name, None))]
         if missing:
@@ -183,30 +188,34 @@ class ThriftServer(object):
         self.backlog = backlog
         self.ssl_context = ssl_context
         self.limiter = limiter  # probe.rpc.overload.InflightLimiter, or None: no cap
-        self.listener = None
-        self._active = []  # one item per call in flight: list append/pop are atomic
-        self._call_counts = []  # one [count] per worker thread, each written by its owner only
+        self.listener: Optional[socket.socket] = None
+        # One item per call in flight: list append/pop are atomic.
+        self._active: List[None] = []
+        # One [count] per worker thread, each written by its owner only.
+        self._call_counts: List[List[int]] = []
         self.rejected = 0          # connections closed at once: over max_connections
         self.protocol_errors = 0   # connections closed for a bad or oversized message
         self.timed_out = 0         # connections closed by idle_timeout or read_timeout
         self.peer_warnings = PeerWarnings(log)
         self._lock = threading.Lock()
-        self._connections = {}  # fd -> _Connection
+        self._connections: Dict[int, _Connection] = {}  # fd -> _Connection
         self._draining = False
         self._running = False
-        self._epoll = None
-        self._wake_r = self._wake_w = None
-        self._selector = None
-        self._workers = []
-        self._idle_workers = []  # one item per worker waiting for work (append/pop are atomic)
-        self._queue = SimpleQueue()
+        self._epoll: Optional[select.epoll] = None
+        self._wake_r: Optional[int] = None
+        self._wake_w: Optional[int] = None
+        self._selector: Optional[threading.Thread] = None
+        self._workers: List[threading.Thread] = []
+        # One item per worker waiting for work (append/pop are atomic).
+        self._idle_workers: List[None] = []
+        self._queue: "SimpleQueue[Optional[_Connection]]" = SimpleQueue()
         self._accept_paused_until = 0.0
         self._parked_reply_bytes = 0  # sum of len(conn.out) over connections
         self.max_parked_reply_bytes = PARKED_REPLY_FACTOR * max_message_bytes
         self._sweep_every = max(0.02, min(1.0, self.read_timeout / 4, self.idle_timeout / 4))
 
     # -- lifecycle -----------------------------------------------------------
-    def bind(self, sock=None):
+    def bind(self, sock: Optional[socket.socket] = None) -> int:
         if sock is None:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -221,7 +230,7 @@ class ThriftServer(object):
         self.port = sock.getsockname()[1]
         return self.port
 
-    def start(self):
+    def start(self) -> None:
         """Start the selector thread (workers start on demand). Call in the process
         that serves: after a fork, epoll sets and threads belong to the child."""
         self._epoll = select.epoll()
@@ -229,14 +238,15 @@ class ThriftServer(object):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
-        self.listener.setblocking(False)
-        self._epoll.register(self.listener.fileno(), select.EPOLLIN)
+        listener = cast(socket.socket, self.listener)  # bind() comes first
+        listener.setblocking(False)
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._running = True
         self._selector = threading.Thread(target=self._selector_loop, daemon=True,
                                           name="probe-selector-%d" % self.port)
         self._selector.start()
 
-    def stop_accepting(self, shutdown=True):
+    def stop_accepting(self, shutdown: bool = True) -> None:
         """Close the listening socket. `shutdown=False` for a socket shared with other
         processes: shutdown() would stop their accepts too."""
         listener, self.listener = self.listener, None
@@ -254,7 +264,7 @@ class ThriftServer(object):
                 pass
         listener.close()
 
-    def drain(self, timeout=10.0):
+    def drain(self, timeout: float = 10.0) -> int:
         """Close idle connections now and busy ones after their reply; wait up to
         `timeout` s for calls in flight. Returns the number still running."""
         self._draining = True
@@ -273,7 +283,7 @@ class ThriftServer(object):
                 return inflight
             time.sleep(0.01)
 
-    def close(self, shutdown=True):
+    def close(self, shutdown: bool = True) -> None:
         self.stop_accepting(shutdown)
         self._draining = True
         self._running = False
@@ -289,16 +299,16 @@ class ThriftServer(object):
                 self._close(conn)
 
     @property
-    def inflight(self):
+    def inflight(self) -> int:
         """Calls running now."""
         return len(self._active)
 
     @property
-    def calls(self):
+    def calls(self) -> int:
         """Calls served since start."""
         return sum(count[0] for count in self._call_counts)
 
-    def stats(self):
+    def stats(self) -> Dict[str, int]:
         """Counters for tests and operators."""
         return {"connections": len(self._connections), "workers": len(self._workers),
                 "inflight": self.inflight, "calls": self.calls, "rejected": self.rejected,
@@ -806,7 +816,7 @@ class ThriftServer(object):
         return TApplicationException(TApplicationException.INTERNAL_ERROR,
                                      "internal error in %s.%s" % (self.service_name, name))
 
-    def _observe(self, method, status, started):
+    def _observe(self, method: str, status: str, started: float) -> None:
         if self.observe is not None:
             self.observe(method, status, time.perf_counter() - started)
 
@@ -842,7 +852,7 @@ def _invoker(spec, func):
     return lambda args: func(*fields(args))
 
 
-def _timeval(seconds):
+def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
@@ -852,21 +862,21 @@ def _timeval(seconds):
 _raw_shutdown = socket.socket.shutdown
 
 
-def _shutdown(sock):
+def _shutdown(sock: socket.socket) -> None:
     try:
         _raw_shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def _tls_reason(exc):
+def _tls_reason(exc: BaseException) -> str:
     """A short, log-safe description of a TLS failure."""
     if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
         return exc.reason
     return type(exc).__name__
 
 
-def _drain_pipe(fd):
+def _drain_pipe(fd: int) -> None:
     try:
         while os.read(fd, 4096):
             pass
