@@ -128,7 +128,8 @@ class _NodeState(object):
         self.oks = 0
         self.fails = 0
         self.bucket = -1
-        self.marks: Deque[Tuple[int, int, int]] = deque(maxlen=_BUCKETS + 1)  # (bucket, oks, fails) at its start
+        # (bucket, oks, fails) at its start
+        self.marks: Deque[Tuple[int, int, int]] = deque(maxlen=_BUCKETS + 1)
         # Latency: the call path adds up seconds; `fold` turns them into the EWMA.
         self.lat_sum = 0.0
         self.folded = 0  # oks + fails at the last fold
@@ -223,7 +224,8 @@ class ServiceHealth(object):
         self._clock = clock
         self._log = logger
         self._lock = threading.Lock()
-        self._states: Dict[str, _NodeState] = {}  # node name -> _NodeState; replaced (copy on write) to add/remove
+        # Node name -> _NodeState; replaced (copy on write) to add/remove
+        self._states: Dict[str, _NodeState] = {}
         # What `choose` reads (see its fast path): the published view, and the clock
         # as of the last attempt that ended (`choose` reads it instead of the clock,
         # a syscall on some hosts; a view is at worst one call late).

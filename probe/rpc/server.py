@@ -61,7 +61,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
 from .messagelimits import NEED_MORE, MessageRejected, Scanner, scanner_for
-from ..methodspec import method_specs
+from ..methodspec import MethodSpec, method_specs
 # The provider limits' defaults are defined, with their reasons, in probe.options.
 from ..options import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
                       DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS)
@@ -105,8 +105,8 @@ class _Connection(object):
                  "deadline", "parked", "calling", "closed", "tls", "poller", "handshaking",
                  "record_deadline", "framed", "out")
 
-    def __init__(self, sock: socket.socket, address: Any, tls: bool = False) -> None:
-        self.sock = sock
+    def __init__(self, sock: Any, address: Any, tls: bool = False) -> None:
+        self.sock = sock  # a socket.socket, or an ssl.SSLSocket for TLS
         self.fd = sock.fileno()
         self.host = str(address[0]) if address else "?"
         self.peer = "%s:%s" % (self.host, address[1]) if address else "?"
@@ -121,7 +121,7 @@ class _Connection(object):
         # handshake is still running, and the deadline of a handshake or of a record
         # that began to arrive before any of its bytes could be decrypted (0: none).
         self.tls = tls
-        self.poller: Optional[select.poll] = None
+        self.poller: Any = None  # TLS only: a select.poll
         self.handshaking = False
         self.record_deadline = 0.0
         self.framed = False
@@ -201,9 +201,10 @@ class ThriftServer(object):
         self._connections: Dict[int, _Connection] = {}  # fd -> _Connection
         self._draining = False
         self._running = False
-        self._epoll: Optional[select.epoll] = None
-        self._wake_r: Optional[int] = None
-        self._wake_w: Optional[int] = None
+        # Set by start() (None before it: nothing runs that reads them).
+        self._epoll: select.epoll = None  # type: ignore[assignment]
+        self._wake_r: int = None  # type: ignore[assignment]
+        self._wake_w: int = None  # type: ignore[assignment]
         self._selector: Optional[threading.Thread] = None
         self._workers: List[threading.Thread] = []
         # One item per worker waiting for work (append/pop are atomic).
@@ -316,7 +317,7 @@ class ThriftServer(object):
                 "overloaded": self.limiter.refused if self.limiter is not None else 0}
 
     # -- the selector thread ------------------------------------------------------
-    def _selector_loop(self):
+    def _selector_loop(self) -> None:
         next_sweep = time.monotonic() + self._sweep_every
         while self._running:
             try:
@@ -351,8 +352,8 @@ class ThriftServer(object):
         except OSError:
             pass
 
-    def _accept_some(self):
-        listener = self.listener
+    def _accept_some(self) -> None:
+        listener = cast(socket.socket, self.listener)  # the selector polls it: bound
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listener.accept()
@@ -400,14 +401,14 @@ class ThriftServer(object):
                 self._connections.pop(sock.fileno(), None)
                 sock.close()
 
-    def _pause_accepting(self):
+    def _pause_accepting(self) -> None:
         try:
-            self._epoll.unregister(self.listener.fileno())
+            self._epoll.unregister(cast(socket.socket, self.listener).fileno())
         except (OSError, ValueError):
             pass
         self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
-    def _resume_accepting(self):
+    def _resume_accepting(self) -> None:
         self._accept_paused_until = 0.0
         if self.listener is not None:
             try:
@@ -415,7 +416,7 @@ class ThriftServer(object):
             except (OSError, ValueError):
                 pass
 
-    def _sweep(self, now):
+    def _sweep(self, now: float) -> None:
         """Close parked connections past their deadline."""
         expired = []
         with self._lock:
@@ -440,17 +441,17 @@ class ThriftServer(object):
         if self._unserved() > 0 and len(self._workers) < self.worker_threads:
             self._add_worker()  # work may be waiting on a worker that failed to start
 
-    def _hand_out(self, conn):
+    def _hand_out(self, conn: _Connection) -> None:
         self._queue.put(conn)
         if self._unserved() > 0 and len(self._workers) < self.worker_threads:
             self._add_worker()
 
-    def _unserved(self):
+    def _unserved(self) -> int:
         """Connections queued beyond the workers waiting to take them. (A waiting
         worker takes one connection and keeps it while it is busy.)"""
         return self._queue.qsize() - len(self._idle_workers)
 
-    def _add_worker(self):
+    def _add_worker(self) -> None:
         thread = _new_thread(target=self._worker_loop, daemon=True, name="probe-worker-%d" % self.port)
         try:
             thread.start()
@@ -460,14 +461,14 @@ class ThriftServer(object):
             return
         self._workers.append(thread)
 
-    def _wake(self):
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except (OSError, TypeError):
             pass
 
     # -- worker threads ------------------------------------------------------------
-    def _worker_loop(self):
+    def _worker_loop(self) -> None:
         membuf = TCyMemoryBuffer()
         protocol = TBinaryProtocolFactory().get_protocol(membuf)
         counter = [0]
@@ -487,7 +488,7 @@ class ThriftServer(object):
                           type(exc).__name__, exc, exc_info=True)
                 self._close(conn)
 
-    def _serve(self, conn, protocol, membuf, counter):
+    def _serve(self, conn: _Connection, protocol: Any, membuf: Any, counter: List[int]) -> None:
         """Serve `conn` while it has requests; park or close it when it goes quiet."""
         sock = conn.sock
         tls = conn.tls
@@ -571,7 +572,7 @@ class ThriftServer(object):
                     conn.message_deadline = monotonic() + self.read_timeout
 
     # -- TLS steps (workers) ---------------------------------------------------------
-    def _handshake(self, conn):
+    def _handshake(self, conn: _Connection) -> bool:
         """Advance a TLS handshake as far as the peer's bytes allow. True when it is
         done; False when the connection was parked (waiting for the peer) or closed."""
         sock = conn.sock
@@ -604,7 +605,7 @@ class ThriftServer(object):
             conn.record_deadline = 0.0
             return True
 
-    def _tls_recv(self, conn, size, flags, starting):
+    def _tls_recv(self, conn: _Connection, size: int, flags: int, starting: bool) -> bytes:
         """`sock.recv` for a TLS connection: decrypted bytes, b"" at EOF, or
         BlockingIOError when the connection should be parked. Waits up to HOT_LINGER
         for the peer unless `flags` (MSG_DONTWAIT) says not to; `starting`: no byte
@@ -639,7 +640,8 @@ class ThriftServer(object):
                 self._warn(conn, "TLS error (%s)" % _tls_reason(exc))
             raise OSError("TLS connection failed") from exc
 
-    def _flush(self, conn, data, deadline=None):
+    def _flush(self, conn: _Connection, data: bytes,
+               deadline: Optional[float] = None) -> Optional[bool]:
         """Send what the peer takes of `data` without waiting. True: all sent; None:
         the rest is parked until the socket is writable, by `deadline` (None: a new
         reply, read_timeout from now); False: the connection failed, or the unsent
@@ -678,7 +680,7 @@ class ThriftServer(object):
         self._park(conn, _WRITE, deadline or time.monotonic() + self.read_timeout)
         return None
 
-    def _set_out(self, conn, data):
+    def _set_out(self, conn: _Connection, data: Optional[bytes]) -> None:
         with self._lock:
             if conn.out is not None:
                 self._parked_reply_bytes -= len(conn.out)
@@ -686,7 +688,8 @@ class ThriftServer(object):
             if data is not None:
                 self._parked_reply_bytes += len(data)
 
-    def _park(self, conn, events=_READ, deadline=None):
+    def _park(self, conn: _Connection, events: int = _READ,
+              deadline: Optional[float] = None) -> None:
         """Give the connection back to the selector until it is readable again (or,
         with `events=_WRITE`, writable) or `deadline` passes."""
         if self._draining and events == _READ:
@@ -708,7 +711,7 @@ class ThriftServer(object):
         if conn.closed:
             self._close(conn, force=True)
 
-    def _close(self, conn, force=False):
+    def _close(self, conn: _Connection, force: bool = False) -> None:
         with self._lock:
             if conn.closed and not force:
                 return
@@ -726,13 +729,14 @@ class ThriftServer(object):
         if conn.out is not None:
             self._set_out(conn, None)
 
-    def _warn(self, conn, reason):
+    def _warn(self, conn: _Connection, reason: str) -> None:
         self.peer_warnings.warn(conn.host, "protocol error from %s: %s; closing the connection "
                                 "(no more such warnings about %s for 60 s)",
                                 conn.peer, reason, conn.host)
 
     # -- one call -------------------------------------------------------------------
-    def _call(self, conn, protocol, membuf, message, counter):
+    def _call(self, conn: _Connection, protocol: Any, membuf: Any, message: Union[bytes, bytearray],
+              counter: List[int]) -> Optional[bool]:
         """Decode, run and answer one checked message. False: close the connection.
         (One frame for the common path: this runs for every call.)"""
         membuf.setvalue(message)
@@ -803,7 +807,8 @@ class ThriftServer(object):
             if limiter is not None:
                 limiter.exit(name)
 
-    def _internal_error(self, conn, protocol, membuf, spec, seqid, started):
+    def _internal_error(self, conn: _Connection, protocol: Any, membuf: Any, spec: MethodSpec,
+                        seqid: int, started: float) -> Optional[bool]:
         log.error("%s.%s raised an undeclared exception (peer %s)", self.service_name, spec.name,
                   conn.peer, exc_info=True)
         self._observe(spec.name, APPLICATION_ERROR, started)
@@ -811,7 +816,7 @@ class ThriftServer(object):
             return True
         return self._reply_exception(conn, protocol, membuf, spec.name, seqid, self._internal(spec.name))
 
-    def _internal(self, name):
+    def _internal(self, name: str) -> TApplicationException:
         # Service and method only: the exception's text may hold secrets.
         return TApplicationException(TApplicationException.INTERNAL_ERROR,
                                      "internal error in %s.%s" % (self.service_name, name))
@@ -820,13 +825,14 @@ class ThriftServer(object):
         if self.observe is not None:
             self.observe(method, status, time.perf_counter() - started)
 
-    def _reply_exception(self, conn, protocol, membuf, name, seqid, exc):
+    def _reply_exception(self, conn: _Connection, protocol: Any, membuf: Any, name: str,
+                         seqid: int, exc: TApplicationException) -> Optional[bool]:
         protocol.write_message_begin(name, TMessageType.EXCEPTION, seqid)
         exc.write(protocol)
         protocol.write_message_end()
         return self._send(conn, membuf)
 
-    def _send(self, conn, membuf):
+    def _send(self, conn: _Connection, membuf: Any) -> Optional[bool]:
         """Send a reply without waiting for the peer: True sent, None parked for
         writability (the connection now belongs to the selector), False close."""
         data = membuf.getvalue()
@@ -836,10 +842,10 @@ class ThriftServer(object):
         return self._flush(conn, data)
 
 
-def _invoker(spec, func):
+def _invoker(spec: MethodSpec, func: Optional[Callable[..., Any]]) -> Callable[[Any], Any]:
     """A function calling the handler's method with the fields of an args struct."""
     if func is None:
-        def missing(args):
+        def missing(args: Any) -> Any:
             raise TApplicationException(TApplicationException.UNKNOWN_METHOD,
                                         "handler does not implement %r" % spec.name)
         return missing
@@ -847,7 +853,7 @@ def _invoker(spec, func):
     if not names:
         return lambda args: func()
     if len(names) == 1:
-        return lambda args, name=names[0]: func(getattr(args, name))
+        return lambda args, name=names[0]: func(getattr(args, name))  # type: ignore[misc]
     fields = operator.attrgetter(*names)
     return lambda args: func(*fields(args))
 
