@@ -1,7 +1,7 @@
 """The named errors probe raises. Every message says what was wrong, with which
 value, and what to do about it."""
 
-from typing import Optional
+from typing import Optional, cast
 
 from thriftpy2.transport import TTransportException
 
@@ -129,7 +129,7 @@ class NodeCallFailed(ProbeError, TTransportException):
         self.__cause__ = cause
 
     def __str__(self) -> str:
-        return self.message
+        return cast(str, self.message)  # always set, by __init__
 
 
 class RegisterError(ProbeError):

@@ -18,7 +18,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Deque, Optional, Union, cast
 
 from thriftpy2.transport import TTransportException
 
@@ -53,9 +53,9 @@ class AsyncConnection(asyncio.Protocol):
     """One open connection to a node, for one call at a time."""
 
     def __init__(self, scanner: Any) -> None:
-        self.transport = None
+        self.transport: Any = None  # the asyncio transport, from connection_made
         self.scanner = scanner
-        self.buf = b""
+        self.buf: Union[bytes, bytearray] = b""
         self.waiter: Optional[asyncio.Future] = None
         self.end = NEED_MORE
         self.error: Optional[BaseException] = None
@@ -122,7 +122,7 @@ class AsyncConnection(asyncio.Protocol):
     async def reply(self, timeout: float, loop: asyncio.AbstractEventLoop) -> bytes:
         """The complete reply to the request just sent; ReplyTimeout after `timeout`
         seconds, ConnectionLost if the connection fails."""
-        waiter = self.waiter
+        waiter = cast(asyncio.Future, self.waiter)  # set by send(), which comes first
         if not waiter.done():
             timer = loop.call_later(timeout, _expire, waiter)
             try:
@@ -163,7 +163,7 @@ class AsyncNodePool(object):
         self.transport = transport
         self.protocol = protocol
         self.max_message_bytes = max_message_bytes
-        self.idle = deque()
+        self.idle: Deque[AsyncConnection] = deque()
         self.closed = False
         self.created = 0
         self.open_now = 0  # connections of this pool open now, idle or in use

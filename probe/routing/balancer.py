@@ -31,7 +31,7 @@ class Node(NamedTuple):
     protocol: str = "binary"     # "binary" | "compact"
 
     @property
-    def address(self):
+    def address(self) -> Tuple[str, int]:
         return (self.host, self.port)
 
 
@@ -94,10 +94,10 @@ class RoutingTable(object):
         else:
             weights, warming = [n.weight for n in eligible], False
         self.nodes = tuple(eligible)
-        self.weights = tuple(weights)
+        self.weights: Tuple[float, ...] = tuple(weights)  # reweighted() stores floats
         # Floats: bisecting floats with a float key is the fastest compare in C.
         self.cumulative = tuple(map(float, accumulate(weights)))
-        self.total = sum(weights)
+        self.total: float = sum(weights)
         self.index = dict(zip(map(_by_name, eligible), range(len(eligible))))
         self.refresh_at = now + min(1.0, warmup / 20.0) if warming else None
 
@@ -124,13 +124,13 @@ class RoutingTable(object):
             return self.all_nodes[i]
         return None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.nodes)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "RoutingTable(%s)" % ", ".join("%s:%d" % (n.name, w) for n, w in zip(self.nodes, self.weights))
 
-    def no_node_error(self):
+    def no_node_error(self) -> NoAvailableNode:
         if self.all_nodes:
             return NoAvailableNode(
                 "no available node for %s: %d registered, none enabled with weight > 0 "
@@ -170,7 +170,7 @@ class WeightedRandom(object):
 
     name = "weighted_random"
 
-    def __init__(self, rng=None):
+    def __init__(self, rng: Optional[random.Random] = None) -> None:
         self._random = (rng or random.Random()).random
 
     def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
@@ -204,12 +204,12 @@ class SmoothRoundRobin(object):
     name = "round_robin"
     SMALL_TABLE = 32
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._table = None
-        self._current = []
-        self._heap = []
-        self._turns = []
+        self._table: Optional[RoutingTable] = None
+        self._current: List[float] = []
+        self._heap: List[Tuple[float, int]] = []
+        self._turns: List[int] = []
         self._picked = 0
 
     def pick(self, table: RoutingTable, exclude: Optional[Collection[str]] = ()) -> Node:
@@ -222,11 +222,11 @@ class SmoothRoundRobin(object):
                 return self._pick_nginx(table, exclude)
             return self._pick_deadline(table, exclude)
 
-    def _pick_nginx(self, table, exclude):
+    def _pick_nginx(self, table: RoutingTable, exclude: Optional[Collection[str]]) -> Node:
         current = self._current
         best = -1
-        best_value = None
-        total = 0
+        best_value: Optional[float] = None
+        total: float = 0
         for i, weight in enumerate(table.weights):
             if exclude and table.nodes[i].name in exclude:
                 continue
@@ -239,9 +239,9 @@ class SmoothRoundRobin(object):
         current[best] -= total
         return table.nodes[best]
 
-    def _pick_deadline(self, table, exclude):
+    def _pick_deadline(self, table: RoutingTable, exclude: Optional[Collection[str]]) -> Node:
         heap, turns, weights = self._heap, self._turns, table.weights
-        held = []
+        held: List[Tuple[float, int]] = []
         try:
             while heap:
                 due, i = heappop(heap)
@@ -260,15 +260,15 @@ class SmoothRoundRobin(object):
             for item in held:
                 heappush(heap, item)
 
-    def _start_cycle(self, table):
+    def _start_cycle(self, table: RoutingTable) -> None:
         self._turns = [0] * len(table.nodes)
         self._heap = [(0.5 / w, i) for i, w in enumerate(table.weights)]
         heapify(self._heap)
         self._picked = 0
 
-    def _carry_over(self, table):
+    def _carry_over(self, table: RoutingTable) -> None:
         # Keep each surviving node's position in the nginx cycle when the table changes.
-        old = {}
+        old: Dict[str, float] = {}
         if self._table is not None:
             old = {n.name: c for n, c in zip(self._table.nodes, self._current)}
         self._current = [old.get(n.name, 0) for n in table.nodes]
@@ -285,7 +285,7 @@ class LeastInFlight(object):
 
     name = "least_inflight"
 
-    def __init__(self, inflight, rng=None):
+    def __init__(self, inflight: Callable[[Node], int], rng: Optional[random.Random] = None) -> None:
         self._inflight = inflight
         self._weighted = WeightedRandom(rng)
 

@@ -43,7 +43,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterable, Optional
+from typing import (Callable, Collection, Deque, Dict, FrozenSet, Iterable, Optional,
+                    Set, Tuple)
 
 from .balancer import Node, RoutingTable
 from ..errors import InvalidHealthPolicy, NoAvailableNode
@@ -127,12 +128,13 @@ class _NodeState(object):
         self.oks = 0
         self.fails = 0
         self.bucket = -1
-        self.marks = deque(maxlen=_BUCKETS + 1)  # (bucket, oks, fails) at its start
+        # (bucket, oks, fails) at its start
+        self.marks: Deque[Tuple[int, int, int]] = deque(maxlen=_BUCKETS + 1)
         # Latency: the call path adds up seconds; `fold` turns them into the EWMA.
         self.lat_sum = 0.0
         self.folded = 0  # oks + fails at the last fold
         self.ewma = 0.0
-        self.ewma_at = None  # clock of the last fold with samples; None: no sample yet
+        self.ewma_at: Optional[float] = None  # clock of the last fold with samples; None: no sample yet
         self.inflight = 0
         self.ejected_until = 0.0  # 0: not ejected
         self.ejections = 0  # ejections in a row (the backoff exponent)
@@ -140,7 +142,7 @@ class _NodeState(object):
         self.probe_started = 0.0
         self.sick = False  # failing, whether ejected or held back by the cap
         self.reason = ""
-        self.readmitted_at = None
+        self.readmitted_at: Optional[float] = None
         self.last_failure = ""
 
     def clear_window(self) -> None:
@@ -155,7 +157,7 @@ class _NodeState(object):
             self.bucket = bucket
             self.marks.append((bucket, 0, 0) if first else (bucket, self.oks, self.fails))
 
-    def window(self, bucket: int):
+    def window(self, bucket: int) -> Tuple[int, int]:
         """(failures, calls) in the window ending with `bucket` (rolled to)."""
         oldest = bucket - _BUCKETS
         for start, oks, fails in self.marks:
@@ -186,7 +188,9 @@ class _View(object):
 
     __slots__ = ("table", "base", "expires", "due", "panic")
 
-    def __init__(self, table, base, expires, due=frozenset(), panic=False):
+    def __init__(self, table: RoutingTable, base: Optional[RoutingTable],
+                 expires: float, due: FrozenSet[str] = frozenset(),
+                 panic: bool = False) -> None:
         self.table = table
         self.base = base
         self.expires = expires
@@ -220,13 +224,14 @@ class ServiceHealth(object):
         self._clock = clock
         self._log = logger
         self._lock = threading.Lock()
-        self._states = {}  # node name -> _NodeState; replaced (copy on write) to add/remove
+        # Node name -> _NodeState; replaced (copy on write) to add/remove
+        self._states: Dict[str, _NodeState] = {}
         # What `choose` reads (see its fast path): the published view, and the clock
         # as of the last attempt that ended (`choose` reads it instead of the clock,
         # a syscall on some hosts; a view is at worst one call late).
-        self.view = _View(None, None, -1.0)
+        self.view = _View(None, None, -1.0)  # type: ignore[arg-type]  # expired: never read
         self._size = 0  # nodes in the last base table
-        self._factors = {}  # node name -> latency factor < 1 (absent: 1)
+        self._factors: Dict[str, float] = {}  # node name -> latency factor < 1 (absent: 1)
         self._factors_at = -1.0
         self._bucket_s = self.policy.failure_window_s / _BUCKETS
         self.now = clock()
@@ -458,6 +463,7 @@ class ServiceHealth(object):
             nodes = table.nodes
             self._size = len(nodes)
             states = self._states
+            state: Optional[_NodeState]
             if now >= self._factors_at:
                 bucket = int(now / self._bucket_s)
                 decay_s = self.policy.latency_decay_s
@@ -469,7 +475,7 @@ class ServiceHealth(object):
             expires = self._factors_at if states else now + 3600.0
             sick = 0
             weights = {}
-            due = set()
+            due: Set[str] = set()
             for node, weight in zip(nodes, table.weights):
                 state = states.get(node.name)
                 if state is not None and state.sick:
@@ -495,7 +501,7 @@ class ServiceHealth(object):
                     self._log.info("panic mode for %s is over: %d of %d nodes are failing",
                                    self.describe, sick, len(nodes))
             if panic:
-                routed, due = table, frozenset()
+                routed, due = table, set()
             elif len(weights) == len(nodes) and not self._factors:
                 routed = table
             elif not weights:
@@ -506,7 +512,8 @@ class ServiceHealth(object):
             self.view = view
             return view
 
-    def _latency_factors(self, nodes, states, now) -> Dict[str, float]:
+    def _latency_factors(self, nodes: Iterable[Node], states: Dict[str, _NodeState],
+                         now: float) -> Dict[str, float]:
         policy = self.policy
         latencies = []
         for node in nodes:

@@ -18,11 +18,11 @@ Transports are thriftpy2's Cython ones (``TCyBufferedTransport``,
 """
 
 import struct
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 from thriftpy2.protocol import TCompactProtocolFactory
 from thriftpy2.protocol.binary import VERSION_1
-from thriftpy2.protocol.cybin import TCyBinaryProtocolFactory
+from thriftpy2.protocol.cybin import TCyBinaryProtocolFactory  # type: ignore[attr-defined]
 from thriftpy2.transport import TCyBufferedTransportFactory, TCyFramedTransportFactory
 
 from ..naming import PROTOCOLS, TRANSPORTS, check_dialect
@@ -112,7 +112,7 @@ def codec_for(transport: Optional[str] = None, protocol: Optional[str] = None) -
     codec = _CODECS.get(key)
     if codec is None:
         check_dialect(*key)  # raises, naming the bad value
-    return codec
+    return cast(Codec, codec)  # not None: check_dialect raised otherwise
 
 
 __all__ = ["Codec", "codec_for", "binary_header", "DEFAULT_CODEC"]

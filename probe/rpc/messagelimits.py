@@ -20,6 +20,10 @@ declared length is refused the moment its 4 bytes are in, not when its payload i
 """
 
 from struct import Struct
+from typing import List, Optional, Tuple, Union
+
+#: What a scanner reads: the bytes of a connection as they arrive.
+Buffer = Union[bytes, bytearray]
 
 # Thrift binary-protocol type ids.
 STOP, BOOL, BYTE, DOUBLE, I16, I32, I64, STRING, STRUCT, MAP, SET, LIST = (
@@ -72,17 +76,17 @@ class MessageScanner(object):
     header = 0       # bytes before the message (FramedScanner: the frame length)
     message_types = REQUESTS  # the message types accepted (REPLIES: a client's scanner)
 
-    def __init__(self, max_bytes, max_depth=64):
+    def __init__(self, max_bytes: int, max_depth: int = 64) -> None:
         self.max_bytes = max_bytes
         self.max_depth = max_depth
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         self.pos = 0
-        self.stack = None  # None until the message header has been read
+        self.stack: Optional[List[List[int]]] = None  # None until the message header has been read
         self.depth = 0
 
-    def scan(self, buf):
+    def scan(self, buf: Buffer) -> int:
         n = len(buf)
         limit = self.max_bytes
         if self.stack is None:  # the message header, inline: this runs for every call
@@ -202,7 +206,7 @@ class MessageScanner(object):
             raise MessageRejected("a message longer than max_message_bytes=%d" % limit)
         return NEED_MORE if stack else pos
 
-    def _check_version(self, word):
+    def _check_version(self, word: int) -> None:
         if word & VERSION_MASK != VERSION_1:
             raise MessageRejected("not a strict thrift binary-protocol message (first word 0x%08x)"
                                   % (word & 0xffffffff))
@@ -211,13 +215,13 @@ class MessageScanner(object):
                 word & 0xff, "/".join(_TYPE_NAMES[t] for t in self.message_types)))
 
 
-def _check_length(length, room, what):
+def _check_length(length: int, room: int, what: str) -> None:
     if length < 0 or length > room:
         raise MessageRejected("%s declares %d bytes, more than the %d left of "
                               "max_message_bytes" % (what, length, max(room, 0)))
 
 
-def _check_container(etype, count, per_item, room):
+def _check_container(etype: int, count: int, per_item: int, room: int) -> int:
     """Byte size of a container of fixed-size items (0 for variable ones), after
     checking that even the smallest items of that type could fit in `room`."""
     smallest = MIN_SIZE.get(etype)
@@ -229,7 +233,7 @@ def _check_container(etype, count, per_item, room):
     return count * smallest
 
 
-def _check_depth(depth, max_depth):
+def _check_depth(depth: int, max_depth: int) -> None:
     if depth > max_depth:
         raise MessageRejected("structs and containers nested deeper than %d" % max_depth)
 
@@ -244,7 +248,8 @@ _VARINT_BYTES = {C_I16: 3, C_I32: 5, C_I64: 10}  # the longest varint each may t
 _MAX_VARINT = 10
 
 
-def _varint(buf, pos, n, longest=_MAX_VARINT):
+def _varint(buf: Buffer, pos: int, n: int,
+            longest: int = _MAX_VARINT) -> Optional[Tuple[int, int]]:
     """(value, position after it) of the unsigned varint at `pos`, or None when its
     last byte has not arrived; MessageRejected for one longer than `longest` bytes."""
     value = 0
@@ -277,17 +282,17 @@ class CompactScanner(object):
     header = 0
     message_types = REQUESTS
 
-    def __init__(self, max_bytes, max_depth=64):
+    def __init__(self, max_bytes: int, max_depth: int = 64) -> None:
         self.max_bytes = max_bytes
         self.max_depth = max_depth
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         self.pos = 0
-        self.stack = None
+        self.stack: Optional[List[List[int]]] = None
         self.depth = 0
 
-    def scan(self, buf):
+    def scan(self, buf: Buffer) -> int:
         n = len(buf)
         limit = self.max_bytes
         if self.stack is None:
@@ -437,7 +442,7 @@ _COMPACT_MIN_SIZE = {C_TRUE: 1, C_FALSE: 1, C_BYTE: 1, C_I16: 1, C_I32: 1, C_I64
                      C_DOUBLE: 8, C_BINARY: 1, C_LIST: 1, C_SET: 1, C_MAP: 1, C_STRUCT: 1}
 
 
-def _check_compact_container(etype, count, per_item, room):
+def _check_compact_container(etype: int, count: int, per_item: int, room: int) -> None:
     smallest = _COMPACT_MIN_SIZE.get(etype)
     if smallest is None:
         raise MessageRejected("unknown compact type id %d in a container" % etype)
@@ -457,20 +462,20 @@ class FramedScanner(object):
 
     header = 4
 
-    def __init__(self, max_bytes, max_depth=64):
+    def __init__(self, max_bytes: int, max_depth: int = 64) -> None:
         self.max_bytes = max_bytes
         self.max_depth = max_depth
-        self.inner = None
+        self.inner: Optional["Scanner"] = None
 
     @property
-    def compact(self):
+    def compact(self) -> bool:
         return self.inner is not None and self.inner.compact
 
-    def reset(self):
+    def reset(self) -> None:
         if self.inner is not None:
             self.inner.reset()
 
-    def scan(self, buf):
+    def scan(self, buf: Buffer) -> int:
         n = len(buf)
         if n < 4:
             return NEED_MORE
@@ -495,7 +500,12 @@ class FramedScanner(object):
         return 4 + length
 
 
-def scanner_for(first_byte, max_bytes, max_depth=64, framed_ok=True):
+#: Any of the three scanners (scanner_for picks one).
+Scanner = Union[MessageScanner, CompactScanner, FramedScanner]
+
+
+def scanner_for(first_byte: int, max_bytes: int, max_depth: int = 64,
+                framed_ok: bool = True) -> "Scanner":
     """The scanner for a connection whose first byte is `first_byte`: 0x80 unframed
     binary, 0x82 unframed compact, else a frame length (framed: its 5th byte says
     which protocol). MessageRejected for a byte no thrift dialect starts with."""

@@ -17,7 +17,7 @@ prefix removed (`unforgeable`).
 """
 
 import threading
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Collection, Dict, Mapping, Optional, Tuple, Union, cast
 
 from thriftpy2.thrift import TApplicationException
 
@@ -43,7 +43,7 @@ def unforgeable(error: TApplicationException) -> TApplicationException:
     """`error` as a handler raised it, unless it mimics an overload reply: then the
     same error without the prefix (a probe consumer would retry a call that ran)."""
     if is_overload_reply(error):
-        return TApplicationException(error.type, error.message[len(OVERLOAD_PREFIX):])
+        return TApplicationException(error.type, cast(str, error.message)[len(OVERLOAD_PREFIX):])
     return error
 
 
@@ -90,11 +90,11 @@ class InflightLimiter(object):
 
 def make_limiter(max_inflight: Optional[int],
                  max_inflight_per_method: Union[None, int, Mapping[str, int]],
-                 methods) -> Optional[InflightLimiter]:
+                 methods: Collection[str]) -> Optional[InflightLimiter]:
     """Check the provider's in-flight options (a named ProbeError) and build their
     limiter; None when neither is set. An int `max_inflight_per_method` caps every
     method of `methods`; a mapping names its methods, which must exist."""
-    def check(name, value):
+    def check(name: str, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000000:
             raise ProbeError("%s must be an integer in 1..1000000 (calls running at once), "
                              "got %r" % (name, value))

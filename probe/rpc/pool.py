@@ -23,7 +23,7 @@ import ssl
 import time
 
 from collections import deque
-from typing import Optional
+from typing import Any, Deque, Optional
 
 from thriftpy2.transport import TSocket, TTransportException
 
@@ -90,7 +90,8 @@ class TlsConnection(Connection):
             return True
 
 
-def _handshake(raw, context, host, port, connect_timeout_ms):
+def _handshake(raw: Any, context: ssl.SSLContext, host: str, port: int,
+               connect_timeout_ms: float) -> None:
     """Replace the connected `raw.sock` by a TLS socket (handshake within
     connect_timeout); a failure closes it and raises ConnectFailed."""
     try:
@@ -119,7 +120,7 @@ class NodePool(object):
         self.timeout_ms = timeout_ms
         self.connect_timeout_ms = connect_timeout_ms or timeout_ms
         self.max_idle = max_idle
-        self.idle = deque()
+        self.idle: Deque[Connection] = deque()
         self.closed = False
         self.created = 0
         self.ssl_context = ssl_context

@@ -54,19 +54,20 @@ import struct
 import threading
 import time
 from queue import SimpleQueue
+from typing import Any, Callable, Dict, List, Optional, Union, cast
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
-from .messagelimits import NEED_MORE, MessageRejected, scanner_for
-from ..methodspec import method_specs
+from .messagelimits import NEED_MORE, MessageRejected, Scanner, scanner_for
+from ..methodspec import MethodSpec, method_specs
 # The provider limits' defaults are defined, with their reasons, in probe.options.
 from ..options import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES,
                       DEFAULT_READ_TIMEOUT, DEFAULT_WORKER_THREADS)
 from .peerwarnings import PeerWarnings
 from .outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
-from .overload import overload_reply, unforgeable
+from .overload import InflightLimiter, overload_reply, unforgeable
 
 log = logging.getLogger("probe.server")
 
@@ -104,13 +105,13 @@ class _Connection(object):
                  "deadline", "parked", "calling", "closed", "tls", "poller", "handshaking",
                  "record_deadline", "framed", "out")
 
-    def __init__(self, sock, address, tls=False):
-        self.sock = sock
+    def __init__(self, sock: Any, address: Any, tls: bool = False) -> None:
+        self.sock = sock  # a socket.socket, or an ssl.SSLSocket for TLS
         self.fd = sock.fileno()
         self.host = str(address[0]) if address else "?"
         self.peer = "%s:%s" % (self.host, address[1]) if address else "?"
-        self.buf = b""
-        self.scanner = None
+        self.buf: Union[bytes, bytearray] = b""
+        self.scanner: Optional[Scanner] = None
         self.message_deadline = 0.0
         self.deadline = 0.0
         self.parked = False
@@ -120,13 +121,13 @@ class _Connection(object):
         # handshake is still running, and the deadline of a handshake or of a record
         # that began to arrive before any of its bytes could be decrypted (0: none).
         self.tls = tls
-        self.poller = None
+        self.poller: Any = None  # TLS only: a select.poll
         self.handshaking = False
         self.record_deadline = 0.0
         self.framed = False
         # The part of a reply the peer has not taken yet (None: nothing pending); the
         # connection then waits for writability, not for requests.
-        self.out = None
+        self.out: Optional[bytes] = None
         if tls:
             self.poller = select.poll()
             self.poller.register(self.fd, select.POLLIN)
@@ -160,11 +161,15 @@ class ThriftServer(object):
         gets the "overloaded, not executed" reply at once and is not run.
     """
 
-    def __init__(self, service, handler, host="0.0.0.0", port=8081, observe=None, *,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, idle_timeout=DEFAULT_IDLE_TIMEOUT,
-                 read_timeout=DEFAULT_READ_TIMEOUT, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 worker_threads=DEFAULT_WORKER_THREADS, backlog=1024, ssl_context=None,
-                 limiter=None):
+    def __init__(self, service: Any, handler: Any, host: str = "0.0.0.0", port: int = 8081,
+                 observe: Optional[Callable[[str, str, float], None]] = None, *,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 worker_threads: int = DEFAULT_WORKER_THREADS, backlog: int = 1024,
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 limiter: Optional[InflightLimiter] = None) -> None:
         self.service_name = service.__name__
         missing = [name for name in service.thrift_services if not callable(getattr(handler, name, None))]
         if missing:
@@ -183,30 +188,35 @@ class ThriftServer(object):
         self.backlog = backlog
         self.ssl_context = ssl_context
         self.limiter = limiter  # probe.rpc.overload.InflightLimiter, or None: no cap
-        self.listener = None
-        self._active = []  # one item per call in flight: list append/pop are atomic
-        self._call_counts = []  # one [count] per worker thread, each written by its owner only
+        self.listener: Optional[socket.socket] = None
+        # One item per call in flight: list append/pop are atomic.
+        self._active: List[None] = []
+        # One [count] per worker thread, each written by its owner only.
+        self._call_counts: List[List[int]] = []
         self.rejected = 0          # connections closed at once: over max_connections
         self.protocol_errors = 0   # connections closed for a bad or oversized message
         self.timed_out = 0         # connections closed by idle_timeout or read_timeout
         self.peer_warnings = PeerWarnings(log)
         self._lock = threading.Lock()
-        self._connections = {}  # fd -> _Connection
+        self._connections: Dict[int, _Connection] = {}  # fd -> _Connection
         self._draining = False
         self._running = False
-        self._epoll = None
-        self._wake_r = self._wake_w = None
-        self._selector = None
-        self._workers = []
-        self._idle_workers = []  # one item per worker waiting for work (append/pop are atomic)
-        self._queue = SimpleQueue()
+        # Set by start() (None before it: nothing runs that reads them).
+        self._epoll: select.epoll = None  # type: ignore[assignment]
+        self._wake_r: int = None  # type: ignore[assignment]
+        self._wake_w: int = None  # type: ignore[assignment]
+        self._selector: Optional[threading.Thread] = None
+        self._workers: List[threading.Thread] = []
+        # One item per worker waiting for work (append/pop are atomic).
+        self._idle_workers: List[None] = []
+        self._queue: "SimpleQueue[Optional[_Connection]]" = SimpleQueue()
         self._accept_paused_until = 0.0
         self._parked_reply_bytes = 0  # sum of len(conn.out) over connections
         self.max_parked_reply_bytes = PARKED_REPLY_FACTOR * max_message_bytes
         self._sweep_every = max(0.02, min(1.0, self.read_timeout / 4, self.idle_timeout / 4))
 
     # -- lifecycle -----------------------------------------------------------
-    def bind(self, sock=None):
+    def bind(self, sock: Optional[socket.socket] = None) -> int:
         if sock is None:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -221,7 +231,7 @@ class ThriftServer(object):
         self.port = sock.getsockname()[1]
         return self.port
 
-    def start(self):
+    def start(self) -> None:
         """Start the selector thread (workers start on demand). Call in the process
         that serves: after a fork, epoll sets and threads belong to the child."""
         self._epoll = select.epoll()
@@ -229,14 +239,15 @@ class ThriftServer(object):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
-        self.listener.setblocking(False)
-        self._epoll.register(self.listener.fileno(), select.EPOLLIN)
+        listener = cast(socket.socket, self.listener)  # bind() comes first
+        listener.setblocking(False)
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._running = True
         self._selector = threading.Thread(target=self._selector_loop, daemon=True,
                                           name="probe-selector-%d" % self.port)
         self._selector.start()
 
-    def stop_accepting(self, shutdown=True):
+    def stop_accepting(self, shutdown: bool = True) -> None:
         """Close the listening socket. `shutdown=False` for a socket shared with other
         processes: shutdown() would stop their accepts too."""
         listener, self.listener = self.listener, None
@@ -254,7 +265,7 @@ class ThriftServer(object):
                 pass
         listener.close()
 
-    def drain(self, timeout=10.0):
+    def drain(self, timeout: float = 10.0) -> int:
         """Close idle connections now and busy ones after their reply; wait up to
         `timeout` s for calls in flight. Returns the number still running."""
         self._draining = True
@@ -273,7 +284,7 @@ class ThriftServer(object):
                 return inflight
             time.sleep(0.01)
 
-    def close(self, shutdown=True):
+    def close(self, shutdown: bool = True) -> None:
         self.stop_accepting(shutdown)
         self._draining = True
         self._running = False
@@ -289,16 +300,16 @@ class ThriftServer(object):
                 self._close(conn)
 
     @property
-    def inflight(self):
+    def inflight(self) -> int:
         """Calls running now."""
         return len(self._active)
 
     @property
-    def calls(self):
+    def calls(self) -> int:
         """Calls served since start."""
         return sum(count[0] for count in self._call_counts)
 
-    def stats(self):
+    def stats(self) -> Dict[str, int]:
         """Counters for tests and operators."""
         return {"connections": len(self._connections), "workers": len(self._workers),
                 "inflight": self.inflight, "calls": self.calls, "rejected": self.rejected,
@@ -306,7 +317,7 @@ class ThriftServer(object):
                 "overloaded": self.limiter.refused if self.limiter is not None else 0}
 
     # -- the selector thread ------------------------------------------------------
-    def _selector_loop(self):
+    def _selector_loop(self) -> None:
         next_sweep = time.monotonic() + self._sweep_every
         while self._running:
             try:
@@ -341,8 +352,8 @@ class ThriftServer(object):
         except OSError:
             pass
 
-    def _accept_some(self):
-        listener = self.listener
+    def _accept_some(self) -> None:
+        listener = cast(socket.socket, self.listener)  # the selector polls it: bound
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listener.accept()
@@ -390,14 +401,14 @@ class ThriftServer(object):
                 self._connections.pop(sock.fileno(), None)
                 sock.close()
 
-    def _pause_accepting(self):
+    def _pause_accepting(self) -> None:
         try:
-            self._epoll.unregister(self.listener.fileno())
+            self._epoll.unregister(cast(socket.socket, self.listener).fileno())
         except (OSError, ValueError):
             pass
         self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
-    def _resume_accepting(self):
+    def _resume_accepting(self) -> None:
         self._accept_paused_until = 0.0
         if self.listener is not None:
             try:
@@ -405,7 +416,7 @@ class ThriftServer(object):
             except (OSError, ValueError):
                 pass
 
-    def _sweep(self, now):
+    def _sweep(self, now: float) -> None:
         """Close parked connections past their deadline."""
         expired = []
         with self._lock:
@@ -430,17 +441,17 @@ class ThriftServer(object):
         if self._unserved() > 0 and len(self._workers) < self.worker_threads:
             self._add_worker()  # work may be waiting on a worker that failed to start
 
-    def _hand_out(self, conn):
+    def _hand_out(self, conn: _Connection) -> None:
         self._queue.put(conn)
         if self._unserved() > 0 and len(self._workers) < self.worker_threads:
             self._add_worker()
 
-    def _unserved(self):
+    def _unserved(self) -> int:
         """Connections queued beyond the workers waiting to take them. (A waiting
         worker takes one connection and keeps it while it is busy.)"""
         return self._queue.qsize() - len(self._idle_workers)
 
-    def _add_worker(self):
+    def _add_worker(self) -> None:
         thread = _new_thread(target=self._worker_loop, daemon=True, name="probe-worker-%d" % self.port)
         try:
             thread.start()
@@ -450,14 +461,14 @@ class ThriftServer(object):
             return
         self._workers.append(thread)
 
-    def _wake(self):
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except (OSError, TypeError):
             pass
 
     # -- worker threads ------------------------------------------------------------
-    def _worker_loop(self):
+    def _worker_loop(self) -> None:
         membuf = TCyMemoryBuffer()
         protocol = TBinaryProtocolFactory().get_protocol(membuf)
         counter = [0]
@@ -477,7 +488,7 @@ class ThriftServer(object):
                           type(exc).__name__, exc, exc_info=True)
                 self._close(conn)
 
-    def _serve(self, conn, protocol, membuf, counter):
+    def _serve(self, conn: _Connection, protocol: Any, membuf: Any, counter: List[int]) -> None:
         """Serve `conn` while it has requests; park or close it when it goes quiet."""
         sock = conn.sock
         tls = conn.tls
@@ -561,7 +572,7 @@ class ThriftServer(object):
                     conn.message_deadline = monotonic() + self.read_timeout
 
     # -- TLS steps (workers) ---------------------------------------------------------
-    def _handshake(self, conn):
+    def _handshake(self, conn: _Connection) -> bool:
         """Advance a TLS handshake as far as the peer's bytes allow. True when it is
         done; False when the connection was parked (waiting for the peer) or closed."""
         sock = conn.sock
@@ -594,7 +605,7 @@ class ThriftServer(object):
             conn.record_deadline = 0.0
             return True
 
-    def _tls_recv(self, conn, size, flags, starting):
+    def _tls_recv(self, conn: _Connection, size: int, flags: int, starting: bool) -> bytes:
         """`sock.recv` for a TLS connection: decrypted bytes, b"" at EOF, or
         BlockingIOError when the connection should be parked. Waits up to HOT_LINGER
         for the peer unless `flags` (MSG_DONTWAIT) says not to; `starting`: no byte
@@ -629,7 +640,8 @@ class ThriftServer(object):
                 self._warn(conn, "TLS error (%s)" % _tls_reason(exc))
             raise OSError("TLS connection failed") from exc
 
-    def _flush(self, conn, data, deadline=None):
+    def _flush(self, conn: _Connection, data: bytes,
+               deadline: Optional[float] = None) -> Optional[bool]:
         """Send what the peer takes of `data` without waiting. True: all sent; None:
         the rest is parked until the socket is writable, by `deadline` (None: a new
         reply, read_timeout from now); False: the connection failed, or the unsent
@@ -668,7 +680,7 @@ class ThriftServer(object):
         self._park(conn, _WRITE, deadline or time.monotonic() + self.read_timeout)
         return None
 
-    def _set_out(self, conn, data):
+    def _set_out(self, conn: _Connection, data: Optional[bytes]) -> None:
         with self._lock:
             if conn.out is not None:
                 self._parked_reply_bytes -= len(conn.out)
@@ -676,7 +688,8 @@ class ThriftServer(object):
             if data is not None:
                 self._parked_reply_bytes += len(data)
 
-    def _park(self, conn, events=_READ, deadline=None):
+    def _park(self, conn: _Connection, events: int = _READ,
+              deadline: Optional[float] = None) -> None:
         """Give the connection back to the selector until it is readable again (or,
         with `events=_WRITE`, writable) or `deadline` passes."""
         if self._draining and events == _READ:
@@ -698,7 +711,7 @@ class ThriftServer(object):
         if conn.closed:
             self._close(conn, force=True)
 
-    def _close(self, conn, force=False):
+    def _close(self, conn: _Connection, force: bool = False) -> None:
         with self._lock:
             if conn.closed and not force:
                 return
@@ -716,13 +729,14 @@ class ThriftServer(object):
         if conn.out is not None:
             self._set_out(conn, None)
 
-    def _warn(self, conn, reason):
+    def _warn(self, conn: _Connection, reason: str) -> None:
         self.peer_warnings.warn(conn.host, "protocol error from %s: %s; closing the connection "
                                 "(no more such warnings about %s for 60 s)",
                                 conn.peer, reason, conn.host)
 
     # -- one call -------------------------------------------------------------------
-    def _call(self, conn, protocol, membuf, message, counter):
+    def _call(self, conn: _Connection, protocol: Any, membuf: Any, message: Union[bytes, bytearray],
+              counter: List[int]) -> Optional[bool]:
         """Decode, run and answer one checked message. False: close the connection.
         (One frame for the common path: this runs for every call.)"""
         membuf.setvalue(message)
@@ -793,7 +807,8 @@ class ThriftServer(object):
             if limiter is not None:
                 limiter.exit(name)
 
-    def _internal_error(self, conn, protocol, membuf, spec, seqid, started):
+    def _internal_error(self, conn: _Connection, protocol: Any, membuf: Any, spec: MethodSpec,
+                        seqid: int, started: float) -> Optional[bool]:
         log.error("%s.%s raised an undeclared exception (peer %s)", self.service_name, spec.name,
                   conn.peer, exc_info=True)
         self._observe(spec.name, APPLICATION_ERROR, started)
@@ -801,22 +816,23 @@ class ThriftServer(object):
             return True
         return self._reply_exception(conn, protocol, membuf, spec.name, seqid, self._internal(spec.name))
 
-    def _internal(self, name):
+    def _internal(self, name: str) -> TApplicationException:
         # Service and method only: the exception's text may hold secrets.
         return TApplicationException(TApplicationException.INTERNAL_ERROR,
                                      "internal error in %s.%s" % (self.service_name, name))
 
-    def _observe(self, method, status, started):
+    def _observe(self, method: str, status: str, started: float) -> None:
         if self.observe is not None:
             self.observe(method, status, time.perf_counter() - started)
 
-    def _reply_exception(self, conn, protocol, membuf, name, seqid, exc):
+    def _reply_exception(self, conn: _Connection, protocol: Any, membuf: Any, name: str,
+                         seqid: int, exc: TApplicationException) -> Optional[bool]:
         protocol.write_message_begin(name, TMessageType.EXCEPTION, seqid)
         exc.write(protocol)
         protocol.write_message_end()
         return self._send(conn, membuf)
 
-    def _send(self, conn, membuf):
+    def _send(self, conn: _Connection, membuf: Any) -> Optional[bool]:
         """Send a reply without waiting for the peer: True sent, None parked for
         writability (the connection now belongs to the selector), False close."""
         data = membuf.getvalue()
@@ -826,10 +842,10 @@ class ThriftServer(object):
         return self._flush(conn, data)
 
 
-def _invoker(spec, func):
+def _invoker(spec: MethodSpec, func: Optional[Callable[..., Any]]) -> Callable[[Any], Any]:
     """A function calling the handler's method with the fields of an args struct."""
     if func is None:
-        def missing(args):
+        def missing(args: Any) -> Any:
             raise TApplicationException(TApplicationException.UNKNOWN_METHOD,
                                         "handler does not implement %r" % spec.name)
         return missing
@@ -837,12 +853,12 @@ def _invoker(spec, func):
     if not names:
         return lambda args: func()
     if len(names) == 1:
-        return lambda args, name=names[0]: func(getattr(args, name))
+        return lambda args, name=names[0]: func(getattr(args, name))  # type: ignore[misc]
     fields = operator.attrgetter(*names)
     return lambda args: func(*fields(args))
 
 
-def _timeval(seconds):
+def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
@@ -852,21 +868,21 @@ def _timeval(seconds):
 _raw_shutdown = socket.socket.shutdown
 
 
-def _shutdown(sock):
+def _shutdown(sock: socket.socket) -> None:
     try:
         _raw_shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def _tls_reason(exc):
+def _tls_reason(exc: BaseException) -> str:
     """A short, log-safe description of a TLS failure."""
     if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
         return exc.reason
     return type(exc).__name__
 
 
-def _drain_pipe(fd):
+def _drain_pipe(fd: int) -> None:
     try:
         while os.read(fd, 4096):
             pass
