@@ -107,7 +107,8 @@ def sessions(conn, hosts, env, appkey, count, expect):
     """`count` consumer sessions in one process (each its own ZooKeeper session and
     watcher, as `count` pre-fork workers would have): reports when all hold
     `expect` nodes, then waits."""
-    from probe.registry import ServiceWatcher, ZooKeeper
+    from probe.routing.watcher import ServiceWatcher
+    from probe.zk.session import ZooKeeper
     held = []
     try:
         for _ in range(count):

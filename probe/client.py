@@ -39,7 +39,8 @@ from .errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
 from .idl import load_service, module_of
 from .methodspec import method_specs
 from .rpc.pool import ConnectFailed, NodePool, is_timeout
-from .registry import ServiceWatcher, release_zookeeper, shared_zookeeper
+from .routing.watcher import ServiceWatcher
+from .zk.session import release_zookeeper, shared_zookeeper
 from .rpc.codec import binary_header, codec_for
 from .rpc.tls import client_context, is_refused_handshake
 from .options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,

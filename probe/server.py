@@ -25,7 +25,8 @@ from .errors import ComponentUnavailable, ProbeError
 from .idl import load_service
 from .naming import NodeSettings
 from .stores.nodestore import NodeStore
-from .registry import Registration, release_zookeeper, shared_zookeeper
+from .zk.registration import Registration
+from .zk.session import release_zookeeper, shared_zookeeper
 from .rpc.overload import make_limiter
 from .rpc.tls import server_context
 from .settings import load_settings, outbound_ip

@@ -451,7 +451,8 @@ def test_async_client_calls_a_sync_provider_and_an_apache_server(appkey, provide
     from probe import naming
     from probe.demo import DemoServiceHandler
     from probe.dev.stack import free_port
-    from probe.registry import Registration, release_zookeeper, shared_zookeeper
+    from probe.zk.registration import Registration
+    from probe.zk.session import release_zookeeper, shared_zookeeper
     from probe.settings import load_settings
     service_module, ttypes = apache
     providers(appkey, name="sync")

@@ -186,7 +186,7 @@ def test_health_survives_concurrent_failures_and_table_changes(appkey, clients):
 # -- kazoo behaviour probe relies on ---------------------------------------------------------
 
 def test_kazoo_stop_fails_requests_queued_while_disconnected():
-    """probe.registry.ZooKeeper restarts a session stuck in SUSPENDED with
+    """probe.zk.session.ZooKeeper restarts a session stuck in SUSPENDED with
     stop() + start_async(), trusting stop() to fail every queued request with
     ConnectionLoss, so that no recovery task waits for ever. If a kazoo release
     changes that, this fails."""
@@ -213,7 +213,7 @@ def test_kazoo_stop_fails_requests_queued_while_disconnected():
 
 
 def test_shared_session_reports_connected_through_a_state_listener(stack):
-    from probe.registry import ZooKeeper
+    from probe.zk.session import ZooKeeper
     from probe.settings import load_settings
     zk = ZooKeeper(load_settings().zookeeper.hosts)
     assert not zk.wait_connected(0)

@@ -14,7 +14,7 @@ from probe import naming
 from probe.errors import InvalidServiceName, NoAvailableNode, ThriftFileError, UnknownAppkey
 from probe.naming import NodeSettings
 from probe.stores.nodestore import NodeStore
-from probe.registry import shared_zookeeper, release_zookeeper
+from probe.zk.session import shared_zookeeper, release_zookeeper
 from probe.settings import load_settings
 
 

@@ -26,7 +26,7 @@ from probe.idl import load_service
 from probe.rpc.messagelimits import (NEED_MORE, CompactScanner, FramedScanner, MessageRejected,
                                  MessageScanner, scanner_for)
 from probe.naming import NodeSettings
-from probe.registry import release_zookeeper, shared_zookeeper
+from probe.zk.session import release_zookeeper, shared_zookeeper
 from probe.rpc.codec import DEFAULT_CODEC, codec_for
 from probe.settings import load_settings
 
@@ -82,7 +82,7 @@ def test_codecs_are_shared_per_dialect_and_refuse_unknown_names():
 
 
 def test_the_disk_snapshot_carries_the_dialect():
-    from probe.registry import _snapshot_node
+    from probe.routing.watcher import _snapshot_node
     entry = {"name": "DemoService_10.0.0.5_81", "host": "10.0.0.5", "port": 81, "weight": 10,
              "valid": 1, "registered_at": 1.0, "transport": "framed", "protocol": "compact"}
     node = _snapshot_node(entry, "DemoService")

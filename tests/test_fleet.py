@@ -17,7 +17,8 @@ from probe import naming
 from probe.routing.balancer import Node, RoutingTable, WeightedRandom
 from probe.errors import UntrustedFile
 from probe.naming import NodeSettings
-from probe.registry import ServiceWatcher, ZooKeeper, snapshot_file
+from probe.routing.watcher import ServiceWatcher, snapshot_file
+from probe.zk.session import ZooKeeper
 from probe.settings import load_settings
 from probe.zk import snapshot
 

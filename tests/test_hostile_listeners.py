@@ -563,7 +563,7 @@ class _Relay(object):
 
 
 def _session_through(relay, auth, tls):
-    from probe.registry import ZooKeeper
+    from probe.zk.session import ZooKeeper
     zk = ZooKeeper("127.0.0.1:%d" % relay.port, 6.0, auth=auth, tls=tls)
     try:
         zk.start(timeout=15)

@@ -27,7 +27,7 @@ from probe.errors import (ComponentUnavailable, InvalidAppkey, InvalidHost, Inva
                           InvalidServiceName, InvalidWeight, ProbeError, SchemaMissing)
 from probe.naming import NodeSettings
 from probe.stores.nodestore import NodeStore
-from probe.registry import snapshot_file
+from probe.routing.watcher import snapshot_file
 from probe.settings import load_settings
 
 LOOPBACK = "127.0.0.1"

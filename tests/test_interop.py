@@ -28,7 +28,8 @@ from probe import naming
 from probe.demo import DemoServiceHandler
 from probe.dev.stack import free_port
 from probe.idl import load_module
-from probe.registry import Registration, release_zookeeper, shared_zookeeper
+from probe.zk.registration import Registration
+from probe.zk.session import release_zookeeper, shared_zookeeper
 from probe.settings import load_settings
 
 GENERATED_PACKAGE = "apache_demo"  # not "demo": nothing else may shadow it

@@ -28,7 +28,7 @@ from conftest import ADVERTISED_HOST, ROOT, SESSION_TIMEOUT, run_probe, wait_for
 from probe import naming
 from probe.dev.stack import free_port
 from probe.idl import load_module
-from probe.registry import release_zookeeper, shared_zookeeper
+from probe.zk.session import release_zookeeper, shared_zookeeper
 from probe.settings import load_settings
 
 POLY_IDL = os.path.join(ROOT, "idl", "polyglot.thrift")

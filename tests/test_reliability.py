@@ -13,7 +13,7 @@ from probe import naming
 from probe.dev.stack import free_port
 from probe.errors import ComponentUnavailable
 from probe.stores.nodestore import NodeStore
-from probe.registry import release_zookeeper, shared_zookeeper
+from probe.zk.session import release_zookeeper, shared_zookeeper
 from probe.settings import load_settings
 
 

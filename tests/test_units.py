@@ -266,7 +266,7 @@ def test_unknown_balancer_is_refused():
 
 # -- validation that cannot be slipped past (naming) -----------------------------
 from probe.errors import InvalidEnv, InvalidHost, InvalidNodeData  # noqa: E402
-from probe.registry import _snapshot_node  # noqa: E402
+from probe.routing.watcher import _snapshot_node  # noqa: E402
 
 
 @pytest.mark.parametrize("good", ["127.0.0.1", "10.0.0.5", "::1", "2001:db8::7", "node-1",

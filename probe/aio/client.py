@@ -38,7 +38,8 @@ from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeErro
 from ..idl import load_service, module_of
 from ..methodspec import method_specs
 from ..rpc.peerwarnings import PeerWarnings
-from ..registry import ServiceWatcher, release_zookeeper, shared_zookeeper
+from ..routing.watcher import ServiceWatcher
+from ..zk.session import release_zookeeper, shared_zookeeper
 from ..routing.budget import RetryBudget
 from ..routing.health import HealthPolicy, ServiceHealth
 from ..rpc.codec import codec_for

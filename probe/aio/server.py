@@ -36,7 +36,7 @@ from ..rpc.messagelimits import NEED_MORE, MessageRejected, scanner_for
 from ..methodspec import method_specs
 from ..naming import NodeSettings
 from ..rpc.peerwarnings import PeerWarnings
-from ..registry import release_zookeeper
+from ..zk.session import release_zookeeper
 from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
 from ..rpc.overload import make_limiter, overload_reply, unforgeable
 from ..rpc.tls import server_context

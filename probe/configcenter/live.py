@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Set, 
 from .. import naming
 from ..errors import ComponentUnavailable, ConfigUnavailable, InvalidConfigValue
 from .values import MAX_VALUE_BYTES, canonical_text, parse_value
-from ..registry import ZooKeeper, release_zookeeper, shared_zookeeper
+from ..zk.session import ZooKeeper, release_zookeeper, shared_zookeeper
 from ..settings import load_settings
 from ..zk import snapshot
 from ..zk.mirror import ChildrenMirror, Entry
@@ -65,7 +65,7 @@ def default_backup_dir() -> str:
 class LiveConfig(Mapping):
     """A read-only mapping key -> JSON value of one appkey, always current.
 
-    :param zk: the process's shared `probe.registry.ZooKeeper` session.
+    :param zk: the process's shared `probe.zk.session.ZooKeeper` session.
     :param env: env name.
     :param appkey: the appkey whose config this is.
     :param backup_file: local backup path, or None for no backup.

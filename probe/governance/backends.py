@@ -10,7 +10,7 @@ from typing import Any, Optional
 from ..stores.appkeys import AppkeyStore
 from ..stores.confighistory import ConfigHistory
 from ..stores.nodestore import NodeStore
-from ..registry import ZooKeeper, release_zookeeper, shared_zookeeper
+from ..zk.session import ZooKeeper, release_zookeeper, shared_zookeeper
 from ..settings import Settings
 
 # The most rows one read of the audit log or of a key's history returns (a larger

@@ -19,7 +19,7 @@ from ..configcenter.values import MAX_VALUE_BYTES, canonical_text, parse_value
 from ..errors import (ComponentUnavailable, ConfigConflict, InvalidArgument, InvalidConfigValue,
                       UnknownConfigKey)
 from ..options import check_number
-from ..registry import read_children_with_data
+from ..zk.session import read_children_with_data
 from .backends import MAX_ROWS, Backends
 from .nodes import ZOOKEEPER_ERRORS
 from .results import ConfigChange, ConfigRestore, ConfigVersion

@@ -33,7 +33,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from .. import naming
 from ..errors import ComponentUnavailable, NodeSettingsConflict, ProbeError, UnknownNode
 from ..naming import NodeSettings
-from ..registry import read_children_with_data
+from ..zk.session import read_children_with_data
 from ..stores.stats import read_node_health
 from .backends import Backends
 from .results import NodeChange, NodeRow

@@ -21,7 +21,7 @@ Nerve does for SmartStack:
 
 Threading: `run()` loops on the calling thread until `stop()` is called from any
 thread (or a signal handler); the ZooKeeper session keeps the node meanwhile
-through probe.registry.Registration.
+through probe.zk.registration.Registration.
 """
 
 import io
@@ -43,7 +43,8 @@ from ..stores.appkeys import AppkeyStore
 from ..errors import ProbeError, RegisterError
 from ..naming import NodeSettings
 from ..stores.nodestore import NodeStore
-from ..registry import Registration, ZooKeeper, release_zookeeper, shared_zookeeper
+from ..zk.registration import Registration
+from ..zk.session import ZooKeeper, release_zookeeper, shared_zookeeper
 from ..rpc.codec import codec_for
 from ..settings import load_settings
 

@@ -49,7 +49,7 @@ from kazoo.protocol.states import EventType, WatchedEvent, ZnodeStat
 log = logging.getLogger("probe.zk.mirror")
 
 if TYPE_CHECKING:
-    from ..registry import ZooKeeper
+    from .session import ZooKeeper
 
 Entry = Tuple[bytes, ZnodeStat]
 Apply = Callable[[Dict[str, Entry], Set[str], bool], None]
@@ -65,7 +65,7 @@ _ZK_ERRORS = (KazooException, ZookeeperError, KazooTimeoutError)
 class ChildrenMirror(object):
     """Mirror the children of `parent` accepted by `accept(name)`.
 
-    :param zk: the process's `probe.registry.ZooKeeper` session.
+    :param zk: the process's `probe.zk.session.ZooKeeper` session.
     :param parent: the znode whose children are mirrored (it may not exist yet).
     :param accept: which child names to read and watch (pure, cheap).
     :param apply: `apply(upserts, removed, full)`: `upserts` maps names to (data,
