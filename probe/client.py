@@ -51,7 +51,8 @@ from .routing.budget import RetryBudget
 from .routing.health import HealthPolicy, ServiceHealth
 from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, NOT_SENT, OK,
                            OVERLOADED, TIMEOUT)
-from .rpc.overload import is_overload_reply
+from .routing import failover
+from .routing.failover import Retryable as _Retryable
 
 log = logging.getLogger("probe.client")
 
@@ -86,19 +87,6 @@ class _ClientMethod(object):
         # No fields, hence no defaults either: the args struct is the STOP byte alone.
         self.takes_nothing = not spec.arg_names
         self.timeout = timeout  # seconds: this method's own socket timeout, or None
-
-
-class _Retryable(object):
-    """An attempt's failure that failover may cover (returned, never raised):
-    `before_send` says whether the call surely did not run (the request could not
-    have reached the node, or the node answered "overloaded, not executed"),
-    `error` is what the caller gets when it is not retried."""
-
-    __slots__ = ("before_send", "error")
-
-    def __init__(self, before_send, error):
-        self.before_send = before_send
-        self.error = error
 
 
 class ProbeClient(TClient):
@@ -212,7 +200,7 @@ class ProbeClient(TClient):
             try:
                 payload = method.args_cls(*args, **kwargs)
             except TypeError as exc:
-                raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
+                raise failover.bad_arguments(self.service_name, method.name, exc)
         else:
             payload = None
         state = self.recorder.thread_state() if self.recorder is not None else None
@@ -247,20 +235,8 @@ class ProbeClient(TClient):
             if error.__class__ is not _Retryable:
                 raise error
             attempt += 1
-            if attempt > self.retries or not (error.before_send or method.idempotent):
-                raise error.error
-            # An overload reply ran nothing: moving it elsewhere adds no work, so it
-            # does not draw on the budget (`retries` still bounds it).
-            if budget is not None and status != OVERLOADED and not budget.try_withdraw():
-                self.budget_exhausted += 1
-                log.debug("%s.%s failed on %s; the retry budget is spent: not retried",
-                          self.service_name, method.name, node.name)
-                raise error.error
-            tried = (tried or set()) | {node.name}
-            if len(tried) >= len(table.nodes):
-                tried = None  # every node failed once: any may be picked again
-            log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
-                     method.name, node.name, error.error, attempt, self.retries)
+            tried = failover.fail_over(self, log, node, method, status, error, attempt, tried,
+                                       table)
 
     def _attempt(self, node, method, payload, state):
         """One try on one node: (status, value, error), where error is None, an
@@ -306,34 +282,18 @@ class ProbeClient(TClient):
                 outcome = self._recv_reply(conn, method, seqid, node)
             except _TRANSPORT_ERRORS as exc:
                 if is_refused_handshake(exc):
-                    # TLS 1.3: the provider refused our certificate; the request never
-                    # reached a handler. A connect failure, as a refused connection.
-                    return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
-                        "TLS handshake with %s:%d refused: %s (node %s of %s/%s)" % (
-                            node.host, node.port, exc.reason, node.name, self.appkey,
-                            self.service_name)))
-                status = TIMEOUT if is_timeout(exc) else CONNECTION_ERROR
-                failed = NodeCallFailed(node.name, "%s/%s" % (self.appkey, self.service_name),
-                                        method.name, exc, TTransportException.TIMED_OUT
-                                        if status == TIMEOUT else None)
-                if not self.node_warnings.warn(node.name, "%s (further failures on this node "
-                                               "are not logged for a while)", failed):
-                    log.debug("%s", failed)
-                return status, None, _Retryable(False, failed)
+                    return failover.refused_handshake(self, node, exc.reason)
+                failed = failover.call_failed(self, log, node, method, exc, is_timeout(exc))
+                status = failed[0]
+                return failed
             status = outcome[0]
             # A reply with a wrong seqid leaves the connection out of step: never reuse it.
             reusable = status != CONNECTION_ERROR
             if status == APPLICATION_ERROR:
-                if is_overload_reply(outcome[2]):
-                    # Nothing ran on the node: any method may go elsewhere.
-                    status = OVERLOADED
-                    return OVERLOADED, None, _Retryable(True, outcome[2])
-                if not outcome[2].type:
-                    verdict = OK  # a handler raised TApplicationException(UNKNOWN) itself: an answer
+                status, verdict, outcome = failover.application_error(outcome)
             return outcome
         except ConnectFailed as exc:
-            return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable("%s (node %s of %s/%s)" % (
-                exc, node.name, self.appkey, self.service_name)))
+            return failover.connect_failed(self, node, exc)
         finally:
             ended = _perf_counter()
             if conn is not None:

@@ -45,7 +45,7 @@ from ..routing.health import HealthPolicy, ServiceHealth
 from ..rpc.codec import codec_for
 from ..rpc.outcomes import (APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK,
                             OVERLOADED, TIMEOUT)
-from ..rpc.overload import is_overload_reply
+from ..routing import failover
 from ..rpc.tls import client_context, is_refused_handshake
 from ..options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
                        check_number)
@@ -215,7 +215,7 @@ class AsyncProbeClient(object):
             try:
                 payload = method.args_cls(*args, **kwargs)
             except TypeError as exc:
-                raise TypeError("%s.%s: %s" % (self.service_name, method.name, exc))
+                raise failover.bad_arguments(self.service_name, method.name, exc)
         else:
             payload = None
         state = self.recorder.thread_state() if self.recorder is not None else None
@@ -241,20 +241,8 @@ class AsyncProbeClient(object):
             if error.__class__ is not _Retryable:
                 raise error
             attempt += 1
-            if attempt > self.retries or not (error.before_send or method.idempotent):
-                raise error.error
-            # An overload reply ran nothing: moving it adds no work, so it does not
-            # draw on the budget (`retries` still bounds it), as in probe.client.
-            if budget is not None and status != OVERLOADED and not budget.try_withdraw():
-                self.budget_exhausted += 1
-                log.debug("%s.%s failed on %s; the retry budget is spent: not retried",
-                          self.service_name, method.name, node.name)
-                raise error.error
-            tried = (tried or set()) | {node.name}
-            if len(tried) >= len(table.nodes):
-                tried = None
-            log.info("%s.%s failed on %s (%s); retrying elsewhere (%d/%d)", self.service_name,
-                     method.name, node.name, error.error, attempt, self.retries)
+            tried = failover.fail_over(self, log, node, method, status, error, attempt, tried,
+                                       table)
 
     async def _attempt(self, node: Any, method: _ClientMethod, payload: Any, state: Any) -> tuple:
         """One try on one node: (status, value, error) as in the threaded client. The
@@ -279,8 +267,7 @@ class AsyncProbeClient(object):
             try:
                 conn = await pool.acquire(loop)
             except ConnectFailed as exc:
-                return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
-                    "%s (node %s of %s/%s)" % (exc, node.name, self.appkey, self.service_name)))
+                return failover.connect_failed(self, node, exc)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
             wire = pool.wire
             try:
@@ -297,18 +284,11 @@ class AsyncProbeClient(object):
             except (ReplyTimeout, ConnectionLost) as exc:
                 if exc.__class__ is ConnectionLost and exc.cause is not None \
                         and is_refused_handshake(exc.cause):
-                    # TLS 1.3: the provider refused our certificate; no handler ran.
-                    return CONNECTION_ERROR, None, _Retryable(True, NodeUnreachable(
-                        "TLS handshake with %s:%d refused (node %s of %s/%s)" % (
-                            node.host, node.port, node.name, self.appkey, self.service_name)))
-                status = TIMEOUT if exc.__class__ is ReplyTimeout else CONNECTION_ERROR
-                failed = NodeCallFailed(node.name, "%s/%s" % (self.appkey, self.service_name),
-                                        method.name, exc, TTransportException.TIMED_OUT
-                                        if status == TIMEOUT else None)
-                if not self.node_warnings.warn(node.name, "%s (further failures on this node "
-                                               "are not logged for a while)", failed):
-                    log.debug("%s", failed)
-                return status, None, _Retryable(False, failed)
+                    return failover.refused_handshake(self, node)
+                failed = failover.call_failed(self, log, node, method, exc,
+                                              exc.__class__ is ReplyTimeout)
+                status = failed[0]
+                return failed
             try:
                 outcome = self._recv_reply(wire.reader(reply), method, seqid, node)
             finally:
@@ -316,11 +296,7 @@ class AsyncProbeClient(object):
             status = outcome[0]
             reusable = status != CONNECTION_ERROR
             if status == APPLICATION_ERROR:
-                if is_overload_reply(outcome[2]):
-                    status = OVERLOADED  # nothing ran on the node: any method may go elsewhere
-                    return OVERLOADED, None, _Retryable(True, outcome[2])
-                if not outcome[2].type:
-                    verdict = OK  # the handler raised TApplicationException(UNKNOWN): an answer
+                status, verdict, outcome = failover.application_error(outcome)
             return outcome
         except asyncio.CancelledError:
             # The caller gave up (its own timeout, a closing request): the node is not
