@@ -142,51 +142,44 @@ def register_node(zk_settings, store: NodeStore, connect_timeout: float, path: s
     return zk, node_settings, registration
 
 
-class Provider(object):
-    """One governed thrift service in this process. `start()` returns once the node is
-    registered and serving; `stop()` shuts it down gracefully; `wait()` blocks.
+class ProviderBase(object):
+    """What the threaded Provider and the asyncio provider (probe.aio.server) share:
+    the checked options and the node's identity, set up in one order by
+    `_configure`; binding, serving and stopping (the I/O model) are each
+    subclass's own."""
 
-    The parameters are those of `start_service` (which documents them), without
-    ``block``: the value objects (`limits`, `timeouts`, `metrics`) or their flat
-    keywords. Every option is checked here, before anything is touched; the value
-    objects in effect are `options`.
-    """
+    def _check_more(self, flat: Dict[str, Any]) -> None:
+        """A subclass's own checks, run after the common ones and before the value
+        objects are resolved."""
 
-    def __init__(self, thrift_path: str, appkey: str, service_name: str, handler: object,
-                 port: int = 8081, *,
-                 bind_host: str = "0.0.0.0",
-                 advertise_host: Optional[str] = None,
-                 config_path: Optional[str] = None,
-                 env: Optional[str] = None,
-                 observe: Optional[Callable[[str, str, float], None]] = None,
-                 workers: int = 1,
-                 transport: str = "buffered",
-                 protocol: str = "binary",
-                 limits: Optional[ProviderLimits] = None,
-                 timeouts: Optional[ProviderTimeouts] = None,
-                 metrics: Union[bool, MetricsOptions] = True,
-                 **flat: Any) -> None:
+    def _configure(self, thrift_path: str, appkey: str, service_name: str, handler: object,
+                   port: int, bind_host: str, advertise_host: Optional[str],
+                   config_path: Optional[str], env: Optional[str],
+                   observe: Optional[Callable[[str, str, float], None]], transport: str,
+                   protocol: str, limits: Optional[ProviderLimits],
+                   timeouts: Optional[ProviderTimeouts], metrics: Union[bool, MetricsOptions],
+                   flat: Dict[str, Any]) -> ProviderLimits:
+        """Check every option (nothing is touched before), resolve the value objects
+        (`options`), load the service, the limiter, the settings and the RPC TLS
+        context; returns the limits in effect."""
         naming.check_service_name(service_name)
         naming.check_dialect(transport, protocol)
         naming.check_appkey(appkey)
         if handler is None:
-            raise ProbeError("handler is None: pass an object implementing %s's methods" % service_name)
+            raise ProbeError("handler is None: pass an object implementing %s's methods"
+                             % service_name)
         check_number("port", port, 0, "0 picks a free port", maximum=65535, integer=True)
-        check_number("workers", workers, 1, "processes serving the port", maximum=256, integer=True)
+        self._check_more(flat)
         chosen = provider_options(limits, timeouts, metrics, **flat)
         limits, timeouts = chosen["limits"], chosen["timeouts"]
         if observe is not None and not callable(observe):
             raise ProbeError("bad observe %r: give a callable observe(method, status, seconds) "
                              "or None" % (observe,))
-        self.workers = workers
-        self.worker_pool = None
-        self._metrics_dir = None
         self.options = chosen  # the value objects in effect
-        # ThriftServer's keywords (seconds, as everywhere in the wire plane).
-        self.limits = dict(max_connections=limits.max_connections,
-                           idle_timeout=limits.idle_timeout_s, read_timeout=limits.read_timeout_s,
-                           max_message_bytes=limits.max_message_bytes,
-                           worker_threads=limits.worker_threads)
+        # The wire's keywords (seconds, as everywhere in the wire plane).
+        self.limits: Dict[str, Any] = dict(
+            max_connections=limits.max_connections, idle_timeout=limits.idle_timeout_s,
+            read_timeout=limits.read_timeout_s, max_message_bytes=limits.max_message_bytes)
         self.metrics = call_metrics.setup(chosen["metrics"], port_from_env=True)
         self.service = load_service(thrift_path, service_name)
         # Checked here, with the service's method names known, before anything starts.
@@ -215,25 +208,63 @@ class Provider(object):
         self.connect_timeout = timeouts.connect_timeout_ms / 1000.0  # the stores take seconds
         self.session_timeout = timeouts.session_timeout_s
         self.observe = observe
-        self.recorder = None
-        self.metrics_endpoint = None
-        self.host = None
-        self.port = None
-        self.node_settings = None
-        self.server = None
-        self.zk = None
-        self.registration = None
-        self._stopped = threading.Event()
-        self._stop_lock = threading.Lock()
+        self.recorder: Any = None
+        self.metrics_endpoint: Any = None
+        self.host: Optional[str] = None
+        self.port: Optional[int] = None
+        self.node_settings: Any = None
+        self.zk: Any = None
+        self.registration: Any = None
         self._started = False
+        return limits
 
     @property
-    def describe(self):
+    def describe(self) -> str:
         return "appkey=%s service=%s env=%s" % (self.appkey, self.service_name, self.env)
 
     @property
-    def address(self):
+    def address(self) -> str:
         return "%s:%s" % (self.host, self.port)
+
+
+class Provider(ProviderBase):
+    """One governed thrift service in this process. `start()` returns once the node is
+    registered and serving; `stop()` shuts it down gracefully; `wait()` blocks.
+
+    The parameters are those of `start_service` (which documents them), without
+    ``block``: the value objects (`limits`, `timeouts`, `metrics`) or their flat
+    keywords. Every option is checked here, before anything is touched; the value
+    objects in effect are `options`.
+    """
+
+    def __init__(self, thrift_path: str, appkey: str, service_name: str, handler: object,
+                 port: int = 8081, *,
+                 bind_host: str = "0.0.0.0",
+                 advertise_host: Optional[str] = None,
+                 config_path: Optional[str] = None,
+                 env: Optional[str] = None,
+                 observe: Optional[Callable[[str, str, float], None]] = None,
+                 workers: int = 1,
+                 transport: str = "buffered",
+                 protocol: str = "binary",
+                 limits: Optional[ProviderLimits] = None,
+                 timeouts: Optional[ProviderTimeouts] = None,
+                 metrics: Union[bool, MetricsOptions] = True,
+                 **flat: Any) -> None:
+        self.workers = workers
+        limits = self._configure(thrift_path, appkey, service_name, handler, port, bind_host,
+                                 advertise_host, config_path, env, observe, transport, protocol,
+                                 limits, timeouts, metrics, flat)
+        self.limits["worker_threads"] = limits.worker_threads
+        self.worker_pool: Optional[WorkerPool] = None
+        self._metrics_dir: Optional[str] = None
+        self.server: Optional[ThriftServer] = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def _check_more(self, flat: Dict[str, Any]) -> None:
+        check_number("workers", self.workers, 1, "processes serving the port", maximum=256,
+                     integer=True)
 
     @property
     def field(self):

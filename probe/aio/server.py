@@ -41,7 +41,7 @@ from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
 from ..rpc.overload import make_limiter, overload_reply, unforgeable
 from ..rpc.tls import server_context
 from ..options import MetricsOptions, ProviderLimits, ProviderTimeouts, check_number
-from ..server import (advertised_host, check_stores, node_zookeeper_settings, provider_options,
+from ..server import (ProviderBase, advertised_host, check_stores, node_zookeeper_settings, provider_options,
                       raise_fd_limit, register_node)
 from ..settings import load_settings
 from ..rpc.server import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
@@ -468,7 +468,7 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
-class AsyncProvider(object):
+class AsyncProvider(ProviderBase):
     """One governed thrift service served on the running loop. ``await start()``
     returns once the node is registered and serving; ``await stop()`` shuts it down
     gracefully (deregister → wait `shutdown_grace` → stop accepting → drain → close).
@@ -490,69 +490,18 @@ class AsyncProvider(object):
                  timeouts: Optional[ProviderTimeouts] = None,
                  metrics: Union[bool, MetricsOptions] = True,
                  **flat: Any) -> None:
-        naming.check_service_name(service_name)
-        naming.check_dialect(transport, protocol)
-        naming.check_appkey(appkey)
-        if handler is None:
-            raise ProbeError("handler is None: pass an object implementing %s's methods"
-                             % service_name)
-        check_number("port", port, 0, "0 picks a free port", maximum=65535, integer=True)
+        # The same checks and resolution as the sync Provider (value objects or flat
+        # keywords); a ProviderLimits' worker_threads does not apply here.
+        self._configure(thrift_path, appkey, service_name, handler, port, bind_host,
+                        advertise_host, config_path, env, observe, transport, protocol, limits,
+                        timeouts, metrics, flat)
+        self.server: Optional[AsyncThriftServer] = None
+        self._stopping: Optional[asyncio.Future] = None
+
+    def _check_more(self, flat: Dict[str, Any]) -> None:
         if "worker_threads" in flat:  # one loop runs every call
             raise TypeError("unexpected keyword argument 'worker_threads' (an asyncio provider "
                             "runs its calls on the loop)")
-        # The same resolution as the sync Provider (value objects or flat keywords);
-        # a ProviderLimits' worker_threads does not apply here.
-        chosen = provider_options(limits, timeouts, metrics, **flat)
-        limits, timeouts = chosen["limits"], chosen["timeouts"]
-        if observe is not None and not callable(observe):
-            raise ProbeError("bad observe %r: give a callable observe(method, status, seconds) "
-                             "or None" % (observe,))
-        self.options = chosen  # the value objects in effect
-        self.limits: Dict[str, Any] = dict(
-            max_connections=limits.max_connections, idle_timeout=limits.idle_timeout_s,
-            read_timeout=limits.read_timeout_s, max_message_bytes=limits.max_message_bytes)
-        self.metrics = call_metrics.setup(chosen["metrics"], port_from_env=True)
-        self.service = load_service(thrift_path, service_name)
-        self.limiter = make_limiter(limits.max_inflight, limits.max_inflight_per_method,
-                                    self.service.thrift_services)
-        # What the node advertises (None: the default, left out of the data); the
-        # server accepts every dialect on its port whatever this says.
-        self.transport = None if transport == naming.TRANSPORTS[0] else transport
-        self.protocol = None if protocol == naming.PROTOCOLS[0] else protocol
-        self.appkey = appkey
-        self.service_name = service_name
-        self.handler = handler
-        self.requested_port = port
-        self.bind_host = bind_host
-        self.settings = load_settings(config_path, env)
-        self.env = self.settings.env
-        tls = self.settings.rpc_tls
-        self.ssl_context = None if tls is None else server_context(
-            tls, "config %s: 'rpc_tls.%s'" % (self.settings.path, self.env))
-        self.advertise_host = advertise_host
-        self.shutdown_grace = timeouts.shutdown_grace_s
-        self.drain_timeout = timeouts.drain_timeout_s
-        self.connect_timeout = timeouts.connect_timeout_ms / 1000.0  # the stores take seconds
-        self.session_timeout = timeouts.session_timeout_s
-        self.observe = observe
-        self.recorder = None
-        self.metrics_endpoint = None
-        self.host: Optional[str] = None
-        self.port: Optional[int] = None
-        self.node_settings = None
-        self.server: Optional[AsyncThriftServer] = None
-        self.zk = None
-        self.registration = None
-        self._started = False
-        self._stopping: Optional[asyncio.Future] = None
-
-    @property
-    def describe(self) -> str:
-        return "appkey=%s service=%s env=%s" % (self.appkey, self.service_name, self.env)
-
-    @property
-    def address(self) -> str:
-        return "%s:%s" % (self.host, self.port)
 
     async def start(self) -> "AsyncProvider":
         """Check the stores, bind, register; returns once serving."""
