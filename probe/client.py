@@ -27,7 +27,8 @@ import math
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Union
+from typing import (Any, Callable, Dict, Iterable, List, Literal, Mapping, NamedTuple, Optional,
+                    Union)
 
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
@@ -89,7 +90,83 @@ class _ClientMethod(object):
         self.timeout = timeout  # seconds: this method's own socket timeout, or None
 
 
-class ProbeClient(TClient):
+class ClientCore(object):
+    """What the threaded ProbeClient and the asyncio client (probe.aio.client) share
+    besides the failover engine (probe.routing.failover): the governance set-up
+    (node health, retry budget, peer warnings, balancer), the prepared methods, and
+    the figures read from it. The I/O (pools, sends, receives) is each client's."""
+
+    _service: Any
+    service_name: str
+    budget_exhausted: int
+    _inflight: Dict[str, int]
+
+    def _governance(self, service: Any, balancer: str, idempotent: Union[bool, str, Iterable[str]],
+                    health: Optional[ServiceHealth], retry_budget: Optional[RetryBudget],
+                    timeouts: Optional[Mapping[str, float]], logger: logging.Logger,
+                    default_timeout_ms: Optional[float]) -> None:
+        """Node health (None: off), the retry budget (None: only `retries` bounds
+        the retries), the balancer, and one `_ClientMethod` per method bound by
+        `self._bind` (a method's reply timeout: `timeouts` or `default_timeout_ms`,
+        None leaving it to the connection's own)."""
+        self.health = health
+        self.retry_budget = retry_budget
+        self.budget_exhausted = 0  # retries the budget refused
+        self.node_warnings = PeerWarnings(
+            logger, interval=health.policy.warn_interval_s if health is not None else 10.0)
+        if balancer == "p2c_ewma" and health is None:
+            raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
+        self.balancer = make_balancer(balancer, inflight=self._inflight_of,
+                                      cost=health.cost if health is not None else None)
+        self._pick = self.balancer.pick
+        self._track_inflight = self.balancer.name == "least_inflight"
+        if health is not None and self.balancer.name == "p2c_ewma":
+            health.track_inflight = True
+        specs = method_specs(service)
+        idempotent_names = _idempotent_names(idempotent, list(specs))
+        timeouts = timeouts or {}
+        self._methods: Dict[str, _ClientMethod] = {}
+        for name, spec in specs.items():
+            timeout = timeouts.get(name, default_timeout_ms)
+            method = _ClientMethod(spec, name in idempotent_names,
+                                   None if timeout is None else timeout / 1000.0)
+            self._methods[name] = method
+            # 'close' is the client's own method; the RPC is exposed as 'tclose'
+            # (thriftpy2's convention).
+            setattr(self, "tclose" if name == "close" else name, self._bind(method))
+
+    def _bind(self, method: _ClientMethod) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    @property
+    def thrift_module(self) -> Optional[ModuleType]:
+        """The thriftpy2 module of the IDL this client was built from, holding the
+        very classes (structs, declared exceptions) the client returns and raises:
+        the same object :func:`probe.load_thrift` gives for that file. None for a
+        service class that probe.idl did not load."""
+        return module_of(self._service)
+
+    def __dir__(self) -> List[str]:
+        return list(self._service.thrift_services)
+
+    def _inflight_of(self, node: Any) -> int:
+        return self._inflight.get(node.name, 0)
+
+    def health_report(self) -> Dict[str, Any]:
+        """This client's node-health figures for metrics and the fleet stats:
+        counters (ejections, readmissions, panics, overloads, budget_exhausted),
+        `panic` (bool) and `ejected` (node name -> why)."""
+        health = self.health
+        if health is None:
+            return {"ejections": 0, "readmissions": 0, "panics": 0, "overloads": 0,
+                    "budget_exhausted": self.budget_exhausted, "panic": False, "ejected": {}}
+        return {"ejections": health.ejections, "readmissions": health.readmissions,
+                "panics": health.panics, "overloads": health.overloads,
+                "budget_exhausted": self.budget_exhausted, "panic": health.panic,
+                "ejected": health.ejected()}
+
+
+class ProbeClient(ClientCore, TClient):
     """A `thriftpy2.thrift.TClient` whose every call is routed by probe.
 
     Safe to share between threads. Methods are real attributes prepared once, so a
@@ -126,41 +203,9 @@ class ProbeClient(TClient):
         self._inflight = {}  # node name -> calls in flight (least_inflight only)
         self._inflight_lock = threading.Lock()
         self._closed = False
-        # Node health (None: off) and the retry budget (None: retries unbounded but
-        # for `retries`).
-        self.health = health
-        self.retry_budget = retry_budget
-        self.budget_exhausted = 0  # retries the budget refused
-        self.node_warnings = PeerWarnings(
-            log, interval=health.policy.warn_interval_s if health is not None else 10.0)
-        if balancer == "p2c_ewma" and health is None:
-            raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
-        self.balancer = make_balancer(balancer, inflight=self._inflight_of,
-                                      cost=health.cost if health is not None else None)
-        self._pick = self.balancer.pick
-        self._track_inflight = self.balancer.name == "least_inflight"
-        if health is not None and self.balancer.name == "p2c_ewma":
-            health.track_inflight = True
-        specs = method_specs(service)
-        idempotent_names = _idempotent_names(idempotent, list(specs))
-        timeouts = timeouts or {}
-        self._methods = {}
-        for name, spec in specs.items():
-            timeout = timeouts.get(name)
-            method = _ClientMethod(spec, name in idempotent_names,
-                                   None if timeout is None else timeout / 1000.0)
-            self._methods[name] = method
-            # 'close' is TClient's own method; thriftpy2 exposes the RPC as 'tclose'.
-            setattr(self, "tclose" if name == "close" else name, self._bind(method))
+        self._governance(service, balancer, idempotent, health, retry_budget, timeouts, log,
+                         None)
         watcher.on_change = self._on_table
-
-    @property
-    def thrift_module(self) -> Optional[ModuleType]:
-        """The thriftpy2 module of the IDL this client was built from, holding the
-        very classes (structs, declared exceptions) the client returns and raises:
-        the same object :func:`probe.load_thrift` gives for that file. None for a
-        service class that probe.idl did not load."""
-        return module_of(self._service)
 
     def _bind(self, method):
         call = self._call
@@ -170,9 +215,6 @@ class ProbeClient(TClient):
         rpc.__name__ = method.name
         rpc.__qualname__ = "%s.%s" % (self.service_name, method.name)
         return rpc
-
-    def __dir__(self):
-        return list(self._service.thrift_services)
 
     def __enter__(self):
         return self
@@ -358,22 +400,6 @@ class ProbeClient(TClient):
                 self._pools[node.name] = pool
             return pool
 
-    def _inflight_of(self, node):
-        return self._inflight.get(node.name, 0)
-
-    def health_report(self) -> Dict[str, Any]:
-        """This client's node-health figures for metrics and the fleet stats:
-        counters (ejections, readmissions, panics, overloads, budget_exhausted),
-        `panic` (bool) and `ejected` (node name -> why)."""
-        health = self.health
-        if health is None:
-            return {"ejections": 0, "readmissions": 0, "panics": 0, "overloads": 0,
-                    "budget_exhausted": self.budget_exhausted, "panic": False, "ejected": {}}
-        return {"ejections": health.ejections, "readmissions": health.readmissions,
-                "panics": health.panics, "overloads": health.overloads,
-                "budget_exhausted": self.budget_exhausted, "panic": health.panic,
-                "ejected": health.ejected()}
-
     def _on_table(self, table):
         # Pools are keyed by znode name (cheaper than building an address tuple per
         # call); a node that left, or whose data now names another address or
@@ -444,7 +470,7 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
                  warmup: float = 0.0,
                  config_path: Optional[str] = None,
                  env: Optional[str] = None,
-                 snapshot_dir: Union[str, bool, None] = None,
+                 snapshot_dir: Union[str, Literal[False], None] = None,
                  zk_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  observe: Optional[Observer] = None,
                  metrics: Union[bool, MetricsOptions] = True,

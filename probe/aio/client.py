@@ -23,21 +23,18 @@ import asyncio
 import logging
 import time
 from types import ModuleType
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Union
 
 from thriftpy2.protocol import TCompactProtocol
-from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]  # Cython, no stub
 from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer, TTransportException
 
 from .. import metrics as call_metrics
 from .. import naming
-from ..routing.balancer import make_balancer
-from ..client import (Observer, ProbeClient, _ClientMethod, _idempotent_names, _Retryable,
+from ..client import (ClientCore, Observer, ProbeClient, _ClientMethod, _idempotent_names, _Retryable,
                       client_choices)
 from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
-from ..idl import load_service, module_of
-from ..methodspec import method_specs
-from ..rpc.peerwarnings import PeerWarnings
+from ..idl import load_service
 from ..routing.watcher import ServiceWatcher
 from ..zk.session import release_zookeeper, shared_zookeeper
 from ..routing.budget import RetryBudget
@@ -69,6 +66,8 @@ class _Wire(object):
         self.framed = transport == "framed"
         self.compact = protocol == "compact"
         self.send_call = codec_for(None, protocol).send_call
+        self._in: Any
+        self._in_protocol: Any
         if self.compact:
             self._in = self._in_protocol = None
             self._fresh_output()
@@ -114,16 +113,15 @@ class _Reader(object):
         self.protocol = protocol
 
 
-class AsyncProbeClient(object):
+class AsyncProbeClient(ClientCore):
     """The asyncio client of one service: one coroutine attribute per thrift method.
 
     Use it from the loop that built it (:func:`build_client`); any number of
     calls may be in flight at once. ``await client.close()`` releases it.
     """
 
-    # The threaded client's reply reader and health figures (same state names).
+    # The threaded client's reply reader (same state names).
     _recv_reply = staticmethod(ProbeClient._recv_reply)
-    health_report = ProbeClient.health_report
 
     def __init__(self, service: Any, appkey: str, service_name: str, env: str,
                  watcher: ServiceWatcher, zk: Any, loop: asyncio.AbstractEventLoop,
@@ -150,40 +148,15 @@ class AsyncProbeClient(object):
         self.observe = observe
         self.recorder = recorder
         self.ssl_context = ssl_context
-        self.metrics_endpoint = None
-        self.stats_target = None
+        self.metrics_endpoint: Any = None
+        self.stats_target: Any = None
         self._pools: Dict[str, AsyncNodePool] = {}
         self._inflight: Dict[str, int] = {}
         self._closed = False
         self._wires: Dict[tuple, _Wire] = {}
-        # Node health (None: off) and the retry budget (None: only `retries` bounds them).
-        self.health = health
-        self.retry_budget = retry_budget
-        self.budget_exhausted = 0
-        self.node_warnings = PeerWarnings(
-            log, interval=health.policy.warn_interval_s if health is not None else 10.0)
-        self.balancer = make_balancer(balancer, inflight=self._inflight_of,
-                                      cost=health.cost if health is not None else None)
-        self._pick = self.balancer.pick
-        self._track_inflight = self.balancer.name == "least_inflight"
-        if health is not None and self.balancer.name == "p2c_ewma":
-            health.track_inflight = True
-        specs = method_specs(service)
-        idempotent_names = _idempotent_names(idempotent, list(specs))
-        timeouts = dict(timeouts or {})
-        self._methods = {}
-        for name, spec in specs.items():
-            method = _ClientMethod(spec, name in idempotent_names,
-                                   timeouts.get(name, socket_timeout) / 1000.0)
-            self._methods[name] = method
-            # 'close' is the client's own coroutine; the RPC is 'tclose', as in probe.client.
-            setattr(self, "tclose" if name == "close" else name, self._bind(method))
+        self._governance(service, balancer, idempotent, health, retry_budget, timeouts, log,
+                         socket_timeout)
         watcher.on_change = self._on_table
-
-    @property
-    def thrift_module(self) -> Optional[ModuleType]:
-        """The thriftpy2 module of the IDL (its structs and declared exceptions)."""
-        return module_of(self._service)
 
     def _bind(self, method: _ClientMethod) -> Any:
         call = self._call
@@ -193,9 +166,6 @@ class AsyncProbeClient(object):
         rpc.__name__ = method.name
         rpc.__qualname__ = "%s.%s" % (self.service_name, method.name)
         return rpc
-
-    def __dir__(self) -> Iterable[str]:
-        return list(self._service.thrift_services)
 
     def __repr__(self) -> str:
         return "<AsyncProbeClient %s/%s env=%s nodes=%d>" % (
@@ -269,7 +239,7 @@ class AsyncProbeClient(object):
             except ConnectFailed as exc:
                 return failover.connect_failed(self, node, exc)
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
-            wire = pool.wire
+            wire = pool.wire  # set by _pool_for
             try:
                 conn.send(wire.encode(method, payload, seqid), loop)
             except ConnectionLost as exc:
@@ -334,9 +304,6 @@ class AsyncProbeClient(object):
         self._pools[node.name] = pool
         return pool
 
-    def _inflight_of(self, node: Any) -> int:
-        return self._inflight.get(node.name, 0)
-
     def _on_table(self, table: Any) -> None:
         # A kazoo thread: the pools belong to the loop, so prune them there.
         try:
@@ -393,7 +360,7 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
                        warmup: float = 0.0,
                        config_path: Optional[str] = None,
                        env: Optional[str] = None,
-                       snapshot_dir: Union[str, bool, None] = None,
+                       snapshot_dir: Union[str, Literal[False], None] = None,
                        zk_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                        observe: Optional[Observer] = None,
                        metrics: Union[bool, MetricsOptions] = True,

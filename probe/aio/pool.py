@@ -167,7 +167,7 @@ class AsyncNodePool(object):
         self.closed = False
         self.created = 0
         self.open_now = 0  # connections of this pool open now, idle or in use
-        self.wire = None  # the client's encoder/decoder of this dialect (probe.aio.client)
+        self.wire: Any = None  # the client's encoder/decoder of this dialect (probe.aio.client)
 
     async def acquire(self, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
         """A sound pooled connection, else a new one (ConnectFailed if it cannot be
