@@ -28,7 +28,7 @@ import threading
 import time
 from types import ModuleType
 from typing import (Any, Callable, Dict, Iterable, List, Literal, Mapping, NamedTuple, Optional,
-                    Union)
+                    Set, Union)
 
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType
 from thriftpy2.transport import TTransportException
@@ -50,8 +50,7 @@ from .settings import load_settings
 from .rpc.peerwarnings import PeerWarnings
 from .routing.budget import RetryBudget
 from .routing.health import HealthPolicy, ServiceHealth
-from .rpc.outcomes import (APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, NOT_SENT, OK,
-                           OVERLOADED, TIMEOUT)
+from .rpc.outcomes import APPLICATION_ERROR, CONNECTION_ERROR, DECLARED_EXCEPTION, NOT_SENT, OK
 from .routing import failover
 from .routing.failover import Retryable as _Retryable
 
@@ -74,7 +73,7 @@ class _ClientMethod(object):
                  "exception_fields", "idempotent", "header", "takes_nothing", "message_type",
                  "timeout")
 
-    def __init__(self, spec, idempotent, timeout=None):
+    def __init__(self, spec: Any, idempotent: bool, timeout: Optional[float] = None) -> None:
         self.name = spec.name
         self.args_cls = spec.args_cls
         self.result_cls = spec.result_cls
@@ -174,13 +173,18 @@ class ProbeClient(ClientCore, TClient):
     :func:`build_client`; construct it directly only with a watcher of your own.
     """
 
-    def __init__(self, service, appkey, service_name, env, watcher, zk, socket_timeout=500,
-                 connect_timeout=None, balancer="weighted_random", retries=2, idempotent=False,
-                 eject_after=3, eject_backoff=1.0, max_idle=64, observe=None, recorder=None,
-                 ssl_context=None, health=None, retry_budget=None, timeouts=None):
+    def __init__(self, service: Any, appkey: str, service_name: str, env: str,
+                 watcher: ServiceWatcher, zk: Any, socket_timeout: float = 500,
+                 connect_timeout: Optional[float] = None, balancer: str = "weighted_random",
+                 retries: int = 2, idempotent: Union[bool, str, Iterable[str]] = False,
+                 eject_after: int = 3, eject_backoff: float = 1.0, max_idle: int = 64,
+                 observe: Optional[Observer] = None, recorder: Any = None,
+                 ssl_context: Any = None, health: Optional[ServiceHealth] = None,
+                 retry_budget: Optional[RetryBudget] = None,
+                 timeouts: Optional[Mapping[str, float]] = None) -> None:
         # TClient state, kept for code that inspects it; there is no single transport.
         self._service = service
-        self._iprot = self._oprot = None
+        self._iprot = self._oprot = None  # type: ignore[assignment]  # no single transport
         self._seqid = 0
         self.appkey = appkey
         self.service_name = service_name
@@ -196,9 +200,9 @@ class ProbeClient(ClientCore, TClient):
         self.observe = observe
         self.recorder = recorder  # probe.metrics.Recorder, None with metrics=False
         self.ssl_context = ssl_context  # rpc_tls.<env>: every connection is mutual TLS
-        self.metrics_endpoint = None
-        self.stats_target = None  # (redis settings, env) the recorder flushes to
-        self._pools = {}  # znode name -> NodePool
+        self.metrics_endpoint: Any = None
+        self.stats_target: Any = None  # (redis settings, env) the recorder flushes to
+        self._pools: Dict[str, NodePool] = {}  # znode name -> NodePool
         self._pools_lock = threading.Lock()
         self._inflight = {}  # node name -> calls in flight (least_inflight only)
         self._inflight_lock = threading.Lock()
@@ -207,33 +211,33 @@ class ProbeClient(ClientCore, TClient):
                          None)
         watcher.on_change = self._on_table
 
-    def _bind(self, method):
+    def _bind(self, method: _ClientMethod) -> Callable[..., Any]:
         call = self._call
 
-        def rpc(*args, **kwargs):
+        def rpc(*args: Any, **kwargs: Any) -> Any:
             return call(method, args, kwargs)
         rpc.__name__ = method.name
         rpc.__qualname__ = "%s.%s" % (self.service_name, method.name)
         return rpc
 
-    def __enter__(self):
+    def __enter__(self) -> "ProbeClient":
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<ProbeClient %s/%s env=%s nodes=%d>" % (self.appkey, self.service_name, self.env,
                                                        len(self.watcher.table))
 
     # -- the call path -------------------------------------------------------
-    def _req(self, _api, *args, **kwargs):
+    def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
         method = self._methods.get(_api)
         if method is None:
             raise AttributeError("%s has no method %r" % (self.service_name, _api))
         return self._call(method, args, kwargs)
 
-    def _call(self, method, args, kwargs):
+    def _call(self, method: _ClientMethod, args: tuple, kwargs: dict) -> Any:
         """Route one call: pick a node, make an attempt, fail over when the failure
         allows it."""
         if self._closed:
@@ -280,7 +284,8 @@ class ProbeClient(ClientCore, TClient):
             tried = failover.fail_over(self, log, node, method, status, error, attempt, tried,
                                        table)
 
-    def _attempt(self, node, method, payload, state):
+    def _attempt(self, node: Any, method: _ClientMethod, payload: Any,
+                 state: Any) -> failover.Outcome:
         """One try on one node: (status, value, error), where error is None, an
         exception for the caller, or a _Retryable.
 
@@ -324,7 +329,7 @@ class ProbeClient(ClientCore, TClient):
                 outcome = self._recv_reply(conn, method, seqid, node)
             except _TRANSPORT_ERRORS as exc:
                 if is_refused_handshake(exc):
-                    return failover.refused_handshake(self, node, exc.reason)
+                    return failover.refused_handshake(self, node, getattr(exc, "reason", None))
                 failed = failover.call_failed(self, log, node, method, exc, is_timeout(exc))
                 status = failed[0]
                 return failed
@@ -358,7 +363,8 @@ class ProbeClient(ClientCore, TClient):
                     self._inflight[node.name] -= 1
 
     @staticmethod
-    def _recv_reply(conn, method, seqid, node):
+    def _recv_reply(conn: Any, method: _ClientMethod, seqid: int,
+                    node: Any) -> failover.Outcome:
         """Read one reply: (status, value, error). Raises transport errors. (The
         connection's protocol is its node's: probe.rpc.codec made it.)"""
         protocol = conn.protocol
@@ -390,7 +396,7 @@ class ProbeClient(ClientCore, TClient):
             TApplicationException.MISSING_RESULT, "%s returned no result" % method.name)
 
     # -- pools, health, routing-table changes --------------------------------------
-    def _pool_for(self, node):
+    def _pool_for(self, node: Any) -> NodePool:
         with self._pools_lock:
             pool = self._pools.get(node.name)
             if pool is None:
@@ -400,7 +406,7 @@ class ProbeClient(ClientCore, TClient):
                 self._pools[node.name] = pool
             return pool
 
-    def _on_table(self, table):
+    def _on_table(self, table: Any) -> None:
         # Pools are keyed by znode name (cheaper than building an address tuple per
         # call); a node that left, or whose data now names another address or
         # dialect, loses them. Only the pooled and tracked nodes are looked up
@@ -437,7 +443,8 @@ class ProbeClient(ClientCore, TClient):
             self._zk = None
 
 
-def _idempotent_names(idempotent, names):
+def _idempotent_names(idempotent: Union[bool, str, Iterable[str], None],
+                      names: Iterable[str]) -> Set[str]:
     if idempotent is True:
         return set(names)
     if not idempotent:
@@ -641,8 +648,9 @@ def client_choices(service: Any, *, socket_timeout: float, connect_timeout: Opti
         raise ProbeError("balancer='p2c_ewma' needs node health: drop health=False")
     budget = _retry_budget(retry_budget)
     options["timeouts"] = _method_timeouts(timeouts, service.thrift_services)
-    given = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
-             "stats_interval": stats_interval, "stats_ttl": stats_ttl, "slow_call_ms": slow_call_ms}
+    given: Dict[str, Any] = {"metrics_port": metrics_port, "metrics_addr": metrics_addr,
+                             "stats_interval": stats_interval, "stats_ttl": stats_ttl,
+                             "slow_call_ms": slow_call_ms}
     given = {name: value for name, value in given.items() if value is not None}
     if isinstance(metrics, MetricsOptions):
         chosen = call_metrics.setup(MetricsOptions.resolve(metrics, **given))
@@ -651,8 +659,10 @@ def client_choices(service: Any, *, socket_timeout: float, connect_timeout: Opti
     return ClientChoices(options, policy, budget, chosen)
 
 
-def _check_client_options(service, socket_timeout, connect_timeout, balancer, retries, idempotent,
-                          max_idle, observe, warmup, zk_timeout):
+def _check_client_options(service: Any, socket_timeout: float, connect_timeout: Optional[float],
+                          balancer: str, retries: int,
+                          idempotent: Union[bool, str, Iterable[str]], max_idle: int,
+                          observe: Optional[Observer], warmup: float, zk_timeout: float) -> None:
     """Refuse a bad build_client value, naming it, before anything is started."""
     check_number("socket_timeout", socket_timeout, 0, "ms", allow_equal=False)
     if connect_timeout is not None:
@@ -667,7 +677,8 @@ def _check_client_options(service, socket_timeout, connect_timeout, balancer, re
     _idempotent_names(idempotent, service.thrift_services)
 
 
-def _health_policy(health, eject_after, eject_backoff) -> Optional[HealthPolicy]:
+def _health_policy(health: Union[bool, HealthPolicy, None], eject_after: Optional[int],
+                   eject_backoff: Optional[float]) -> Optional[HealthPolicy]:
     """The node-health policy build_client's options ask for (None: off)."""
     if health is False or health is None:
         return None
@@ -678,7 +689,7 @@ def _health_policy(health, eject_after, eject_backoff) -> Optional[HealthPolicy]
     else:
         raise ProbeError("health must be True, False or a probe.routing.health.HealthPolicy, "
                          "got %r" % (health,))
-    changes = {}
+    changes: Dict[str, Any] = {}
     if eject_after is not None:
         changes["consecutive_failures"] = eject_after
     if eject_backoff is not None:
@@ -687,7 +698,7 @@ def _health_policy(health, eject_after, eject_backoff) -> Optional[HealthPolicy]
     return dataclasses.replace(policy, **changes) if changes else policy
 
 
-def _retry_budget(retry_budget) -> Optional[RetryBudget]:
+def _retry_budget(retry_budget: Union[bool, RetryBudget, None]) -> Optional[RetryBudget]:
     if retry_budget is True:
         return RetryBudget()
     if retry_budget is False or retry_budget is None:
@@ -698,7 +709,8 @@ def _retry_budget(retry_budget) -> Optional[RetryBudget]:
                      "got %r" % (retry_budget,))
 
 
-def _method_timeouts(timeouts, names) -> Dict[str, float]:
+def _method_timeouts(timeouts: Optional[Mapping[str, float]],
+                     names: Iterable[str]) -> Dict[str, float]:
     """Check `timeouts` ({method: ms}) against the service's methods."""
     if timeouts is None:
         return {}

@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union, cast
 
 from . import metrics as call_metrics
 from . import naming
@@ -29,7 +29,7 @@ from .zk.registration import Registration
 from .zk.session import release_zookeeper, shared_zookeeper
 from .rpc.overload import make_limiter
 from .rpc.tls import server_context
-from .settings import load_settings, outbound_ip
+from .settings import Settings, ZooKeeperSettings, load_settings, outbound_ip
 from .options import (DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                       DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_SLOW_CALL_MS,
                       DEFAULT_STATS_INTERVAL, DEFAULT_STATS_TTL, MetricsOptions, ProviderLimits,
@@ -57,7 +57,7 @@ def provider_options(limits: Optional[ProviderLimits] = None,
     if unknown:
         raise TypeError("unexpected keyword argument(s) %s" % ", ".join(map(repr, unknown)))
 
-    def pick(names):
+    def pick(names: Iterable[str]) -> Dict[str, Any]:
         return {name: flat[name] for name in names if name in flat}
     given_metrics = metrics if isinstance(metrics, MetricsOptions) else None
     flat_metrics = pick(_METRICS)
@@ -68,7 +68,7 @@ def provider_options(limits: Optional[ProviderLimits] = None,
             "metrics": MetricsOptions.resolve(given_metrics, **flat_metrics)}
 
 
-def raise_fd_limit(connections):
+def raise_fd_limit(connections: int) -> None:
     """Raise this process's soft open-file limit (often 1024) towards its hard limit,
     so that `connections` sockets fit; as the Go runtime does for every program.
     The hard limit, set by the administrator, is never exceeded."""
@@ -85,14 +85,15 @@ def raise_fd_limit(connections):
         log.warning("cannot raise the open-file limit: %s", exc)
 
 
-def node_zookeeper_settings(settings, session_timeout=None):
+def node_zookeeper_settings(settings: Settings,
+                            session_timeout: Optional[float] = None) -> ZooKeeperSettings:
     """The config's ZooKeeper settings, with a provider's own session timeout."""
     if session_timeout:
         return settings.zookeeper._replace(session_timeout=float(session_timeout))
     return settings.zookeeper
 
 
-def check_stores(settings, appkey: str, connect_timeout: float) -> NodeStore:
+def check_stores(settings: Settings, appkey: str, connect_timeout: float) -> NodeStore:
     """The first steps of every provider start (sync or asyncio): refuse an appkey
     missing from MySQL, then reach Redis. Returns the node store. Blocking.
 
@@ -107,14 +108,15 @@ def check_stores(settings, appkey: str, connect_timeout: float) -> NodeStore:
     return store
 
 
-def advertised_host(settings, zk_settings, advertise_host: Optional[str] = None) -> str:
+def advertised_host(settings: Settings, zk_settings: ZooKeeperSettings, advertise_host: Optional[str] = None) -> str:
     """The address a provider registers: the option, the config, else the outbound IP."""
     return (advertise_host or settings.advertise_host
             or outbound_ip(zk_settings.hosts.split(",")[0].rsplit(":", 1)[0]))
 
 
-def register_node(zk_settings, store: NodeStore, connect_timeout: float, path: str, field: str,
-                  defaults: NodeSettings):
+def register_node(zk_settings: ZooKeeperSettings, store: NodeStore, connect_timeout: float,
+                  path: str, field: str,
+                  defaults: NodeSettings) -> Tuple[Any, NodeSettings, Registration]:
     """Read (or create) the node's settings in Redis and create its ephemeral znode,
     kept registered across sessions. Returns (zk, node settings, Registration);
     on failure nothing is left registered and the ZooKeeper handle is released.
@@ -126,7 +128,7 @@ def register_node(zk_settings, store: NodeStore, connect_timeout: float, path: s
         node_settings = store.get_or_create(field, defaults)._replace(
             transport=defaults.transport, protocol=defaults.protocol)
 
-        def reload_settings():
+        def reload_settings() -> Optional[NodeSettings]:
             try:
                 return store.get(field)
             except (ProbeError, ValueError) as exc:
@@ -181,7 +183,7 @@ class ProviderBase(object):
             max_connections=limits.max_connections, idle_timeout=limits.idle_timeout_s,
             read_timeout=limits.read_timeout_s, max_message_bytes=limits.max_message_bytes)
         self.metrics = call_metrics.setup(chosen["metrics"], port_from_env=True)
-        self.service = load_service(thrift_path, service_name)
+        self.service: Any = cast(Any, load_service(thrift_path, service_name))  # a service class
         # Checked here, with the service's method names known, before anything starts.
         self.limiter = make_limiter(limits.max_inflight, limits.max_inflight_per_method,
                                     self.service.thrift_services)
@@ -210,8 +212,8 @@ class ProviderBase(object):
         self.observe = observe
         self.recorder: Any = None
         self.metrics_endpoint: Any = None
-        self.host: Optional[str] = None
-        self.port: Optional[int] = None
+        self.host: Any = None  # str once started
+        self.port: Any = None  # int once bound
         self.node_settings: Any = None
         self.zk: Any = None
         self.registration: Any = None
@@ -258,7 +260,7 @@ class Provider(ProviderBase):
         self.limits["worker_threads"] = limits.worker_threads
         self.worker_pool: Optional[WorkerPool] = None
         self._metrics_dir: Optional[str] = None
-        self.server: Optional[ThriftServer] = None
+        self.server: Any = None  # a ThriftServer once started
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -267,14 +269,14 @@ class Provider(ProviderBase):
                      integer=True)
 
     @property
-    def field(self):
+    def field(self) -> str:
         return naming.settings_field(self.appkey, self.env, self.service_name, self.host, self.port)
 
     @property
-    def path(self):
+    def path(self) -> str:
         return naming.node_path(self.env, self.appkey, self.service_name, self.host, self.port)
 
-    def start(self):
+    def start(self) -> "Provider":
         settings = self.settings
         zk_settings = node_zookeeper_settings(settings, self.session_timeout)
         store = check_stores(settings, self.appkey, self.connect_timeout)
@@ -323,7 +325,7 @@ class Provider(ProviderBase):
                  self.node_settings.to_json())
         return self
 
-    def _record_calls(self):
+    def _record_calls(self) -> None:
         """Count and time every call this process serves (labelled with host:port)."""
         self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
                                                   self.address, self.metrics.slow_call_ms)
@@ -332,7 +334,7 @@ class Provider(ProviderBase):
         call_metrics.attach(self.recorder, self.settings.redis, self.env,
                             self.metrics.stats_interval, self.metrics.stats_ttl)
 
-    def _serve_in_worker(self, index):
+    def _serve_in_worker(self, index: int) -> None:
         """A forked worker's life: serve the shared socket until the parent says drain."""
         if self.metrics.enabled:
             self._record_calls()
@@ -346,7 +348,7 @@ class Provider(ProviderBase):
         self.server.close(shutdown=False)
         call_metrics.flush_now()
 
-    def stop(self, grace=None):
+    def stop(self, grace: Optional[float] = None) -> None:
         """Deregister, let consumers move away, drain, close. Safe to call twice."""
         with self._stop_lock:
             if self._stopped.is_set():
@@ -383,15 +385,15 @@ class Provider(ProviderBase):
             self._stopped.set()
             log.info("stopped %s on %s", self.describe, self.address)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)
 
     @property
-    def stopped(self):
+    def stopped(self) -> bool:
         return self._stopped.is_set()
 
 
-def _setup_file_log(settings, appkey, service_name):
+def _setup_file_log(settings: Settings, appkey: str, service_name: str) -> None:
     """In envs with a configured log dir (prod by default), also log to a file.
     Attached to the 'probe' logger only: a library never touches the root logger."""
     directory = settings.log_dir
@@ -525,7 +527,7 @@ def start_service(thrift_path: str, appkey: str, service_name: str, handler: obj
     if threading.current_thread() is threading.main_thread():
         # Before start(): a SIGTERM arriving just after registration must still
         # deregister, not kill the process with its znode left behind.
-        def on_signal(signum, frame):
+        def on_signal(signum: int, frame: Any) -> None:
             log.info("received signal %d", signum)
             stop_requested.set()
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

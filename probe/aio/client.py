@@ -22,26 +22,25 @@ change callback (a kazoo thread) only schedules the pool clean-up on that loop.
 import asyncio
 import logging
 import time
-from types import ModuleType
 from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Union
 
 from thriftpy2.protocol import TCompactProtocol
-from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]  # Cython, no stub
-from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer, TTransportException
+# Cython, no stub: mypy cannot see the name.
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
+from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
 
 from .. import metrics as call_metrics
 from .. import naming
-from ..client import (ClientCore, Observer, ProbeClient, _ClientMethod, _idempotent_names, _Retryable,
+from ..client import (ClientCore, Observer, ProbeClient, _ClientMethod, _Retryable,
                       client_choices)
-from ..errors import NoAvailableNode, NodeCallFailed, NodeUnreachable, ProbeError
+from ..errors import NoAvailableNode, NodeUnreachable, ProbeError
 from ..idl import load_service
 from ..routing.watcher import ServiceWatcher
 from ..zk.session import release_zookeeper, shared_zookeeper
 from ..routing.budget import RetryBudget
 from ..routing.health import HealthPolicy, ServiceHealth
 from ..rpc.codec import codec_for
-from ..rpc.outcomes import (APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK,
-                            OVERLOADED, TIMEOUT)
+from ..rpc.outcomes import APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK
 from ..routing import failover
 from ..rpc.tls import client_context, is_refused_handshake
 from ..options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
@@ -250,7 +249,8 @@ class AsyncProbeClient(ClientCore):
                 status = OK
                 return OK, None, None
             try:
-                reply = await conn.reply(method.timeout, loop)
+                # Never None here: an asyncio client's methods default to socket_timeout.
+                reply = await conn.reply(method.timeout, loop)  # type: ignore[arg-type]
             except (ReplyTimeout, ConnectionLost) as exc:
                 if exc.__class__ is ConnectionLost and exc.cause is not None \
                         and is_refused_handshake(exc.cause):

@@ -24,26 +24,24 @@ import time
 from typing import Any, Callable, Dict, Optional, Set, Union
 
 from thriftpy2.protocol import TCompactProtocol
-from thriftpy2.protocol.cybin import TCyBinaryProtocol
+# Cython, no stub: mypy cannot see the name.
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
 
 from .. import metrics as call_metrics
 from .. import naming
 from ..errors import ProbeError
-from ..idl import load_service
 from ..rpc.messagelimits import NEED_MORE, MessageRejected, scanner_for
 from ..methodspec import method_specs
 from ..naming import NodeSettings
 from ..rpc.peerwarnings import PeerWarnings
 from ..zk.session import release_zookeeper
 from ..rpc.outcomes import APPLICATION_ERROR, DECLARED_EXCEPTION, OK, OVERLOADED
-from ..rpc.overload import make_limiter, overload_reply, unforgeable
-from ..rpc.tls import server_context
-from ..options import MetricsOptions, ProviderLimits, ProviderTimeouts, check_number
-from ..server import (ProviderBase, advertised_host, check_stores, node_zookeeper_settings, provider_options,
-                      raise_fd_limit, register_node)
-from ..settings import load_settings
+from ..rpc.overload import overload_reply, unforgeable
+from ..options import MetricsOptions, ProviderLimits, ProviderTimeouts
+from ..server import (ProviderBase, advertised_host, check_stores, node_zookeeper_settings,
+                      provider_options, raise_fd_limit, register_node)
 from ..rpc.server import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                             DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH, _invoker)
 
@@ -95,11 +93,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: "AsyncThriftServer") -> None:
         self.server = server
-        self.transport = None
+        self.transport: Any = None  # an asyncio transport, once connected
         self.peer = "?"
         self.host = "?"
-        self.buf = b""
-        self.scanner = None
+        self.buf: Union[bytes, bytearray] = b""
+        self.scanner: Any = None
         self.framed = False
         self.deadline = 0.0
         self.reading = False
@@ -291,9 +289,9 @@ class AsyncThriftServer(object):
         self.timed_out = 0
         self.draining = False
         self.peer_warnings = PeerWarnings(log)
-        self.loop = None
-        self._server = None
-        self._sweeper = None
+        self.loop: Any = None  # the running loop, once started
+        self._server: Any = None
+        self._sweeper: Optional[asyncio.Task] = None
         self._codecs = {False: _Codec(False), True: _Codec(True)}
 
     async def start(self) -> int:
@@ -495,7 +493,7 @@ class AsyncProvider(ProviderBase):
         self._configure(thrift_path, appkey, service_name, handler, port, bind_host,
                         advertise_host, config_path, env, observe, transport, protocol, limits,
                         timeouts, metrics, flat)
-        self.server: Optional[AsyncThriftServer] = None
+        self.server: Any = None  # an AsyncThriftServer once started
         self._stopping: Optional[asyncio.Future] = None
 
     def _check_more(self, flat: Dict[str, Any]) -> None:
