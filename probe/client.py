@@ -46,7 +46,7 @@ from .rpc.codec import binary_header, codec_for
 from .rpc.tls import client_context, is_refused_handshake
 from .options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
                       check_number)
-from .settings import load_settings
+from .settings import Settings, load_settings
 from .rpc.peerwarnings import PeerWarnings
 from .routing.budget import RetryBudget
 from .routing.health import HealthPolicy, ServiceHealth
@@ -564,20 +564,12 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
     if policy is not None:  # the client's attributes say what its health policy does
         client_options.update(eject_after=policy.consecutive_failures,
                               eject_backoff=policy.base_ejection_s)
-    settings = load_settings(config_path, env)
-    tls = settings.rpc_tls
-    ssl_context = None if tls is None else client_context(
-        tls, "config %s: 'rpc_tls.%s'" % (settings.path, settings.env))
-    recorder = None
-    if chosen.enabled:
-        recorder = call_metrics.get_recorder("client", appkey, service_name,
-                                             slow_call_ms=chosen.slow_call_ms)
+    settings, ssl_context, recorder = client_setup(appkey, service_name, config_path, env, chosen)
     zk = shared_zookeeper(settings.zookeeper, timeout=zk_timeout, keep_trying=True)
     try:
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
-        engine = None if policy is None else ServiceHealth(
-            policy, describe="%s/%s" % (appkey, service_name))
+        engine = health_engine(policy, appkey, service_name)
         client = ProbeClient(service, appkey, service_name, settings.env, watcher, zk,
                              recorder=recorder, ssl_context=ssl_context, health=engine,
                              retry_budget=budget, **client_options)
@@ -593,11 +585,48 @@ def build_client(thrift_path: str, appkey: str, service_name: str, socket_timeou
         except BaseException:
             client.close()
             raise
+    attach_stats(client, recorder, settings, chosen)
+    return client
+
+
+class ClientSetup(NamedTuple):
+    """What `client_setup` loaded: the settings, the RPC TLS context (None: plain
+    TCP) and the call recorder (None: metrics off)."""
+
+    settings: Settings
+    ssl_context: Any
+    recorder: Any
+
+
+def client_setup(appkey: str, service_name: str, config_path: Optional[str], env: Optional[str],
+                 chosen: Any) -> ClientSetup:
+    """The config, the RPC TLS context and the recorder of a client (sync or
+    asyncio: both build_client functions call this), after `client_choices`. An
+    unusable ``rpc_tls`` file is refused here, before any connection."""
+    settings = load_settings(config_path, env)
+    tls = settings.rpc_tls
+    ssl_context = None if tls is None else client_context(
+        tls, "config %s: 'rpc_tls.%s'" % (settings.path, settings.env))
+    recorder = None
+    if chosen.enabled:
+        recorder = call_metrics.get_recorder("client", appkey, service_name,
+                                             slow_call_ms=chosen.slow_call_ms)
+    return ClientSetup(settings, ssl_context, recorder)
+
+
+def health_engine(policy: Optional[HealthPolicy], appkey: str,
+                  service_name: str) -> Optional[ServiceHealth]:
+    """A client's node-health engine for `policy` (None: health off)."""
+    return None if policy is None else ServiceHealth(
+        policy, describe="%s/%s" % (appkey, service_name))
+
+
+def attach_stats(client: Any, recorder: Any, settings: Settings, chosen: Any) -> None:
+    """Flush a started client's call counts to the config's Redis (metrics on)."""
     if recorder is not None:
         client.stats_target = (call_metrics.redis_settings_or_none(settings), settings.env)
         call_metrics.attach(recorder, client.stats_target[0], settings.env,
                             chosen.stats_interval, chosen.stats_ttl)
-    return client
 
 
 class ClientChoices(NamedTuple):

@@ -32,7 +32,7 @@ from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
 from .. import metrics as call_metrics
 from .. import naming
 from ..client import (ClientCore, Observer, ProbeClient, _ClientMethod, _Retryable,
-                      client_choices)
+                      attach_stats, client_choices, client_setup, health_engine)
 from ..errors import NoAvailableNode, NodeUnreachable, ProbeError
 from ..idl import load_service
 from ..routing.watcher import ServiceWatcher
@@ -42,10 +42,9 @@ from ..routing.health import HealthPolicy, ServiceHealth
 from ..rpc.codec import codec_for
 from ..rpc.outcomes import APPLICATION_ERROR, CANCELLED, CONNECTION_ERROR, NOT_SENT, OK
 from ..routing import failover
-from ..rpc.tls import client_context, is_refused_handshake
+from ..rpc.tls import is_refused_handshake
 from ..options import (DEFAULT_CONNECT_TIMEOUT_S, EjectionPolicy, MetricsOptions, RetryPolicy,
                        check_number)
-from ..settings import load_settings
 from .pool import AsyncNodePool, ConnectFailed, ConnectionLost, ReplyTimeout
 
 log = logging.getLogger("probe.aio.client")
@@ -400,23 +399,15 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
     client_options, policy, budget, chosen = (choice.options, choice.policy, choice.budget,
                                               choice.metrics)
     check_number("max_message_bytes", max_message_bytes, 64, "bytes", integer=True)
-    settings = load_settings(config_path, env)
-    tls = settings.rpc_tls
-    ssl_context = None if tls is None else client_context(
-        tls, "config %s: 'rpc_tls.%s'" % (settings.path, settings.env))
+    settings, ssl_context, recorder = client_setup(appkey, service_name, config_path, env, chosen)
     loop = asyncio.get_running_loop()
-    recorder = None
-    if chosen.enabled:
-        recorder = call_metrics.get_recorder("client", appkey, service_name,
-                                             slow_call_ms=chosen.slow_call_ms)
     # Connecting and the first listing block: they run in the loop's executor.
     zk = await loop.run_in_executor(None, lambda: shared_zookeeper(
         settings.zookeeper, timeout=zk_timeout, keep_trying=True))
     try:
         watcher = ServiceWatcher(zk, settings.env, appkey, service_name, warmup=warmup,
                                  snapshot_dir=snapshot_dir)
-        engine = None if policy is None else ServiceHealth(
-            policy, describe="%s/%s" % (appkey, service_name))
+        engine = health_engine(policy, appkey, service_name)
         client = AsyncProbeClient(service, appkey, service_name, settings.env, watcher, zk, loop,
                                   recorder=recorder, ssl_context=ssl_context, health=engine,
                                   retry_budget=budget, max_message_bytes=max_message_bytes,
@@ -433,10 +424,7 @@ async def build_client(thrift_path: str, appkey: str, service_name: str,
         except BaseException:
             await client.close()
             raise
-    if recorder is not None:
-        client.stats_target = (call_metrics.redis_settings_or_none(settings), settings.env)
-        call_metrics.attach(recorder, client.stats_target[0], settings.env,
-                            chosen.stats_interval, chosen.stats_ttl)
+    attach_stats(client, recorder, settings, chosen)
     return client
 
 
