@@ -150,6 +150,8 @@ class ProviderBase(object):
     `_configure`; binding, serving and stopping (the I/O model) are each
     subclass's own."""
 
+    server: Any  # the subclass's wire server (ThriftServer, AsyncThriftServer), once started
+
     def _check_more(self, flat: Dict[str, Any]) -> None:
         """A subclass's own checks, run after the common ones and before the value
         objects are resolved."""
@@ -227,6 +229,16 @@ class ProviderBase(object):
     @property
     def address(self) -> str:
         return "%s:%s" % (self.host, self.port)
+
+    def _record_calls(self) -> None:
+        """Count and time every call this process serves (labelled with host:port),
+        once `self.server` (the subclass's wire server) is bound."""
+        self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
+                                                  self.address, self.metrics.slow_call_ms)
+        self.recorder.inflight = lambda server=self.server: server.inflight
+        self.server.observe = call_metrics.server_hook(self.recorder, self.observe)
+        call_metrics.attach(self.recorder, self.settings.redis, self.env,
+                            self.metrics.stats_interval, self.metrics.stats_ttl)
 
 
 class Provider(ProviderBase):
@@ -324,15 +336,6 @@ class Provider(ProviderBase):
                  self.bind_host, self.port, ", mutual TLS" if self.ssl_context else "",
                  self.node_settings.to_json())
         return self
-
-    def _record_calls(self) -> None:
-        """Count and time every call this process serves (labelled with host:port)."""
-        self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
-                                                  self.address, self.metrics.slow_call_ms)
-        self.recorder.inflight = lambda server=self.server: server.inflight
-        self.server.observe = call_metrics.server_hook(self.recorder, self.observe)
-        call_metrics.attach(self.recorder, self.settings.redis, self.env,
-                            self.metrics.stats_interval, self.metrics.stats_ttl)
 
     def _serve_in_worker(self, index: int) -> None:
         """A forked worker's life: serve the shared socket until the parent says drain."""

@@ -33,7 +33,6 @@ from .. import metrics as call_metrics
 from .. import naming
 from ..errors import ProbeError
 from ..rpc.messagelimits import NEED_MORE, MessageRejected, scanner_for
-from ..methodspec import method_specs
 from ..naming import NodeSettings
 from ..rpc.peerwarnings import PeerWarnings
 from ..zk.session import release_zookeeper
@@ -43,7 +42,8 @@ from ..options import MetricsOptions, ProviderLimits, ProviderTimeouts
 from ..server import (ProviderBase, advertised_host, check_stores, node_zookeeper_settings,
                       provider_options, raise_fd_limit, register_node)
 from ..rpc.server import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-                            DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH, _invoker)
+                            DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH,
+                            handler_methods)
 
 log = logging.getLogger("probe.aio.server")
 
@@ -265,13 +265,7 @@ class AsyncThriftServer(object):
                  backlog: int = 1024, ssl_context: Any = None, limiter: Any = None) -> None:
         self.service_name = service.__name__
         self.limiter = limiter  # probe.rpc.overload.InflightLimiter, or None: no cap
-        missing = [name for name in service.thrift_services
-                   if not callable(getattr(handler, name, None))]
-        if missing:
-            log.warning("handler %r does not implement %s: calls to them will fail",
-                        handler, ", ".join(missing))
-        self.methods = {name: (spec, _invoker(spec, getattr(handler, name, None)))
-                        for name, spec in method_specs(service).items()}
+        self.methods = handler_methods(service, handler, log)
         self.host = host
         self.port = port
         self.observe = observe
@@ -545,14 +539,6 @@ class AsyncProvider(ProviderBase):
                  self.address, self.bind_host, self.port,
                  ", mutual TLS" if self.ssl_context else "", self.node_settings.to_json())
         return self
-
-    def _record_calls(self) -> None:
-        self.recorder = call_metrics.get_recorder("server", self.appkey, self.service_name,
-                                                  self.address, self.metrics.slow_call_ms)
-        self.recorder.inflight = lambda server=self.server: server.inflight
-        self.server.observe = call_metrics.server_hook(self.recorder, self.observe)
-        call_metrics.attach(self.recorder, self.settings.redis, self.env,
-                            self.metrics.stats_interval, self.metrics.stats_ttl)
 
     async def stop(self, grace: Optional[float] = None) -> None:
         """Deregister, let consumers move away, drain, close. Safe to call twice

@@ -54,7 +54,7 @@ import struct
 import threading
 import time
 from queue import SimpleQueue
-from typing import Any, Callable, Dict, List, Optional, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -171,12 +171,7 @@ class ThriftServer(object):
                  ssl_context: Optional[ssl.SSLContext] = None,
                  limiter: Optional[InflightLimiter] = None) -> None:
         self.service_name = service.__name__
-        missing = [name for name in service.thrift_services if not callable(getattr(handler, name, None))]
-        if missing:
-            log.warning("handler %r does not implement %s: calls to them will fail",
-                        handler, ", ".join(missing))
-        self.methods = {name: (spec, _invoker(spec, getattr(handler, name, None)))
-                        for name, spec in method_specs(service).items()}
+        self.methods = handler_methods(service, handler, log)
         self.host = host
         self.port = port
         self.observe = observe
@@ -840,6 +835,20 @@ class ThriftServer(object):
         if conn.framed:  # the caller's dialect: a framed call gets a framed reply
             data = _FRAME_LENGTH.pack(len(data)) + data
         return self._flush(conn, data)
+
+
+def handler_methods(service: Any, handler: Any,
+                    logger: logging.Logger) -> Dict[str, Tuple[MethodSpec, Callable[[Any], Any]]]:
+    """Each method of `service` → (its spec, the function calling `handler`'s
+    method), for this server and probe.aio.server's; a method the handler lacks is
+    warned about once here and fails each call."""
+    missing = [name for name in service.thrift_services
+               if not callable(getattr(handler, name, None))]
+    if missing:
+        logger.warning("handler %r does not implement %s: calls to them will fail",
+                       handler, ", ".join(missing))
+    return {name: (spec, _invoker(spec, getattr(handler, name, None)))
+            for name, spec in method_specs(service).items()}
 
 
 def _invoker(spec: MethodSpec, func: Optional[Callable[..., Any]]) -> Callable[[Any], Any]:
