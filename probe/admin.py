@@ -11,7 +11,7 @@ Results are typed (`probe.governance.results`) and read as mappings too
 (`change["live"]`), as the dicts they replace did.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from .errors import ProbeError
 from .governance.appkeys import AppkeyOps
@@ -145,7 +145,7 @@ class Admin(object):
         """Set config `key` of `appkey` to the JSON-serializable `value`."""
         return self.config_ops.set(appkey, key, value, by)
 
-    def set_config_json(self, appkey: str, key: str, text: str,
+    def set_config_json(self, appkey: str, key: str, text: Union[str, bytes],
                         by: Optional[str] = None) -> ConfigChange:
         """Set config `key` of `appkey` to the value written as JSON `text`."""
         return self.config_ops.set_json(appkey, key, text, by)

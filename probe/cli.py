@@ -4,24 +4,29 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union, cast
 
 from .errors import InvalidArgument, InvalidConfigValue, ProbeError
+
+if TYPE_CHECKING:
+    from .admin import Admin
+    from .governance.describe import Columns
 
 MAX_LIST_LIMIT = 10000  # rows a listing (--limit) may ask for
 
 
-def _print_table(rows, columns):
+def _print_table(rows: Sequence[Any], columns: "Columns") -> None:
     from .governance.describe import table
     print(table(rows, columns))
 
 
-def _print_json(rows):
+def _print_json(rows: Sequence[Any]) -> None:
     print(json.dumps([row.as_dict() if hasattr(row, "as_dict") else row for row in rows],
                      indent=2, ensure_ascii=False, default=str))
 
 
-def _print_rows(args, rows, columns, people_rows=None, title=None):
+def _print_rows(args: argparse.Namespace, rows: Sequence[Any], columns: "Columns",
+                people_rows: Optional[Sequence[Any]] = None, title: Optional[str] = None) -> int:
     """`--json`: the rows as JSON; else the title and a table of `people_rows` (the
     rows in words, default the rows themselves)."""
     if args.json:
@@ -33,12 +38,12 @@ def _print_rows(args, rows, columns, people_rows=None, title=None):
     return 0
 
 
-def _admin(args):
+def _admin(args: argparse.Namespace) -> "Admin":
     from .admin import Admin
     return Admin(config_path=args.config, env=args.env)
 
 
-def cmd_appkey(args):
+def cmd_appkey(args: argparse.Namespace) -> int:
     from .governance import describe
     with _admin(args) as admin:
         if args.action == "add":
@@ -53,7 +58,7 @@ def cmd_appkey(args):
     return 0
 
 
-def cmd_nodes(args):
+def cmd_nodes(args: argparse.Namespace) -> int:
     from .governance import describe
     with _admin(args) as admin:
         rows = admin.nodes(args.appkey, args.service)
@@ -61,7 +66,7 @@ def cmd_nodes(args):
                        "env %s, appkey %s" % (admin.env, args.appkey))
 
 
-def cmd_node(args):
+def cmd_node(args: argparse.Namespace) -> int:
     from .governance import describe
     with _admin(args) as admin:
         if args.action == "weight":
@@ -75,7 +80,7 @@ def cmd_node(args):
     return 0
 
 
-def cmd_register(args):
+def cmd_register(args: argparse.Namespace) -> int:
     """Keep a node registered for a server in another language while it answers."""
     import signal
     from . import naming
@@ -101,7 +106,7 @@ def cmd_register(args):
     return 0
 
 
-def _seconds(text):
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -109,7 +114,7 @@ def _seconds(text):
     return value
 
 
-def _add_register_parser(sub):
+def _add_register_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from .governance.register import (DEFAULT_CHECK_TIMEOUT, DEFAULT_FALL, DEFAULT_INTERVAL,
                                       DEFAULT_RISE)
     register = sub.add_parser(
@@ -139,14 +144,14 @@ def _add_register_parser(sub):
     register.set_defaults(func=cmd_register)
 
 
-def cmd_audit(args):
+def cmd_audit(args: argparse.Namespace) -> int:
     from .governance import describe
     with _admin(args) as admin:
         rows = admin.audit(args.appkey, args.limit)
     return _print_rows(args, rows, describe.AUDIT_COLUMNS)
 
 
-def cmd_stats(args):
+def cmd_stats(args: argparse.Namespace) -> int:
     from .governance import describe
     with _admin(args) as admin:
         rows = admin.stats(args.appkey, args.service, minutes=args.minutes, side=args.side)
@@ -155,7 +160,7 @@ def cmd_stats(args):
                        % (admin.env, args.appkey, args.minutes, args.side))
 
 
-def cmd_console(args):
+def cmd_console(args: argparse.Namespace) -> int:
     """`probe console`: serve the web console, or add/remove its users."""
     if args.console_action is None:
         from .console import ConsoleServer
@@ -191,7 +196,7 @@ def cmd_console(args):
     return 0
 
 
-def _add_console_parser(sub):
+def _add_console_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     console = sub.add_parser("console", help="serve the web console; manage its users")
     console.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     console.add_argument("--port", type=whole_number("--port", 0, 65535), default=8080,
@@ -214,7 +219,7 @@ def _add_console_parser(sub):
     console.set_defaults(func=cmd_console)
 
 
-def cmd_zk(args):
+def cmd_zk(args: argparse.Namespace) -> int:
     """`probe zk secure`: put the configured credentials' ACL on an open registry."""
     with _admin(args) as admin:
         changed = admin.secure_registry()
@@ -225,7 +230,7 @@ def cmd_zk(args):
     return 0
 
 
-def cmd_stack(args):
+def cmd_stack(args: argparse.Namespace) -> int:
     from .dev import stack as devstack
     stack = devstack.Stack(state_dir=args.dir or devstack.DEFAULT_STATE_DIR,
                            ports="free" if args.free_ports else "dev",
@@ -245,7 +250,7 @@ def cmd_stack(args):
     return 0
 
 
-def _print_stack(status):
+def _print_stack(status: Dict[str, Dict[str, Any]]) -> None:
     rows = [{"component": name, "state": "running" if c["running"] else "stopped",
              "address": c.get("address") or "", "pid": c.get("pid") or ""}
             for name, c in sorted(status.items())]
@@ -253,7 +258,7 @@ def _print_stack(status):
                         ("pid", "PID")])
 
 
-def _config_value(args):
+def _config_value(args: argparse.Namespace) -> Union[str, bytes]:
     """The JSON text of `probe config set`: the argument, or with `-` standard input,
     or with `--file PATH` (or `@PATH`: no JSON text starts with @) a file; at most
     MAX_VALUE_BYTES (one more byte is read to tell)."""
@@ -283,12 +288,13 @@ def _config_value(args):
     return data.rstrip(b"\r\n")  # a file's or a heredoc's last newline is not part of it
 
 
-def cmd_config(args):
+def cmd_config(args: argparse.Namespace) -> int:
     from .governance import describe
     value = _config_value(args) if args.action == "set" else None  # before any connection
     with _admin(args) as admin:
         if args.action == "set":
-            change = admin.set_config_json(args.appkey, args.key, value, by=args.by)
+            change = admin.set_config_json(args.appkey, args.key, cast(Union[str, bytes], value),
+                                           by=args.by)  # read above, as the action is set
         elif args.action == "delete":
             change = admin.delete_config(args.appkey, args.key, by=args.by)
         elif args.action == "rollback":
@@ -314,7 +320,7 @@ def cmd_config(args):
     return 0
 
 
-def _add_config_commands(sub):
+def _add_config_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     config = sub.add_parser("config", help="live configuration (ZooKeeper, history in MySQL)")
     actions = config.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
@@ -344,7 +350,7 @@ def _add_config_commands(sub):
     config.set_defaults(func=cmd_config)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probe", description="probe: thrift service governance")
     parser.add_argument("--config", help="config YAML (default: PROBE_CONFIG or the packaged one)")
     parser.add_argument("--env", help="env name (default: PROBE_ENV or hostname rules)")
@@ -455,7 +461,7 @@ def number(name: str, low: float, high: float,
     return parse
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -36,9 +36,10 @@ class Console(object):
     if a component was down.
     """
 
-    def __init__(self, config_path=None, env=None, session_ttl=DEFAULT_SESSION_TTL,
-                 secure_cookies=False, refresh=DEFAULT_REFRESH, live_window=DEFAULT_LIVE_WINDOW,
-                 warmup=0.0, throttle=None):
+    def __init__(self, config_path: Optional[str] = None, env: Optional[str] = None,
+                 session_ttl: float = DEFAULT_SESSION_TTL, secure_cookies: bool = False,
+                 refresh: float = DEFAULT_REFRESH, live_window: float = DEFAULT_LIVE_WINDOW,
+                 warmup: float = 0.0, throttle: Optional[LoginThrottle] = None) -> None:
         self._admin = Admin(config_path=config_path, env=env)
         self.env = self._admin.env
         self.users = UserStore(self._admin.settings.mysql)
@@ -49,16 +50,17 @@ class Console(object):
         self.live_window = float(live_window)
         self.warmup = float(warmup)
 
-    def admin(self):
+    def admin(self) -> Admin:
         self._admin.open()
         return self._admin
 
-    def close(self):
+    def close(self) -> None:
         self.users.close()
         self._admin.close()
 
 
-def create_app(config_path=None, env=None, **options):
+def create_app(config_path: Optional[str] = None, env: Optional[str] = None,
+               **options: Any) -> Flask:
     """The console as a WSGI app. Options: see `Console`."""
     from . import views
     app = Flask("probe.console", root_path=os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +71,7 @@ def create_app(config_path=None, env=None, **options):
     return app
 
 
-def _is_loopback(host):
+def _is_loopback(host: str) -> bool:
     import ipaddress
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -102,7 +104,7 @@ class ConsoleServer(object):
             log.warning("serving plain HTTP on %s: passwords and session cookies would cross the "
                         "network in clear; serve TLS (--cert/--key) or put an HTTPS proxy in front",
                         bind)
-        context = server_ssl_context(cert, key) if self.tls else None
+        context = server_ssl_context(cert, key) if cert and key else None  # = self.tls
         if app is None:
             options.setdefault("secure_cookies", self.tls)
             app = create_app(config_path=config_path, env=env, **options)

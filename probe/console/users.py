@@ -12,11 +12,13 @@ import logging
 import re
 import secrets
 import time
+from typing import Any, Optional, Tuple
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from ..errors import ProbeError
+from ..settings import MysqlSettings
 from ..stores.mysql import MysqlAccess
 
 log = logging.getLogger("probe.console.users")
@@ -32,7 +34,7 @@ class ConsoleUserError(ProbeError):
     """A console user name, password or role is not acceptable, or the user is unknown."""
 
 
-def check_username(name):
+def check_username(name: object) -> str:
     if not isinstance(name, str) or not _USERNAME.fullmatch(name):
         raise ConsoleUserError("bad user name %r: use 1-64 letters, digits, '_', '.', '@' or '-'"
                                % (name,))
@@ -46,13 +48,13 @@ def normalize_username(name: str) -> str:
     return check_username(name).casefold()
 
 
-def check_role(role):
+def check_role(role: object) -> str:
     if role not in ROLES:
         raise ConsoleUserError("bad role %r: use one of %s" % (role, ", ".join(ROLES)))
     return role
 
 
-def check_password(password):
+def check_password(password: object) -> str:
     if not isinstance(password, str) or len(password) < MIN_PASSWORD_LENGTH:
         raise ConsoleUserError("password too short: give at least %d characters" % MIN_PASSWORD_LENGTH)
     if len(password) > MAX_PASSWORD_LENGTH:
@@ -60,7 +62,7 @@ def check_password(password):
     return password
 
 
-def token_hash(token):
+def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -69,7 +71,8 @@ class Session(object):
 
     __slots__ = ("token_hash", "username", "role", "csrf_token", "expires_at")
 
-    def __init__(self, token_hash, username, role, csrf_token, expires_at):
+    def __init__(self, token_hash: str, username: str, role: Optional[str], csrf_token: str,
+                 expires_at: int) -> None:
         self.token_hash = token_hash
         self.username = username
         self.role = role
@@ -77,10 +80,10 @@ class Session(object):
         self.expires_at = expires_at
 
     @property
-    def can_change(self):
+    def can_change(self) -> bool:
         return self.role == "operator"
 
-    def csrf_matches(self, presented):
+    def csrf_matches(self, presented: object) -> bool:
         return isinstance(presented, str) and bool(presented) and \
             hmac.compare_digest(presented.encode("utf-8", "replace"), self.csrf_token.encode("ascii"))
 
@@ -89,25 +92,25 @@ class UserStore(object):
     """Users and sessions over one MySQL connection, serialised by a lock (the console
     is small: a login or a page costs one or two statements)."""
 
-    def __init__(self, mysql_settings, connect_timeout=3.0):
+    def __init__(self, mysql_settings: MysqlSettings, connect_timeout: float = 3.0) -> None:
         self._db = MysqlAccess(mysql_settings, connect_timeout)
         self._hasher = PasswordHasher()
         # Verified against when the user does not exist, so a login takes as long
         # for an unknown name as for a wrong password.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
-    def ensure_schema(self):
+    def ensure_schema(self) -> None:
         self._db.ensure_schema()
 
-    def close(self):
+    def close(self) -> None:
         self._db.close()
 
-    def _run(self, sql, args=None, fetch=False):
+    def _run(self, sql: str, args: Any = None, fetch: bool = False) -> Any:
         # Tables missing (a wiped database): created, then the statement runs again.
         return self._db.with_schema(lambda: self._db.execute(sql, args, fetch))
 
     # -- users --------------------------------------------------------------
-    def add_user(self, username, password, role):
+    def add_user(self, username: str, password: str, role: str) -> bool:
         """Create a user or replace the password and role of an existing one.
         Returns True if the user is new."""
         username = normalize_username(username)
@@ -122,14 +125,14 @@ class UserStore(object):
             self._run("DELETE FROM console_sessions WHERE username = %s", (username,))
         return changed == 1
 
-    def remove_user(self, username):
+    def remove_user(self, username: str) -> bool:
         """Delete the user and end their sessions. True if the user existed."""
         username = normalize_username(username)
         self.ensure_schema()
         self._run("DELETE FROM console_sessions WHERE username = %s", (username,))
         return self._run("DELETE FROM console_users WHERE username = %s", (username,)) == 1
 
-    def verify(self, username, password):
+    def verify(self, username: object, password: object) -> Optional[str]:
         """The user's role if `password` is theirs, else None. Never says which part
         was wrong."""
         row = None
@@ -147,7 +150,7 @@ class UserStore(object):
         return row[1] if row else None
 
     # -- sessions -----------------------------------------------------------
-    def create_session(self, username, ttl):
+    def create_session(self, username: str, ttl: float) -> Tuple[str, Session]:
         """A new session for `username` lasting `ttl` s: (cookie token, Session)."""
         username = normalize_username(username)
         now = int(time.time())
@@ -159,7 +162,7 @@ class UserStore(object):
                   (session.token_hash, username, session.csrf_token, now, session.expires_at))
         return token, session
 
-    def session(self, token):
+    def session(self, token: object) -> Optional[Session]:
         """The live Session of a cookie token, or None (unknown, expired, user removed)."""
         if not isinstance(token, str) or not 20 <= len(token) <= 100:
             return None
@@ -169,15 +172,15 @@ class UserStore(object):
                          (token_hash(token), int(time.time())), fetch=True)
         return Session(*rows[0]) if rows else None
 
-    def end_session(self, session):
+    def end_session(self, session: Session) -> None:
         self._run("DELETE FROM console_sessions WHERE token_hash = %s", (session.token_hash,))
 
-    def set_flash(self, session, kind, text):
+    def set_flash(self, session: Session, kind: str, text: str) -> None:
         """Keep one message for the session's next page (after a redirect)."""
         self._run("UPDATE console_sessions SET flash = %s WHERE token_hash = %s",
                   ("%s:%s" % (kind, text[:FLASH_LIMIT]), session.token_hash))
 
-    def pop_flash(self, session):
+    def pop_flash(self, session: Session) -> Optional[Tuple[str, str]]:
         """(kind, text) of the kept message, or None; the message is shown once."""
         rows = self._run("SELECT flash FROM console_sessions WHERE token_hash = %s",
                          (session.token_hash,), fetch=True)

@@ -13,14 +13,22 @@ import logging
 import secrets
 import time
 import uuid
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
-from flask import Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
+from flask import (Flask, Response, abort, current_app, g, jsonify, redirect, render_template, request,
+                   url_for)
+from flask.typing import ResponseReturnValue
+from werkzeug.wrappers import Response as BaseResponse
 from werkzeug.exceptions import HTTPException
 
 from .. import naming
 from ..errors import ComponentUnavailable, ProbeError
 from ..governance import describe
+from ..governance.results import ConfigChange
 from .auth import same_site_path, throttle_key
+
+if TYPE_CHECKING:
+    from .app import Console
 
 log = logging.getLogger("probe.console.views")
 
@@ -34,12 +42,12 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "object-src 'none'")
 
 
-def console():
+def console() -> "Console":
     """The running console's shared state (probe.console.app.Console)."""
     return current_app.extensions["probe_console"]
 
 
-def install(app):
+def install(app: Flask) -> None:
     app.before_request(_load_session)
     app.after_request(_security_headers)
     app.register_error_handler(HTTPException, _http_error)
@@ -69,7 +77,7 @@ HISTORY_ROWS = 100
 
 
 # -- request plumbing -----------------------------------------------------------
-def _load_session():
+def _load_session() -> Optional[ResponseReturnValue]:
     g.session = None
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
@@ -96,7 +104,7 @@ def _load_session():
     return None
 
 
-def _security_headers(response):
+def _security_headers(response: Response) -> Response:
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
@@ -108,16 +116,16 @@ def _security_headers(response):
     return response
 
 
-def _http_error(exc):
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
     if request.headers.get("HX-Request"):
         return Response("", exc.code)
     message = exc.description if exc.code in (401, 403, 404) else exc.name
     if exc.code == 401:
         message = "Log in first."
-    return _page("error.html", exc.code, message=message, title=exc.name)
+    return _page("error.html", cast(int, exc.code), message=message, title=exc.name)
 
 
-def _unexpected_error(exc):
+def _unexpected_error(exc: Exception) -> ResponseReturnValue:
     reference = uuid.uuid4().hex[:8]
     log.exception("console request %s %s failed (reference %s)", request.method, request.path, reference)
     return _page("error.html", 500, title="Error",
@@ -125,19 +133,19 @@ def _unexpected_error(exc):
                          "log." % reference)
 
 
-def _page(template, status=200, **context):
+def _page(template: str, status: int = 200, **context: Any) -> Tuple[str, int]:
     context.setdefault("session", getattr(g, "session", None))
     context.setdefault("env", console().env)
     return render_template(template, **context), status
 
 
-def _require_operator():
+def _require_operator() -> None:
     if not g.session.can_change:
         log.warning("%s (viewer): %s %s refused", g.session.username, request.method, request.path)
         abort(403, "Your role is viewer: viewers can look but not change anything.")
 
 
-def _flash_probe_error(exc):
+def _flash_probe_error(exc: ProbeError) -> None:
     """A refused input: the ProbeError's own text, as the CLI prints it. A component
     outage gets a generic text (its message names hosts and library errors)."""
     if isinstance(exc, ComponentUnavailable):
@@ -147,18 +155,18 @@ def _flash_probe_error(exc):
         console().users.set_flash(g.session, "error", "%s: %s" % (exc.__class__.__name__, exc))
 
 
-def _safe_next(target):
+def _safe_next(target: Optional[str]) -> str:
     """Only a same-site path is a place to go after login (no open redirect)."""
     return same_site_path(target) or url_for("index")
 
 
 # -- login ------------------------------------------------------------------------
-def login():
+def login() -> ResponseReturnValue:
     state = console()
     if request.method == "GET":
         token = secrets.token_urlsafe(24)
         body, status = _page("login.html", login_csrf=token, next=_safe_next(request.args.get("next")))
-        response = Response(body, status)
+        response: BaseResponse = Response(body, status)
         _set_cookie(response, LOGIN_CSRF_COOKIE, token, 1800, "/login")
         return response
     cookie_token = request.cookies.get(LOGIN_CSRF_COOKIE) or ""
@@ -199,7 +207,7 @@ def login():
     return response
 
 
-def logout():
+def logout() -> ResponseReturnValue:
     console().users.end_session(g.session)
     response = redirect(url_for("login"), 303)
     response.delete_cookie(SESSION_COOKIE, path="/", secure=console().secure_cookies,
@@ -207,13 +215,13 @@ def logout():
     return response
 
 
-def _set_cookie(response, name, value, max_age, path):
+def _set_cookie(response: BaseResponse, name: str, value: str, max_age: int, path: str) -> None:
     response.set_cookie(name, value, max_age=max_age, path=path, httponly=True, samesite="Strict",
                         secure=console().secure_cookies)
 
 
 # -- appkeys ------------------------------------------------------------------------
-def index():
+def index() -> ResponseReturnValue:
     message = console().users.pop_flash(g.session)
     try:
         appkeys = console().admin().list_appkeys()
@@ -223,7 +231,7 @@ def index():
     return _page("index.html", appkeys=appkeys, message=message)
 
 
-def add_appkey():
+def add_appkey() -> ResponseReturnValue:
     _require_operator()
     appkey = (request.form.get("appkey") or "").strip()
     description = (request.form.get("description") or "").strip()
@@ -240,18 +248,18 @@ def add_appkey():
 
 
 # -- an appkey's services and nodes --------------------------------------------------------
-def _node_id(service, address):
+def _node_id(service: str, address: str) -> str:
     return "n" + hashlib.sha1(("%s|%s" % (service, address)).encode("utf-8")).hexdigest()[:12]
 
 
-def _nodes(appkey):
+def _nodes(appkey: str) -> Tuple[Dict[str, List[Dict[str, Any]]], str]:
     """Admin's node rows (one ZooKeeper read) as page rows, with each live node's age
     (warm-up) and live figures."""
     state = console()
     admin = state.admin()
     now = time.time()
     figures = admin.node_figures(appkey, now, state.live_window)
-    services = {}
+    services: Dict[str, List[Dict[str, Any]]] = {}
     for node in admin.nodes(appkey):
         age = None if node.registered_at is None else max(0.0, now - node.registered_at)
         row = dict(node.as_dict(), id=_node_id(node.service, node.address), age=age,
@@ -264,7 +272,7 @@ def _nodes(appkey):
     return services, signature
 
 
-def _app_context(appkey):
+def _app_context(appkey: str) -> Dict[str, Any]:
     naming.check_appkey(appkey)
     console().admin().require_appkey(appkey)
     services, signature = _nodes(appkey)
@@ -273,7 +281,7 @@ def _app_context(appkey):
             "live_window": console().live_window, "updated": time.strftime("%H:%M:%S")}
 
 
-def app_page(appkey):
+def app_page(appkey: str) -> ResponseReturnValue:
     message = console().users.pop_flash(g.session)
     try:
         context = _app_context(appkey)
@@ -285,7 +293,7 @@ def app_page(appkey):
     return _page("app.html", message=message, **context)
 
 
-def app_live(appkey):
+def app_live(appkey: str) -> ResponseReturnValue:
     """The live parts of an appkey's page, as htmx out-of-band swaps. If the set of
     nodes changed since the page was drawn, the page reloads instead."""
     try:
@@ -300,7 +308,7 @@ def app_live(appkey):
     return _page("_live.html", **context)
 
 
-def app_series(appkey, service):
+def app_series(appkey: str, service: str) -> ResponseReturnValue:
     state = console()
     try:
         naming.check_appkey(appkey)
@@ -313,7 +321,7 @@ def app_series(appkey, service):
         return jsonify({"error": "%s: %s" % (exc.__class__.__name__, exc)}), 400
 
 
-def node_action(appkey):
+def node_action(appkey: str) -> ResponseReturnValue:
     _require_operator()
     service = request.form.get("service") or ""
     address = request.form.get("address") or ""
@@ -337,7 +345,7 @@ def node_action(appkey):
     return redirect(url_for("app_page", appkey=appkey) if _valid_appkey(appkey) else url_for("index"), 303)
 
 
-def _valid_appkey(appkey):
+def _valid_appkey(appkey: str) -> bool:
     try:
         naming.check_appkey(appkey)
         return True
@@ -346,14 +354,14 @@ def _valid_appkey(appkey):
 
 
 # -- config center ------------------------------------------------------------------------
-def _value_cell(value):
+def _value_cell(value: Any) -> Dict[str, Any]:
     text = describe.config_value(value)
     if len(text) <= EDITABLE_VALUE_CHARS:
         return {"text": text, "editable": True}
     return {"text": text[:200] + "…", "editable": False, "length": len(text.encode("utf-8"))}
 
 
-def config_page(appkey):
+def config_page(appkey: str) -> ResponseReturnValue:
     message = console().users.pop_flash(g.session)
     try:
         naming.check_appkey(appkey)
@@ -367,7 +375,7 @@ def config_page(appkey):
     return _page("config.html", appkey=appkey, rows=rows, message=message)
 
 
-def config_action(appkey):
+def config_action(appkey: str) -> ResponseReturnValue:
     """Set (add or edit) or delete one key, then back to the config page."""
     _require_operator()
     action = request.form.get("action") or ""
@@ -390,7 +398,7 @@ def config_action(appkey):
                     else url_for("index"), 303)
 
 
-def config_history_page(appkey, key):
+def config_history_page(appkey: str, key: str) -> ResponseReturnValue:
     message = console().users.pop_flash(g.session)
     try:
         naming.check_appkey(appkey)
@@ -401,13 +409,13 @@ def config_history_page(appkey, key):
     except ProbeError as exc:
         return _page("error.html", 404, title="Unknown appkey or key",
                      message="%s: %s" % (exc.__class__.__name__, exc))
-    rows = [dict(row.as_dict(), text=None if row.deleted else _value_cell(row.value)["text"])
-            for row in rows]
-    return _page("config_history.html", appkey=appkey, key=key, rows=rows, message=message,
+    shown = [dict(row.as_dict(), text=None if row.deleted else _value_cell(row.value)["text"])
+             for row in rows]
+    return _page("config_history.html", appkey=appkey, key=key, rows=shown, message=message,
                  limit=HISTORY_ROWS)
 
 
-def config_rollback(appkey, key):
+def config_rollback(appkey: str, key: str) -> ResponseReturnValue:
     _require_operator()
     version = request.form.get("version") or ""
     try:
@@ -424,12 +432,12 @@ def config_rollback(appkey, key):
     return redirect(url_for("config_history_page", appkey=appkey, key=key), 303)
 
 
-def _outcome(result):
+def _outcome(result: ConfigChange) -> str:
     return describe.config_change_sentence(result)
 
 
 # -- audit ------------------------------------------------------------------------
-def audit():
+def audit() -> ResponseReturnValue:
     appkey = (request.args.get("appkey") or "").strip() or None
     try:
         rows = console().admin().audit(appkey, limit=200)
@@ -445,25 +453,25 @@ def audit():
 
 
 # -- formatting -------------------------------------------------------------------------
-def fmt_rate(value):
+def fmt_rate(value: Optional[float]) -> str:
     if value is None:
         return "–"
     return "0" if value == 0 else "%.1f" % value if value < 100 else "%.0f" % value
 
 
-def fmt_ms(value):
+def fmt_ms(value: Optional[float]) -> str:
     if value is None:
         return "–"
     return "%.2f" % value if value < 10 else "%.1f" % value if value < 100 else "%.0f" % value
 
 
-def fmt_pct(value):
+def fmt_pct(value: Optional[float]) -> str:
     if value is None:
         return "–"
     return "0%" if value == 0 else "%.1f%%" % (value * 100.0)
 
 
-def fmt_age(seconds):
+def fmt_age(seconds: Optional[float]) -> str:
     if seconds is None:
         return "–"
     seconds = int(seconds)

@@ -9,7 +9,7 @@ history in the same step (rolled back if the znode write fails).
 
 import json
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
@@ -49,7 +49,8 @@ class ConfigOps(object):
         self._require(appkey, key)
         return self._write(appkey, key, canonical_text(value), "set", by)
 
-    def set_json(self, appkey: str, key: str, text: str, by: Optional[str] = None) -> ConfigChange:
+    def set_json(self, appkey: str, key: str, text: Union[str, bytes],
+                 by: Optional[str] = None) -> ConfigChange:
         """Set config `key` of `appkey` to the value written as JSON `text`."""
         self._require(appkey, key)
         return self._write(appkey, key, parse_value(text)[1], "set", by)

@@ -25,7 +25,7 @@ that is down stays in Redis and applies when the node registers again.
 """
 
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union, cast
 
 from kazoo.exceptions import BadVersionError, KazooException, NoNodeError, ZookeeperError
 from kazoo.handlers.threading import KazooTimeoutError
@@ -236,8 +236,8 @@ class NodeOps(object):
         raise NodeSettingsConflict("%s kept changing during %d attempts to set %s=%s; Redis "
                                    "holds the new value, try again" % (path, attempts, key, value))
 
-    def _undo(self, field: str, written: str, before: Optional[str], path: str, name: str,
-              key: str, old_value: Any) -> None:
+    def _undo(self, field: str, written: str, before: Optional[Union[bytes, str]], path: str,
+              name: str, key: str, old_value: Any) -> None:
         """Take back a change whose audit row could not be committed: the Redis
         field goes back to `before` if it still holds `written`, and the live node
         follows Redis again."""

@@ -3,7 +3,7 @@
 import getpass
 import logging
 import os
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 import pymysql
 
@@ -53,25 +53,26 @@ class AppkeyStore(object):
     def close(self) -> None:
         self.db.close()
 
-    def _run(self, sql, args=None, fetch=False):
+    def _run(self, sql: str, args: Any = None, fetch: bool = False) -> Any:
         return self.db.execute(sql, args, fetch)
 
     def ensure_schema(self, force: bool = False) -> None:
         """Create probe's tables if missing (once per process and database)."""
         self.db.ensure_schema(force)
 
-    def exists(self, appkey):
+    def exists(self, appkey: str) -> bool:
         rows = self._run("SELECT 1 FROM serviceapp WHERE appkey = %s", (appkey,), fetch=True)
         return bool(rows)
 
-    def require(self, appkey):
+    def require(self, appkey: str) -> None:
         """Raise UnknownAppkey unless `appkey` is registered (SchemaMissing if
         probe's tables are not there at all)."""
         if not self.exists(check_appkey(appkey)):
             raise UnknownAppkey("appkey %r is not registered in MySQL table serviceapp at %s: "
                                 "add it with `probe appkey add %s`" % (appkey, self.address, appkey))
 
-    def add(self, appkey, description="", env=None, by=None):
+    def add(self, appkey: str, description: str = "", env: Optional[str] = None,
+            by: Optional[str] = None) -> bool:
         """Register `appkey`; True if added, False if it was already there. With
         `env`, an audit row (action ``appkey add``, who: `by` or the OS user) is
         written in the same transaction: both land or neither."""
@@ -81,14 +82,15 @@ class AppkeyStore(object):
             "INSERT IGNORE INTO serviceapp (appkey, description) VALUES (%s, %s)",
             (appkey, description), env, appkey, "appkey add", None, description, by))
 
-    def remove(self, appkey, env=None, by=None):
+    def remove(self, appkey: str, env: Optional[str] = None, by: Optional[str] = None) -> bool:
         """Remove `appkey`; True if it was there. With `env`, audited as ``add``."""
         check_appkey(appkey)
         return self.db.with_schema(lambda: self._audited(
             "DELETE FROM serviceapp WHERE appkey = %s", (appkey,),
             env, appkey, "appkey remove", None, "", by))
 
-    def _audited(self, statement, args, env, appkey, action, old_value, new_value, by):
+    def _audited(self, statement: str, args: Any, env: Optional[str], appkey: str, action: str,
+                 old_value: Optional[str], new_value: str, by: Optional[str]) -> bool:
         """Run `statement`; if it changed a row and `env` is given, insert the audit
         row in the same transaction. Returns whether a row changed."""
         row = None
@@ -97,26 +99,29 @@ class AppkeyStore(object):
             row = (naming.check_changed_by(by or current_user()), naming.check_env(env), appkey,
                    "", "", action, old_value, new_value)
 
-        def work(cursor):
-            self.db.connection.begin()
+        def work(cursor: Any) -> bool:
+            connection: Any = self.db.connection  # open while `run` calls this
+            connection.begin()
             try:
                 changed = cursor.execute(statement, args) == 1
                 if changed and row is not None:
                     cursor.execute(_INSERT_AUDIT, row)
-                self.db.connection.commit()
+                connection.commit()
             except BaseException:
                 self.db.rollback_locked()
                 raise
             return changed
         return self.db.run(work)
 
-    def list(self):
+    def list(self) -> List[Dict[str, Any]]:
         rows = self.db.with_schema(lambda: self._run(
             "SELECT appkey, description, created_at FROM serviceapp ORDER BY appkey", fetch=True))
         return [{"appkey": r[0], "description": r[1], "created_at": str(r[2])} for r in rows]
 
     # -- audit --------------------------------------------------------------
-    def begin_change(self, env, appkey, service, node, action, old_value, new_value, by=None):
+    def begin_change(self, env: str, appkey: str, service: str, node: str, action: str,
+                     old_value: object, new_value: object,
+                     by: Optional[str] = None) -> "PendingChange":
         """Insert a change's audit row in an open transaction and return it as a
         `PendingChange`: `commit()` once the change is applied, `rollback()` if it
         was not. Inserting first means a MySQL that is down, a missing table or a
@@ -133,8 +138,9 @@ class AppkeyStore(object):
         self.ensure_schema()
         self.db.lock.acquire()
         try:
-            def work(cursor):
-                self.db.connection.begin()
+            def work(cursor: Any) -> None:
+                connection: Any = self.db.connection  # open while `run_locked` calls this
+                connection.begin()
                 cursor.execute(_INSERT_AUDIT, row)
             try:
                 self.db.run_locked(work)
@@ -146,11 +152,11 @@ class AppkeyStore(object):
             raise
         return PendingChange(self.db)
 
-    def audit(self, appkey=None, limit=100):
+    def audit(self, appkey: Optional[str] = None, limit: int = 100) -> List[Dict[str, Any]]:
         check_number("audit limit", limit, 1, maximum=100000, integer=True)
         sql = ("SELECT changed_at, changed_by, env, appkey, service, node, action, old_value, "
                "new_value FROM governance_audit")
-        args = []
+        args: List[Any] = []
         if appkey:
             sql += " WHERE appkey = %s"
             args.append(check_appkey(appkey))
@@ -198,7 +204,7 @@ class PendingChange(object):
             db.lock.release()
 
 
-def current_user():
+def current_user() -> str:
     try:
         name = getpass.getuser()
     except Exception:

@@ -12,6 +12,7 @@ The stored JSON is untrusted like everything read back: it is parsed with
 itself, never from this copy."""
 
 import logging
+from typing import Any, Dict, Optional, Union
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -19,6 +20,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from .. import naming
 from ..errors import ComponentUnavailable, NodeSettingsConflict
 from ..naming import NodeSettings
+from ..settings import RedisSettings
 
 log = logging.getLogger("probe.nodestore")
 
@@ -40,11 +42,11 @@ return 1
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
-def redis_security_options(redis_settings):
+def redis_security_options(redis_settings: RedisSettings) -> Dict[str, Any]:
     """redis-py keyword arguments for the ACL user and TLS of `redis_settings`
     (the same for a single server and a cluster's nodes). With TLS the server's
     certificate and host name are always checked."""
-    options = {}
+    options: Dict[str, Any] = {}
     if getattr(redis_settings, "username", None):
         options["username"] = redis_settings.username
     if getattr(redis_settings, "ssl", False):
@@ -55,7 +57,8 @@ def redis_security_options(redis_settings):
     return options
 
 
-def connect_redis(redis_settings, timeout=3.0):
+def connect_redis(redis_settings: RedisSettings,
+                  timeout: float = 3.0) -> "Union[redis.Redis, RedisCluster]":
     """A redis-py client for a single server or a cluster, per the config."""
     common = dict(password=redis_settings.password, socket_connect_timeout=timeout,
                   socket_timeout=timeout, **redis_security_options(redis_settings))
@@ -77,32 +80,32 @@ class NodeStore(object):
     :param timeout: connect and socket timeout in seconds.
     """
 
-    def __init__(self, redis_settings, env, timeout=3.0):
+    def __init__(self, redis_settings: RedisSettings, env: str, timeout: float = 3.0) -> None:
         self.settings = redis_settings
         self.env = env
         self.hash = naming.settings_hash(env)
         self.redis = connect_redis(redis_settings, timeout)
         self._compare_and_set = self.redis.register_script(_COMPARE_AND_SET)
 
-    def _unavailable(self, exc):
+    def _unavailable(self, exc: BaseException) -> ComponentUnavailable:
         return ComponentUnavailable("Redis at %s is unreachable: %s (start it with `probe stack "
                                     "up` or fix the redis section of the config)"
                                     % (self.settings.address, exc))
 
-    def ping(self):
+    def ping(self) -> None:
         try:
             self.redis.ping()
         except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
-    def get_raw(self, field):
+    def get_raw(self, field: str) -> Optional[Union[bytes, str]]:
         """The raw bytes stored under `field`, None if absent."""
         try:
             return self.redis.hget(self.hash, field)
         except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
-    def get(self, field):
+    def get(self, field: str) -> Optional[NodeSettings]:
         """NodeSettings stored under `field`, None if absent. Malformed JSON is
         reported as InvalidNodeData (a ValueError) so callers decide whether to
         overwrite it."""
@@ -111,8 +114,9 @@ class NodeStore(object):
             return None
         return NodeSettings.from_json(raw)
 
-    def compare_and_set(self, field, expected, new):
-        """Atomically set `field` to `new` (a JSON str; None deletes it) only if it
+    def compare_and_set(self, field: str, expected: Optional[Union[bytes, str]],
+                        new: Optional[Union[bytes, str]]) -> bool:
+        """Atomically set `field` to `new` (a JSON str or raw bytes as read; None deletes it) only if it
         still holds `expected` (raw bytes/str as read; None = absent). True if set."""
         try:
             done = self._compare_and_set(keys=[self.hash],
@@ -121,7 +125,7 @@ class NodeStore(object):
             raise self._unavailable(exc)
         return int(done) == 1
 
-    def get_or_create(self, field, default):
+    def get_or_create(self, field: str, default: NodeSettings) -> NodeSettings:
         """The stored weight and switch with `default`'s host and port, or `default`
         written atomically (HSETNX) if nothing usable is stored.
 
@@ -156,13 +160,13 @@ class NodeStore(object):
         raise NodeSettingsConflict("Redis field %s in %s kept changing while a provider read "
                                    "it: try again" % (field, self.hash))
 
-    def put(self, field, settings):
+    def put(self, field: str, settings: NodeSettings) -> None:
         try:
             self.redis.hset(self.hash, field, settings.to_json())
         except REDIS_ERRORS as exc:
             raise self._unavailable(exc)
 
-    def all(self, appkey=None):
+    def all(self, appkey: Optional[str] = None) -> Dict[str, str]:
         """{field: raw json} for every node (of `appkey`, if given)."""
         pattern = "%s|*" % appkey if appkey else "*"
         try:
@@ -172,10 +176,10 @@ class NodeStore(object):
             raise self._unavailable(exc)
 
     @staticmethod
-    def _text(value):
+    def _text(value: Union[bytes, str]) -> str:
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.redis.close()
         except Exception:

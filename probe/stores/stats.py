@@ -19,7 +19,7 @@ a Redis cluster.
 
 import json
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import ComponentUnavailable
 from .nodestore import REDIS_ERRORS
@@ -53,11 +53,14 @@ MAX_REASON = 200
 SIDES = ("server", "client")
 
 
-def slot_of(epoch):
+def slot_of(epoch: float) -> int:
     return int(epoch // SLOT_SECONDS) * SLOT_SECONDS
 
 
-def write_slot(redis_client, env, slot, deltas, writer, ttl=DEFAULT_TTL, ttls=None):
+def write_slot(redis_client: Any, env: str, slot: int,
+               deltas: Mapping[Tuple[str, str, str, str, str, str], Sequence[float]],
+               writer: str, ttl: float = DEFAULT_TTL,
+               ttls: Optional[Mapping[Tuple[str, str], float]] = None) -> int:
     """Write one process's running totals for `slot` in one pipeline.
 
     deltas: {(side, appkey, service, method, node, status): cell}, a cell being the
@@ -65,7 +68,7 @@ def write_slot(redis_client, env, slot, deltas, writer, ttl=DEFAULT_TTL, ttls=No
     after ttls[(side, appkey)], else `ttl`, seconds. Raises redis errors; the caller
     decides what a failure means.
     """
-    by_key = {}
+    by_key: Dict[str, Tuple[float, Dict[str, str]]] = {}
     for (side, appkey, service, method, node, status), cell in deltas.items():
         buckets = cell[:-1]
         value = json.dumps({"count": sum(buckets), "sum": round(cell[-1], 9), "buckets": buckets},
@@ -125,7 +128,7 @@ def read_node_health(redis_client: Any, env: str, appkey: str, now: Optional[flo
         raw = redis_client.hgetall(health_key(env, appkey))
     except REDIS_ERRORS as exc:
         raise ComponentUnavailable("cannot read node health from Redis: %s" % exc)
-    ejected = {}
+    ejected: Dict[Tuple[str, str], List[str]] = {}
     for field, value in list(raw.items())[:10000]:
         parsed = parse_health_field(field)
         if parsed is None:
@@ -141,7 +144,7 @@ def read_node_health(redis_client: Any, env: str, appkey: str, now: Optional[flo
     return ejected
 
 
-def quantile(buckets, q):
+def quantile(buckets: Sequence[int], q: float) -> Optional[float]:
     """Latency at quantile q (0..1) from per-bucket counts, interpolated linearly in
     the bucket it falls into, as Prometheus' histogram_quantile does. Values in the
     +Inf bucket are reported as the last bound. None without data."""
