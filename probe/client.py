@@ -321,6 +321,13 @@ class ProbeClient(ClientCore, TClient):
                 # The peer closed or reset before our bytes were taken: nothing ran.
                 verdict = NOT_SENT
                 return CONNECTION_ERROR, None, _Retryable(True, exc)
+            except Exception as exc:
+                # The arguments did not encode (a wrong type): the caller's fault, not
+                # the node's. Nothing left; the half-written buffer goes with the
+                # connection (closed below), and node health hears nothing.
+                verdict = NOT_SENT
+                status = APPLICATION_ERROR
+                return APPLICATION_ERROR, None, exc
             if method.oneway:
                 reusable = True
                 status = OK

@@ -121,6 +121,24 @@ def test_100_calls_in_flight_on_one_client_all_overlap(appkey):
     asyncio.run(main())
 
 
+def test_arguments_that_do_not_encode_neither_eject_nor_poison_the_next_call(appkey):
+    async def main():
+        await provider(appkey)
+        await provider(appkey)
+        client = await client_for(appkey, nodes=2)
+        try:
+            for _ in range(10):
+                with pytest.raises(Exception) as raised:
+                    await client.echo(123)  # echo() takes a string
+                assert not isinstance(raised.value, ProbeError)
+            assert client.health.ejected() == {} and client.health.ejections == 0
+            assert await client.echo("still fine") == "still fine"
+            assert await client.say() == "hello world"
+        finally:
+            await client.close()
+    asyncio.run(main())
+
+
 def test_a_cancelled_call_leaves_no_half_read_connection_in_the_pool(appkey):
     async def main():
         served = await provider(appkey)

@@ -221,6 +221,23 @@ def test_declared_exceptions_never_eject(appkey, providers, clients):
     assert client.health.ejected() == {} and client.health.ejections == 0
 
 
+def test_arguments_that_do_not_encode_are_the_callers_fault_not_the_nodes(appkey, providers,
+                                                                          clients):
+    # echo() takes a string: an int fails while the request is encoded. That is no
+    # answer from the node, so health must not count it, and the next call works.
+    providers(appkey, name="a")
+    providers(appkey, name="b")
+    client = clients(appkey)
+    routed(client, 2)
+    for _ in range(20):
+        with pytest.raises(Exception) as raised:
+            client.echo(123)
+        assert not isinstance(raised.value, (NodeCallFailed, ProbeError))
+    assert client.health.ejected() == {} and client.health.ejections == 0
+    assert not client.health.panic
+    assert client.echo("still fine") == "still fine"
+
+
 # -- a slow node --------------------------------------------------------------------------------
 
 def test_a_slow_node_gets_a_small_share(appkey, providers, clients):

@@ -358,3 +358,16 @@ def test_make_limiter_validates_names_and_values():
         make_limiter(0, None, methods)
     with pytest.raises(ProbeError, match="max_inflight_per_method"):
         make_limiter(None, {"slow": "3"}, methods)
+
+
+def test_calls_ending_after_their_node_was_forgotten_leave_no_negative_inflight():
+    # A node deregisters with calls in flight (forget drops its state), then comes
+    # back under the same name: its in-flight count must not go negative, or
+    # p2c_ewma's cost (EWMA x (inflight + 1)) would rate it free.
+    health = ServiceHealth(track_inflight=True, clock=lambda: 1.0)
+    node = Node("n1", "127.0.0.1", 1, 10, 1)
+    health.begin(node)
+    health.forget(lambda name: False)
+    health.end(node, OK, 0.001, 1.0)
+    # cost = EWMA x (inflight + 1): zero would mean an in-flight count of -1.
+    assert health.cost(node) > 0

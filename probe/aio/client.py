@@ -80,7 +80,16 @@ class _Wire(object):
         self.protocol = TCompactProtocol(self.transport)
 
     def encode(self, method: Any, payload: Any, seqid: int) -> bytes:
-        self.send_call(self, method, payload, seqid)  # writes to self.transport
+        try:
+            self.send_call(self, method, payload, seqid)  # writes to self.transport
+        except Exception:
+            # Arguments that do not encode: drop what was written so far, so the
+            # next call does not send it.
+            if self.compact:
+                self._fresh_output()
+            else:
+                self.transport.clean()
+            raise
         data = self.transport.getvalue()
         if self.compact:
             self._fresh_output()
@@ -239,7 +248,16 @@ class AsyncProbeClient(ClientCore):
             seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
             wire = pool.wire  # set by _pool_for
             try:
-                conn.send(wire.encode(method, payload, seqid), loop)
+                request = wire.encode(method, payload, seqid)
+            except Exception as exc:
+                # The arguments did not encode (a wrong type): the caller's fault,
+                # not the node's. Nothing was written: the connection stays clean.
+                reusable = True
+                verdict = NOT_SENT
+                status = APPLICATION_ERROR
+                return APPLICATION_ERROR, None, exc
+            try:
+                conn.send(request, loop)
             except ConnectionLost as exc:
                 verdict = NOT_SENT  # found closed before our bytes went: nothing ran
                 return CONNECTION_ERROR, None, _Retryable(True, exc)

@@ -283,7 +283,10 @@ class ServiceHealth(object):
         state = self._states.get(node.name) or self._state(node.name)
         if self.track_inflight:
             with self._lock:
-                state.inflight -= 1
+                # Never below zero: calls that began before `forget` dropped this
+                # node's state (it left, then came back) end on a fresh state.
+                if state.inflight > 0:
+                    state.inflight -= 1
         self.now = now = self._clock() if now is None else now
         if outcome in _SUCCESS:
             # The common path: a few increments, no lock, no clock (the window and
