@@ -376,7 +376,9 @@ def test_overloaded_replies_are_retried_elsewhere_and_never_run_twice(appkey, pr
     gate = threading.Event()
     busy_handler = counting_handler("busy", gate)
     busy = providers(appkey, handler=busy_handler, max_inflight=1)
-    client = clients(appkey, metrics_port=0)  # not idempotent
+    # Not idempotent. The held slow() call must not time out while the attempts are
+    # counted (on a loaded machine 300 calls can take longer than 500 ms).
+    client = clients(appkey, metrics_port=0, timeouts={"slow": 30000})
     routed(client, 1)
     holder = threading.Thread(target=client.slow, args=(1,))
     holder.start()  # takes the busy node's only slot
