@@ -402,3 +402,35 @@ def test_many_busy_clients_at_once_are_all_served(hostile):
     for thread in threads:
         thread.join(30)
     assert errors == [] and len(done) == 16 and min(done) > 0
+
+
+def test_a_handler_calling_sys_exit_gets_internal_error_and_kills_no_worker(appkey, providers):
+    # SystemExit is no Exception: caught as one of those only, it ended the worker
+    # thread for good, and with every worker gone the provider answered nobody.
+    import sys
+
+    from thriftpy2.rpc import make_client
+
+    from conftest import IDL
+    from demo_server import DemoServiceHandler
+    from probe.idl import load_service
+
+    class Exiting(DemoServiceHandler):
+        def echo(self, text):
+            sys.exit(3)
+
+    provider = providers(appkey, handler=Exiting("exiting"), worker_threads=2)
+    service = load_service(IDL, "DemoService")
+    for _ in range(5):
+        client = make_client(service, "127.0.0.1", provider.port, timeout=3000)
+        try:
+            with pytest.raises(TApplicationException) as caught:
+                client.echo("x")
+            assert caught.value.type == TApplicationException.INTERNAL_ERROR
+        finally:
+            client.close()
+    client = make_client(service, "127.0.0.1", provider.port, timeout=3000)
+    try:
+        assert client.say() == "hello world"
+    finally:
+        client.close()

@@ -399,7 +399,7 @@ class AsyncThriftServer(object):
                 conn.replied(None if spec.oneway else
                              self._exception(codec, name, seqid, framed, unforgeable(exc)))
                 return
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends no loop
                 for field, exc_class in spec.exceptions:
                     if isinstance(exc, exc_class):
                         setattr(result, field, exc)

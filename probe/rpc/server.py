@@ -478,7 +478,7 @@ class ThriftServer(object):
                 return
             try:
                 self._serve(conn, protocol, membuf, counter)
-            except Exception as exc:
+            except BaseException as exc:  # the worker outlives anything one connection does
                 log.error("unexpected error serving %s; closing it: %s: %s", conn.peer,
                           type(exc).__name__, exc, exc_info=True)
                 self._close(conn)
@@ -773,7 +773,7 @@ class ThriftServer(object):
                 self._observe(spec.name, APPLICATION_ERROR, started)
                 return spec.oneway or self._reply_exception(conn, protocol, membuf, name, seqid,
                                                             unforgeable(exc))
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: a handler must not end a worker
                 for field, exc_class in spec.exceptions:
                     if isinstance(exc, exc_class):
                         setattr(result, field, exc)
