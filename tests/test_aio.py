@@ -788,3 +788,109 @@ def test_calls_still_running_after_drain_timeout_are_cancelled_at_close(appkey):
         finally:
             await client.close()
     asyncio.run(main())
+
+
+def _readable(socks):
+    import select
+    return select.select(socks, [], [], 0)[0]
+
+
+def test_tls_connections_still_handshaking_count_against_max_connections(secure_config,
+                                                                         secure_appkey):
+    from probe.client import build_client as build_sync
+    loop = LoopThread()
+    # read_timeout long: the silent sockets are held by the cap, not cut by the deadline.
+    served = loop.run(provider(secure_appkey, config_path=secure_config, env="dev",
+                               max_connections=5, read_timeout=60))
+    flood = []
+    try:
+        for _ in range(50):  # TCP connects that never send a ClientHello
+            flood.append(_connect(served.port))
+        wait_for(lambda: served.server.stats()["rejected"] == 45, message="45 rejected")
+        stats = served.server.stats()
+        assert stats["connections"] == 5 and stats["rejected"] == 45
+        wait_for(lambda: len(_readable(flood)) == 45, message="45 closed by the provider")
+        assert len(_readable(flood)) == 45  # the 5 others are held, handshaking
+        for sock in flood:
+            sock.close()
+        wait_for(lambda: served.server.stats()["connections"] == 0, message="flood gone")
+        sync = build_sync(IDL, secure_appkey, "DemoService", config_path=secure_config,
+                          env="dev", snapshot_dir=False)
+        try:
+            wait_for(lambda: len(sync.watcher.table) == 1, message="routed")
+            assert sync.say() == "hello world"  # a real TLS client is answered
+        finally:
+            sync.close()
+        assert served.server.stats()["connections"] <= 5
+    finally:
+        for sock in flood:
+            sock.close()
+        loop.run(served.stop(grace=0))
+        loop.close()
+
+
+class _BigReplies(AsyncDemoHandler):
+    async def whoami(self) -> str:
+        return "x" * (8 * 1024 * 1024)  # past what the kernel takes (tcp_wmem max, 4 MiB)
+
+
+def test_unread_replies_of_all_connections_are_bounded_together(appkey, looped):
+    from probe.rpc.server import PARKED_REPLY_FACTOR
+    served = looped(appkey, handler=_BigReplies(), max_message_bytes=256 * 1024,
+                    read_timeout=60)
+    server = served.server
+    bound = PARKED_REPLY_FACTOR * 256 * 1024  # 4 MiB, the threaded provider's bound
+
+    async def buffered():  # what asyncio holds for the peers, measured on the loop
+        total = 0
+        for conn in list(server.connections):
+            size = conn.transport.get_write_buffer_size()
+            raw = getattr(conn, "raw", None)  # the TCP transport under a TLS one
+            if raw is not None and raw is not conn.transport:
+                size += raw.get_write_buffer_size()
+            total += size
+        return total
+
+    callers = []
+    for _ in range(6):  # 6 × 8 MiB replies nobody reads
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", served.port))
+        sock.sendall(_header("whoami") + b"\x00")
+        callers.append(sock)
+    try:
+        wait_for(lambda: server.stats()["calls"] == 6, message="6 calls answered")
+        total = looped.loop.run(buffered())
+        assert total <= bound
+        assert server.max_unsent_reply_bytes == bound
+        assert server.stats()["unsent_reply_bytes"] <= bound
+        overflows = server.stats()["reply_overflows"]
+        assert overflows >= 1  # 48 MiB do not fit in 4 MiB: some connections were aborted
+        assert server.stats()["connections"] == 6 - overflows
+        wait_for(lambda: len(_readable(callers)) == overflows, message="aborted ones closed")
+        assert server.stats()["timed_out"] == 0  # cut by the bound, not by read_timeout
+        assert _sync_say(served.port) == "hello world"  # another caller is answered
+    finally:
+        for sock in callers:
+            sock.close()
+    wait_for(lambda: server.stats()["connections"] == 0, message="callers gone")
+    assert server.stats()["unsent_reply_bytes"] == 0
+
+
+def test_a_tls_handshake_that_never_starts_is_cut_after_read_timeout(secure_config,
+                                                                     secure_appkey):
+    loop = LoopThread()
+    served = loop.run(provider(secure_appkey, config_path=secure_config, env="dev",
+                               max_connections=5, read_timeout=0.5))
+    silent = [_connect(served.port) for _ in range(3)]
+    try:
+        wait_for(lambda: len(_readable(silent)) == 3, message="silent handshakes cut")
+        wait_for(lambda: served.server.stats()["connections"] == 0, message="none held")
+        stats = served.server.stats()
+        assert stats["rejected"] == 0  # under the cap: cut by the deadline, not refused
+        assert stats["timed_out"] + stats["handshake_failures"] == 3
+    finally:
+        for sock in silent:
+            sock.close()
+        loop.run(served.stop(grace=0))
+        loop.close()

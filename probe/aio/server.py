@@ -11,6 +11,13 @@ memory without bound. A sweeper task closes connections past their
 deadline: `idle_timeout` between messages, `read_timeout` for one message to
 arrive in full once it began, and for a reply to be taken by the peer.
 
+With TLS the port serves plain TCP and each connection is upgraded with
+`loop.start_tls` once it is counted (asyncio would call connection_made only after
+the handshake, leaving handshaking sockets outside `max_connections`); the
+handshake is bounded by `read_timeout`. The reply bytes all connections leave
+unsent are bounded together, as in the threaded provider, by PARKED_REPLY_FACTOR ×
+max_message_bytes: the connection whose reply would pass that is aborted.
+
 Threading: everything here runs on the loop's thread; the blocking start and
 stop steps (MySQL, Redis, ZooKeeper) run in the loop's default executor.
 """
@@ -43,7 +50,7 @@ from ..server import (ProviderBase, advertised_host, check_stores, node_zookeepe
                       provider_options, raise_fd_limit, register_node)
 from ..rpc.server import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
                             DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_READ_TIMEOUT, MAX_DEPTH,
-                            handler_methods)
+                            PARKED_REPLY_FACTOR, handler_methods)
 
 log = logging.getLogger("probe.aio.server")
 
@@ -107,6 +114,9 @@ class _Connection(asyncio.Protocol):
         self.paused = False  # reading paused (see data_received, pause_writing)
         self.task: Optional[asyncio.Task] = None  # the call running, while `calling`
         self.eof = False  # the peer half-closed: close once the call in flight replied
+        self.raw: Any = None  # the TCP transport (under the TLS one, with TLS)
+        self.handshake: Optional[asyncio.Task] = None  # the TLS upgrade, while it runs
+        self.unsent = 0  # reply bytes buffered, counted in server.unsent_reply_bytes
 
     # -- asyncio callbacks ------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -126,12 +136,70 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         server.connections.add(self)
+        self.raw = transport
+        if server.ssl_context is not None:
+            # Counted (above) while it handshakes; read_timeout to complete it.
+            transport.pause_reading()  # nothing reaches data_received before TLS
+            self.deadline = _monotonic() + server.read_timeout
+            self.handshake = server.loop.create_task(self._upgrade(transport))
+            return
+        self.deadline = _monotonic() + server.idle_timeout
+
+    async def _upgrade(self, raw: Any) -> None:
+        server = self.server
+        try:
+            transport = await server.loop.start_tls(
+                raw, self, server.ssl_context, server_side=True,
+                ssl_handshake_timeout=server.read_timeout)
+        except Exception as exc:  # handshake failed or timed out: start_tls closed it
+            if not self.closed:
+                server.handshake_failures += 1
+                log.debug("TLS handshake with %s failed: %r", self.peer, exc)
+            self._lost()
+            raw.abort()
+            return
+        finally:
+            self.handshake = None
+        if self.closed or transport is None:  # aborted meanwhile (sweeper, close)
+            raw.abort()
+            return
+        self.transport = transport
         self.deadline = _monotonic() + server.idle_timeout
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._lost()
+        self.buf = b""
+
+    def _lost(self) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        self.buf = b""
+        self._set_unsent(0)
+
+    def _set_unsent(self, size: int) -> None:
+        if size != self.unsent:
+            self.server.unsent_reply_bytes += size - self.unsent
+            self.unsent = size
+
+    def account(self) -> bool:
+        """Count the reply bytes this connection still buffers into the server-wide
+        total; False (and the connection aborted) if the total would pass its bound."""
+        if self.closed:
+            return False
+        size = self.transport.get_write_buffer_size()
+        if self.raw is not None and self.raw is not self.transport:
+            size += self.raw.get_write_buffer_size()  # TLS records under the TLS transport
+        server = self.server
+        if size > self.unsent and (server.unsent_reply_bytes - self.unsent + size
+                                   > server.max_unsent_reply_bytes):
+            server.reply_overflows += 1
+            server.peer_warnings.warn(
+                "unsent_replies", "peer %s does not read its reply (%d bytes left; the unsent "
+                "replies of all connections on port %d are at their bound of %d bytes): "
+                "closing it", self.peer, size, server.port, server.max_unsent_reply_bytes)
+            self.abort()
+            return False
+        self._set_unsent(size)
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -155,6 +223,8 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The peer does not take its replies: read_timeout to do so, and no new call
         # meanwhile (a peer that only writes cannot pile up replies here).
+        if not self.account():
+            return
         self.write_deadline = _monotonic() + self.server.read_timeout
         if not self.closed and not self.paused:
             self.paused = True
@@ -162,6 +232,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_deadline = 0.0
+        self.account()
         if not self.closed and not self.calling:
             self._resume()
             self._advance()
@@ -221,6 +292,8 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if reply is not None:
             transport.write(reply)
+            if not self.account():
+                return  # over the bound of all unsent replies: aborted
         if self.server.draining:
             transport.close()  # after the reply is written
             return
@@ -240,9 +313,10 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         if not self.closed:
-            self.closed = True
-            self.server.connections.discard(self)
+            self._lost()
             self.transport.abort()
+            if self.raw is not None and self.raw is not self.transport:
+                self.raw.abort()
 
     def warn(self, reason: str) -> None:
         self.server.peer_warnings.warn(
@@ -281,6 +355,12 @@ class AsyncThriftServer(object):
         self.rejected = 0
         self.protocol_errors = 0
         self.timed_out = 0
+        self.handshake_failures = 0
+        # The reply bytes all connections leave unsent, and their bound (as in
+        # probe.rpc.server): past it, the connection adding to it is aborted.
+        self.unsent_reply_bytes = 0
+        self.max_unsent_reply_bytes = PARKED_REPLY_FACTOR * max_message_bytes
+        self.reply_overflows = 0
         self.draining = False
         self.peer_warnings = PeerWarnings(log)
         self.loop: Any = None  # the running loop, once started
@@ -291,10 +371,10 @@ class AsyncThriftServer(object):
     async def start(self) -> int:
         """Bind and serve; returns the port."""
         self.loop = asyncio.get_running_loop()
+        # Plain TCP even with TLS: each connection is counted, then upgraded (_upgrade).
         self._server = await self.loop.create_server(
             lambda: _Connection(self), self.host, self.port, backlog=self.backlog,
-            ssl=self.ssl_context, reuse_address=True,
-            ssl_handshake_timeout=self.read_timeout if self.ssl_context else None)
+            reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(self._sweep_loop())
         return self.port
@@ -304,6 +384,9 @@ class AsyncThriftServer(object):
         return {"connections": len(self.connections), "inflight": self.inflight,
                 "calls": self.calls, "rejected": self.rejected,
                 "protocol_errors": self.protocol_errors, "timed_out": self.timed_out,
+                "handshake_failures": self.handshake_failures,
+                "unsent_reply_bytes": self.unsent_reply_bytes,
+                "reply_overflows": self.reply_overflows,
                 "overloaded": self.limiter.refused if self.limiter is not None else 0}
 
     def stop_accepting(self) -> None:
@@ -340,6 +423,8 @@ class AsyncThriftServer(object):
         while True:
             await asyncio.sleep(every)
             now = _monotonic()
+            for conn in [c for c in self.connections if c.unsent]:
+                conn.account()  # replies drained without a resume_writing
             for conn in [c for c in self.connections if c.expired(now)]:
                 self.timed_out += 1
                 if conn.write_deadline:
