@@ -479,3 +479,121 @@ def test_a_frame_that_never_completes_is_cut_at_read_timeout(appkey, providers):
     finally:
         sock.close()
     wait_for(lambda: provider.server.stats()["timed_out"] == 1, message="the cut")
+
+
+class _PausableRelay(object):
+    """A loopback TCP relay to `port` that `cut()` makes unreachable (every
+    connection closed, new ones refused) and `restore()` reopens on the same port."""
+
+    def __init__(self, port):
+        self.target = port
+        self.port = None
+        self.socks = []
+        self.lock = threading.Lock()
+        self.restore()
+
+    def restore(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port or 0))
+        listener.listen(8)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() so the port frees
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.socks += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_register_deletes_the_node_of_a_server_that_died_while_zookeeper_was_away(
+        stack, appkey, caplog):
+    """The review's bug: the server dies while ZooKeeper is unreachable; the session
+    reconnects within its timeout and keeps its ephemeral node, so the delete must
+    stay pending and be done on reconnect, by the same (still live) session."""
+    from probe.zk.session import ZooKeeper
+    caplog.set_level(logging.INFO, logger="probe")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    port = server.getsockname()[1]
+    relay = _PausableRelay(stack.ports["zookeeper"])
+    # A long session timeout: the node can only leave because it was deleted.
+    zk = ZooKeeper("127.0.0.1:%d" % relay.port, session_timeout=60.0)
+    assert zk.start(timeout=15)
+    # The first session's callbacks (run on zk's worker, after a jitter) done first: one
+    # still queued at the cut would re-create the node and hold close() until reconnect.
+    idle = threading.Event()
+    zk.submit(idle.set)
+    assert idle.wait(30)
+    node = ForeignNode(appkey, "OtherService", "127.0.0.1", port, interval=0.05, fall=1).open()
+    release_zookeeper(node.zk)
+    node.zk = zk  # the registrar's session goes through the relay
+    runner = threading.Thread(target=node.run, daemon=True)
+    inspector = shared_zookeeper(load_settings().zookeeper)
+    path = naming.node_path("dev", appkey, "OtherService", "127.0.0.1", port)
+    try:
+        runner.start()
+        wait_for(lambda: node.registered and inspector.client.exists(path), message="registration")
+        session = zk.session_id
+        assert inspector.client.exists(path).ephemeralOwner == session
+        relay.cut()
+        wait_for(lambda: not zk.connected, message="the registrar losing ZooKeeper")
+        server.close()  # the server dies while ZooKeeper is away
+        wait_for(lambda: not node.registered, message="the failed check deregistering")
+        assert inspector.client.exists(path) is not None  # nobody could delete it yet
+        relay.restore()
+        wait_for(lambda: inspector.client.exists(path) is None, timeout=30,
+                 message="the node leaving once ZooKeeper is back")
+        # Deleted by the very session that registered it, which lives on: no expiry.
+        assert zk.session_id == session and zk.connected
+        assert not node.registered
+        # Warned once for the whole outage, not once per loop pass.
+        unreachable = [r for r in caplog.records if "is unreachable: deleting" in r.getMessage()]
+        assert len(unreachable) == 1
+    finally:
+        node.stop()
+        runner.join(10)
+        node.zk = None
+        node.close()
+        zk.stop()
+        relay.cut()
+        release_zookeeper(inspector)

@@ -113,6 +113,8 @@ class ForeignNode(object):
         self._stop = threading.Event()
         self._seqid = 0
         self._last_data: Optional[NodeSettings] = None
+        # A deregistration ZooKeeper could not be told of yet (see _deregister).
+        self._pending: Optional[Registration] = None
 
     @property
     def registered(self) -> bool:
@@ -226,6 +228,7 @@ class ForeignNode(object):
                                     " (registering once it answers)")
                     if self.registered and fails >= self.fall:
                         self._deregister()
+                self._retry_pending()
                 first = False
                 self._stop.wait(self.interval)
         finally:
@@ -265,6 +268,9 @@ class ForeignNode(object):
             except (ProbeError, ValueError) as exc:
                 log.warning("cannot re-read %s from Redis (%s): keeping the last known", field, exc)
                 return None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.abandon_delete()  # the node is ours again: never delete it now
         registration = Registration(self.zk, self.path, data, reload_settings)
         registration.register()
         self.registration = registration
@@ -276,8 +282,21 @@ class ForeignNode(object):
         registration, self.registration = self.registration, None
         if registration is not None:
             self._last_data = registration.data  # operator edits seen while registered
-            registration.close()
-            log.info("deregistered %s", self.path)
+            if registration.close():
+                log.info("deregistered %s", self.path)
+            else:
+                # ZooKeeper could not be asked: the node stays while the session
+                # lives, so the delete is retried (owner-checked) on every pass of
+                # the loop and on reconnect until done or the session is gone.
+                self._pending = registration
+        else:
+            self._retry_pending()
+
+    def _retry_pending(self) -> None:
+        pending = self._pending
+        if pending is not None and pending.close():
+            self._pending = None
+            log.info("deregistered %s (ZooKeeper is back)", self.path)
 
 
 def _reply_header(data: bytes, transport: str, protocol: str) -> Optional[Tuple[str, int, int]]:

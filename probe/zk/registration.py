@@ -5,8 +5,9 @@ import logging
 import threading
 from typing import Any, Callable, Optional
 
-from kazoo.exceptions import (BadVersionError, KazooException, NoNodeError,
-                              NodeExistsError, ZookeeperError)
+from kazoo.exceptions import (BadVersionError, ConnectionDropped, ConnectionLoss,
+                              KazooException, NoNodeError, NodeExistsError,
+                              OperationTimeoutError, ZookeeperError)
 from kazoo.handlers.threading import KazooTimeoutError
 
 from .. import naming
@@ -44,6 +45,9 @@ class Registration(object):
         self._lock = threading.Lock()
         self._closed = False
         self._foreign_seen = False
+        self._delete_lock = threading.Lock()  # one delete at a time (loop or reconnect)
+        self._delete_pending = False
+        self._owner: Optional[int] = None  # the session that created (or kept) the node
 
     def _own(self, settings: NodeSettings) -> NodeSettings:
         """`settings` with this node's own address and dialect; InvalidNodeData if out
@@ -57,23 +61,79 @@ class Registration(object):
         self.zk.on_new_session(self._recreate)
         self.zk.client.DataWatch(self.path, self._on_own_data)
 
-    def close(self) -> None:
-        """Delete the znode (only if this session owns it) and stop keeping it."""
+    def close(self) -> bool:
+        """Stop keeping the znode and delete it if this session owns it.
+
+        True once that is settled: deleted, gone, not ours, or the session that
+        could own it is gone (and the ephemeral node with it). False when
+        ZooKeeper could not be asked (disconnected, ConnectionLoss, a timeout):
+        the delete stays pending, and every later `close()` retries it, as does
+        the session's reconnect. A session that reconnects within its timeout
+        keeps its ephemeral node, so a delete given up on would leave a dead
+        server registered for as long as the process lives."""
         with self._lock:
+            first = not self._closed
             self._closed = True
-        self.zk.remove_callback(self._recreate)
-        if not self.zk.connected:
-            # Nothing to wait for: the node goes when the session ends or expires.
-            log.warning("ZooKeeper at %s is unreachable: %s will vanish when the session "
-                        "expires", self.zk.hosts, self.path)
-            return
+        if first:
+            self.zk.remove_callback(self._recreate)
+        with self._delete_lock:
+            if first:
+                self._delete_pending = True
+            if not self._delete_pending:
+                return True
+            if self._try_delete(first):
+                self._delete_pending = False
+                self.zk.remove_callback(self._retry_delete)
+                return True
+            if first:
+                self.zk.on_reconnect(self._retry_delete)
+                self.zk.on_new_session(self._retry_delete)
+            return False
+
+    @property
+    def delete_pending(self) -> bool:
+        return self._delete_pending
+
+    def abandon_delete(self) -> None:
+        """Give up a pending delete (the node is about to be registered again by
+        this session): waits for a delete in flight, so none runs afterwards."""
+        with self._delete_lock:
+            self._delete_pending = False
+        self.zk.remove_callback(self._retry_delete)
+
+    def _retry_delete(self) -> None:
+        if self.close():
+            log.info("deleted %s once ZooKeeper was back", self.path)
+
+    def _try_delete(self, first: bool) -> bool:
+        """One owner-checked delete; True when settled, False to retry later."""
+        session = self.zk.session_id  # None while disconnected
+        if not self.zk.connected or session is None:
+            if first:
+                log.warning("ZooKeeper at %s is unreachable: deleting %s once it is back "
+                            "(or it vanishes when the session expires)", self.zk.hosts, self.path)
+            return False
+        if self._owner is not None and session != self._owner:
+            return True  # a new session: the one that owned the node expired, and the node too
         timeout = self.zk.session_timeout
         try:
             _, stat = self.zk.client.get_async(self.path).get(timeout=timeout)
-            if stat.ephemeralOwner == self.zk.session_id:
-                self.zk.client.delete_async(self.path, version=-1).get(timeout=timeout)
-        except (NoNodeError, KazooException, ZookeeperError, KazooTimeoutError) as exc:
+            if stat.ephemeralOwner != session:
+                return True  # someone else's node (or none of ours): never deleted here
+            self.zk.client.delete_async(self.path, version=stat.version).get(timeout=timeout)
+            return True
+        except NoNodeError:
+            return True
+        except (ConnectionLoss, ConnectionDropped, OperationTimeoutError, KazooTimeoutError,
+                BadVersionError) as exc:
+            # BadVersionError: edited between the read and the delete; read it again.
+            log.info("deregistering %s: %s; retrying", self.path, exc.__class__.__name__)
+            return False
+        except (KazooException, ZookeeperError) as exc:
+            # The session ended (SessionExpiredError, the client closed), or an error
+            # a retry cannot fix (NoAuthError): nothing more this process can do.
             log.info("deregistering %s: %s", self.path, exc.__class__.__name__)
+            return True
 
     def _recreate(self) -> None:
         if self._reload is not None:
@@ -94,6 +154,7 @@ class Registration(object):
                     return
                 try:
                     client.create(self.path, self.data.to_bytes(), ephemeral=True, makepath=True)
+                    self._owner = self.zk.session_id or self._owner
                     log.info("registered %s %s", self.path, self.data.to_json())
                     return
                 except NodeExistsError:
@@ -102,6 +163,7 @@ class Registration(object):
                     except NoNodeError:
                         continue
                     if stat.ephemeralOwner == self.zk.session_id:
+                        self._owner = stat.ephemeralOwner
                         return
                     log.warning("%s is held by session %s (a dead one of ours, or another "
                                 "process on the same address): replacing it",
