@@ -97,7 +97,7 @@ def _header_parts(name: Any, ttype: int) -> Tuple[bytes, bytes]:
     return parts
 
 
-class FastCompactProtocol(TCompactProtocol):  # type: ignore[misc]
+class FastCompactProtocol(TCompactProtocol):
     """``TCompactProtocol`` with faster message headers, varints and structs."""
 
     def write_message_begin(self, name: Any, ttype: int, seqid: int) -> None:
