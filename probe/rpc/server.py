@@ -56,10 +56,11 @@ import time
 from queue import SimpleQueue
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
-from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocol
+from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
+from .compact import FastCompactProtocol
 from .messagelimits import NEED_MORE, MessageRejected, Scanner, scanner_for
 from ..methodspec import MethodSpec, method_specs
 # The provider limits' defaults are defined, with their reasons, in probe.options.
@@ -466,6 +467,7 @@ class ThriftServer(object):
     def _worker_loop(self) -> None:
         membuf = TCyMemoryBuffer()
         protocol = TBinaryProtocolFactory().get_protocol(membuf)
+        compact = FastCompactProtocol(membuf)  # (reset before each message: see _serve)
         counter = [0]
         self._call_counts.append(counter)
         queue = self._queue
@@ -477,14 +479,17 @@ class ThriftServer(object):
             if conn is None:
                 return
             try:
-                self._serve(conn, protocol, membuf, counter)
+                self._serve(conn, protocol, compact, membuf, counter)
             except BaseException as exc:  # the worker outlives anything one connection does
                 log.error("unexpected error serving %s; closing it: %s: %s", conn.peer,
                           type(exc).__name__, exc, exc_info=True)
                 self._close(conn)
 
-    def _serve(self, conn: _Connection, protocol: Any, membuf: Any, counter: List[int]) -> None:
-        """Serve `conn` while it has requests; park or close it when it goes quiet."""
+    def _serve(self, conn: _Connection, protocol: Any, compact: FastCompactProtocol, membuf: Any,
+               counter: List[int]) -> None:
+        """Serve `conn` while it has requests; park or close it when it goes quiet.
+        (`protocol`: the worker's binary protocol, `compact` its compact one, both
+        over `membuf`.)"""
         sock = conn.sock
         tls = conn.tls
         if tls and conn.handshaking and not self._handshake(conn):
@@ -521,9 +526,16 @@ class ThriftServer(object):
                     else:
                         message, buf = bytes(buf[skip:end]), buf[end:]
                     conn.buf = buf  # before the reply: once parked, another worker may take it
-                    # thriftpy2's compact protocol is pure Python and keeps decode
-                    # state: a fresh one per message on the worker's buffer.
-                    proto = TCompactProtocol(membuf) if scanner.compact else protocol
+                    if scanner.compact:
+                        # The compact protocol keeps decode/encode state, which a
+                        # message that failed midway may have left: reset it (cheaper
+                        # than a new protocol object per message).
+                        proto = compact
+                        compact._bool_value = compact._bool_fid = None
+                        compact._last_fid = 0
+                        del compact._structs[:]
+                    else:
+                        proto = protocol
                     answered = self._call(conn, proto, membuf, message, counter)
                     if answered is None:  # parked until the peer reads its reply
                         return
