@@ -13,8 +13,8 @@ from kazoo.client import KazooClient
 from conftest import run_probe, wait_for
 from probe import naming
 from probe.configcenter import MAX_VALUE_BYTES, canonical_text, live_config, parse_value
-from probe.errors import (ConfigUnavailable, InvalidAppkey, InvalidConfigKey, InvalidConfigValue,
-                          UnknownAppkey, UnknownConfigKey)
+from probe.errors import (ComponentUnavailable, ConfigUnavailable, InvalidAppkey, InvalidConfigKey,
+                          InvalidConfigValue, UnknownAppkey, UnknownConfigKey)
 from probe.settings import load_settings
 
 
@@ -351,6 +351,14 @@ def test_zookeeper_outage_and_session_expiry(admin, appkey, configs, stack):
     assert cfg["level"] == "info"
     stack.start("zookeeper")
     with Admin() as later:
-        later.set_config(appkey, "level", "debug")
+        # Just restarted, ZooKeeper may still drop a first connection: a refused write
+        # says "nothing was written; try again", which is what an operator would do.
+        def write():
+            try:
+                later.set_config(appkey, "level", "debug")
+                return True
+            except ComponentUnavailable:
+                return False
+        wait_for(write, timeout=30, message="the write once ZooKeeper is back")
     wait_for(lambda: seen.calls, timeout=30, message="watching on the new session")
     assert seen.calls == [("level", "info", "debug")] and not cfg.stale
