@@ -403,6 +403,10 @@ def live_config(appkey: str, env: Optional[str] = None, config_path: Optional[st
         zk = shared_zookeeper(settings.zookeeper, timeout=timeout, keep_trying=True)
     except ComponentUnavailable as exc:  # only when the session cannot even be created
         raise ConfigUnavailable(str(exc))
+    if not zk.connected:
+        # The process's session already existed and is reconnecting (a ZooKeeper
+        # restart a moment ago): `timeout` applies to it as to a new one.
+        zk.wait_connected(timeout)
     cfg = LiveConfig(zk, settings.env, appkey, backup_file, resync_interval,
                      release=release_zookeeper,
                      backup_root=None if backup_file is None else (backup_dir or default_backup_dir()))
